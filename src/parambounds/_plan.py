@@ -1,0 +1,226 @@
+"""Validate bounds against parameters once, and cache the result (the plan).
+
+``bounds_cost`` runs every training step. Everything that depends only on the structure
+of the trees, the bound values and the parameters' shapes, dtypes and devices is worked
+out here once: which leaves are bounded, the bounds normalised (``-inf``/``inf`` become
+``None``, tensors moved to the parameter's dtype and device), and leaves grouped by
+shared scalar bounds. The per-step path then only looks the plan up and applies it.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .errors import BoundsError
+from .trees import align, named_leaves
+
+__all__ = ["Bound", "Group", "LeafBounds", "Plan", "get_plan"]
+
+#: A normalised bound: ``None`` (open), a finite float, or a tensor that broadcasts to
+#: its parameter, in the parameter's dtype and on its device.
+Bound = float | Tensor | None
+
+_CACHE_SIZE = 256
+
+
+@dataclass(frozen=True)
+class LeafBounds:
+    """The normalised bounds of one bounded leaf."""
+
+    index: int
+    path: str
+    lower: Bound
+    upper: Bound
+
+
+@dataclass
+class Group:
+    """Leaves that share scalar bounds, a dtype and a device."""
+
+    lower: float | None
+    upper: float | None
+    indices: list[int] = field(default_factory=list)
+
+
+@dataclass
+class Plan:
+    """What to compute each step for one structure, set of bounds and parameter layout."""
+
+    groups: list[Group]
+    tensor_leaves: list[LeafBounds]
+    # Keeps user-given bound tensors alive: the cache key holds their ids.
+    keepalive: tuple[Any, ...]
+    bounded: tuple[int, ...]
+    layouts: dict[tuple[Any, ...], Plan] = field(default_factory=dict)
+
+
+def _bound_key(b: Any) -> Any:
+    if b is None:
+        return None
+    if isinstance(b, Tensor):
+        return ("t", id(b), b._version)
+    if isinstance(b, float):
+        return b
+    if isinstance(b, numbers.Real) and not isinstance(b, bool):
+        return float(b)
+    return ("o", id(b))
+
+
+def _fmt_shape(shape: torch.Size) -> str:
+    return str(tuple(shape))
+
+
+def _normalise(b: Any, side: str, path: str, param: Tensor) -> Bound:
+    """Check one bound leaf against its parameter and return its normalised form."""
+    where = f"{side} bound for '{path or '<root>'}'"
+    if b is None:
+        return None
+    if isinstance(b, bool) or not isinstance(b, (numbers.Real, Tensor)):
+        raise BoundsError(f"{where} must be a number, None or a tensor, got {type(b).__name__}")
+    if isinstance(b, Tensor) and b.dim() == 0 and not b.requires_grad:
+        b = b.item()
+    if isinstance(b, numbers.Real):
+        v = float(b)
+        if math.isnan(v):
+            raise BoundsError(f"{where} is NaN")
+        if (side == "lower" and v == math.inf) or (side == "upper" and v == -math.inf):
+            raise BoundsError(f"{where} is {v}, which no value can satisfy")
+        return None if math.isinf(v) else v
+    assert isinstance(b, Tensor)
+    try:
+        shape = torch.broadcast_shapes(b.shape, param.shape)
+    except RuntimeError:
+        shape = None
+    if shape != param.shape:
+        raise BoundsError(
+            f"{where} has shape {_fmt_shape(b.shape)}, which does not broadcast to the "
+            f"parameter's shape {_fmt_shape(param.shape)}"
+        )
+    if b.is_complex() or b.dtype == torch.bool:
+        raise BoundsError(f"{where} must be a real tensor, got dtype {b.dtype}")
+    dtype = param.dtype if param.is_floating_point() else torch.get_default_dtype()
+    t = b.detach().to(device=param.device, dtype=dtype)
+    if bool(torch.isnan(t).any()):
+        raise BoundsError(f"{where} contains NaN")
+    bad = math.inf if side == "lower" else -math.inf
+    if bool((t == bad).any()):
+        raise BoundsError(f"{where} contains {bad}, which no value can satisfy")
+    if bool(torch.isinf(t).all()):
+        return None
+    return t
+
+
+def _check_order(lo: Bound, hi: Bound, path: str) -> None:
+    if lo is None or hi is None:
+        return
+    if isinstance(lo, float) and isinstance(hi, float):
+        if lo > hi:
+            raise BoundsError(
+                f"lower bound for '{path or '<root>'}' exceeds its upper bound ({lo} > {hi})"
+            )
+        return
+    bad = torch.as_tensor(lo) > torch.as_tensor(hi)
+    if bool(bad.any()):
+        idx = tuple(int(i) for i in bad.nonzero()[0])
+        lo_v = torch.as_tensor(lo).expand(bad.shape)[idx].item()
+        hi_v = torch.as_tensor(hi).expand(bad.shape)[idx].item()
+        raise BoundsError(
+            f"lower bound for '{path or '<root>'}' exceeds its upper bound at index "
+            f"{idx} ({lo_v} > {hi_v})"
+        )
+
+
+def _layout(p: Any) -> tuple[Any, ...]:
+    return (p.shape, p.dtype, p.device) if isinstance(p, Tensor) else (type(p),)
+
+
+def _build(
+    named: list[tuple[str, Any]], lowers: list[Any], uppers: list[Any], keepalive: tuple[Any, ...]
+) -> Plan:
+    groups: dict[tuple[Any, ...], Group] = {}
+    tensor_leaves: list[LeafBounds] = []
+    bounded: list[int] = []
+    for i, ((path, p), lo, hi) in enumerate(zip(named, lowers, uppers)):
+        if not isinstance(p, Tensor):
+            raise BoundsError(
+                f"parameter '{path or '<root>'}' must be a tensor, got {type(p).__name__}"
+            )
+        if p.is_complex():
+            raise BoundsError(f"parameter '{path or '<root>'}' is complex; bounds need real values")
+        lo_n = _normalise(lo, "lower", path, p)
+        hi_n = _normalise(hi, "upper", path, p)
+        _check_order(lo_n, hi_n, path)
+        if lo_n is None and hi_n is None:
+            continue
+        bounded.append(i)
+        if isinstance(lo_n, Tensor) or isinstance(hi_n, Tensor):
+            tensor_leaves.append(LeafBounds(i, path, lo_n, hi_n))
+        else:
+            key = (lo_n, hi_n, p.dtype, p.device)
+            groups.setdefault(key, Group(lo_n, hi_n)).indices.append(i)  # type: ignore[arg-type]
+    return Plan(list(groups.values()), tensor_leaves, keepalive, tuple(bounded))
+
+
+_PLANS: OrderedDict[Any, Plan] = OrderedDict()
+
+
+def get_plan(
+    tree: Any,
+    treedef: Any,
+    leaves: list[Any],
+    lower: Any,
+    upper: Any,
+    *,
+    root_name: str = "",
+) -> Plan:
+    """Return the cached plan for these trees, building and validating it on a miss.
+
+    The key is the structure of the three trees, the bound values (tensors by identity
+    and version) and the shape, dtype and device of each bounded parameter.
+
+    Raises:
+        BoundsError: when the trees or the bounds are invalid.
+    """
+    from .trees import flatten
+
+    ldef, lleaves = flatten(lower)
+    udef, uleaves = flatten(upper)
+    key = (
+        root_name,
+        treedef,
+        ldef,
+        udef,
+        tuple([_bound_key(b) for b in lleaves]),
+        tuple([_bound_key(b) for b in uleaves]),
+    )
+    base = _PLANS.get(key)
+    if base is None:
+        named = named_leaves(tree, root_name)
+        if ldef == treedef and udef == treedef:
+            lowers, uppers = lleaves, uleaves
+        else:
+            lowers = align(tree, lower, "lower_bounds")
+            uppers = align(tree, upper, "upper_bounds")
+        base = _build(named, lowers, uppers, (lower, upper, lleaves, uleaves))
+        base.layouts[tuple([_layout(leaves[i]) for i in base.bounded])] = base
+        _PLANS[key] = base
+        if len(_PLANS) > _CACHE_SIZE:
+            _PLANS.popitem(last=False)
+        return base
+    _PLANS.move_to_end(key)
+    layout = tuple([_layout(leaves[i]) for i in base.bounded])
+    plan = base.layouts.get(layout)
+    if plan is None:
+        named = named_leaves(tree, root_name)
+        lowers = align(tree, lower, "lower_bounds")
+        uppers = align(tree, upper, "upper_bounds")
+        plan = _build(named, lowers, uppers, base.keepalive)
+        base.layouts[layout] = plan
+    return plan

@@ -1,0 +1,168 @@
+"""The trees: walking nested parameter structures and matching bound trees to them.
+
+A tree is a :class:`~collections.abc.Mapping` (``dict``, ``OrderedDict``, Rockpool's
+``TorchModuleParameters``), a ``list`` or a ``tuple``, nested freely; anything else is a
+leaf. A :class:`torch.nn.Module` stands for the flat dict of its ``named_parameters()``
+(the names of its ``state_dict``). Leaves are named by their path, keys joined with
+``.`` (``1_LIFTorch.tau_syn``), as PyTorch names parameters.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+from .errors import BoundsError
+
+__all__ = ["align", "as_tree", "flatten", "join_path", "make_bounds", "named_leaves"]
+
+Tree = Any
+TreeDef = Any
+
+
+def as_tree(params: Tree) -> Tree:
+    """Return ``params``, or the dict of ``named_parameters()`` for a module."""
+    if isinstance(params, torch.nn.Module):
+        return dict(params.named_parameters())
+    return params
+
+
+def flatten(tree: Tree) -> tuple[TreeDef, list[Any]]:
+    """Flatten ``tree`` into a hashable structure (keys in their order) and its leaves."""
+    leaves: list[Any] = []
+    append = leaves.append
+
+    def rec(node: Any) -> TreeDef:
+        if isinstance(node, torch.Tensor):
+            append(node)
+            return None
+        if isinstance(node, Mapping):
+            keys = tuple(node)
+            return (keys, tuple([rec(node[k]) for k in keys]))
+        if isinstance(node, (list, tuple)):
+            return (len(node), tuple([rec(c) for c in node]))
+        append(node)
+        return None
+
+    return rec(tree), leaves
+
+
+def join_path(path: str, key: Any) -> str:
+    """Append ``key`` to ``path`` with a dot, as ``named_parameters()`` does."""
+    return f"{path}.{key}" if path else str(key)
+
+
+def _display(path: str) -> str:
+    return path or "<root>"
+
+
+def named_leaves(tree: Tree, prefix: str = "") -> list[tuple[str, Any]]:
+    """Return ``(path, leaf)`` pairs in the order of :func:`flatten`."""
+    out: list[tuple[str, Any]] = []
+
+    def rec(node: Any, path: str) -> None:
+        if isinstance(node, Mapping) and not isinstance(node, torch.Tensor):
+            for k in node:
+                rec(node[k], join_path(path, k))
+        elif isinstance(node, (list, tuple)):
+            for i, c in enumerate(node):
+                rec(c, join_path(path, i))
+        else:
+            out.append((path or prefix, node))
+
+    rec(tree, "")
+    return out
+
+
+def _kind(node: Any) -> str:
+    if isinstance(node, torch.Tensor):
+        return "a tensor"
+    if isinstance(node, Mapping):
+        return "a mapping"
+    if isinstance(node, (list, tuple)):
+        return f"a {type(node).__name__} of length {len(node)}"
+    return f"a leaf ({type(node).__name__})"
+
+
+def align(params: Tree, bounds: Tree, which: str) -> list[Any]:
+    """Return the leaves of ``bounds`` in the leaf order of ``params``, matched by key.
+
+    Args:
+        params: the parameter tree.
+        bounds: a tree of bounds with the same keys and nesting.
+        which: the argument's name, for messages (``"lower_bounds"``).
+
+    Raises:
+        BoundsError: naming the path where the two trees differ.
+    """
+    out: list[Any] = []
+
+    def nesting(path: str, p: Any, b: Any) -> BoundsError:
+        return BoundsError(
+            f"{which} has {_kind(b)} at '{_display(path)}' where the parameters have "
+            f"{_kind(p)}: the nesting differs"
+        )
+
+    def rec(p: Any, b: Any, path: str) -> None:
+        if isinstance(p, torch.Tensor) or not isinstance(p, (Mapping, list, tuple)):
+            if isinstance(b, (Mapping, list, tuple)):
+                raise nesting(path, p, b)
+            out.append(b)
+        elif isinstance(p, Mapping):
+            if not isinstance(b, Mapping):
+                raise nesting(path, p, b)
+            for k in p:
+                if k not in b:
+                    raise BoundsError(
+                        f"{which} has no entry for '{join_path(path, k)}', a key of the parameters"
+                    )
+            for k in b:
+                if k not in p:
+                    extra = join_path(path, k)
+                    raise BoundsError(
+                        f"{which} has an entry '{extra}' that the parameters do not have"
+                    )
+            for k in p:
+                rec(p[k], b[k], join_path(path, k))
+        else:
+            if not isinstance(b, (list, tuple)) or len(b) != len(p):
+                raise nesting(path, p, b)
+            for i, (pc, bc) in enumerate(zip(p, b)):
+                rec(pc, bc, join_path(path, i))
+
+    rec(params, bounds, "")
+    return out
+
+
+def _map(tree: Tree, fn: Callable[[Any], Any]) -> Tree:
+    if isinstance(tree, Mapping):
+        items = [(k, _map(v, fn)) for k, v in tree.items()]
+        try:
+            return type(tree)(items)
+        except TypeError:
+            return dict(items)
+    if isinstance(tree, tuple) and hasattr(tree, "_fields"):
+        return type(tree)(*(_map(c, fn) for c in tree))
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_map(c, fn) for c in tree)
+    return fn(tree)
+
+
+def make_bounds(params: Tree) -> tuple[Tree, Tree]:
+    """Build ``(lower, upper)`` templates shaped like ``params``, unbounded everywhere.
+
+    Every leaf of ``lower`` is ``-inf`` and every leaf of ``upper`` is ``inf`` (plain
+    floats). Containers keep their types where they can be rebuilt from items; tensors
+    are never copied. A module stands for the dict of its ``named_parameters()``.
+
+    >>> lower, upper = make_bounds({"w": torch.zeros(2), "lif": {"tau": torch.ones(3)}})
+    >>> lower
+    {'w': -inf, 'lif': {'tau': -inf}}
+    >>> upper["lif"]["tau"]
+    inf
+    """
+    tree = as_tree(params)
+    return _map(tree, lambda _: -math.inf), _map(tree, lambda _: math.inf)
