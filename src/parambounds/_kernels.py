@@ -1,39 +1,245 @@
-"""The per-step computation: apply a plan to the leaves of a tree."""
+r"""The per-step computation: apply a plan to the leaves of a tree.
+
+Each group of leaves goes through one :class:`_GroupCost` autograd function that
+computes the value *and* the gradient in the same pass over the parameters
+(:func:`value_and_grad`), so ``backward`` has no elementwise math left to do: it only
+scales the stored gradient by the incoming one (skipped on the CPU when that is exactly
+1). No boolean-mask indexing, no data-dependent shapes, no host synchronisation.
+
+Two kernels evaluate :func:`value_and_grad`:
+
+- ``"eager"`` (default): plain PyTorch ops over chunks of :data:`CHUNK` elements, so the
+  temporaries stay in cache and extra memory stays at the gradient itself plus a chunk.
+- ``"compiled"``: the same function through ``torch.compile`` (a single fused loop per
+  tensor). It needs a working compiler for inductor and compiles once per penalty and
+  bound layout (seconds); choose it with :func:`set_kernel` or ``PARAMBOUNDS_KERNEL``.
+
+Leaves smaller than :data:`SMALL` elements that share scalar bounds are concatenated
+and computed as one tensor; their gradients are views into one buffer.
+"""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from ._plan import Bound, Plan
+from .errors import BoundsError
 from .penalties import Penalty
 
-__all__ = ["apply", "leaf_cost"]
+__all__ = [
+    "CHUNK",
+    "SMALL",
+    "apply",
+    "clamp_args",
+    "get_kernel",
+    "leaf_cost",
+    "set_kernel",
+    "value_and_grad",
+]
+
+#: Elements per chunk of the eager kernel (1 MiB of float32: its temporaries stay in L2 and L3).
+CHUNK = 1 << 18
+#: Leaves with fewer elements than this are concatenated with their group.
+SMALL = 1 << 17
+
+_KERNELS = ("eager", "compiled")
+_kernel = os.environ.get("PARAMBOUNDS_KERNEL", "eager")
 
 
-def leaf_cost(x: Tensor, lower: Bound, upper: Bound, penalty: Penalty) -> Tensor:
-    """The cost of one tensor with plain differentiable ops (the reference path)."""
+def set_kernel(name: str) -> None:
+    """Choose how the per-step value and gradient are computed: ``"eager"`` or ``"compiled"``.
+
+    Raises:
+        BoundsError: for another name.
+    """
+    global _kernel
+    if name not in _KERNELS:
+        raise BoundsError(f"unknown kernel {name!r}; expected one of 'eager', 'compiled'")
+    _kernel = name
+
+
+def get_kernel() -> str:
+    """Return the name of the kernel in use."""
+    return _kernel
+
+
+def clamp_args(lower: Any, upper: Any) -> tuple[Any, Any]:
+    """Make a pair of bounds acceptable to ``torch.clamp``: two numbers or two tensors."""
+    if isinstance(lower, Tensor) and upper is not None and not isinstance(upper, Tensor):
+        upper = torch.full((), upper, dtype=lower.dtype, device=lower.device)
+    if isinstance(upper, Tensor) and lower is not None and not isinstance(lower, Tensor):
+        lower = torch.full((), lower, dtype=upper.dtype, device=upper.device)
+    return lower, upper
+
+
+def leaf_cost(x: Tensor, lower: Any, upper: Any, penalty: Penalty) -> Tensor:
+    """The cost of one tensor with plain differentiable ops (the traceable reference path)."""
     if not x.is_floating_point():
         x = x.to(torch.get_default_dtype())
-    if lower is None:
-        e = x - upper
-    elif upper is None:
-        e = lower - x
+    lower, upper = clamp_args(lower, upper)
+    d = x - torch.clamp(x, lower, upper)
+    value, _ = penalty.value_and_slope(d.abs())
+    # ``d != 0`` is True for NaN, so a NaN parameter makes the cost NaN.
+    return torch.where(d != 0, value, 0.0).sum()
+
+
+def value_and_grad(
+    x: Tensor, lower: Bound, upper: Bound, penalty: Penalty, out: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    r"""Return the cost of ``x`` and its gradient, in one pass and without autograd.
+
+    With :math:`d = x - \mathrm{clamp}(x, l, u)` (positive above, negative below, zero
+    inside, exact at the bounds) and :math:`e = |d|`:
+
+    .. math::
+
+        \mathrm{cost} = \sum_i [d_i \ne 0]\, f(e_i), \qquad
+        \frac{\partial\,\mathrm{cost}}{\partial x_i} = [d_i \ne 0]\,
+        \mathrm{sign}(d_i)\, f'(e_i)
+
+    A NaN in ``x`` gives a NaN cost and a NaN gradient there.
+    """
+    d = x - torch.clamp(x, lower, upper)
+    sign = torch.sign(d)  # 0 inside, and 0 for NaN: the slope carries the NaN instead
+    value, slope = penalty.value_and_slope(d.abs())
+    grad = torch.mul(sign, slope, out=out)
+    if penalty.jump:  # f(0) != 0: count only the elements outside
+        total = torch.dot(value.reshape(-1), sign.abs_().reshape(-1))
     else:
-        e = torch.maximum(x - upper, lower - x)
-    value = penalty.value(e.clamp_min(0))
-    # ``e <= 0`` is False for NaN, so a NaN parameter makes the cost NaN.
-    return torch.where(e <= 0, 0.0, value).sum()
+        total = value.sum()
+    return total, grad
+
+
+def _eager_flat(x: Tensor, lower: Bound, upper: Bound, penalty: Penalty) -> tuple[Tensor, Tensor]:
+    """:func:`value_and_grad` over a 1-d tensor, chunk by chunk into one gradient buffer."""
+    n = x.numel()
+    if n <= CHUNK:
+        return value_and_grad(x, lower, upper, penalty)
+    grad = torch.empty_like(x)
+    parts = []
+    for start in range(0, n, CHUNK):
+        stop = min(n, start + CHUNK)
+        v, _ = value_and_grad(x[start:stop], lower, upper, penalty, out=grad[start:stop])
+        parts.append(v)
+    return torch.stack(parts).sum(), grad
+
+
+_compiled_cache: dict[int, Callable[..., tuple[Tensor, Tensor]]] = {}
+
+
+def _compiled_flat(x: Tensor, lower: Any, upper: Any, penalty: Penalty) -> tuple[Tensor, Tensor]:
+    fn = _compiled_cache.get(id(penalty))
+    if fn is None:
+        compiled = torch.compile(value_and_grad, dynamic=True, fullgraph=True)
+
+        def fn(x: Tensor, lower: Any, upper: Any, penalty: Penalty = penalty) -> Any:
+            return compiled(x, lower, upper, penalty)
+
+        _compiled_cache[id(penalty)] = fn
+    return fn(x, lower, upper)
+
+
+def _as_bound_tensor(b: Bound, like: Tensor) -> Any:
+    # Bounds reach the compiled kernel as 0-d tensors so that new values do not recompile.
+    if b is None or isinstance(b, Tensor):
+        return b
+    return torch.tensor(b, dtype=like.dtype, device=like.device)
+
+
+class _GroupCost(torch.autograd.Function):
+    """Cost of a group of tensors, with its gradient computed in the forward pass."""
+
+    @staticmethod
+    def forward(ctx: Any, compute: Callable[..., Any], *xs: Tensor) -> Tensor:
+        value, grads, flat = compute(xs)
+        ctx.compute = compute
+        ctx.grads = grads
+        ctx.flat = flat
+        ctx.save_for_backward(*xs)
+        return value
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        grads, flat = ctx.grads, ctx.flat
+        # Drop our references so autograd can adopt the buffers as ``.grad`` (no copy).
+        ctx.grads = ctx.flat = None
+        if grads is None:  # a second backward with retain_graph=True: compute again
+            _, grads, flat = ctx.compute(ctx.saved_tensors)
+        if grad_out.device.type != "cpu" or grad_out.item() != 1.0:
+            if flat is not None:
+                flat.mul_(grad_out)
+            else:
+                torch._foreach_mul_(list(grads), grad_out)
+        needs = ctx.needs_input_grad[1:]
+        return (None, *(g if need else None for g, need in zip(grads, needs)))
+
+
+def _group_runner(
+    lower: Bound, upper: Bound, penalty: Penalty, concat: bool
+) -> Callable[[Sequence[Tensor]], tuple[Tensor, list[Tensor], Tensor | None]]:
+    compiled = _kernel == "compiled"
+
+    def flat_cost(x: Tensor) -> tuple[Tensor, Tensor]:
+        if compiled:
+            return _compiled_flat(
+                x, _as_bound_tensor(lower, x), _as_bound_tensor(upper, x), penalty
+            )
+        return _eager_flat(x, lower, upper, penalty)
+
+    def run(xs: Sequence[Tensor]) -> tuple[Tensor, list[Tensor], Tensor | None]:
+        with torch.no_grad():
+            if concat:
+                flat = torch.cat([x.reshape(-1) for x in xs]) if len(xs) > 1 else xs[0].reshape(-1)
+                value, gflat = flat_cost(flat)
+                pieces = gflat.split([x.numel() for x in xs])
+                return value, [g.view(x.shape) for g, x in zip(pieces, xs)], gflat
+            values, grads = [], []
+            for x in xs:
+                v, g = flat_cost(x.reshape(-1))
+                values.append(v)
+                grads.append(g.view(x.shape))
+            return (torch.stack(values).sum() if len(values) > 1 else values[0]), grads, None
+
+    return run
+
+
+def _tensor_runner(
+    lower: Bound, upper: Bound, penalty: Penalty
+) -> Callable[[Sequence[Tensor]], tuple[Tensor, list[Tensor], None]]:
+    lower, upper = clamp_args(lower, upper)
+
+    def run(xs: Sequence[Tensor]) -> tuple[Tensor, list[Tensor], None]:
+        with torch.no_grad():
+            value, grad = value_and_grad(xs[0], lower, upper, penalty)
+        return value, [grad], None
+
+    return run
 
 
 def apply(plan: Plan, leaves: list[Any], penalty: Penalty) -> list[Tensor]:
     """Return the partial costs of every bounded leaf (one tensor per group or leaf)."""
-    parts: list[Tensor] = []
-    for g in plan.groups:
-        for i in g.indices:
-            parts.append(leaf_cost(leaves[i], g.lower, g.upper, penalty))
-    for lb in plan.tensor_leaves:
-        parts.append(leaf_cost(leaves[lb.index], lb.lower, lb.upper, penalty))
+    runners = plan.runners.get((id(penalty), _kernel))
+    if runners is None:
+        runners = []
+        for g in plan.groups:
+            small = [i for i in g.indices if plan.numels[i] < SMALL]
+            big = [i for i in g.indices if plan.numels[i] >= SMALL]
+            if small:
+                runners.append((small, _group_runner(g.lower, g.upper, penalty, True)))
+            if big:
+                runners.append((big, _group_runner(g.lower, g.upper, penalty, False)))
+        for lb in plan.tensor_leaves:
+            runners.append(([lb.index], _tensor_runner(lb.lower, lb.upper, penalty)))
+        plan.runners[(id(penalty), _kernel)] = runners
+    parts = []
+    for indices, run in runners:
+        xs = [leaves[i] for i in indices]
+        if not xs[0].is_floating_point():
+            xs = [x.to(torch.get_default_dtype()) for x in xs]
+        parts.append(_GroupCost.apply(run, *xs))
     return parts

@@ -21,7 +21,7 @@ from torch import Tensor
 from .errors import BoundsError
 from .trees import align, named_leaves
 
-__all__ = ["Bound", "Group", "LeafBounds", "Plan", "get_plan"]
+__all__ = ["Bound", "Group", "LeafBounds", "Plan", "get_plan", "traced_bounds"]
 
 #: A normalised bound: ``None`` (open), a finite float, or a tensor that broadcasts to
 #: its parameter, in the parameter's dtype and on its device.
@@ -58,7 +58,9 @@ class Plan:
     # Keeps user-given bound tensors alive: the cache key holds their ids.
     keepalive: tuple[Any, ...]
     bounded: tuple[int, ...]
+    numels: dict[int, int] = field(default_factory=dict)
     layouts: dict[tuple[Any, ...], Plan] = field(default_factory=dict)
+    runners: dict[Any, Any] = field(default_factory=dict)
 
 
 def _bound_key(b: Any) -> Any:
@@ -77,14 +79,18 @@ def _fmt_shape(shape: torch.Size) -> str:
     return str(tuple(shape))
 
 
-def _normalise(b: Any, side: str, path: str, param: Tensor) -> Bound:
-    """Check one bound leaf against its parameter and return its normalised form."""
+def _normalise(b: Any, side: str, path: str, param: Tensor, traced: bool = False) -> Any:
+    """Check one bound leaf against its parameter and return its normalised form.
+
+    With ``traced`` (inside ``torch.compile``) tensor bounds are checked by shape only:
+    reading their values would need a host synchronisation and break the graph.
+    """
     where = f"{side} bound for '{path or '<root>'}'"
     if b is None:
         return None
     if isinstance(b, bool) or not isinstance(b, (numbers.Real, Tensor)):
         raise BoundsError(f"{where} must be a number, None or a tensor, got {type(b).__name__}")
-    if isinstance(b, Tensor) and b.dim() == 0 and not b.requires_grad:
+    if isinstance(b, Tensor) and b.dim() == 0 and not b.requires_grad and not traced:
         b = b.item()
     if isinstance(b, numbers.Real):
         v = float(b)
@@ -107,6 +113,8 @@ def _normalise(b: Any, side: str, path: str, param: Tensor) -> Bound:
         raise BoundsError(f"{where} must be a real tensor, got dtype {b.dtype}")
     dtype = param.dtype if param.is_floating_point() else torch.get_default_dtype()
     t = b.detach().to(device=param.device, dtype=dtype)
+    if traced:
+        return t
     if bool(torch.isnan(t).any()):
         raise BoundsError(f"{where} contains NaN")
     bad = math.inf if side == "lower" else -math.inf
@@ -117,8 +125,10 @@ def _normalise(b: Any, side: str, path: str, param: Tensor) -> Bound:
     return t
 
 
-def _check_order(lo: Bound, hi: Bound, path: str) -> None:
+def _check_order(lo: Bound, hi: Bound, path: str, traced: bool = False) -> None:
     if lo is None or hi is None:
+        return
+    if traced and (isinstance(lo, Tensor) or isinstance(hi, Tensor)):
         return
     if isinstance(lo, float) and isinstance(hi, float):
         if lo > hi:
@@ -137,6 +147,20 @@ def _check_order(lo: Bound, hi: Bound, path: str) -> None:
         )
 
 
+def _resolve(path: str, p: Any, lo: Any, hi: Any, traced: bool = False) -> tuple[Any, Any]:
+    """Check one parameter and its two bounds; return the normalised bounds."""
+    if not isinstance(p, Tensor):
+        raise BoundsError(
+            f"parameter '{path or '<root>'}' must be a tensor, got {type(p).__name__}"
+        )
+    if p.is_complex():
+        raise BoundsError(f"parameter '{path or '<root>'}' is complex; bounds need real values")
+    lo_n = _normalise(lo, "lower", path, p, traced)
+    hi_n = _normalise(hi, "upper", path, p, traced)
+    _check_order(lo_n, hi_n, path, traced)
+    return lo_n, hi_n
+
+
 def _layout(p: Any) -> tuple[Any, ...]:
     return (p.shape, p.dtype, p.device) if isinstance(p, Tensor) else (type(p),)
 
@@ -148,15 +172,7 @@ def _build(
     tensor_leaves: list[LeafBounds] = []
     bounded: list[int] = []
     for i, ((path, p), lo, hi) in enumerate(zip(named, lowers, uppers)):
-        if not isinstance(p, Tensor):
-            raise BoundsError(
-                f"parameter '{path or '<root>'}' must be a tensor, got {type(p).__name__}"
-            )
-        if p.is_complex():
-            raise BoundsError(f"parameter '{path or '<root>'}' is complex; bounds need real values")
-        lo_n = _normalise(lo, "lower", path, p)
-        hi_n = _normalise(hi, "upper", path, p)
-        _check_order(lo_n, hi_n, path)
+        lo_n, hi_n = _resolve(path, p, lo, hi)
         if lo_n is None and hi_n is None:
             continue
         bounded.append(i)
@@ -165,7 +181,8 @@ def _build(
         else:
             key = (lo_n, hi_n, p.dtype, p.device)
             groups.setdefault(key, Group(lo_n, hi_n)).indices.append(i)  # type: ignore[arg-type]
-    return Plan(list(groups.values()), tensor_leaves, keepalive, tuple(bounded))
+    numels = {i: named[i][1].numel() for i in bounded}
+    return Plan(list(groups.values()), tensor_leaves, keepalive, tuple(bounded), numels)
 
 
 _PLANS: OrderedDict[Any, Plan] = OrderedDict()
@@ -224,3 +241,21 @@ def get_plan(
         plan = _build(named, lowers, uppers, base.keepalive)
         base.layouts[layout] = plan
     return plan
+
+
+def traced_bounds(
+    tree: Any, lower: Any, upper: Any, *, root_name: str = ""
+) -> list[tuple[Tensor, Any, Any]]:
+    """Match and check bounds without caching or reading tensor values (for ``torch.compile``).
+
+    Returns ``(parameter, lower, upper)`` for each bounded leaf.
+    """
+    named = named_leaves(tree, root_name)
+    lowers = align(tree, lower, "lower_bounds")
+    uppers = align(tree, upper, "upper_bounds")
+    out = []
+    for (path, p), lo, hi in zip(named, lowers, uppers):
+        lo_n, hi_n = _resolve(path, p, lo, hi, traced=True)
+        if lo_n is not None or hi_n is not None:
+            out.append((p, lo_n, hi_n))
+    return out

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from . import _kernels
-from ._plan import get_plan
+from ._plan import get_plan, traced_bounds
 from .penalties import Penalty, get_penalty
 from .trees import as_tree, flatten
 
@@ -58,10 +58,15 @@ def tree_cost(
 ) -> Tensor:
     """Compute the cost of ``tree`` (already converted with :func:`as_tree`)."""
     treedef, leaves = flatten(tree)
-    plan = get_plan(tree, treedef, leaves, lower, upper, root_name=root_name)
+    if torch.compiler.is_compiling():
+        # Traced by torch.compile: plain ops that inductor fuses; no cache, no host reads.
+        bounded = traced_bounds(tree, lower, upper, root_name=root_name)
+        parts = [_kernels.leaf_cost(p, lo, hi, penalty) for p, lo, hi in bounded]
+    else:
+        plan = get_plan(tree, treedef, leaves, lower, upper, root_name=root_name)
+        parts = _kernels.apply(plan, leaves, penalty)
     dtype = _result_dtype(leaves)
     device = leaves[0].device if leaves and isinstance(leaves[0], Tensor) else None
-    parts = _kernels.apply(plan, leaves, penalty)
     if parts:
         total = parts[0].to(dtype)
         for part in parts[1:]:

@@ -57,7 +57,10 @@ class Penalty:
     jump: bool = False
 
     def value(self, e: Tensor) -> Tensor:
-        """Return :math:`f(e)` elementwise for ``e >= 0``; differentiable by autograd."""
+        """Return :math:`f(e)` elementwise for ``e >= 0``; differentiable by autograd.
+
+        Must be NaN where ``e`` is NaN, and :meth:`slope` too.
+        """
         raise NotImplementedError
 
     def slope(self, e: Tensor) -> Tensor:
@@ -86,7 +89,7 @@ class ExpPenalty(Penalty):
     def value_and_slope(self, e: Tensor) -> tuple[Tensor, Tensor]:
         t = overflow_threshold(e.dtype)
         slope = torch.exp(e.clamp_max(t))
-        return slope * (1 + (e - t).clamp_min(0)), slope
+        return torch.addcmul(slope, slope, (e - t).clamp_min_(0)), slope
 
     def value(self, e: Tensor) -> Tensor:
         return self.value_and_slope(e)[0]
@@ -140,7 +143,7 @@ class LinearPenalty(Penalty):
         return e.clone()
 
     def slope(self, e: Tensor) -> Tensor:
-        return torch.ones_like(e)
+        return torch.where(e.isnan(), e, 1.0)
 
 
 #: Registered penalty shapes by name.
