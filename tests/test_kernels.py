@@ -121,7 +121,7 @@ def test_gradients_of_a_group_need_no_copy():
 
 def test_unknown_kernel():
     with pytest.raises(
-        BoundsError, match=r"unknown kernel 'cuda'; expected one of 'eager', 'compiled'"
+        BoundsError, match=r"unknown kernel 'cuda'; expected one of 'auto', 'eager', 'compiled'"
     ):
         K.set_kernel("cuda")
 
@@ -139,7 +139,7 @@ def test_compiled_kernel_equals_eager(name, monkeypatch):
         compiled = bounds_cost(params, lower, upper, penalty=name)
         g_compiled = grads(compiled, params)
     finally:
-        K.set_kernel("eager")
+        K.set_kernel("auto")
     torch.testing.assert_close(compiled, eager)
     for a, b in zip(g_compiled, g_eager):
         if a is None:

@@ -8,11 +8,17 @@ scales the stored gradient by the incoming one (skipped on the CPU when that is 
 
 Two kernels evaluate :func:`value_and_grad`:
 
-- ``"eager"`` (default): plain PyTorch ops over chunks of :data:`CHUNK` elements, so the
-  temporaries stay in cache and extra memory stays at the gradient itself plus a chunk.
-- ``"compiled"``: the same function through ``torch.compile`` (a single fused loop per
-  tensor). It needs a working compiler for inductor and compiles once per penalty and
-  bound layout (seconds); choose it with :func:`set_kernel` or ``PARAMBOUNDS_KERNEL``.
+- eager: plain PyTorch ops over chunks of :data:`CHUNK` elements, so the temporaries
+  stay in cache and extra memory stays at the gradient itself plus a chunk. Needs no
+  compiler.
+- compiled: the same function through ``torch.compile`` (one fused loop per tensor,
+  about the time of one ``torch.exp`` pass). It needs a working compiler for inductor
+  and compiles once per penalty and bound layout (seconds, cached on disk by inductor).
+
+:func:`set_kernel` (or the ``PARAMBOUNDS_KERNEL`` environment variable) picks
+``"auto"`` (default: compiled for tensors of at least :data:`AUTO_COMPILE_MIN` elements,
+eager below; eager everywhere, with one warning, if compiling fails), ``"eager"`` or
+``"compiled"``.
 
 Leaves smaller than :data:`SMALL` elements that share scalar bounds are concatenated
 and computed as one tensor; their gradients are views into one buffer.
@@ -21,6 +27,7 @@ and computed as one tensor; their gradients are views into one buffer.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -32,6 +39,7 @@ from .errors import BoundsError
 from .penalties import Penalty
 
 __all__ = [
+    "AUTO_COMPILE_MIN",
     "CHUNK",
     "SMALL",
     "apply",
@@ -47,19 +55,28 @@ CHUNK = 1 << 18
 #: Leaves with fewer elements than this are concatenated with their group.
 SMALL = 1 << 17
 
-_KERNELS = ("eager", "compiled")
-_kernel = os.environ.get("PARAMBOUNDS_KERNEL", "eager")
+_KERNELS = ("auto", "eager", "compiled")
+_kernel = os.environ.get("PARAMBOUNDS_KERNEL", "auto")
+#: With ``"auto"``, tensors (or concatenated groups) of at least this many elements use
+#: the compiled kernel, when ``torch.compile`` works here.
+AUTO_COMPILE_MIN = 1 << 20
+_compile_failed = False
 
 
 def set_kernel(name: str) -> None:
-    """Choose how the per-step value and gradient are computed: ``"eager"`` or ``"compiled"``.
+    """Choose how the per-step value and gradient are computed.
+
+    Args:
+        name: ``"auto"`` (default: the compiled kernel for tensors of at least
+            :data:`AUTO_COMPILE_MIN` elements, eager below, and eager everywhere if
+            ``torch.compile`` fails here), ``"eager"`` (never compile) or ``"compiled"``.
 
     Raises:
         BoundsError: for another name.
     """
     global _kernel
     if name not in _KERNELS:
-        raise BoundsError(f"unknown kernel {name!r}; expected one of 'eager', 'compiled'")
+        raise BoundsError(f"unknown kernel {name!r}; expected one of 'auto', 'eager', 'compiled'")
     _kernel = name
 
 
@@ -144,6 +161,17 @@ def _compiled_flat(x: Tensor, lower: Any, upper: Any, penalty: Penalty) -> tuple
     return fn(x, lower, upper)
 
 
+def _note_compile_failure(err: Exception) -> None:
+    global _compile_failed
+    _compile_failed = True
+    warnings.warn(
+        f"parambounds: torch.compile failed ({type(err).__name__}: {err}); using the eager "
+        "kernel from now on. Set PARAMBOUNDS_KERNEL=eager to skip the attempt.",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+
+
 def _as_bound_tensor(b: Bound, like: Tensor) -> Any:
     # Bounds reach the compiled kernel as 0-d tensors so that new values do not recompile.
     if b is None or isinstance(b, Tensor):
@@ -182,22 +210,50 @@ class _GroupCost(torch.autograd.Function):
 def _group_runner(
     lower: Bound, upper: Bound, penalty: Penalty, concat: bool
 ) -> Callable[[Sequence[Tensor]], tuple[Tensor, list[Tensor], Tensor | None]]:
-    compiled = _kernel == "compiled"
+    mode = _kernel
 
     def flat_cost(x: Tensor) -> tuple[Tensor, Tensor]:
-        if compiled:
-            return _compiled_flat(
-                x, _as_bound_tensor(lower, x), _as_bound_tensor(upper, x), penalty
-            )
+        if mode == "compiled" or (
+            mode == "auto" and not _compile_failed and x.numel() >= AUTO_COMPILE_MIN
+        ):
+            lo, hi = _as_bound_tensor(lower, x), _as_bound_tensor(upper, x)
+            if mode == "compiled":
+                return _compiled_flat(x, lo, hi, penalty)
+            try:
+                return _compiled_flat(x, lo, hi, penalty)
+            except Exception as err:  # no working compiler: fall back, once, loudly
+                _note_compile_failure(err)
         return _eager_flat(x, lower, upper, penalty)
+
+    # The concatenated copy of a group's parameters is internal: keep its buffer between
+    # steps (fresh memory costs a page fault per 4 KiB on every step).
+    scratch: list[Tensor] = []
+
+    def gather(xs: Sequence[Tensor]) -> Tensor:
+        if len(xs) == 1:
+            return xs[0].reshape(-1)
+        n = sum(x.numel() for x in xs)
+        buf = scratch[0] if scratch else None
+        if (
+            buf is None
+            or buf.numel() != n
+            or buf.dtype != xs[0].dtype
+            or buf.device != xs[0].device
+        ):
+            buf = torch.empty(n, dtype=xs[0].dtype, device=xs[0].device)
+            scratch[:] = [buf]
+        return torch.cat([x.reshape(-1) for x in xs], out=buf)
 
     def run(xs: Sequence[Tensor]) -> tuple[Tensor, list[Tensor], Tensor | None]:
         with torch.no_grad():
             if concat:
-                flat = torch.cat([x.reshape(-1) for x in xs]) if len(xs) > 1 else xs[0].reshape(-1)
-                value, gflat = flat_cost(flat)
+                value, gflat = flat_cost(gather(xs))
                 pieces = gflat.split([x.numel() for x in xs])
-                return value, [g.view(x.shape) for g, x in zip(pieces, xs)], gflat
+                return (
+                    value,
+                    [g if x.dim() == 1 else g.view(x.shape) for g, x in zip(pieces, xs)],
+                    gflat,
+                )
             values, grads = [], []
             for x in xs:
                 v, g = flat_cost(x.reshape(-1))

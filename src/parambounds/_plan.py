@@ -64,8 +64,8 @@ class Plan:
 
 
 def _bound_key(b: Any) -> Any:
-    if b is None:
-        return None
+    if b is None or type(b) is float:
+        return b
     if isinstance(b, Tensor):
         return ("t", id(b), b._version)
     if isinstance(b, float):

@@ -21,6 +21,8 @@ __all__ = ["align", "as_tree", "flatten", "join_path", "make_bounds", "named_lea
 
 Tree = Any
 TreeDef = Any
+# Leaf types checked first, before the slower abstract ``Mapping`` check.
+_PLAIN_LEAVES = (torch.Tensor, float, int, type(None))
 
 
 def as_tree(params: Tree) -> Tree:
@@ -35,15 +37,25 @@ def flatten(tree: Tree) -> tuple[TreeDef, list[Any]]:
     leaves: list[Any] = []
     append = leaves.append
 
+    def children(nodes: Any) -> tuple[TreeDef, ...]:
+        defs = []
+        for c in nodes:
+            if isinstance(c, _PLAIN_LEAVES):  # the common case, without a call
+                append(c)
+                defs.append(None)
+            else:
+                defs.append(rec(c))
+        return tuple(defs)
+
     def rec(node: Any) -> TreeDef:
-        if isinstance(node, torch.Tensor):
+        if isinstance(node, _PLAIN_LEAVES):
             append(node)
             return None
         if isinstance(node, Mapping):
             keys = tuple(node)
-            return (keys, tuple([rec(node[k]) for k in keys]))
+            return (keys, children([node[k] for k in keys]))
         if isinstance(node, (list, tuple)):
-            return (len(node), tuple([rec(c) for c in node]))
+            return (len(node), children(node))
         append(node)
         return None
 

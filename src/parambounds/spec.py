@@ -1,0 +1,265 @@
+"""The spec: bounds declared once, by parameter name, and used three ways.
+
+``Bounds({"*.tau_mem": (1e-3, 0.1), "*.threshold": (0.0, None)})`` maps ``fnmatch``
+patterns over ``named_parameters()`` names to bounds. The same object gives the
+penalty (:meth:`Bounds.cost`), the projection after each optimizer step
+(:meth:`Bounds.project_`, :meth:`Bounds.attach`), the reparametrization that can never
+leave the bounds (:meth:`Bounds.reparametrize_`), and a report (:meth:`Bounds.report`,
+:meth:`Bounds.check`).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import weakref
+from collections.abc import Mapping
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._plan import Plan, get_plan
+from .constraints import project_plan_, reparametrize_plan_
+from .cost import tree_cost
+from .errors import BoundsError, BoundsViolationError
+from .penalties import Penalty, get_penalty
+from .report import Report, compute_report
+from .trees import flatten, named_leaves
+
+__all__ = ["Bounds"]
+
+
+def _parse_entry(pattern: str, value: Any) -> tuple[Any, Any]:
+    """Turn one spec value into ``(lower, upper)``."""
+    if isinstance(value, Mapping):
+        unknown = sorted(set(value) - {"lower", "upper"})
+        if unknown:
+            raise BoundsError(
+                f"bounds for pattern '{pattern}' have unknown key(s) "
+                f"{', '.join(map(repr, unknown))}; expected 'lower' and/or 'upper'"
+            )
+        return value.get("lower"), value.get("upper")
+    if isinstance(value, (tuple, list)) and len(value) == 2:
+        return value[0], value[1]
+    raise BoundsError(
+        f"bounds for pattern '{pattern}' must be a (lower, upper) pair or a dict with "
+        f"'lower'/'upper', got {type(value).__name__}"
+        + (f" of length {len(value)}" if isinstance(value, (tuple, list)) else "")
+    )
+
+
+def _check_side(pattern: str, side: str, b: Any) -> None:
+    """Reject what cannot be a bound before any model is seen."""
+    if b is None or isinstance(b, Tensor):
+        return
+    if isinstance(b, bool) or not isinstance(b, numbers.Real):
+        raise BoundsError(
+            f"{side} bound for pattern '{pattern}' must be a number, None or a tensor, "
+            f"got {type(b).__name__}"
+        )
+    if math.isnan(float(b)):
+        raise BoundsError(f"{side} bound for pattern '{pattern}' is NaN")
+
+
+@dataclass
+class _Resolved:
+    names: tuple[str, ...]
+    lower: dict[str, Any]
+    upper: dict[str, Any]
+    patterns: dict[str, str]  # parameter name -> the pattern that bounds it
+
+
+class Bounds:
+    """Bounds declared by parameter name, resolved against a model once.
+
+    Args:
+        spec: maps ``fnmatch`` patterns (matched against ``named_parameters()`` names,
+            such as ``1_LIFTorch.tau_mem``) to bounds: a ``(lower, upper)`` pair with
+            ``None`` for an open side, or ``{"lower": ..., "upper": ...}``. A bound is a
+            number or a tensor that broadcasts to the parameter (per-element bounds).
+            The first matching pattern wins; parameters that match none are unbounded.
+        penalty: the penalty shape of :meth:`cost` (see :func:`~parambounds.bounds_cost`).
+
+    Raises:
+        BoundsError: for a malformed entry or an unknown penalty, here; for a pattern
+            that matches no parameter, ``lower > upper``, a NaN bound or a tensor that
+            does not broadcast, when first used with a model (naming pattern and parameter).
+
+    >>> model = torch.nn.Linear(2, 1)
+    >>> bounds = Bounds({"weight": (-0.1, 0.1), "bias": {"lower": 0.0}})
+    >>> bounds.project_(model)
+    >>> bool(model.weight.abs().max() <= 0.1), bool(model.bias.min() >= 0.0)
+    (True, True)
+    """
+
+    def __init__(self, spec: Mapping[str, Any], *, penalty: str | Penalty = "exp") -> None:
+        if not isinstance(spec, Mapping):
+            raise BoundsError(
+                f"spec must be a mapping of patterns to bounds, got {type(spec).__name__}"
+            )
+        self.penalty = get_penalty(penalty)
+        entries = []
+        for pattern, value in spec.items():
+            if not isinstance(pattern, str):
+                raise BoundsError(f"pattern {pattern!r} must be a string")
+            lo, hi = _parse_entry(pattern, value)
+            _check_side(pattern, "lower", lo)
+            _check_side(pattern, "upper", hi)
+            entries.append((pattern, lo, hi))
+        self._entries: list[tuple[str, Any, Any]] = entries
+        self._cache: weakref.WeakKeyDictionary[torch.nn.Module, _Resolved] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    @classmethod
+    def from_trees(cls, lower: Any, upper: Any, *, penalty: str | Penalty = "exp") -> Bounds:
+        """Wrap the two trees of :func:`~parambounds.make_bounds` (keys joined with ``.``).
+
+        Raises:
+            BoundsError: when the two trees do not have the same leaves.
+        """
+        lo = dict(named_leaves(lower))
+        hi = dict(named_leaves(upper))
+        if set(lo) != set(hi):
+            missing = sorted(set(lo) ^ set(hi))[0]
+            raise BoundsError(f"lower and upper trees differ: '{missing}' is in only one of them")
+        return cls({_escape(name): (lo[name], hi[name]) for name in lo}, penalty=penalty)
+
+    @property
+    def spec(self) -> dict[str, tuple[Any, Any]]:
+        """The patterns and their ``(lower, upper)`` bounds, in order."""
+        return {p: (lo, hi) for p, lo, hi in self._entries}
+
+    def __repr__(self) -> str:
+        return f"Bounds({self.spec!r}, penalty={self.penalty.name!r})"
+
+    # ------------------------------------------------------------ resolving
+
+    def _resolve(self, model: torch.nn.Module) -> tuple[_Resolved, dict[str, Tensor]]:
+        if not isinstance(model, torch.nn.Module):
+            raise BoundsError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        params = dict(model.named_parameters())
+        names = tuple(params)
+        resolved = self._cache.get(model)
+        if resolved is None or resolved.names != names:
+            resolved = self._match(names)
+            self._cache[model] = resolved
+        return resolved, params
+
+    def _match(self, names: tuple[str, ...]) -> _Resolved:
+        lower: dict[str, Any] = {}
+        upper: dict[str, Any] = {}
+        patterns: dict[str, str] = {}
+        used = set()
+        for name in names:
+            lower[name] = upper[name] = None
+            for pattern, lo, hi in self._entries:
+                if fnmatchcase(name, pattern):
+                    lower[name], upper[name], patterns[name] = lo, hi, pattern
+                    used.add(pattern)
+                    break
+        unused = [p for p, _, _ in self._entries if p not in used]
+        if unused:
+            shown = ", ".join(f"'{n}'" for n in names[:6]) + (", ..." if len(names) > 6 else "")
+            raise BoundsError(
+                f"pattern '{unused[0]}' matches no parameter of the model "
+                f"(its parameters: {shown or 'none'})"
+            )
+        return _Resolved(names, lower, upper, patterns)
+
+    def _plan(self, model: torch.nn.Module) -> tuple[Plan, list[Tensor], _Resolved]:
+        resolved, params = self._resolve(model)
+        treedef, leaves = flatten(params)
+        try:
+            plan = get_plan(params, treedef, leaves, resolved.lower, resolved.upper)
+        except BoundsError as err:
+            raise self._with_pattern(err, resolved) from None
+        return plan, leaves, resolved
+
+    @staticmethod
+    def _with_pattern(err: BoundsError, resolved: _Resolved) -> BoundsError:
+        msg = str(err)
+        for name, pattern in resolved.patterns.items():
+            if f"'{name}'" in msg:
+                return type(err)(f"{msg} (from pattern '{pattern}')")
+        return err
+
+    def bounds_of(self, model: torch.nn.Module) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Return flat ``(lower, upper)`` dicts by parameter name, as ``bounds_cost`` takes."""
+        resolved, _ = self._resolve(model)
+        return dict(resolved.lower), dict(resolved.upper)
+
+    # ------------------------------------------------------------ the three uses
+
+    def cost(self, model: torch.nn.Module) -> Tensor:
+        """The penalty of every bounded parameter, as :func:`~parambounds.bounds_cost`."""
+        resolved, params = self._resolve(model)
+        try:
+            return tree_cost(params, resolved.lower, resolved.upper, self.penalty)
+        except BoundsError as err:
+            raise self._with_pattern(err, resolved) from None
+
+    def project_(self, model: torch.nn.Module) -> None:
+        """Clamp every bounded parameter into its bounds, in place and without autograd.
+
+        Parameter objects are kept (optimizers hold references to them); parameters that
+        share scalar bounds are clamped with one multi-tensor operation. NaN stays NaN.
+        """
+        plan, leaves, _ = self._plan(model)
+        project_plan_(plan, leaves)
+
+    def attach(self, optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> Any:
+        """Project ``model`` after every ``optimizer.step()``.
+
+        Returns:
+            a handle; ``handle.remove()`` stops the projection.
+        """
+        self._plan(model)  # validate now, not at the first step
+
+        def hook(opt: Any, args: Any, kwargs: Any) -> None:  # noqa: ARG001
+            self.project_(model)
+
+        return optimizer.register_step_post_hook(hook)
+
+    def reparametrize_(self, model: torch.nn.Module) -> torch.nn.Module:
+        r"""Make every bounded parameter a smooth function of an unconstrained one.
+
+        Registers ``torch.nn.utils.parametrize`` parametrizations: two-sided bounds use
+        :math:`l + (u - l)\,\sigma(z)`, one-sided ones :math:`l + \mathrm{softplus}(z)` or
+        :math:`u - \mathrm{softplus}(z)`. Current values are kept (values on or outside a
+        bound are first moved just inside). Afterwards ``state_dict`` holds
+        ``<module>.parametrizations.<name>.original`` (the unconstrained tensor) instead
+        of ``<module>.<name>``; ``torch.nn.utils.parametrize.remove_parametrizations(
+        module, name, leave_parametrized=True)`` turns it back into a plain parameter
+        holding the bounded value.
+
+        Returns:
+            ``model``, modified in place.
+        """
+        plan, _, resolved = self._plan(model)
+        return reparametrize_plan_(model, plan, list(resolved.names))
+
+    # ------------------------------------------------------------ reporting
+
+    def report(self, model: torch.nn.Module) -> Report:
+        """Count, per bounded parameter, the elements below and above, NaNs, the largest excess."""
+        plan, leaves, resolved = self._plan(model)
+        return compute_report(plan, leaves, list(resolved.names))
+
+    def check(self, model: torch.nn.Module) -> None:
+        """Return quietly when every bounded parameter is inside its bounds.
+
+        Raises:
+            BoundsViolationError: listing the worst offenders by name.
+        """
+        report = self.report(model)
+        if report.violators:
+            raise BoundsViolationError(report.summary())
+
+
+def _escape(name: str) -> str:
+    """Escape ``fnmatch`` wildcards so that a name matches only itself."""
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
