@@ -6,10 +6,14 @@ their defects.
 
 from importlib.metadata import PackageNotFoundError, version
 
+from ._kernels import get_kernel, set_kernel
+from .constraints import BoundedParametrization
 from .cost import bounds_cost
 from .errors import BoundsError, BoundsViolationError
 from .loss import ParameterBoundaryRegularizer, summed_exp_boundary_loss
 from .penalties import PENALTIES, Penalty, overflow_threshold
+from .report import ParamReport, Report
+from .spec import Bounds
 from .trees import make_bounds
 
 try:
@@ -19,13 +23,19 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
 
 __all__ = [
     "PENALTIES",
+    "BoundedParametrization",
+    "Bounds",
     "BoundsError",
     "BoundsViolationError",
+    "ParamReport",
     "ParameterBoundaryRegularizer",
     "Penalty",
+    "Report",
     "__version__",
     "bounds_cost",
+    "get_kernel",
     "make_bounds",
     "overflow_threshold",
+    "set_kernel",
     "summed_exp_boundary_loss",
 ]

@@ -29,16 +29,23 @@ __all__ = ["BoundedParametrization", "project_plan_", "reparametrize_plan_"]
 
 @torch.no_grad()
 def project_plan_(plan: Plan, leaves: list[Tensor]) -> None:
-    """Clamp the bounded leaves of ``plan`` in place: one multi-tensor op per group."""
+    """Clamp the bounded leaves of ``plan`` in place: one multi-tensor op per group.
+
+    Computed tensors (the values of reparametrized parameters) are skipped: they are
+    bounded by construction and cannot be written.
+    """
     for g in plan.groups:
-        xs = [leaves[i] for i in g.indices]
+        xs = [leaves[i] for i in g.indices if leaves[i].is_leaf]
+        if not xs:
+            continue
         if g.lower is not None:
             torch._foreach_clamp_min_(xs, g.lower)
         if g.upper is not None:
             torch._foreach_clamp_max_(xs, g.upper)
     for lb in plan.tensor_leaves:
-        lo, hi = clamp_args(lb.lower, lb.upper)
-        leaves[lb.index].clamp_(lo, hi)
+        if leaves[lb.index].is_leaf:
+            lo, hi = clamp_args(lb.lower, lb.upper)
+            leaves[lb.index].clamp_(lo, hi)
 
 
 def _as_buffer(b: Any, like: Tensor) -> Tensor | None:
@@ -120,6 +127,8 @@ def reparametrize_plan_(model: torch.nn.Module, plan: Plan, names: list[str]) ->
         owner, attr = _owner(model, name)
         if parametrize.is_parametrized(owner, attr):
             raise BoundsError(f"parameter '{name}' is already parametrized")
+        if name not in params:
+            raise BoundsError(f"'{name}' is not a parameter that can be reparametrized")
         try:
             parametrize.register_parametrization(
                 owner, attr, BoundedParametrization(lo, hi, params[name])

@@ -141,7 +141,7 @@ class Bounds:
     def _resolve(self, model: torch.nn.Module) -> tuple[_Resolved, dict[str, Tensor]]:
         if not isinstance(model, torch.nn.Module):
             raise BoundsError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        params = dict(model.named_parameters())
+        params = _effective_parameters(model)
         names = tuple(params)
         resolved = self._cache.get(model)
         if resolved is None or resolved.names != names:
@@ -209,7 +209,7 @@ class Bounds:
         share scalar bounds are clamped with one multi-tensor operation. NaN stays NaN.
         """
         plan, leaves, _ = self._plan(model)
-        project_plan_(plan, leaves)
+        project_plan_(plan, leaves)  # skips reparametrized values: they cannot leave
 
     def attach(self, optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> Any:
         """Project ``model`` after every ``optimizer.step()``.
@@ -258,6 +258,32 @@ class Bounds:
         report = self.report(model)
         if report.violators:
             raise BoundsViolationError(report.summary())
+
+
+_PARAMETRIZED = "parametrizations."
+
+
+def _effective_parameters(model: torch.nn.Module) -> dict[str, Tensor]:
+    """``named_parameters()``, with each parametrized tensor under its own name and value.
+
+    ``torch.nn.utils.parametrize`` stores ``m.weight`` as
+    ``m.parametrizations.weight.original``; bounds talk about ``m.weight``, the value
+    the model uses, which is computed here through the parametrization.
+    """
+    out: dict[str, Tensor] = {}
+    for name, p in model.named_parameters():
+        if _PARAMETRIZED not in name:
+            out[name] = p
+            continue
+        head, _, tail = name.rpartition(_PARAMETRIZED)
+        attr, _, rest = tail.partition(".")
+        if rest not in ("original", "original0"):
+            out[name] = p  # a multi-tensor parametrization: keep its own names
+            continue
+        owner_path = head[:-1]
+        owner = model.get_submodule(owner_path) if owner_path else model
+        out[owner_path + ("." if owner_path else "") + attr] = getattr(owner, attr)
+    return out
 
 
 def _escape(name: str) -> str:

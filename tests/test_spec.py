@@ -1,0 +1,154 @@
+import math
+
+import pytest
+import torch
+
+from parambounds import Bounds, BoundsError, bounds_cost, make_bounds
+
+from .conftest import rockpool_net
+
+
+def mlp():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+
+
+def test_first_matching_pattern_wins_and_others_are_unbounded():
+    model = mlp()
+    b = Bounds({"2.weight": (-0.1, 0.1), "*.weight": (-1.0, 1.0), "*.bias": {"lower": 0.0}})
+    lower, upper = b.bounds_of(model)
+    assert lower == {"0.weight": -1.0, "0.bias": 0.0, "2.weight": -0.1, "2.bias": 0.0}
+    assert upper == {"0.weight": 1.0, "0.bias": None, "2.weight": 0.1, "2.bias": None}
+
+
+def test_cost_equals_bounds_cost_on_equivalent_trees():
+    model = mlp()
+    with torch.no_grad():
+        model[0].weight.mul_(10)
+    b = Bounds({"*.weight": (-0.5, 0.5), "0.bias": (0.0, None)}, penalty="quadratic")
+    lower = {"0.weight": -0.5, "0.bias": 0.0, "2.weight": -0.5, "2.bias": None}
+    upper = {"0.weight": 0.5, "0.bias": None, "2.weight": 0.5, "2.bias": None}
+    expected = bounds_cost(model, lower, upper, penalty="quadratic")
+    assert expected.item() > 0
+    torch.testing.assert_close(b.cost(model), expected)
+
+
+def test_on_a_rockpool_network():
+    net = rockpool_net()
+    b = Bounds({"*.tau_mem": (0.03, 0.05), "*.threshold": (0.0, None)})
+    assert b.bounds_of(net)[0]["1_LIFTorch.tau_mem"] == 0.03
+    lower, upper = make_bounds(net.parameters())
+    for layer in ("1_LIFTorch", "3_LIFTorch"):
+        lower[layer]["tau_mem"], upper[layer]["tau_mem"] = 0.03, 0.05
+        lower[layer]["threshold"] = 0.0
+    torch.testing.assert_close(b.cost(net), bounds_cost(net.parameters(), lower, upper))
+    assert b.cost(net).item() > 0  # LIFTorch's default tau_mem (0.02) is below 0.03
+
+
+def test_from_trees_wraps_make_bounds():
+    net = rockpool_net()
+    lower, upper = make_bounds(net.parameters())
+    lower["1_LIFTorch"]["tau_mem"] = 0.03
+    b = Bounds.from_trees(lower, upper)
+    torch.testing.assert_close(b.cost(net), bounds_cost(net.parameters(), lower, upper))
+
+
+def test_from_trees_escapes_wildcards():
+    b = Bounds.from_trees({"a[0]": 0.0}, {"a[0]": 1.0})
+    assert list(b.spec) == ["a[[]0]"]
+
+
+def test_per_element_tensor_bounds():
+    model = torch.nn.Linear(2, 3)
+    with torch.no_grad():
+        model.bias.copy_(torch.tensor([1.0, 2.0, 3.0]))
+    b = Bounds({"bias": (None, torch.tensor([0.0, 2.0, 4.0]))})
+    assert b.cost(model).item() == pytest.approx(math.e)
+
+
+@pytest.mark.parametrize(
+    "spec,message",
+    [
+        (
+            {"*.wieght": (0, 1)},
+            r"pattern '\*\.wieght' matches no parameter of the model \(its parameters: '0\.weight', '0\.bias', '2\.weight', '2\.bias'\)",
+        ),
+        (
+            {"*.weight": (1.0, 0.0)},
+            r"lower bound for '0\.weight' exceeds its upper bound \(1\.0 > 0\.0\) \(from pattern '\*\.weight'\)",
+        ),
+        (
+            {"2.bias": (None, torch.ones(3))},
+            r"upper bound for '2\.bias' has shape \(3,\), which does not broadcast to the parameter's shape \(2,\) \(from pattern '2\.bias'\)",
+        ),
+        (
+            {"0.bias": (torch.tensor([0.0, float("nan"), 0.0, 0.0]), None)},
+            r"lower bound for '0\.bias' contains NaN \(from pattern '0\.bias'\)",
+        ),
+    ],
+)
+def test_errors_when_resolved_name_pattern_and_parameter(spec, message):
+    with pytest.raises(BoundsError, match=message):
+        Bounds(spec).cost(mlp())
+
+
+@pytest.mark.parametrize(
+    "spec,message",
+    [
+        (
+            {"w": (0, 1, 2)},
+            r"bounds for pattern 'w' must be a \(lower, upper\) pair or a dict with 'lower'/'upper', got tuple of length 3",
+        ),
+        (
+            {"w": 1.0},
+            r"bounds for pattern 'w' must be a \(lower, upper\) pair or a dict with 'lower'/'upper', got float",
+        ),
+        (
+            {"w": {"low": 0}},
+            r"bounds for pattern 'w' have unknown key\(s\) 'low'; expected 'lower' and/or 'upper'",
+        ),
+        ({"w": (float("nan"), None)}, r"lower bound for pattern 'w' is NaN"),
+        (
+            {"w": (None, "1")},
+            r"upper bound for pattern 'w' must be a number, None or a tensor, got str",
+        ),
+        ({3: (0, 1)}, r"pattern 3 must be a string"),
+        ([("w", (0, 1))], r"spec must be a mapping of patterns to bounds, got list"),
+    ],
+)
+def test_malformed_spec_errors_at_construction(spec, message):
+    with pytest.raises(BoundsError, match=message):
+        Bounds(spec)
+
+
+def test_unknown_penalty_at_construction():
+    with pytest.raises(BoundsError, match=r"unknown penalty 'cube'"):
+        Bounds({"w": (0, 1)}, penalty="cube")
+
+
+def test_model_must_be_a_module():
+    with pytest.raises(BoundsError, match=r"model must be a torch\.nn\.Module, got dict"):
+        Bounds({"w": (0, 1)}).cost({"w": torch.zeros(1)})
+
+
+def test_from_trees_with_different_leaves():
+    with pytest.raises(
+        BoundsError, match=r"lower and upper trees differ: 'b' is in only one of them"
+    ):
+        Bounds.from_trees({"a": 0.0, "b": 0.0}, {"a": 1.0})
+
+
+def test_resolution_is_cached_and_follows_new_parameters():
+    model = mlp()
+    b = Bounds({"*.weight": (-1.0, 1.0)})
+    b.cost(model)
+    first = b._cache[model]
+    b.cost(model)
+    assert b._cache[model] is first
+    model.add_module("extra", torch.nn.Linear(1, 1))
+    b.cost(model)
+    assert "extra.weight" in b._cache[model].names
+
+
+def test_repr():
+    assert repr(Bounds({"a": (0, None)})) == "Bounds({'a': (0, None)}, penalty='exp')"
