@@ -29,7 +29,10 @@ from typing import Any
 
 import torch
 
-IMPLS = ("rockpool", "eager", "compiled")
+# "auto" is parambounds' default (the compiled kernel for tensors of at least 1M elements,
+# eager below); "eager" never compiles.
+IMPLS = ("rockpool", "auto", "eager")
+NAMES = {"rockpool": "Rockpool 3.1.0", "auto": "ours", "eager": "ours, eager only"}
 
 
 def build(case: str, quick: bool, device: str) -> tuple[Any, Any, Any, list[torch.Tensor]]:
@@ -65,7 +68,8 @@ def build(case: str, quick: bool, device: str) -> tuple[Any, Any, Any, list[torc
     else:
         shapes = [(256, 256)] * 4 if quick else [(2048, 2048)] * 24
     params = {
-        f"p{i}": torch.randn(shape, device=device).requires_grad_() for i, shape in enumerate(shapes)
+        f"p{i}": torch.randn(shape, device=device).requires_grad_()
+        for i, shape in enumerate(shapes)
     }
     lower = dict.fromkeys(params, -2.0)
     upper = dict.fromkeys(params, 2.0)
@@ -83,7 +87,9 @@ def cost_fn(impl: str) -> Callable[..., torch.Tensor]:
     return bounds_cost
 
 
-def step(fn: Callable[..., torch.Tensor], params: Any, lower: Any, upper: Any, tensors: list) -> None:
+def step(
+    fn: Callable[..., torch.Tensor], params: Any, lower: Any, upper: Any, tensors: list
+) -> None:
     for p in tensors:
         p.grad = None
     fn(params, lower, upper).backward()
@@ -143,6 +149,12 @@ def measure_memory(case: str, impl: str, quick: bool) -> float:
     # Warm up (and compile) on the tiny variant of the case, so that neither imports nor
     # the compiler count, and the full-size step starts from fresh memory.
     small, s_lower, s_upper, _ = build(case, True, "cpu")
+    if impl == "auto":  # compile the kernel the full-size step will use
+        from parambounds import _kernels
+
+        _kernels.set_kernel("compiled")
+        step(fn, small, s_lower, s_upper, all_tensors(small))
+        _kernels.set_kernel("auto")
     step(fn, small, s_lower, s_upper, all_tensors(small))
     del small
     params, lower, upper, bounded = build(case, quick, "cpu")
@@ -166,25 +178,33 @@ def memory_in_fresh_process(case: str, impl: str, quick: bool) -> float | None:
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def run(quick: bool, device: str, impls: tuple[str, ...]) -> list[dict[str, Any]]:
+def run_case(case: str, quick: bool, device: str, impls: tuple[str, ...]) -> dict[str, Any]:
     reps = 3 if quick else 7
+    params, lower, upper, bounded = build(case, quick, device)
+    tensors = all_tensors(params)
+    row: dict[str, Any] = {"case": case, "device": device}
+
+    def one_step(fn: Callable[..., torch.Tensor]) -> None:
+        step(fn, params, lower, upper, tensors)
+
+    for impl in impls:
+        fn = cost_fn(impl)
+        row[f"{impl}_ms"] = median_ms(lambda fn=fn: one_step(fn), device, reps)
+        if device == "cuda":
+            row[f"{impl}_syncs"] = count_syncs(lambda fn=fn: one_step(fn))
+    if case == "large":
+        row["exp_ms"] = median_ms(lambda: [torch.exp(t.detach()) for t in bounded], device, reps)
+    return row
+
+
+def run(quick: bool, device: str, impls: tuple[str, ...]) -> list[dict[str, Any]]:
     rows = []
     for case in ("snn", "many", "large"):
-        params, lower, upper, bounded = build(case, quick, device)
-        tensors = all_tensors(params)
-        row: dict[str, Any] = {"case": case, "device": device}
-        for impl in impls:
-            fn = cost_fn(impl)
-            row[f"{impl}_ms"] = median_ms(lambda fn=fn: step(fn, params, lower, upper, tensors), device, reps)
-            if device == "cuda":
-                row[f"{impl}_syncs"] = count_syncs(lambda fn=fn: step(fn, params, lower, upper, tensors))
-        if case == "large":
-            row["exp_ms"] = median_ms(lambda: [torch.exp(t.detach()) for t in bounded], device, reps)
+        row = run_case(case, quick, device, impls)
         if device == "cpu" and sys.platform.startswith("linux"):
             for impl in impls:
                 row[f"{impl}_peak_x"] = memory_in_fresh_process(case, impl, quick)
         rows.append(row)
-        del params, lower, upper, bounded, tensors
     return rows
 
 
@@ -194,22 +214,27 @@ def fmt(v: Any, spec: str) -> str:
 
 def table(rows: list[dict[str, Any]], impls: tuple[str, ...]) -> str:
     ours = [i for i in impls if i != "rockpool"]
-    head = ["case", "Rockpool ms"]
+    head = ["case", f"{NAMES['rockpool']} ms"]
     for i in ours:
-        head += [f"{i} ms", f"{i} speedup"]
-    head += ["exp pass ms"] + [f"{i}/exp" for i in ours]
-    head += [f"peak {'Rockpool' if i == 'rockpool' else i}" for i in impls]
+        head += [f"{NAMES[i]} ms", "speedup"]
+    head += ["exp pass ms"] + [f"{NAMES[i]} / exp" for i in ours]
+    head += [f"peak {NAMES[i]}" for i in impls]
     if any("rockpool_syncs" in r for r in rows):
-        head += [f"syncs {i}" for i in impls]
+        head += [f"syncs {NAMES[i]}" for i in impls]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [f"{r['case']} ({r['device']})", fmt(r.get("rockpool_ms"), ".2f")]
         for i in ours:
-            cells += [fmt(r.get(f"{i}_ms"), ".2f"), fmt(r["rockpool_ms"] / r[f"{i}_ms"], ".1f") + "x"]
+            cells += [
+                fmt(r.get(f"{i}_ms"), ".2f"),
+                fmt(r["rockpool_ms"] / r[f"{i}_ms"], ".1f") + "x",
+            ]
         exp = r.get("exp_ms")
         cells.append(fmt(exp, ".2f"))
         cells += [fmt(r[f"{i}_ms"] / exp, ".2f") + "x" if exp else "-" for i in ours]
-        cells += [fmt(r.get(f"{i}_peak_x"), ".2f") + "x" if r.get(f"{i}_peak_x") else "-" for i in impls]
+        cells += [
+            fmt(r.get(f"{i}_peak_x"), ".2f") + "x" if r.get(f"{i}_peak_x") else "-" for i in impls
+        ]
         if "rockpool_syncs" in r:
             cells += [str(r.get(f"{i}_syncs", "-")) for i in impls]
         lines.append("| " + " | ".join(cells) + " |")
@@ -220,13 +245,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes, seconds (CI smoke test)")
     parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
-    parser.add_argument("--no-compiled", action="store_true", help="skip the compiled kernel")
     parser.add_argument("--memory-probe", nargs=2, metavar=("CASE", "IMPL"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_probe:
         print(measure_memory(*args.memory_probe, quick=args.quick))
         return
-    impls = ("rockpool", "eager") if args.no_compiled else IMPLS
+    impls = IMPLS
     rows = run(args.quick, "cpu", impls)
     if torch.cuda.is_available():
         rows += run(args.quick, "cuda", impls)
