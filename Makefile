@@ -21,6 +21,7 @@ lint: $(STAMP)
 
 test: lint
 	$(PY) -m pytest
+	$(PY) benchmarks/bench_bounds.py --quick
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_bounds.py

@@ -12,7 +12,7 @@ bounds = Bounds(SPEC)  # declared once, by name
 x, y = make_data()
 net = make_net()
 opt = torch.optim.Adam(parameters(net), lr=2e-3)
-for step in range(60):
+for _ in range(60):
     opt.zero_grad()
     loss, accuracy = task_loss(net, x, y)
     (loss + 100.0 * bounds.cost(net)).backward()

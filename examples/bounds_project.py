@@ -13,7 +13,7 @@ x, y = make_data()
 net = make_net()
 opt = torch.optim.Adam(parameters(net), lr=2e-3)
 handle = bounds.attach(opt, net)  # projects after each opt.step(); handle.remove() stops it
-for step in range(60):
+for _ in range(60):
     opt.zero_grad()
     loss, accuracy = task_loss(net, x, y)
     loss.backward()

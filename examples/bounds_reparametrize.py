@@ -14,7 +14,7 @@ bounds = Bounds(SPEC)
 x, y = make_data()
 net = bounds.reparametrize_(make_net())
 opt = torch.optim.Adam(parameters(net), lr=2e-3)  # optimises the unconstrained tensors
-for step in range(60):
+for _ in range(60):
     opt.zero_grad()
     loss, accuracy = task_loss(net, x, y)
     loss.backward()

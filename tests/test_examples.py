@@ -9,7 +9,9 @@ import pytest
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
-@pytest.mark.parametrize("script", ["bounds_penalty.py", "bounds_project.py", "bounds_reparametrize.py"])
+@pytest.mark.parametrize(
+    "script", ["bounds_penalty.py", "bounds_project.py", "bounds_reparametrize.py"]
+)
 def test_each_use_ends_inside_the_bounds(script):
     out = subprocess.run(
         [sys.executable, script], cwd=EXAMPLES, capture_output=True, text=True, timeout=300
