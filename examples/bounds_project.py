@@ -4,7 +4,7 @@ Run: ``python examples/bounds_project.py``
 """
 
 import torch
-from snn_task import SPEC, make_data, make_net, parameters, task_loss
+from parambounds.demo import SPEC, make_data, make_net, parameters, task_loss
 
 from parambounds import Bounds
 

@@ -5,7 +5,7 @@ Run: ``python examples/bounds_reparametrize.py``
 """
 
 import torch
-from snn_task import SPEC, make_data, make_net, parameters, task_loss
+from parambounds.demo import SPEC, make_data, make_net, parameters, task_loss
 from torch.nn.utils import parametrize
 
 from parambounds import Bounds

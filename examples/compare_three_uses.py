@@ -3,7 +3,7 @@
 Run: ``python examples/compare_three_uses.py``
 """
 
-from snn_task import train
+from parambounds.demo import train
 
 rows = [(use, train(use)) for use in ("none", "penalty", "project", "reparametrize")]
 print(

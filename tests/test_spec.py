@@ -127,8 +127,11 @@ def test_unknown_penalty_at_construction():
 
 
 def test_model_must_be_a_module():
-    with pytest.raises(BoundsError, match=r"model must be a torch\.nn\.Module, got dict"):
-        Bounds({"w": (0, 1)}).cost({"w": torch.zeros(1)})
+    with pytest.raises(
+        BoundsError,
+        match=r"model must be a torch\.nn\.Module or a mapping of names to tensors, got list",
+    ):
+        Bounds({"w": (0, 1)}).cost([torch.zeros(1)])
 
 
 def test_from_trees_with_different_leaves():
@@ -152,3 +155,67 @@ def test_resolution_is_cached_and_follows_new_parameters():
 
 def test_repr():
     assert repr(Bounds({"a": (0, None)})) == "Bounds({'a': (0, None)}, penalty='exp')"
+
+
+def test_from_toml_equals_the_dict_spec(tmp_path):
+    path = tmp_path / "b.toml"
+    path.write_text(
+        'penalty = "quadratic"\n[bounds]\n"*.weight" = [-0.5, 0.5]\n'
+        '"0.bias" = { lower = 0.0 }\n"2.bias" = { upper = inf, lower = -inf }\n'
+    )
+    b = Bounds.from_toml(path)
+    assert b.penalty.name == "quadratic"
+    assert b.spec == {
+        "*.weight": (-0.5, 0.5),
+        "0.bias": (0.0, None),
+        "2.bias": (-math.inf, math.inf),
+    }
+    model = mlp()
+    expected = Bounds({"*.weight": (-0.5, 0.5), "0.bias": (0.0, None)}, penalty="quadratic")
+    torch.testing.assert_close(b.cost(model), expected.cost(model))
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("[bounds\n", r"b\.toml: malformed TOML"),
+        ('penalty = "exp"\n', r"b\.toml: missing \[bounds\] table"),
+        ('pentaly = "exp"\n[bounds]\n', r"b\.toml: unknown top-level key 'pentaly'"),
+        (
+            '[bounds]\n"w" = [1, 2, 3]\n',
+            r"b\.toml: bounds for pattern 'w' must be a \(lower, upper\) pair",
+        ),
+        (
+            '[bounds]\n"w" = { lower = 0, uper = 1 }\n',
+            r"b\.toml: bounds for pattern 'w' have unknown key\(s\) 'uper'",
+        ),
+        ('penalty = "cubic"\n[bounds]\n', r"b\.toml: unknown penalty 'cubic'"),
+    ],
+)
+def test_from_toml_errors_name_the_file_and_key(tmp_path, text, message):
+    path = tmp_path / "b.toml"
+    path.write_text(text)
+    with pytest.raises(BoundsError, match=message):
+        Bounds.from_toml(path)
+
+
+def test_from_toml_missing_file(tmp_path):
+    with pytest.raises(BoundsError, match=r"nope\.toml: cannot read"):
+        Bounds.from_toml(tmp_path / "nope.toml")
+
+
+def test_shipped_example_bounds_file_loads():
+    from pathlib import Path
+
+    b = Bounds.from_toml(Path(__file__).resolve().parent.parent / "examples" / "bounds.toml")
+    assert b.spec["*.threshold"] == (0.5, None)
+
+
+def test_state_dict_as_model():
+    sd = {"a.w": torch.tensor([2.0, 0.0]), "a.b": torch.tensor([1.0])}
+    b = Bounds({"*.w": (None, 1.0)})
+    assert b.report(sd).to_dict()["a.w"]["above"] == 1
+    b.project_(sd)
+    assert sd["a.w"].tolist() == [1.0, 0.0]
+    with pytest.raises(BoundsError, match=r"'a\.b' must be a tensor, got float"):
+        b.report({"a.w": torch.zeros(1), "a.b": 1.0})

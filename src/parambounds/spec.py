@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,7 +31,11 @@ from .penalties import Penalty, get_penalty
 from .report import Report, compute_report
 from .trees import flatten, named_leaves
 
-__all__ = ["Bounds"]
+__all__ = ["Bounds", "Model"]
+
+#: What bounds apply to: a module (its ``named_parameters()``), or a flat mapping of
+#: names to tensors such as a ``state_dict``.
+Model = torch.nn.Module | Mapping[str, Tensor]
 
 
 def _parse_entry(pattern: str, value: Any) -> tuple[Any, Any]:
@@ -128,6 +134,49 @@ class Bounds:
             raise BoundsError(f"lower and upper trees differ: '{missing}' is in only one of them")
         return cls({_escape(name): (lo[name], hi[name]) for name in lo}, penalty=penalty)
 
+    @classmethod
+    def from_toml(cls, path: str | Path) -> Bounds:
+        """Load bounds from a TOML file.
+
+        .. code-block:: toml
+
+            penalty = "exp"            # optional
+            [bounds]
+            "*.tau_mem"      = [0.001, 0.1]
+            "*.threshold"    = { lower = 0.0 }
+            "readout.weight" = { lower = -1.0, upper = 1.0 }
+
+        ``inf`` and ``-inf`` are TOML literals; an open side is left out of the table.
+
+        Raises:
+            BoundsError: naming the file and the key or pattern at fault.
+        """
+        if sys.version_info >= (3, 11):
+            import tomllib
+        else:  # pragma: no cover - Python 3.10
+            import tomli as tomllib
+        path = Path(path)
+        try:
+            with path.open("rb") as f:
+                data = tomllib.load(f)
+        except tomllib.TOMLDecodeError as err:
+            raise BoundsError(f"{path}: malformed TOML: {err}") from None
+        except OSError as err:
+            raise BoundsError(f"{path}: cannot read: {err.strerror or err}") from None
+        unknown = sorted(set(data) - {"penalty", "bounds"})
+        if unknown:
+            raise BoundsError(
+                f"{path}: unknown top-level key '{unknown[0]}'; expected 'penalty' and [bounds]"
+            )
+        table = data.get("bounds")
+        if not isinstance(table, dict):
+            raise BoundsError(f"{path}: missing [bounds] table")
+        penalty = data.get("penalty", "exp")
+        try:
+            return cls(table, penalty=penalty)
+        except BoundsError as err:
+            raise BoundsError(f"{path}: {err}") from None
+
     @property
     def spec(self) -> dict[str, tuple[Any, Any]]:
         """The patterns and their ``(lower, upper)`` bounds, in order."""
@@ -138,9 +187,18 @@ class Bounds:
 
     # ------------------------------------------------------------ resolving
 
-    def _resolve(self, model: torch.nn.Module) -> tuple[_Resolved, dict[str, Tensor]]:
+    def _resolve(self, model: Model) -> tuple[_Resolved, dict[str, Tensor]]:
+        if isinstance(model, Mapping):  # a state_dict: names to tensors, resolved each time
+            params = dict(model)
+            for name, t in params.items():
+                if not isinstance(t, Tensor):
+                    raise BoundsError(f"'{name}' must be a tensor, got {type(t).__name__}")
+            return self._match(tuple(params)), params
         if not isinstance(model, torch.nn.Module):
-            raise BoundsError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+            raise BoundsError(
+                f"model must be a torch.nn.Module or a mapping of names to tensors, "
+                f"got {type(model).__name__}"
+            )
         params = _effective_parameters(model)
         names = tuple(params)
         resolved = self._cache.get(model)
@@ -170,7 +228,7 @@ class Bounds:
             )
         return _Resolved(names, lower, upper, patterns)
 
-    def _plan(self, model: torch.nn.Module) -> tuple[Plan, list[Tensor], _Resolved]:
+    def _plan(self, model: Model) -> tuple[Plan, list[Tensor], _Resolved]:
         resolved, params = self._resolve(model)
         treedef, leaves = flatten(params)
         try:
@@ -187,14 +245,14 @@ class Bounds:
                 return type(err)(f"{msg} (from pattern '{pattern}')")
         return err
 
-    def bounds_of(self, model: torch.nn.Module) -> tuple[dict[str, Any], dict[str, Any]]:
+    def bounds_of(self, model: Model) -> tuple[dict[str, Any], dict[str, Any]]:
         """Return flat ``(lower, upper)`` dicts by parameter name, as ``bounds_cost`` takes."""
         resolved, _ = self._resolve(model)
         return dict(resolved.lower), dict(resolved.upper)
 
     # ------------------------------------------------------------ the three uses
 
-    def cost(self, model: torch.nn.Module) -> Tensor:
+    def cost(self, model: Model) -> Tensor:
         """The penalty of every bounded parameter, as :func:`~parambounds.bounds_cost`."""
         resolved, params = self._resolve(model)
         try:
@@ -202,7 +260,7 @@ class Bounds:
         except BoundsError as err:
             raise self._with_pattern(err, resolved) from None
 
-    def project_(self, model: torch.nn.Module) -> None:
+    def project_(self, model: Model) -> None:
         """Clamp every bounded parameter into its bounds, in place and without autograd.
 
         Parameter objects are kept (optimizers hold references to them); parameters that
@@ -244,12 +302,12 @@ class Bounds:
 
     # ------------------------------------------------------------ reporting
 
-    def report(self, model: torch.nn.Module) -> Report:
+    def report(self, model: Model) -> Report:
         """Count, per bounded parameter, the elements below and above, NaNs, the largest excess."""
         plan, leaves, resolved = self._plan(model)
         return compute_report(plan, leaves, list(resolved.names))
 
-    def check(self, model: torch.nn.Module) -> None:
+    def check(self, model: Model) -> None:
         """Return quietly when every bounded parameter is inside its bounds.
 
         Raises:

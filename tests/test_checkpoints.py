@@ -1,0 +1,56 @@
+import pytest
+import torch
+
+from parambounds.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
+
+
+def test_wrapped_state_dict_and_other_entries(tmp_path):
+    path = tmp_path / "c.pth"
+    torch.save({"epoch": 1, "model": {"w": torch.ones(2), "n": torch.tensor(3)}}, path)
+    ckpt = load_checkpoint(path)
+    assert list(ckpt.tensors) == ["w"]  # floating tensors only, named inside the wrapper
+    ckpt.tensors["w"].fill_(5.0)
+    out = tmp_path / "d.pth"
+    save_checkpoint(ckpt, out)
+    data = torch.load(out, weights_only=True)
+    assert data["epoch"] == 1 and torch.equal(data["model"]["w"], torch.full((2,), 5.0))
+
+
+def test_a_single_tensor_is_not_a_state_dict(tmp_path):
+    path = tmp_path / "t.pt"
+    torch.save(torch.ones(2), path)
+    with pytest.raises(CheckpointError, match=r"t\.pt: holds a single tensor, not a state_dict"):
+        load_checkpoint(path)
+
+
+def test_output_format_and_folder_are_checked(tmp_path):
+    path = tmp_path / "c.pt"
+    torch.save({"w": torch.ones(1)}, path)
+    ckpt = load_checkpoint(path)
+    with pytest.raises(
+        CheckpointError, match=r"the output must have the same format as the input \(c\.pt\)"
+    ):
+        save_checkpoint(ckpt, tmp_path / "c.safetensors")
+    with pytest.raises(CheckpointError, match=r"folder .*missing does not exist"):
+        save_checkpoint(ckpt, tmp_path / "missing" / "c.pt")
+
+
+def test_a_failed_write_leaves_no_file(tmp_path, monkeypatch):
+    path = tmp_path / "c.pt"
+    torch.save({"w": torch.ones(1)}, path)
+    ckpt = load_checkpoint(path)
+
+    def boom(*_args, **_kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(torch, "save", boom)
+    with pytest.raises(RuntimeError, match="disk full"):
+        save_checkpoint(ckpt, tmp_path / "out.pt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt"]
+
+
+def test_malformed_rockpool_json(tmp_path):
+    path = tmp_path / "net.json"
+    path.write_text("{not json")
+    with pytest.raises(CheckpointError, match=r"net\.json: malformed JSON"):
+        load_checkpoint(path)

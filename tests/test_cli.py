@@ -1,0 +1,321 @@
+"""The real console script, in a subprocess, on real files."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = str(Path(sys.executable).parent / "parambounds")
+
+TOML = """
+penalty = "exp"
+[bounds]
+"*.tau_mem" = [0.005, 0.04]
+"*.threshold" = { lower = 0.5 }
+"readout.weight" = { lower = -1.0, upper = 1.0 }
+"""
+
+
+def run(*args, cwd=None):
+    return subprocess.run(
+        [SCRIPT, *map(str, args)], capture_output=True, text=True, timeout=300, cwd=cwd
+    )
+
+
+def state(outside=True):
+    sd = {
+        "lif.tau_mem": torch.tensor([0.001, 0.02, 0.08]),
+        "lif.threshold": torch.tensor([1.0, 0.2]),
+        "lif.steps": torch.tensor([3, 4]),  # an integer buffer: never touched
+        "readout.weight": torch.tensor([[0.5, -3.0], [0.1, 0.2]]),
+        "readout.bias": torch.tensor([7.0]),  # matches no pattern: unbounded
+    }
+    if not outside:
+        sd["lif.tau_mem"] = torch.tensor([0.01, 0.02, 0.03])
+        sd["lif.threshold"] = torch.tensor([1.0, 0.6])
+        sd["readout.weight"] = torch.tensor([[0.5, -0.3], [0.1, 0.2]])
+    return sd
+
+
+@pytest.fixture
+def files(tmp_path):
+    bounds = tmp_path / "bounds.toml"
+    bounds.write_text(TOML)
+    ckpt = tmp_path / "model.pt"
+    torch.save(
+        {
+            "state_dict": state(),
+            "epoch": 7,
+            "optimizer": {"state": {0: {"step": torch.tensor(5.0)}}, "lr": 0.1},
+        },
+        ckpt,
+    )
+    return tmp_path, bounds, ckpt
+
+
+def no_traceback(out):
+    assert "Traceback" not in out.stderr
+    lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, out.stderr
+    return lines[0]
+
+
+# ---------------------------------------------------------------- check
+
+
+def test_check_reports_violators_first_and_exits_1(files):
+    _, bounds, ckpt = files
+    out = run("check", ckpt, "--bounds", bounds)
+    assert out.returncode == 1, out.stderr
+    rows = [ln.split()[0] for ln in out.stdout.splitlines()[2:5]]
+    assert rows == ["readout.weight", "lif.threshold", "lif.tau_mem"]  # largest excess first
+    assert "3 of 3 bounded parameters are out of bounds" in out.stdout
+
+
+def test_check_inside_exits_0(tmp_path, files):
+    _, bounds, _ = files
+    ckpt = tmp_path / "ok.pt"
+    torch.save(state(outside=False), ckpt)
+    out = run("check", ckpt, "--bounds", bounds)
+    assert out.returncode == 0, out.stderr
+    assert "all 3 bounded parameters are inside their bounds" in out.stdout
+
+
+def test_check_json(files):
+    _, bounds, ckpt = files
+    out = run("check", ckpt, "--bounds", bounds, "--json")
+    assert out.returncode == 1
+    report = json.loads(out.stdout)
+    assert report["lif.tau_mem"] == {
+        "numel": 3,
+        "below": 1,
+        "above": 1,
+        "max_excess": pytest.approx(0.04),
+        "nan": 0,
+        "lower": 0.005,
+        "upper": 0.04,
+    }
+    assert "readout.bias" not in report and "lif.steps" not in report
+
+
+def test_nested_dicts_are_named_with_dots(tmp_path, files):
+    _, bounds, _ = files
+    ckpt = tmp_path / "nested.pt"
+    torch.save(
+        {
+            "model": {
+                "lif": {"tau_mem": torch.tensor([1.0]), "threshold": torch.ones(1)},
+                "readout": {"weight": torch.zeros(1)},
+            }
+        },
+        ckpt,
+    )
+    out = run("check", ckpt, "--bounds", bounds, "--json")
+    assert set(json.loads(out.stdout)) == {"lif.tau_mem", "lif.threshold", "readout.weight"}
+
+
+# ---------------------------------------------------------------- clamp
+
+
+def test_clamp_writes_a_clamped_copy_and_keeps_everything_else(files):
+    tmp, bounds, ckpt = files
+    original = ckpt.read_bytes()
+    out_path = tmp / "clamped.pt"
+    out = run("clamp", ckpt, "--bounds", bounds, "-o", out_path)
+    assert out.returncode == 0, out.stderr
+    assert "clamped 4 values in 3 of 3 bounded tensors" in out.stdout
+    assert ckpt.read_bytes() == original  # the input is untouched
+    new = torch.load(out_path, weights_only=True)
+    sd = new["state_dict"]
+    assert torch.equal(sd["lif.tau_mem"], torch.tensor([0.005, 0.02, 0.04]))
+    assert torch.equal(sd["lif.threshold"], torch.tensor([1.0, 0.5]))
+    assert torch.equal(sd["readout.weight"], torch.tensor([[0.5, -1.0], [0.1, 0.2]]))
+    assert torch.equal(sd["readout.bias"], torch.tensor([7.0]))
+    assert (
+        torch.equal(sd["lif.steps"], torch.tensor([3, 4])) and sd["lif.steps"].dtype == torch.int64
+    )
+    assert new["epoch"] == 7 and new["optimizer"]["lr"] == 0.1
+    assert torch.equal(new["optimizer"]["state"][0]["step"], torch.tensor(5.0))
+    assert run("check", out_path, "--bounds", bounds).returncode == 0
+    assert sorted(p.name for p in tmp.iterdir()) == [
+        "bounds.toml",
+        "clamped.pt",
+        "model.pt",
+    ]  # no temp left
+
+
+def test_clamp_refuses_to_overwrite_its_input(files):
+    _, bounds, ckpt = files
+    original = ckpt.read_bytes()
+    out = run("clamp", ckpt, "--bounds", bounds, "-o", ckpt)
+    assert out.returncode == 2
+    assert "refusing to overwrite the input checkpoint" in no_traceback(out)
+    assert ckpt.read_bytes() == original
+
+
+def test_clamp_needs_an_output(files):
+    _, bounds, ckpt = files
+    out = run("clamp", ckpt, "--bounds", bounds)
+    assert out.returncode == 2
+    assert "give -o OUT for the clamped copy, or --in-place" in no_traceback(out)
+
+
+def test_clamp_in_place(files):
+    _, bounds, ckpt = files
+    out = run("clamp", ckpt, "--bounds", bounds, "--in-place")
+    assert out.returncode == 0, out.stderr
+    assert run("check", ckpt, "--bounds", bounds).returncode == 0
+    assert torch.load(ckpt, weights_only=True)["epoch"] == 7
+
+
+def test_safetensors_read_and_written(tmp_path, files):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    _, bounds, _ = files
+    src = tmp_path / "model.safetensors"
+    save_file(state(), str(src), metadata={"note": "kept"})
+    assert run("check", src, "--bounds", bounds).returncode == 1
+    dst = tmp_path / "clamped.safetensors"
+    out = run("clamp", src, "--bounds", bounds, "-o", dst)
+    assert out.returncode == 0, out.stderr
+    sd = load_file(str(dst))
+    assert torch.equal(sd["lif.tau_mem"], torch.tensor([0.005, 0.02, 0.04]))
+    assert torch.equal(sd["lif.steps"], torch.tensor([3, 4]))
+    with safe_open(str(dst), framework="pt") as f:
+        assert f.metadata() == {"note": "kept"}
+
+
+def test_rockpool_json_parameter_files(tmp_path):
+    from rockpool.nn.combinators import Sequential
+    from rockpool.nn.modules import LIFTorch, LinearTorch
+
+    net = Sequential(LinearTorch((2, 3)), LIFTorch(3))
+    with torch.no_grad():
+        net[1].tau_mem.copy_(torch.tensor([0.001, 0.02, 0.5]))
+    src = tmp_path / "net.json"
+    net.save(str(src))
+    bounds = tmp_path / "b.toml"
+    bounds.write_text('[bounds]\n"*.tau_mem" = [0.005, 0.04]\n')
+    assert run("check", src, "--bounds", bounds).returncode == 1
+    dst = tmp_path / "clamped.json"
+    assert run("clamp", src, "--bounds", bounds, "-o", dst).returncode == 0
+    fresh = Sequential(LinearTorch((2, 3)), LIFTorch(3))
+    fresh.load(str(dst))
+    torch.testing.assert_close(fresh[1].tau_mem, torch.tensor([0.005, 0.02, 0.04]))
+    torch.testing.assert_close(fresh[0].weight, net[0].weight)
+    before, after = json.loads(src.read_text()), json.loads(dst.read_text())
+    assert after["0_LinearTorch"] == before["0_LinearTorch"]  # untouched entries byte for byte
+    assert after["1_LIFTorch"]["dt"] == before["1_LIFTorch"]["dt"]
+
+
+# ---------------------------------------------------------------- bad input
+
+
+class Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').close()",))
+
+
+def test_malicious_pickle_is_refused_and_never_runs(tmp_path, files):
+    _, bounds, _ = files
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    torch.save({"state_dict": state(), "payload": Evil(str(marker))}, evil)
+    assert not marker.exists()
+    out = run("check", evil, "--bounds", bounds)
+    assert out.returncode == 2
+    assert "refused: loading it needs full unpickling" in no_traceback(out)
+    assert not marker.exists()
+    out = run("clamp", evil, "--bounds", bounds, "-o", tmp_path / "out.pt")
+    assert out.returncode == 2 and not marker.exists() and not (tmp_path / "out.pt").exists()
+
+
+def bad_inputs(tmp):
+    good_bounds = tmp / "bounds.toml"
+    good_ckpt = tmp / "model.pt"
+    truncated = tmp / "truncated.pt"
+    truncated.write_bytes(good_ckpt.read_bytes()[:200])
+    malformed = tmp / "bad.toml"
+    malformed.write_text('[bounds]\n"*.tau_mem" = [0.005, \n')
+    nomatch = tmp / "nomatch.toml"
+    nomatch.write_text('[bounds]\n"*.tau_mme" = [0.005, 0.04]\n')
+    reversed_ = tmp / "reversed.toml"
+    reversed_.write_text('[bounds]\n"*.tau_mem" = [0.04, 0.005]\n')
+    penalty = tmp / "penalty.toml"
+    penalty.write_text('penalty = "cubic"\n[bounds]\n"*.tau_mem" = [0.005, 0.04]\n')
+    return {
+        "missing file": ((tmp / "nope.pt", good_bounds), r"nope\.pt: no such file"),
+        "directory": ((tmp, good_bounds), r"is a directory, not a checkpoint file"),
+        "truncated": (
+            (truncated, good_bounds),
+            r"truncated\.pt: not a readable PyTorch checkpoint",
+        ),
+        "missing bounds": ((good_ckpt, tmp / "nope.toml"), r"nope\.toml: cannot read"),
+        "malformed toml": ((good_ckpt, malformed), r"bad\.toml: malformed TOML"),
+        "no match": ((good_ckpt, nomatch), r"pattern '\*\.tau_mme' matches no parameter"),
+        "lower > upper": (
+            (good_ckpt, reversed_),
+            r"model\.pt: lower bound for 'lif\.tau_mem' exceeds its upper bound \(0\.04 > 0\.005\) \(from pattern '\*\.tau_mem'\)",
+        ),
+        "unknown penalty": (
+            (good_ckpt, penalty),
+            r"penalty\.toml: unknown penalty 'cubic'; expected one of",
+        ),
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing file",
+        "directory",
+        "truncated",
+        "missing bounds",
+        "malformed toml",
+        "no match",
+        "lower > upper",
+        "unknown penalty",
+    ],
+)
+@pytest.mark.parametrize("command", ["check", "clamp"])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(files, case, command):
+    import re
+
+    tmp, _, _ = files
+    (ckpt, bounds), message = bad_inputs(tmp)[case]
+    target = tmp / "out.pt"
+    extra = ["-o", target] if command == "clamp" else []
+    out = run(command, ckpt, "--bounds", bounds, *extra)
+    assert out.returncode == 2
+    line = no_traceback(out)
+    assert line.startswith("parambounds: error: ")
+    assert re.search(message, line), line
+    assert not target.exists()
+
+
+@pytest.mark.parametrize("command", ["check", "clamp", "demo"])
+def test_every_command_has_help_with_an_example(command):
+    out = run(command, "--help")
+    assert out.returncode == 0
+    assert "example:" in out.stdout and f"parambounds {command}" in out.stdout
+
+
+def test_demo_runs_and_writes_its_plot(tmp_path):
+    out = run("demo", "--out", tmp_path / "demo", "--steps", "3", "--no-progress")
+    assert out.returncode == 0, out.stderr
+    assert "| no bounds |" in out.stdout and "| projection |" in out.stdout
+    png = tmp_path / "demo" / "time_constants.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_demo_rejects_zero_steps(tmp_path):
+    out = run("demo", "--out", tmp_path, "--steps", "0")
+    assert out.returncode == 2
+    assert "--steps must be at least 1, got 0" in no_traceback(out)
