@@ -1,10 +1,11 @@
 # Each target sets everything up itself from a fresh clone: a virtual environment in
-# .venv, torch==2.13.0 first (the CPU build), then this project with its extras.
+# .venv, torch==2.13.0 first (the CPU build), then this project with its extras
+# (test pulls in demo and safetensors).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test lint bench example
+.PHONY: setup demo test lint bench example
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -23,8 +24,11 @@ test: lint
 	$(PY) -m pytest
 	$(PY) benchmarks/bench_bounds.py --quick
 
+demo: $(STAMP)
+	$(VENV)/bin/parambounds demo --out demo-out
+
 bench: $(STAMP)
 	$(PY) benchmarks/bench_bounds.py
 
 example: $(STAMP)
-	$(PY) examples/rockpool_bounds.py
+	$(PY) examples/compare_three_uses.py
