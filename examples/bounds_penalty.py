@@ -4,9 +4,9 @@ Run: ``python examples/bounds_penalty.py``
 """
 
 import torch
-from parambounds.demo import SPEC, make_data, make_net, parameters, task_loss
 
 from parambounds import Bounds
+from parambounds.demo import SPEC, make_data, make_net, parameters, task_loss
 
 bounds = Bounds(SPEC)  # declared once, by name
 x, y = make_data()

@@ -5,10 +5,10 @@ Run: ``python examples/bounds_reparametrize.py``
 """
 
 import torch
-from parambounds.demo import SPEC, make_data, make_net, parameters, task_loss
 from torch.nn.utils import parametrize
 
 from parambounds import Bounds
+from parambounds.demo import SPEC, make_data, make_net, parameters, task_loss
 
 bounds = Bounds(SPEC)
 x, y = make_data()
