@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-# "auto" is parambounds' default (the compiled kernel for tensors of at least 1M elements,
+# "auto" is parambounds' default (the compiled kernel for tensors of at least 256K elements,
 # eager below); "eager" never compiles.
 IMPLS = ("rockpool", "auto", "eager")
 NAMES = {"rockpool": "Rockpool 3.1.0", "auto": "ours", "eager": "ours, eager only"}

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from ._plan import Bound, Plan
+from .distributed import cost_layout, partial_cost
 from .errors import BoundsError
 from .penalties import Penalty
 
@@ -59,7 +60,7 @@ _KERNELS = ("auto", "eager", "compiled")
 _kernel = os.environ.get("PARAMBOUNDS_KERNEL", "auto")
 #: With ``"auto"``, tensors (or concatenated groups) of at least this many elements use
 #: the compiled kernel, when ``torch.compile`` works here.
-AUTO_COMPILE_MIN = 1 << 20
+AUTO_COMPILE_MIN = 1 << 18
 _compile_failed = False
 
 
@@ -281,21 +282,45 @@ def apply(plan: Plan, leaves: list[Any], penalty: Penalty) -> list[Tensor]:
     """Return the partial costs of every bounded leaf (one tensor per group or leaf)."""
     runners = plan.runners.get((id(penalty), _kernel))
     if runners is None:
-        runners = []
-        for g in plan.groups:
-            small = [i for i in g.indices if plan.numels[i] < SMALL]
-            big = [i for i in g.indices if plan.numels[i] >= SMALL]
-            if small:
-                runners.append((small, _group_runner(g.lower, g.upper, penalty, True)))
-            if big:
-                runners.append((big, _group_runner(g.lower, g.upper, penalty, False)))
-        for lb in plan.tensor_leaves:
-            runners.append(([lb.index], _tensor_runner(lb.lower, lb.upper, penalty)))
+        runners = _make_runners(plan, leaves, penalty)
         plan.runners[(id(penalty), _kernel)] = runners
     parts = []
-    for indices, run in runners:
+    sharded_sums: dict[Any, Tensor] = {}
+    for indices, run, layout in runners:
         xs = [leaves[i] for i in indices]
+        if layout is not None:  # a DTensor: the cost of the local shard, summed per layout
+            local = _GroupCost.apply(run, xs[0].to_local())
+            sharded_sums[layout] = (
+                local if layout not in sharded_sums else sharded_sums[layout] + local
+            )
+            continue
         if not xs[0].is_floating_point():
             xs = [x.to(torch.get_default_dtype()) for x in xs]
         parts.append(_GroupCost.apply(run, *xs))
+    # One DTensor per layout; ``distributed.combine`` reduces them across ranks.
+    parts += [partial_cost(total, layout) for layout, total in sharded_sums.items()]
     return parts
+
+
+def _make_runners(plan: Plan, leaves: list[Any], penalty: Penalty) -> list[Any]:
+    runners: list[Any] = []
+    for g in plan.groups:
+        plain = [i for i in g.indices if i not in plan.dtensors]
+        small = [i for i in plain if plan.numels[i] < SMALL]
+        big = [i for i in plain if plan.numels[i] >= SMALL]
+        if small:
+            runners.append((small, _group_runner(g.lower, g.upper, penalty, True), None))
+        if big:
+            runners.append((big, _group_runner(g.lower, g.upper, penalty, False), None))
+    for i, lo, hi in plan.bounded_items():
+        if i in plan.dtensors:
+            lo, hi = plan.local_bounds(i, lo, hi, leaves[i])
+            scalar = not isinstance(lo, Tensor) and not isinstance(hi, Tensor)
+            run = (
+                _group_runner(lo, hi, penalty, False) if scalar else _tensor_runner(lo, hi, penalty)
+            )
+            runners.append(([i], run, cost_layout(leaves[i])))
+    for lb in plan.tensor_leaves:
+        if lb.index not in plan.dtensors:
+            runners.append(([lb.index], _tensor_runner(lb.lower, lb.upper, penalty), None))
+    return runners

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .distributed import is_dtensor, local_bound
 from .errors import BoundsError
 from .trees import align, named_leaves
 
@@ -59,8 +60,25 @@ class Plan:
     keepalive: tuple[Any, ...]
     bounded: tuple[int, ...]
     numels: dict[int, int] = field(default_factory=dict)
+    dtensors: frozenset[int] = frozenset()
     layouts: dict[tuple[Any, ...], Plan] = field(default_factory=dict)
     runners: dict[Any, Any] = field(default_factory=dict)
+    _local: dict[int, tuple[Any, Any]] = field(default_factory=dict)
+
+    def bounded_items(self) -> list[tuple[int, Bound, Bound]]:
+        """``(leaf index, lower, upper)`` of every bounded leaf, in leaf order."""
+        items = [(i, g.lower, g.upper) for g in self.groups for i in g.indices]
+        items += [(lb.index, lb.lower, lb.upper) for lb in self.tensor_leaves]
+        return sorted(items, key=lambda t: t[0])
+
+    def local_bounds(self, i: int, lower: Bound, upper: Bound, x: Tensor) -> tuple[Any, Any]:
+        """The bounds of leaf ``i`` for its local shard (itself for plain tensors); cached."""
+        if i not in self.dtensors:
+            return lower, upper
+        got = self._local.get(i)
+        if got is None:
+            got = self._local[i] = (local_bound(lower, x), local_bound(upper, x))
+        return got
 
 
 def _bound_key(b: Any) -> Any:
@@ -112,17 +130,25 @@ def _normalise(b: Any, side: str, path: str, param: Tensor, traced: bool = False
     if b.is_complex() or b.dtype == torch.bool:
         raise BoundsError(f"{where} must be a real tensor, got dtype {b.dtype}")
     dtype = param.dtype if param.is_floating_point() else torch.get_default_dtype()
+    if is_dtensor(b):  # laid out like its parameter already: check this rank's part
+        _check_values(b.to_local(), side, where)
+        return b.detach().to(dtype=dtype)
     t = b.detach().to(device=param.device, dtype=dtype)
     if traced:
         return t
+    _check_values(t, side, where)
+    if bool(torch.isinf(t).all()):
+        return None
+    return t
+
+
+def _check_values(t: Tensor, side: str, where: str) -> None:
+    """Reject NaN, and infinities on the wrong side, in a tensor bound."""
     if bool(torch.isnan(t).any()):
         raise BoundsError(f"{where} contains NaN")
     bad = math.inf if side == "lower" else -math.inf
     if bool((t == bad).any()):
         raise BoundsError(f"{where} contains {bad}, which no value can satisfy")
-    if bool(torch.isinf(t).all()):
-        return None
-    return t
 
 
 def _check_order(lo: Bound, hi: Bound, path: str, traced: bool = False) -> None:
@@ -136,6 +162,9 @@ def _check_order(lo: Bound, hi: Bound, path: str, traced: bool = False) -> None:
                 f"lower bound for '{path or '<root>'}' exceeds its upper bound ({lo} > {hi})"
             )
         return
+    if is_dtensor(lo) or is_dtensor(hi):  # compare this rank's parts
+        lo = lo.to_local() if is_dtensor(lo) else lo
+        hi = hi.to_local() if is_dtensor(hi) else hi
     bad = torch.as_tensor(lo) > torch.as_tensor(hi)
     if bool(bad.any()):
         idx = tuple(int(i) for i in bad.nonzero()[0])
@@ -162,7 +191,11 @@ def _resolve(path: str, p: Any, lo: Any, hi: Any, traced: bool = False) -> tuple
 
 
 def _layout(p: Any) -> tuple[Any, ...]:
-    return (p.shape, p.dtype, p.device) if isinstance(p, Tensor) else (type(p),)
+    if not isinstance(p, Tensor):
+        return (type(p),)
+    if is_dtensor(p):
+        return (p.shape, p.dtype, p.device, tuple(p.placements), p.device_mesh)
+    return (p.shape, p.dtype, p.device)
 
 
 def _build(
@@ -182,7 +215,8 @@ def _build(
             key = (lo_n, hi_n, p.dtype, p.device)
             groups.setdefault(key, Group(lo_n, hi_n)).indices.append(i)  # type: ignore[arg-type]
     numels = {i: named[i][1].numel() for i in bounded}
-    return Plan(list(groups.values()), tensor_leaves, keepalive, tuple(bounded), numels)
+    dtensors = frozenset(i for i in bounded if is_dtensor(named[i][1]))
+    return Plan(list(groups.values()), tensor_leaves, keepalive, tuple(bounded), numels, dtensors)
 
 
 _PLANS: OrderedDict[Any, Plan] = OrderedDict()

@@ -22,6 +22,7 @@ from torch.nn.utils import parametrize
 
 from ._kernels import clamp_args
 from ._plan import Plan
+from .distributed import is_dtensor, to_local
 from .errors import BoundsError
 
 __all__ = ["BoundedParametrization", "project_plan_", "reparametrize_plan_"]
@@ -35,7 +36,8 @@ def project_plan_(plan: Plan, leaves: list[Tensor]) -> None:
     bounded by construction and cannot be written.
     """
     for g in plan.groups:
-        xs = [leaves[i] for i in g.indices if leaves[i].is_leaf]
+        # DTensors (FSDP2, tensor parallel): clamp the local shard in place.
+        xs = [to_local(leaves[i]) for i in g.indices if leaves[i].is_leaf]
         if not xs:
             continue
         if g.lower is not None:
@@ -43,9 +45,11 @@ def project_plan_(plan: Plan, leaves: list[Tensor]) -> None:
         if g.upper is not None:
             torch._foreach_clamp_max_(xs, g.upper)
     for lb in plan.tensor_leaves:
-        if leaves[lb.index].is_leaf:
-            lo, hi = clamp_args(lb.lower, lb.upper)
-            leaves[lb.index].clamp_(lo, hi)
+        x = leaves[lb.index]
+        if x.is_leaf:
+            lo, hi = plan.local_bounds(lb.index, lb.lower, lb.upper, x)
+            lo, hi = clamp_args(lo, hi)
+            to_local(x).clamp_(lo, hi)
 
 
 def _as_buffer(b: Any, like: Tensor) -> Tensor | None:
@@ -129,6 +133,12 @@ def reparametrize_plan_(model: torch.nn.Module, plan: Plan, names: list[str]) ->
             raise BoundsError(f"parameter '{name}' is already parametrized")
         if name not in params:
             raise BoundsError(f"'{name}' is not a parameter that can be reparametrized")
+        if is_dtensor(params[name]):
+            raise BoundsError(
+                f"cannot reparametrize '{name}': it is a DTensor (FSDP2 or tensor parallel), "
+                "and torch.nn.utils.parametrize does not support sharded parameters; call "
+                "reparametrize_ before fully_shard, or use attach/project_"
+            )
         try:
             parametrize.register_parametrization(
                 owner, attr, BoundedParametrization(lo, hi, params[name])

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from . import _kernels
 from ._plan import get_plan, traced_bounds
+from .distributed import combine
 from .penalties import Penalty, get_penalty
 from .trees import as_tree, flatten
 
@@ -64,7 +65,7 @@ def tree_cost(
         parts = [_kernels.leaf_cost(p, lo, hi, penalty) for p, lo, hi in bounded]
     else:
         plan = get_plan(tree, treedef, leaves, lower, upper, root_name=root_name)
-        parts = _kernels.apply(plan, leaves, penalty)
+        parts = combine(_kernels.apply(plan, leaves, penalty))
     dtype = _result_dtype(leaves)
     device = leaves[0].device if leaves and isinstance(leaves[0], Tensor) else None
     if parts:

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from ._kernels import clamp_args
 from ._plan import Plan
+from .distributed import reduce_stats, to_local
 
 __all__ = ["ParamReport", "Report", "compute_report"]
 
@@ -145,15 +146,18 @@ def _stats(x: Tensor, lower: Any, upper: Any) -> Tensor:
 @torch.no_grad()
 def compute_report(plan: Plan, leaves: list[Tensor], names: list[str]) -> Report:
     """Compute the :class:`Report` of the bounded leaves of ``plan``."""
-    items = [(i, g.lower, g.upper) for g in plan.groups for i in g.indices]
-    items += [(lb.index, lb.lower, lb.upper) for lb in plan.tensor_leaves]
-    items.sort(key=lambda t: t[0])
+    items = plan.bounded_items()
     by_device: dict[torch.device, list[tuple[int, Tensor]]] = {}
     for pos, (i, lo, hi) in enumerate(items):
-        by_device.setdefault(leaves[i].device, []).append((pos, _stats(leaves[i], lo, hi)))
+        lo, hi = plan.local_bounds(i, lo, hi, leaves[i])
+        stats = _stats(to_local(leaves[i]), lo, hi)
+        by_device.setdefault(stats.device, []).append((pos, stats))
     values: list[list[float]] = [[] for _ in items]
     for rows in by_device.values():
-        host = torch.stack([s for _, s in rows]).tolist()  # the one transfer per device
+        stacked = torch.stack([s for _, s in rows])
+        # DTensor shards: one collective for the whole report, the same result everywhere.
+        stacked = reduce_stats(stacked, [leaves[items[pos][0]] for pos, _ in rows])
+        host = stacked.tolist()  # the one transfer per device
         for (pos, _), v in zip(rows, host):
             values[pos] = v
     entries = tuple(

@@ -1,0 +1,210 @@
+"""Run by tests/test_distributed.py under ``torch.distributed.run`` (2 CPU processes, gloo).
+
+Each scenario asserts on every rank against a single-process reference computed on the
+same full tensors; a failure raises, so the launcher exits non-zero.
+"""
+
+import datetime
+import gc
+import sys
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+
+from parambounds import Bounds, BoundsViolationError, bounds_cost, summed_exp_boundary_loss
+
+
+def local_of(full, like):
+    """This rank's slice of a full tensor, laid out like the DTensor ``like``."""
+    return distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None).to_local()
+
+
+def all_equal(obj):
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return all(g == gathered[0] for g in gathered)
+
+
+def full_params():
+    g = torch.Generator().manual_seed(0)
+    return {
+        "a": torch.randn(5, 3, generator=g, dtype=torch.float64) * 3,  # 5 rows: uneven over 2
+        "b": torch.randn(7, generator=g, dtype=torch.float64) * 3,
+        "c": torch.randn(4, 2, generator=g, dtype=torch.float64) * 3,  # replicated
+        "d": torch.randn(3, generator=g, dtype=torch.float64),  # unbounded
+    }
+
+
+def bounds_trees(mesh):
+    per_row = torch.linspace(-1.0, 0.0, 5, dtype=torch.float64)[:, None]
+    upper_b = torch.linspace(0.5, 2.0, 7, dtype=torch.float64)
+    return (
+        {"a": per_row, "b": -1.0, "c": 0.0, "d": None},
+        {"a": 1.0, "b": distribute_tensor(upper_b, mesh, [Shard(0)]), "c": None, "d": None},
+        {"a": per_row, "b": -1.0, "c": 0.0, "d": None},
+        {"a": 1.0, "b": upper_b, "c": None, "d": None},
+    )
+
+
+def scenario_dtensor(mesh):
+    full = full_params()
+    placements = {"a": [Shard(0)], "b": [Shard(0)], "c": [Replicate()], "d": [Shard(0)]}
+    shards = {
+        k: distribute_tensor(v, mesh, placements[k]).requires_grad_() for k, v in full.items()
+    }
+    ref = {k: v.clone().requires_grad_() for k, v in full.items()}
+    lower, upper, ref_lower, ref_upper = bounds_trees(mesh)
+    for penalty in ("exp", "quadratic"):
+        cost = bounds_cost(shards, lower, upper, penalty=penalty)
+        expected = bounds_cost(ref, ref_lower, ref_upper, penalty=penalty)
+        assert not isinstance(cost, DTensor)
+        torch.testing.assert_close(cost, expected)
+        grads = torch.autograd.grad(cost, [shards[k] for k in "abc"])
+        ref_grads = torch.autograd.grad(expected, [ref[k] for k in "abc"])
+        for k, g, rg in zip("abc", grads, ref_grads):
+            torch.testing.assert_close(g.to_local(), local_of(rg, shards[k]), msg=k)
+    # Rockpool's single-tensor loss on a sharded tensor
+    torch.testing.assert_close(
+        summed_exp_boundary_loss(shards["b"].detach(), -1.0, 1.0),
+        summed_exp_boundary_loss(full["b"], -1.0, 1.0),
+    )
+    # report: uneven shards and replicas each counted once, with one collective
+    spec = {"a": (-0.5, 0.5), "b": (-1.0, 1.0), "c": (0.0, None)}
+    calls = []
+    original = dist.all_gather
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    dist.all_gather = counting
+    try:
+        report = Bounds(spec).report(shards).to_dict()
+    finally:
+        dist.all_gather = original
+    assert len(calls) == 1, calls
+    assert report == Bounds(spec).report(full).to_dict(), report
+    assert report["c"]["numel"] == 8 and report["a"]["numel"] == 15
+    assert all_equal(report)
+    # projection of Shard and Replicate DTensors with per-element bounds
+    lo_a = torch.linspace(-1.0, 0.0, 5, dtype=torch.float64)[:, None]
+    proj = Bounds({"a": (lo_a, 1.0), "c": (0.0, None)})
+    detached = {k: v.detach().clone() for k, v in shards.items()}
+    proj.project_(detached)
+    ref_proj = {k: v.clone() for k, v in full.items()}
+    proj.project_(ref_proj)
+    for k in full:
+        torch.testing.assert_close(detached[k].full_tensor(), ref_proj[k], msg=k)
+    print(f"rank {dist.get_rank()}: dtensor cost and gradients ok", flush=True)
+
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp = torch.nn.Linear(4, 5)  # 5 rows: uneven shards
+        self.tau = torch.nn.Parameter(torch.linspace(-0.01, 0.08, 7))
+        self.out = torch.nn.Linear(5, 2)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.inp(x) * self.tau[:5].abs().sum()))
+
+
+SPEC = {
+    "tau": (0.005, 0.04),
+    "inp.weight": (-0.2, 0.2),
+    "out.bias": (None, torch.tensor([0.0, 0.1])),
+}
+
+
+def scenario_fsdp(mesh):
+    from torch.distributed.fsdp import fully_shard
+
+    ref = Net().double()
+    model = Net().double()
+    fully_shard(model.inp, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    assert all(isinstance(p, DTensor) for p in model.parameters())
+    bounds = Bounds(SPEC)
+    # cost and gradients equal to the unsharded model
+    cost = bounds.cost(model)
+    expected = bounds.cost(ref)
+    torch.testing.assert_close(cost, expected)
+    cost.backward()
+    expected.backward()
+    for (name, p), (_, rp) in zip(model.named_parameters(), ref.named_parameters()):
+        if rp.grad is not None:
+            torch.testing.assert_close(p.grad.to_local(), local_of(rp.grad, p), msg=name)
+    # the report counts every element once and is the same everywhere
+    report = bounds.report(model).to_dict()
+    assert report == bounds.report(ref).to_dict(), (report, bounds.report(ref).to_dict())
+    assert all_equal(report)
+    try:
+        bounds.check(model)
+        raise AssertionError("check should raise")
+    except BoundsViolationError as err:
+        assert all_equal(str(err))
+    # projection clamps every shard, uneven ones included
+    bounds.project_(model)
+    bounds.project_(ref)
+    for (name, p), (_, rp) in zip(model.named_parameters(), ref.named_parameters()):
+        torch.testing.assert_close(p.full_tensor(), rp.detach(), msg=name)
+    # a short training run with attach ends inside on every rank
+    opt = torch.optim.Adam(model.parameters(), lr=0.5)
+    bounds.attach(opt, model)
+    g = torch.Generator().manual_seed(dist.get_rank())
+    for _ in range(5):
+        x = torch.randn(8, 4, generator=g, dtype=torch.float64)
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+        report = bounds.report(model)
+        assert report.ok, str(report)
+        assert all_equal(report.to_dict())
+    bounds.check(model)
+    # parametrize does not support sharded parameters: a clear error
+    try:
+        bounds.reparametrize_(model)
+        raise AssertionError("reparametrize_ should raise under FSDP2")
+    except Exception as err:
+        assert "DTensor (FSDP2 or tensor parallel)" in str(err), err
+    print(f"rank {dist.get_rank()}: fsdp2 ok", flush=True)
+
+
+def scenario_ddp(_mesh):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    ref = Net()
+    model = DDP(Net())
+    bounds = Bounds({"*tau": (0.005, 0.04), "*inp.weight": (-0.2, 0.2)})
+    torch.testing.assert_close(bounds.cost(model), bounds.cost(ref))
+    opt = torch.optim.Adam(model.parameters(), lr=0.5)
+    bounds.attach(opt, model)
+    g = torch.Generator().manual_seed(dist.get_rank())  # different data on each rank
+    for _ in range(5):
+        x = torch.randn(8, 4, generator=g)
+        opt.zero_grad()
+        (model(x).square().mean() + bounds.cost(model)).backward()
+        opt.step()
+        assert bounds.report(model).ok
+        assert all_equal([p.detach().tolist() for p in model.parameters()])
+    print(f"rank {dist.get_rank()}: ddp ok", flush=True)
+
+
+def main():
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
+    try:
+        mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+        for name in sys.argv[1:]:
+            globals()[f"scenario_{name}"](mesh)
+            sys.stdout.flush()
+        gc.collect()  # free DDP/FSDP state before the process group goes away
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
