@@ -170,6 +170,18 @@ def scenario_fsdp(mesh):
         raise AssertionError("reparametrize_ should raise under FSDP2")
     except Exception as err:
         assert "DTensor (FSDP2 or tensor parallel)" in str(err), err
+    # ... but reparametrizing before fully_shard works, and holds the bounds
+    model = Net().double()
+    spec = {"tau": (0.005, 0.04), "inp.weight": (-0.2, 0.2)}
+    Bounds(spec).reparametrize_(model)
+    fully_shard(model.inp, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    opt = torch.optim.Adam(model.parameters(), lr=0.5)
+    for _ in range(3):
+        opt.zero_grad()
+        model(torch.randn(8, 4, generator=g, dtype=torch.float64)).square().mean().backward()
+        opt.step()
+        assert Bounds(spec).report(model).ok
     print(f"rank {dist.get_rank()}: fsdp2 ok", flush=True)
 
 
