@@ -107,7 +107,7 @@ def leaf_cost(x: Tensor, lower: Any, upper: Any, penalty: Penalty) -> Tensor:
 
 
 def value_and_grad(
-    x: Tensor, lower: Bound, upper: Bound, penalty: Penalty, out: Tensor | None = None
+    x: Tensor, lower: Any, upper: Any, penalty: Penalty, out: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
     r"""Return the cost of ``x`` and its gradient, in one pass and without autograd.
 

@@ -13,7 +13,7 @@ import math
 import numbers
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -65,13 +65,15 @@ class Plan:
     runners: dict[Any, Any] = field(default_factory=dict)
     _local: dict[int, tuple[Any, Any]] = field(default_factory=dict)
 
-    def bounded_items(self) -> list[tuple[int, Bound, Bound]]:
+    def bounded_items(self) -> list[tuple[int, Any, Any]]:
         """``(leaf index, lower, upper)`` of every bounded leaf, in leaf order."""
-        items = [(i, g.lower, g.upper) for g in self.groups for i in g.indices]
+        items: list[tuple[int, Any, Any]] = [
+            (i, g.lower, g.upper) for g in self.groups for i in g.indices
+        ]
         items += [(lb.index, lb.lower, lb.upper) for lb in self.tensor_leaves]
         return sorted(items, key=lambda t: t[0])
 
-    def local_bounds(self, i: int, lower: Bound, upper: Bound, x: Tensor) -> tuple[Any, Any]:
+    def local_bounds(self, i: int, lower: Any, upper: Any, x: Any) -> tuple[Any, Any]:
         """The bounds of leaf ``i`` for its local shard (itself for plain tensors); cached."""
         if i not in self.dtensors:
             return lower, upper
@@ -97,7 +99,7 @@ def _fmt_shape(shape: torch.Size) -> str:
     return str(tuple(shape))
 
 
-def _normalise(b: Any, side: str, path: str, param: Tensor, traced: bool = False) -> Any:
+def _normalise(b: Any, side: str, path: str, param: Any, traced: bool = False) -> Any:
     """Check one bound leaf against its parameter and return its normalised form.
 
     With ``traced`` (inside ``torch.compile``) tensor bounds are checked by shape only:
@@ -131,7 +133,7 @@ def _normalise(b: Any, side: str, path: str, param: Tensor, traced: bool = False
         raise BoundsError(f"{where} must be a real tensor, got dtype {b.dtype}")
     dtype = param.dtype if param.is_floating_point() else torch.get_default_dtype()
     if is_dtensor(b):  # laid out like its parameter already: check this rank's part
-        _check_values(b.to_local(), side, where)
+        _check_values(cast(Any, b).to_local(), side, where)
         return b.detach().to(dtype=dtype)
     t = b.detach().to(device=param.device, dtype=dtype)
     if traced:
@@ -151,7 +153,7 @@ def _check_values(t: Tensor, side: str, where: str) -> None:
         raise BoundsError(f"{where} contains {bad}, which no value can satisfy")
 
 
-def _check_order(lo: Bound, hi: Bound, path: str, traced: bool = False) -> None:
+def _check_order(lo: Any, hi: Any, path: str, traced: bool = False) -> None:
     if lo is None or hi is None:
         return
     if traced and (isinstance(lo, Tensor) or isinstance(hi, Tensor)):
@@ -194,7 +196,8 @@ def _layout(p: Any) -> tuple[Any, ...]:
     if not isinstance(p, Tensor):
         return (type(p),)
     if is_dtensor(p):
-        return (p.shape, p.dtype, p.device, tuple(p.placements), p.device_mesh)
+        d = cast(Any, p)
+        return (d.shape, d.dtype, d.device, tuple(d.placements), d.device_mesh)
     return (p.shape, p.dtype, p.device)
 
 

@@ -11,6 +11,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from .checkpoints import CheckpointError, load_checkpoint, save_checkpoint
 from .errors import BoundsError
@@ -113,36 +114,28 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="run 'parambounds COMMAND --help' for a command's options and an example",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    raw = argparse.RawDescriptionHelpFormatter
 
-    check = sub.add_parser(
-        "check",
-        help="report bounded tensors outside their bounds",
-        epilog=_CHECK_EXAMPLE,
-        formatter_class=raw,
+    def command(name: str, help: str, epilog: str, func: Any) -> argparse.ArgumentParser:  # noqa: A002
+        p = sub.add_parser(
+            name, help=help, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter
+        )
+        p.set_defaults(func=func)
+        if name != "demo":
+            p.add_argument("checkpoint", help="a .pt/.pth, .safetensors or Rockpool .json file")
+            p.add_argument("--bounds", required=True, metavar="FILE", help=_BOUNDS_HELP)
+        return p
+
+    check = command(
+        "check", "report bounded tensors outside their bounds", _CHECK_EXAMPLE, cmd_check
     )
-    check.add_argument("checkpoint", help="a .pt/.pth, .safetensors or Rockpool .json file")
-    check.add_argument("--bounds", required=True, metavar="FILE", help=_BOUNDS_HELP)
     check.add_argument("--json", action="store_true", help="print the report as JSON instead")
-    check.set_defaults(func=cmd_check)
 
-    clamp = sub.add_parser(
-        "clamp",
-        help="write a copy clamped into the bounds",
-        epilog=_CLAMP_EXAMPLE,
-        formatter_class=raw,
-    )
-    clamp.add_argument("checkpoint", help="a .pt/.pth, .safetensors or Rockpool .json file")
-    clamp.add_argument("--bounds", required=True, metavar="FILE", help=_BOUNDS_HELP)
+    clamp = command("clamp", "write a copy clamped into the bounds", _CLAMP_EXAMPLE, cmd_clamp)
     clamp.add_argument("-o", "--output", metavar="OUT", help="where to write the clamped copy")
     clamp.add_argument("--in-place", action="store_true", help="allow overwriting the input")
-    clamp.set_defaults(func=cmd_clamp)
 
-    demo = sub.add_parser(
-        "demo",
-        help="show what bounds do on a small spiking network",
-        epilog=_DEMO_EXAMPLE,
-        formatter_class=raw,
+    demo = command(
+        "demo", "show what bounds do on a small spiking network", _DEMO_EXAMPLE, cmd_demo
     )
     demo.add_argument(
         "--out",
@@ -158,7 +151,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="training steps per run (default: %(default)s)",
     )
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
-    demo.set_defaults(func=cmd_demo)
     return parser
 
 

@@ -66,6 +66,9 @@ class BoundedParametrization(torch.nn.Module):
     one-sided bounds).
     """
 
+    lower: Tensor | None
+    upper: Tensor | None
+
     def __init__(self, lower: Any, upper: Any, like: Tensor) -> None:
         super().__init__()
         if lower is None and upper is None:
@@ -75,7 +78,8 @@ class BoundedParametrization(torch.nn.Module):
 
     def forward(self, z: Tensor) -> Tensor:
         """Map ``z`` into the bounds."""
-        lo, hi = self.lower, self.upper
+        lo: Any = self.lower
+        hi: Any = self.upper
         if lo is not None and hi is not None:
             return lo + (hi - lo) * torch.sigmoid(z)
         if lo is not None:
@@ -89,7 +93,8 @@ class BoundedParametrization(torch.nn.Module):
 
     def right_inverse(self, x: Tensor) -> Tensor:
         """The unconstrained tensor whose image is ``x`` (moved just inside)."""
-        lo, hi = self.lower, self.upper
+        lo: Any = self.lower
+        hi: Any = self.upper
         x = x.detach()
         if lo is not None and hi is not None:
             width = hi - lo
@@ -123,10 +128,8 @@ def _owner(model: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str]:
 
 def reparametrize_plan_(model: torch.nn.Module, plan: Plan, names: list[str]) -> torch.nn.Module:
     """Register a :class:`BoundedParametrization` on every bounded parameter of ``plan``."""
-    items = [(i, g.lower, g.upper) for g in plan.groups for i in g.indices]
-    items += [(lb.index, lb.lower, lb.upper) for lb in plan.tensor_leaves]
     params = dict(model.named_parameters())
-    for i, lo, hi in sorted(items, key=lambda t: t[0]):
+    for i, lo, hi in plan.bounded_items():
         name = names[i]
         owner, attr = _owner(model, name)
         if parametrize.is_parametrized(owner, attr):

@@ -162,7 +162,7 @@ def train(
 def _tau_mem(net: torch.nn.Module) -> torch.Tensor:
     for name, _ in net.named_parameters():
         if name.endswith("tau_mem") or name.endswith("tau_mem.original"):
-            owner = net.get_submodule(name.split(".")[0])
+            owner: Any = net.get_submodule(name.split(".")[0])
             return owner.tau_mem.detach().clone()
     raise RuntimeError("the demo network has no tau_mem")
 

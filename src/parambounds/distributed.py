@@ -50,12 +50,12 @@ def is_dtensor(x: Any) -> bool:
     return _DTENSOR is not None and isinstance(x, _DTENSOR)
 
 
-def to_local(x: Tensor) -> Tensor:
+def to_local(x: Any) -> Tensor:
     """The local shard of a DTensor (differentiable), or ``x`` itself."""
     return x.to_local() if is_dtensor(x) else x
 
 
-def local_bound(b: Any, x: Tensor) -> Any:
+def local_bound(b: Any, x: Any) -> Any:
     """Restrict bound ``b`` to the local shard of the DTensor ``x``.
 
     ``b`` is a number, ``None``, a tensor that broadcasts to ``x``'s global shape, or a
@@ -66,14 +66,15 @@ def local_bound(b: Any, x: Tensor) -> Any:
     from torch.distributed.tensor import distribute_tensor
 
     if is_dtensor(b):
-        if b.device_mesh != x.device_mesh or tuple(b.placements) != tuple(x.placements):
-            b = b.redistribute(x.device_mesh, x.placements)
-        return b.to_local()
+        d: Any = b
+        if d.device_mesh != x.device_mesh or tuple(d.placements) != tuple(x.placements):
+            d = d.redistribute(x.device_mesh, x.placements)
+        return d.to_local()
     full = b.expand(x.shape).contiguous()
     return distribute_tensor(full, x.device_mesh, x.placements, src_data_rank=None).to_local()
 
 
-def cost_layout(x: Tensor) -> tuple[Any, tuple[Any, ...]]:
+def cost_layout(x: Any) -> tuple[Any, tuple[Any, ...]]:
     """The mesh and placements of the cost of a DTensor ``x``.
 
     ``Partial`` (summed across ranks) on the mesh dimensions ``x`` is sharded on,
@@ -85,15 +86,15 @@ def cost_layout(x: Tensor) -> tuple[Any, tuple[Any, ...]]:
     return x.device_mesh, placements
 
 
-def partial_cost(local_cost: Tensor, layout: tuple[Any, tuple[Any, ...]]) -> Tensor:
+def partial_cost(local_cost: Tensor, layout: tuple[Any, tuple[Any, ...]]) -> Any:
     """Wrap the summed local costs of one layout as a DTensor that sums to the global cost."""
     mesh, placements = layout
     return _DTENSOR.from_local(local_cost, mesh, list(placements), run_check=False)
 
 
-def combine(parts: list[Tensor]) -> list[Tensor]:
+def combine(parts: list[Any]) -> list[Tensor]:
     """Turn DTensor partial costs into plain tensors: one reduction per mesh."""
-    by_mesh: dict[Any, Tensor] = {}
+    by_mesh: dict[Any, Any] = {}
     plain = []
     for part in parts:
         if is_dtensor(part):
@@ -104,7 +105,7 @@ def combine(parts: list[Tensor]) -> list[Tensor]:
     return plain + [total.full_tensor() for total in by_mesh.values()]
 
 
-def _counts_here(x: Tensor) -> bool:
+def _counts_here(x: Any) -> bool:
     """Whether this rank's shard of ``x`` is the one to count (first replica of it)."""
     from torch.distributed.tensor import Replicate
 
@@ -114,7 +115,7 @@ def _counts_here(x: Tensor) -> bool:
     return all(c == 0 for c, p in zip(coord, x.placements) if isinstance(p, Replicate))
 
 
-def reduce_stats(stats: Tensor, leaves: list[Tensor]) -> Tensor:
+def reduce_stats(stats: Tensor, leaves: list[Any]) -> Tensor:
     """Combine per-shard ``[below, above, max_excess, nan]`` rows across ranks.
 
     One ``all_gather`` for the whole report; rows of plain tensors are left as they are.

@@ -38,7 +38,7 @@ def flatten(tree: Tree) -> tuple[TreeDef, list[Any]]:
     append = leaves.append
 
     def children(nodes: Any) -> tuple[TreeDef, ...]:
-        defs = []
+        defs: list[TreeDef] = []
         for c in nodes:
             if isinstance(c, _PLAIN_LEAVES):  # the common case, without a call
                 append(c)
@@ -153,7 +153,7 @@ def _map(tree: Tree, fn: Callable[[Any], Any]) -> Tree:
     if isinstance(tree, Mapping):
         items = [(k, _map(v, fn)) for k, v in tree.items()]
         try:
-            return type(tree)(items)
+            return type(tree)(items)  # type: ignore[call-arg]
         except TypeError:
             return dict(items)
     if isinstance(tree, tuple) and hasattr(tree, "_fields"):
