@@ -177,7 +177,7 @@ def _as_bound_tensor(b: Bound, like: Tensor) -> Any:
     # Bounds reach the compiled kernel as 0-d tensors so that new values do not recompile.
     if b is None or isinstance(b, Tensor):
         return b
-    return torch.tensor(b, dtype=like.dtype, device=like.device)
+    return torch.full((), b, dtype=like.dtype, device=like.device)
 
 
 class _GroupCost(torch.autograd.Function):
@@ -212,12 +212,20 @@ def _group_runner(
     lower: Bound, upper: Bound, penalty: Penalty, concat: bool
 ) -> Callable[[Sequence[Tensor]], tuple[Tensor, list[Tensor], Tensor | None]]:
     mode = _kernel
+    bound_tensors: dict[Any, tuple[Any, Any]] = {}
 
     def flat_cost(x: Tensor) -> tuple[Tensor, Tensor]:
         if mode == "compiled" or (
             mode == "auto" and not _compile_failed and x.numel() >= AUTO_COMPILE_MIN
         ):
-            lo, hi = _as_bound_tensor(lower, x), _as_bound_tensor(upper, x)
+            key = (x.dtype, x.device)
+            bounds = bound_tensors.get(key)
+            if bounds is None:  # made once: a host-to-device copy per step would sync
+                bounds = bound_tensors[key] = (
+                    _as_bound_tensor(lower, x),
+                    _as_bound_tensor(upper, x),
+                )
+            lo, hi = bounds
             if mode == "compiled":
                 return _compiled_flat(x, lo, hi, penalty)
             try:
