@@ -54,3 +54,39 @@ def test_malformed_rockpool_json(tmp_path):
     path.write_text("{not json")
     with pytest.raises(CheckpointError, match=r"net\.json: malformed JSON"):
         load_checkpoint(path)
+
+
+def test_a_list_is_not_a_state_dict(tmp_path):
+    path = tmp_path / "l.pt"
+    torch.save([torch.ones(1)], path)
+    with pytest.raises(CheckpointError, match=r"l\.pt: holds a list, not a state_dict"):
+        load_checkpoint(path)
+
+
+def test_unreadable_safetensors(tmp_path):
+    path = tmp_path / "x.safetensors"
+    path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json")
+    with pytest.raises(CheckpointError, match=r"x\.safetensors: not a readable safetensors file"):
+        load_checkpoint(path)
+
+
+def test_safetensors_without_the_package(tmp_path, monkeypatch):
+    import sys
+
+    path = tmp_path / "x.safetensors"
+    path.write_bytes(b"")
+    monkeypatch.setitem(sys.modules, "safetensors", None)
+    monkeypatch.setitem(sys.modules, "safetensors.torch", None)
+    with pytest.raises(
+        CheckpointError,
+        match=r"needs the safetensors package: pip install 'parambounds\[safetensors\]'",
+    ):
+        load_checkpoint(path)
+
+
+def test_output_that_is_a_directory(tmp_path):
+    path = tmp_path / "c.pt"
+    torch.save({"w": torch.ones(1)}, path)
+    (tmp_path / "d.pt").mkdir()
+    with pytest.raises(CheckpointError, match=r"d\.pt: is a directory"):
+        save_checkpoint(load_checkpoint(path), tmp_path / "d.pt")

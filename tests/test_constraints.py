@@ -105,3 +105,14 @@ def test_reparametrize_twice_is_an_error():
 def test_parametrization_needs_a_bound():
     with pytest.raises(BoundsError, match=r"a bounded parametrization needs at least one bound"):
         BoundedParametrization(None, None, torch.zeros(1))
+
+
+def test_reparametrize_needs_a_real_parameter():
+    from parambounds.constraints import reparametrize_plan_
+    from parambounds.spec import Bounds as _Bounds
+
+    m = torch.nn.Linear(2, 2)
+    b = _Bounds({"weight": (-1.0, 1.0)})
+    plan, _, _ = b._plan(m)
+    with pytest.raises(BoundsError, match=r"'other' is not a parameter that can be reparametrized"):
+        reparametrize_plan_(m, plan, ["other", "bias"])

@@ -247,3 +247,28 @@ def test_shape_mismatch_message_of_the_style_guide():
         r"to the parameter's shape \(5, 1\)",
     ):
         bounds_cost(net.parameters(), lower, upper)
+
+
+def test_complex_parameter_is_named():
+    with pytest.raises(BoundsError, match=r"parameter 'z' is complex; bounds need real values"):
+        bounds_cost({"z": torch.zeros(2, dtype=torch.complex64)}, {"z": 0.0}, {"z": None})
+
+
+@pytest.mark.parametrize(
+    "lower,upper,message",
+    [
+        (
+            torch.tensor([0.0, math.inf]),
+            None,
+            r"lower bound for 'x' contains inf, which no value can satisfy",
+        ),
+        (
+            None,
+            torch.tensor([-math.inf, 0.0]),
+            r"upper bound for 'x' contains -inf, which no value can satisfy",
+        ),
+    ],
+)
+def test_infinite_tensor_bound_on_the_wrong_side(lower, upper, message):
+    with pytest.raises(BoundsError, match=message):
+        bounds_cost({"x": torch.zeros(2)}, {"x": lower}, {"x": upper})
