@@ -180,3 +180,22 @@ def test_rockpool_breaks_the_graph_and_ours_does_not():
     ours = torch._dynamo.explain(bounds_cost)(params, lower, upper)
     assert theirs.graph_break_count > 0
     assert ours.graph_break_count == 0
+
+
+def test_auto_falls_back_to_eager_once_when_compiling_fails(monkeypatch):
+    def broken(*_args, **_kwargs):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(K, "_compiled_flat", broken)
+    monkeypatch.setattr(K, "_compile_failed", False)
+    monkeypatch.setattr(K, "AUTO_COMPILE_MIN", 10)
+    K.set_kernel("auto")
+    x = {"x": torch.linspace(-5, 5, 101, dtype=torch.float64, requires_grad=True)}
+    with pytest.warns(
+        RuntimeWarning,
+        match=r"torch\.compile failed \(RuntimeError: no C\+\+ compiler\); using the eager kernel",
+    ):
+        cost = bounds_cost(x, {"x": -1.0}, {"x": 1.0})
+    assert K._compile_failed
+    ref = reference(x, {"x": -1.0}, {"x": 1.0}, "exp")
+    torch.testing.assert_close(cost, ref)
