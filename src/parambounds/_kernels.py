@@ -209,9 +209,17 @@ class _GroupCost(torch.autograd.Function):
 
 
 def _group_runner(
-    lower: Bound, upper: Bound, penalty: Penalty, concat: bool
+    lower: Bound, upper: Bound, penalty: Penalty, shapes: list[torch.Size] | None
 ) -> Callable[[Sequence[Tensor]], tuple[Tensor, list[Tensor], Tensor | None]]:
+    """Runner for leaves sharing scalar bounds.
+
+    With ``shapes`` (known from the plan's layout key) the leaves are concatenated and
+    their gradients are views of one buffer; without, each leaf is computed on its own.
+    """
     mode = _kernel
+    concat = shapes is not None
+    sizes = [s.numel() for s in shapes] if shapes is not None else []
+    total = sum(sizes)
     bound_tensors: dict[Any, tuple[Any, Any]] = {}
 
     def flat_cost(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -241,26 +249,18 @@ def _group_runner(
     def gather(xs: Sequence[Tensor]) -> Tensor:
         if len(xs) == 1:
             return xs[0].reshape(-1)
-        n = sum(x.numel() for x in xs)
-        buf = scratch[0] if scratch else None
-        if (
-            buf is None
-            or buf.numel() != n
-            or buf.dtype != xs[0].dtype
-            or buf.device != xs[0].device
-        ):
-            buf = torch.empty(n, dtype=xs[0].dtype, device=xs[0].device)
-            scratch[:] = [buf]
-        return torch.cat([x.reshape(-1) for x in xs], out=buf)
+        if not scratch:  # the plan fixes sizes, dtype and device: one buffer serves
+            scratch.append(torch.empty(total, dtype=xs[0].dtype, device=xs[0].device))
+        return torch.cat([x.reshape(-1) for x in xs], out=scratch[0])
 
     def run(xs: Sequence[Tensor]) -> tuple[Tensor, list[Tensor], Tensor | None]:
         with torch.no_grad():
             if concat:
                 value, gflat = flat_cost(gather(xs))
-                pieces = gflat.split([x.numel() for x in xs])
+                pieces = gflat.split(sizes)
                 return (
                     value,
-                    [g if x.dim() == 1 else g.view(x.shape) for g, x in zip(pieces, xs)],
+                    [g if len(s) == 1 else g.view(s) for g, s in zip(pieces, shapes or [])],
                     gflat,
                 )
             values, grads = [], []
@@ -317,15 +317,16 @@ def _make_runners(plan: Plan, leaves: list[Any], penalty: Penalty) -> list[Any]:
         small = [i for i in plain if plan.numels[i] < SMALL]
         big = [i for i in plain if plan.numels[i] >= SMALL]
         if small:
-            runners.append((small, _group_runner(g.lower, g.upper, penalty, True), None))
+            shapes = [leaves[i].shape for i in small]
+            runners.append((small, _group_runner(g.lower, g.upper, penalty, shapes), None))
         if big:
-            runners.append((big, _group_runner(g.lower, g.upper, penalty, False), None))
+            runners.append((big, _group_runner(g.lower, g.upper, penalty, None), None))
     for i, lo, hi in plan.bounded_items():
         if i in plan.dtensors:
             lo, hi = plan.local_bounds(i, lo, hi, leaves[i])
             scalar = not isinstance(lo, Tensor) and not isinstance(hi, Tensor)
             run = (
-                _group_runner(lo, hi, penalty, False) if scalar else _tensor_runner(lo, hi, penalty)
+                _group_runner(lo, hi, penalty, None) if scalar else _tensor_runner(lo, hi, penalty)
             )
             runners.append(([i], run, cost_layout(leaves[i])))
     for lb in plan.tensor_leaves:

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from .distributed import is_dtensor, local_bound
 from .errors import BoundsError
-from .trees import align, named_leaves
+from .trees import align, flatten, named_leaves
 
 __all__ = ["Bound", "Group", "LeafBounds", "Plan", "get_plan", "traced_bounds"]
 
@@ -242,8 +242,6 @@ def get_plan(
     Raises:
         BoundsError: when the trees or the bounds are invalid.
     """
-    from .trees import flatten
-
     ldef, lleaves = flatten(lower)
     udef, uleaves = flatten(upper)
     key = (
