@@ -48,6 +48,7 @@ __all__ = [
     "get_kernel",
     "leaf_cost",
     "set_kernel",
+    "signed_excess",
     "value_and_grad",
 ]
 
@@ -95,12 +96,30 @@ def clamp_args(lower: Any, upper: Any) -> tuple[Any, Any]:
     return lower, upper
 
 
+def signed_excess(x: Tensor, lower: Any, upper: Any) -> Tensor:
+    r"""Return :math:`d = x - \mathrm{clamp}(x, l, u)`, exact at infinities.
+
+    Positive above, negative below, zero inside and NaN where ``x`` is NaN. An infinite
+    element on an open side (``-inf`` with no lower bound, ``+inf`` under an infinite
+    per-element upper bound) is inside: its ``d`` is 0, not ``inf - inf``.
+    """
+    if isinstance(lower, Tensor) or isinstance(upper, Tensor):
+        # A tensor bound may hold infinities: where x equals its clamp, x is inside.
+        c = torch.clamp(x, lower, upper)
+        return torch.where(x == c, 0.0, x - c)
+    if lower is None:
+        return (x - upper).clamp_min(0)
+    if upper is None:
+        return (x - lower).clamp_max(0)
+    return x - torch.clamp(x, lower, upper)  # both finite: clamp is finite
+
+
 def leaf_cost(x: Tensor, lower: Any, upper: Any, penalty: Penalty) -> Tensor:
     """The cost of one tensor with plain differentiable ops (the traceable reference path)."""
     if not x.is_floating_point():
         x = x.to(torch.get_default_dtype())
     lower, upper = clamp_args(lower, upper)
-    d = x - torch.clamp(x, lower, upper)
+    d = signed_excess(x, lower, upper)
     value, _ = penalty.value_and_slope(d.abs())
     # ``d != 0`` is True for NaN, so a NaN parameter makes the cost NaN.
     return torch.where(d != 0, value, 0.0).sum()
@@ -111,7 +130,7 @@ def value_and_grad(
 ) -> tuple[Tensor, Tensor]:
     r"""Return the cost of ``x`` and its gradient, in one pass and without autograd.
 
-    With :math:`d = x - \mathrm{clamp}(x, l, u)` (positive above, negative below, zero
+    With :math:`d` from :func:`signed_excess` (positive above, negative below, zero
     inside, exact at the bounds) and :math:`e = |d|`:
 
     .. math::
@@ -122,7 +141,7 @@ def value_and_grad(
 
     A NaN in ``x`` gives a NaN cost and a NaN gradient there.
     """
-    d = x - torch.clamp(x, lower, upper)
+    d = signed_excess(x, lower, upper)
     sign = torch.sign(d)  # 0 inside, and 0 for NaN: the slope carries the NaN instead
     value, slope = penalty.value_and_slope(d.abs())
     grad = torch.mul(sign, slope, out=out)
