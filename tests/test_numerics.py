@@ -70,3 +70,75 @@ def test_report_agrees_with_cost_at_infinity():
     params["a"][1] = -INF
     assert bounds.cost(params).item() == INF
     assert bounds.report(params).entries[0].below == 1
+
+
+# ------------------------------------------------------------------ higher derivatives
+
+
+def rockpool_sebl():
+    from rockpool.training.torch_loss import summed_exp_boundary_loss as rp
+
+    return rp
+
+
+def test_hessian_matches_rockpool():
+    x = torch.tensor([-1.0, 0.5, 2.0], dtype=torch.float64)
+    # (Rockpool ignores a bound of 0, so the lower bound here is not 0.)
+    ours = torch.autograd.functional.hessian(lambda t: summed_exp_boundary_loss(t, -0.5, 1.0), x)
+    theirs = torch.autograd.functional.hessian(lambda t: rockpool_sebl()(t, -0.5, 1.0), x)
+    expected = torch.tensor([math.exp(0.5), 0.0, math.e], dtype=torch.float64)
+    torch.testing.assert_close(ours.diagonal(), expected, rtol=1e-15, atol=0)
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("tensor_bounds", [False, True])
+def test_create_graph_gradient_penalty_and_hvp(tensor_bounds):
+    g = torch.Generator().manual_seed(3)
+    w = (torch.randn(50, generator=g, dtype=torch.float64) * 3).requires_grad_()
+    lo, hi = (-1.0, 1.0)
+    if tensor_bounds:
+        lo, hi = torch.full((50,), lo, dtype=torch.float64), torch.full((50,), hi)
+    (grad,) = torch.autograd.grad(bounds_cost({"w": w}, {"w": lo}, {"w": hi}), w, create_graph=True)
+    v = torch.randn(50, generator=g, dtype=torch.float64)
+    (hvp,) = torch.autograd.grad((grad * v).sum(), w, retain_graph=True)
+    # d/dw of exp(|excess|) twice is exp(|excess|) outside, 0 inside (plain math).
+    excess = torch.clamp(w.detach() - 1.0, min=0) + torch.clamp(-1.0 - w.detach(), min=0)
+    expected = torch.where(excess > 0, torch.exp(excess), 0.0) * v
+    torch.testing.assert_close(hvp, expected, rtol=1e-12, atol=0)
+    # A gradient penalty ||grad||^2 differentiates too (d/dw = 2 f' f'').
+    (gp,) = torch.autograd.grad(grad.pow(2).sum(), w)
+    f1 = torch.where(excess > 0, torch.exp(excess), 0.0) * torch.sign(w.detach())
+    torch.testing.assert_close(gp, 2 * f1 * f1.abs(), rtol=1e-12, atol=0)
+
+
+def test_learnable_bounds_get_rockpool_gradients():
+    x = torch.tensor([-1.0, 0.5, 2.0, 3.0])
+    ours = [torch.tensor(0.25, requires_grad=True), torch.tensor(1.0, requires_grad=True)]
+    theirs = [torch.tensor(0.25, requires_grad=True), torch.tensor(1.0, requires_grad=True)]
+    summed_exp_boundary_loss(x, *ours).backward()
+    rockpool_sebl()(x, *theirs).backward()
+    for a, b in zip(ours, theirs):
+        assert a.grad is not None
+        torch.testing.assert_close(a.grad, b.grad)
+    assert ours[0].grad.item() == pytest.approx(math.exp(1.25))
+
+
+def test_learnable_per_element_bounds():
+    x = torch.tensor([-1.0, 0.5, 2.0, 3.0], dtype=torch.float64, requires_grad=True)
+    hi = torch.tensor([1.0, 1.0, 1.0, 4.0], dtype=torch.float64, requires_grad=True)
+    bounds_cost({"x": x}, {"x": None}, {"x": hi}).backward()
+    # d/dhi exp(x - hi) = -exp(x - hi) where x > hi
+    assert hi.grad.tolist() == [0.0, 0.0, -math.e, 0.0]
+    assert x.grad.tolist() == [0.0, 0.0, math.e, 0.0]
+
+
+def test_torch_func_grad_and_vmap_match_rockpool():
+    x = torch.tensor([[-1.0, 0.5, 2.0], [0.2, 3.0, -0.5]], dtype=torch.float64)
+    ours = torch.func.vmap(lambda t: summed_exp_boundary_loss(t, -0.25, 1.0))(x)
+    theirs = torch.stack([rockpool_sebl()(t, -0.25, 1.0) for t in x])
+    torch.testing.assert_close(ours, theirs)
+    g_ours = torch.func.grad(lambda t: bounds_cost({"w": t}, {"w": -0.25}, {"w": 1.0}))(x)
+    g_theirs = torch.func.grad(lambda t: rockpool_sebl()(t, -0.25, 1.0))(x)
+    torch.testing.assert_close(g_ours, g_theirs)
+    h = torch.func.hessian(lambda t: summed_exp_boundary_loss(t, 0.0, 1.0))(x[0])
+    torch.testing.assert_close(h.diagonal(), torch.tensor([math.e, 0.0, math.e], dtype=x.dtype))

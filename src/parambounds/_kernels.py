@@ -213,6 +213,10 @@ class _GroupCost(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        needs = ctx.needs_input_grad[1:]
+        if torch.is_grad_enabled():  # create_graph=True: a backward that autograd can differentiate
+            ctx.grads = ctx.flat = None
+            return (None, *_differentiable_grads(ctx.compute, ctx.saved_tensors, needs, grad_out))
         grads, flat = ctx.grads, ctx.flat
         # Drop our references so autograd can adopt the buffers as ``.grad`` (no copy).
         ctx.grads = ctx.flat = None
@@ -223,8 +227,27 @@ class _GroupCost(torch.autograd.Function):
                 flat.mul_(grad_out)
             else:
                 torch._foreach_mul_(list(grads), grad_out)
-        needs = ctx.needs_input_grad[1:]
         return (None, *(g if need else None for g, need in zip(grads, needs)))
+
+
+def _differentiable_grads(
+    run: Any, xs: Sequence[Tensor], needs: Sequence[bool], grad_out: Tensor
+) -> list[Tensor | None]:
+    r"""The gradients of :func:`value_and_grad` as differentiable ops of ``xs`` and ``grad_out``.
+
+    :math:`\partial\,\mathrm{cost}/\partial x_i = \mathrm{sign}(d_i)\, f'(|d_i|)`, so
+    Hessians, Hessian-vector products and gradient penalties see the second derivative.
+    """
+    lower, upper, penalty = run.bounds
+    lower, upper = clamp_args(lower, upper)
+    out: list[Tensor | None] = []
+    for x, need in zip(xs, needs):
+        if not need:
+            out.append(None)
+            continue
+        d = signed_excess(x, lower, upper)
+        out.append(torch.sign(d) * penalty.slope(d.abs()) * grad_out)
+    return out
 
 
 def _group_runner(
@@ -289,6 +312,7 @@ def _group_runner(
                 grads.append(g.view(x.shape))
             return (torch.stack(values).sum() if len(values) > 1 else values[0]), grads, None
 
+    run.bounds = (lower, upper, penalty)  # type: ignore[attr-defined]
     return run
 
 
@@ -302,6 +326,7 @@ def _tensor_runner(
             value, grad = value_and_grad(xs[0], lower, upper, penalty)
         return value, [grad], None
 
+    run.bounds = (lower, upper, penalty)  # type: ignore[attr-defined]
     return run
 
 

@@ -63,6 +63,9 @@ class Plan:
     dtensors: frozenset[int] = frozenset()
     layouts: dict[tuple[Any, ...], Plan] = field(default_factory=dict)
     runners: dict[Any, Any] = field(default_factory=dict)
+    #: Some bound is a tensor that requires grad (a learnable bound): the cost must
+    #: then be differentiable in the bounds too, so it takes the plain autograd path.
+    grad_bounds: bool = False
     _local: dict[int, tuple[Any, Any]] = field(default_factory=dict)
 
     def bounded_items(self) -> list[tuple[int, Any, Any]]:
@@ -87,7 +90,7 @@ def _bound_key(b: Any) -> Any:
     if b is None or type(b) is float:
         return b
     if isinstance(b, Tensor):
-        return ("t", id(b), b._version)
+        return ("t", id(b), b._version, b.requires_grad)
     if isinstance(b, float):
         return b
     if isinstance(b, numbers.Real) and not isinstance(b, bool):
@@ -135,9 +138,9 @@ def _normalise(b: Any, side: str, path: str, param: Any, traced: bool = False) -
     if is_dtensor(b):  # laid out like its parameter already: check this rank's part
         _check_values(cast(Any, b).to_local(), side, where)
         return b.detach().to(dtype=dtype)
+    if traced:  # keep the graph of a learnable bound: the traced path differentiates it
+        return b.to(device=param.device, dtype=dtype)
     t = b.detach().to(device=param.device, dtype=dtype)
-    if traced:
-        return t
     _check_values(t, side, where)
     if bool(torch.isinf(t).all()):
         return None
@@ -261,6 +264,9 @@ def get_plan(
             lowers = align(tree, lower, "lower_bounds")
             uppers = align(tree, upper, "upper_bounds")
         base = _build(named, lowers, uppers, (lower, upper, lleaves, uleaves))
+        base.grad_bounds = any(
+            isinstance(b, Tensor) and b.requires_grad for b in (*lleaves, *uleaves)
+        )
         base.layouts[tuple([_layout(leaves[i]) for i in base.bounded])] = base
         _PLANS[key] = base
         if len(_PLANS) > _CACHE_SIZE:
@@ -274,6 +280,7 @@ def get_plan(
         lowers = align(tree, lower, "lower_bounds")
         uppers = align(tree, upper, "upper_bounds")
         plan = _build(named, lowers, uppers, base.keepalive)
+        plan.grad_bounds = base.grad_bounds
         base.layouts[layout] = plan
     return plan
 
@@ -281,7 +288,10 @@ def get_plan(
 def traced_bounds(
     tree: Any, lower: Any, upper: Any, *, root_name: str = ""
 ) -> list[tuple[Tensor, Any, Any]]:
-    """Match and check bounds without caching or reading tensor values (for ``torch.compile``).
+    """Match and check bounds without caching or reading tensor values.
+
+    For ``torch.compile``, ``torch.func`` transforms and bounds that require grad: tensor
+    bounds keep their autograd graph.
 
     Returns ``(parameter, lower, upper)`` for each bounded leaf.
     """
