@@ -142,3 +142,69 @@ def test_torch_func_grad_and_vmap_match_rockpool():
     torch.testing.assert_close(g_ours, g_theirs)
     h = torch.func.hessian(lambda t: summed_exp_boundary_loss(t, 0.0, 1.0))(x[0])
     torch.testing.assert_close(h.diagonal(), torch.tensor([math.e, 0.0, math.e], dtype=x.dtype))
+
+
+# ------------------------------------------------------------------ threads and memory
+
+
+def test_threads_costing_same_structure_models_get_their_own_answers():
+    import threading
+
+    g = torch.Generator().manual_seed(5)
+    # Two "models" of the same structure share one plan; many small leaves are concatenated.
+    models = [
+        {f"p{i}": torch.randn(64, generator=g) * (1 + k) for i in range(40)} for k in range(2)
+    ]
+    lower = dict.fromkeys(models[0], -1.0)
+    upper = dict.fromkeys(models[0], 1.0)
+    expected = []
+    for m in models:  # plain Python reference
+        xs = [v for t in m.values() for v in t.tolist()]
+        expected.append(python_cost(xs, [-1.0] * len(xs), [1.0] * len(xs)))
+    wrong = []
+
+    def work(k):
+        for _ in range(150):
+            got = bounds_cost(models[k], lower, upper).item()
+            if got != pytest.approx(expected[k], rel=1e-5):
+                wrong.append(got)
+
+    threads = [threading.Thread(target=work, args=(k % 2,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert wrong == []
+
+
+def test_plan_cache_does_not_keep_fresh_tensor_bounds_alive():
+    import gc
+    import weakref
+
+    from parambounds import _plan
+
+    w = torch.rand(1000)
+    refs = []
+    for step in range(20):  # annealed bounds, new tensors every step
+        lo = torch.full((1000,), -1.0 - step)
+        refs.append(weakref.ref(lo))
+        bounds_cost({"w": w}, {"w": lo}, {"w": None})
+        del lo
+    gc.collect()
+    assert sum(r() is not None for r in refs) == 0
+    # and an in-place update of the same bound keeps one plan, not one per version
+    lo = torch.full((1000,), -1.0)
+    before = len(_plan._PLANS)
+    for _ in range(10):
+        lo.sub_(0.5)
+        assert bounds_cost({"w": w}, {"w": lo}, {"w": None}).item() == 0.0
+    assert len(_plan._PLANS) <= before + 1
+
+
+def test_a_new_tensor_with_a_dead_ones_id_is_not_served_a_stale_plan():
+    w = torch.tensor([0.0, 2.0])
+    for step in range(50):  # ids of dead tensors get reused: each answer must be fresh
+        hi = torch.tensor([float(step % 3), 5.0])
+        got = bounds_cost({"w": w}, {"w": None}, {"w": hi}).item()
+        assert got == python_cost([0.0, 2.0], [-INF, -INF], hi.tolist())
+        del hi

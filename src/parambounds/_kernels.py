@@ -27,6 +27,7 @@ and computed as one tensor; their gradients are views into one buffer.
 from __future__ import annotations
 
 import os
+import threading
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -285,15 +286,17 @@ def _group_runner(
         return _eager_flat(x, lower, upper, penalty)
 
     # The concatenated copy of a group's parameters is internal: keep its buffer between
-    # steps (fresh memory costs a page fault per 4 KiB on every step).
-    scratch: list[Tensor] = []
+    # steps (fresh memory costs a page fault per 4 KiB on every step). Plans are shared by
+    # models of the same structure, so each thread has its own buffer.
+    scratch = threading.local()
 
     def gather(xs: Sequence[Tensor]) -> Tensor:
         if len(xs) == 1:
             return xs[0].reshape(-1)
-        if not scratch:  # the plan fixes sizes, dtype and device: one buffer serves
-            scratch.append(torch.empty(total, dtype=xs[0].dtype, device=xs[0].device))
-        return torch.cat([x.reshape(-1) for x in xs], out=scratch[0])
+        buf = getattr(scratch, "buf", None)
+        if buf is None:  # the plan fixes sizes, dtype and device: one buffer serves
+            buf = scratch.buf = torch.empty(total, dtype=xs[0].dtype, device=xs[0].device)
+        return torch.cat([x.reshape(-1) for x in xs], out=buf)
 
     def run(xs: Sequence[Tensor]) -> tuple[Tensor, list[Tensor], Tensor | None]:
         with torch.no_grad():
