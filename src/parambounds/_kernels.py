@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import os
 import threading
+import types
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -167,18 +168,30 @@ def _eager_flat(x: Tensor, lower: Bound, upper: Bound, penalty: Penalty) -> tupl
     return torch.stack(parts).sum(), grad
 
 
-_compiled_cache: dict[int, Callable[..., tuple[Tensor, Tensor]]] = {}
+_compiled_cache: dict[Any, Callable[..., tuple[Tensor, Tensor]]] = {}
+
+
+def _fresh_copy(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """A copy of ``fn`` with its own code object.
+
+    ``torch.compile`` caches (and counts recompilations, up to ``recompile_limit``) per
+    code object: each variant of the kernel gets its own, so that many penalties, dtypes
+    and bound layouts never exhaust the limit of one.
+    """
+    code = fn.__code__.replace()
+    return types.FunctionType(code, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
 
 
 def _compiled_flat(x: Tensor, lower: Any, upper: Any, penalty: Penalty) -> tuple[Tensor, Tensor]:
-    fn = _compiled_cache.get(id(penalty))
+    key = (id(penalty), lower is None, upper is None, x.dtype, x.device.type)
+    fn = _compiled_cache.get(key)
     if fn is None:
-        compiled = torch.compile(value_and_grad, dynamic=True, fullgraph=True)
+        compiled = torch.compile(_fresh_copy(value_and_grad), dynamic=True, fullgraph=True)
 
         def fn(x: Tensor, lower: Any, upper: Any, penalty: Penalty = penalty) -> Any:
             return compiled(x, lower, upper, penalty)
 
-        _compiled_cache[id(penalty)] = fn
+        _compiled_cache[key] = fn
     return fn(x, lower, upper)
 
 
