@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from ._plan import Bound, Plan
+from ._rounding import compute_dtype
 from .distributed import cost_layout, partial_cost
 from .errors import BoundsError
 from .penalties import Penalty
@@ -118,8 +119,8 @@ def signed_excess(x: Tensor, lower: Any, upper: Any) -> Tensor:
 
 def leaf_cost(x: Tensor, lower: Any, upper: Any, penalty: Penalty) -> Tensor:
     """The cost of one tensor with plain differentiable ops (the traceable reference path)."""
-    if not x.is_floating_point():
-        x = x.to(torch.get_default_dtype())
+    if not x.is_floating_point() or x.itemsize == 1:  # integers, bool, float8
+        x = x.to(compute_dtype(x.dtype))
     lower, upper = clamp_args(lower, upper)
     d = signed_excess(x, lower, upper)
     value, _ = penalty.value_and_slope(d.abs())
@@ -362,8 +363,8 @@ def apply(plan: Plan, leaves: list[Any], penalty: Penalty) -> list[Tensor]:
                 local if layout not in sharded_sums else sharded_sums[layout] + local
             )
             continue
-        if not xs[0].is_floating_point():
-            xs = [x.to(torch.get_default_dtype()) for x in xs]
+        if not xs[0].is_floating_point() or xs[0].itemsize == 1:  # integers, bool, float8
+            xs = [x.to(compute_dtype(x.dtype)) for x in xs]
         parts.append(_GroupCost.apply(run, *xs))
     # One DTensor per layout; ``distributed.combine`` reduces them across ranks.
     parts += [partial_cost(total, layout) for layout, total in sharded_sums.items()]

@@ -1,5 +1,9 @@
 """The report: what is out of bounds, per parameter, computed on the device.
 
+Elements are compared exactly, as in float64: with the bounds rounded inward to each
+parameter's dtype, so a float16 ``0.0999`` is below a lower bound of ``0.1``. The
+largest excess is measured from those rounded bounds.
+
 All statistics are computed where the parameters live and copied to the host once, at
 the end (one transfer per device), not once per parameter.
 """
@@ -14,6 +18,7 @@ from torch import Tensor
 
 from ._kernels import clamp_args, signed_excess
 from ._plan import Plan
+from ._rounding import compute_dtype
 from .distributed import reduce_stats, to_local
 
 __all__ = ["ParamReport", "Report", "compute_report"]
@@ -116,7 +121,7 @@ class Report:
             )
             for e in self.ordered()
         ]
-        widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
+        widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(head)]
 
         def line(cells: tuple[str, ...]) -> str:
             return "  ".join(
@@ -131,8 +136,9 @@ class Report:
 def _stats(x: Tensor, lower: Any, upper: Any) -> Tensor:
     """``[below, above, max_excess, nan]`` of one tensor, as float64 on its device."""
     x = x.detach()
-    if not x.is_floating_point():
-        x = x.to(torch.get_default_dtype())
+    if not x.is_floating_point() or x.itemsize == 1:  # integers exactly, float8 in float32
+        x = x.to(torch.float64 if not x.is_floating_point() else compute_dtype(x.dtype))
+        lower, upper = (b.to(x.dtype) if isinstance(b, Tensor) else b for b in (lower, upper))
     lo, hi = clamp_args(lower, upper)
     d = signed_excess(x, lo, hi)  # > 0 above, < 0 below, NaN for NaN
     zero = torch.zeros((), dtype=torch.float64, device=x.device)
@@ -147,8 +153,10 @@ def _stats(x: Tensor, lower: Any, upper: Any) -> Tensor:
 def compute_report(plan: Plan, leaves: list[Tensor], names: list[str]) -> Report:
     """Compute the :class:`Report` of the bounded leaves of ``plan``."""
     items = plan.bounded_items()
+    # Compared with the bounds rounded inward to each dtype: exact, as in float64.
+    exact = plan.bounded_items(exact=True)
     by_device: dict[torch.device, list[tuple[int, Tensor]]] = {}
-    for pos, (i, lo, hi) in enumerate(items):
+    for pos, (i, lo, hi) in enumerate(exact):
         lo, hi = plan.local_bounds(i, lo, hi, leaves[i])
         stats = _stats(to_local(leaves[i]), lo, hi)
         by_device.setdefault(stats.device, []).append((pos, stats))

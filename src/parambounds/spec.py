@@ -266,8 +266,8 @@ class Bounds:
         Parameter objects are kept (optimizers hold references to them); parameters that
         share scalar bounds are clamped with one multi-tensor operation. NaN stays NaN.
         """
-        plan, leaves, _ = self._plan(model)
-        project_plan_(plan, leaves)  # skips reparametrized values: they cannot leave
+        plan, leaves, resolved = self._plan(model)
+        project_plan_(plan, leaves, list(resolved.names))
 
     def attach(self, optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> Any:
         """Project ``model`` after every ``optimizer.step()``.
