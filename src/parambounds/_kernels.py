@@ -62,6 +62,11 @@ SMALL = 1 << 17
 
 _KERNELS = ("auto", "eager", "compiled")
 _kernel = os.environ.get("PARAMBOUNDS_KERNEL", "auto")
+if _kernel not in _KERNELS:
+    raise BoundsError(
+        f"PARAMBOUNDS_KERNEL={_kernel!r} is not a kernel; expected one of 'auto', 'eager', "
+        "'compiled' (or leave it unset)"
+    )
 #: With ``"auto"``, tensors (or concatenated groups) of at least this many elements use
 #: the compiled kernel, when ``torch.compile`` works here.
 AUTO_COMPILE_MIN = 1 << 18
