@@ -181,3 +181,125 @@ def test_empty_report_prints_serialises_and_summarises():
             "parameter", "numel", "below", "above", "max", "excess", "nan", "lower", "upper"
         ]
     assert str(Report(())).endswith("all 0 bounded parameters are inside their bounds")
+
+
+# ------------------------------------------------------------------ properties
+
+finite = st.floats(-1e3, 1e3, allow_nan=False, width=64)
+
+
+@st.composite
+def bounded_case(draw):
+    """A dtype, values (some far outside), and scalar or per-element, one- or two-sided bounds."""
+    dtype = draw(st.sampled_from(DTYPES))
+    n = draw(st.integers(1, 6))
+    xs = draw(st.lists(finite, min_size=n, max_size=n))
+    kind = draw(st.sampled_from(["two", "lower", "upper"]))
+    per_element = draw(st.booleans())
+
+    def side(present):
+        if not present:
+            return None
+        if per_element:
+            return draw(st.lists(finite, min_size=n, max_size=n))
+        return draw(finite)
+
+    lo, hi = side(kind != "upper"), side(kind != "lower")
+    if lo is not None and hi is not None:  # order them, with room for a dtype value
+        lo, hi = (
+            ([min(a, b) for a, b in zip(lo, hi)], [max(a, b) + 1.0 for a, b in zip(lo, hi)])
+            if per_element
+            else (min(lo, hi), max(lo, hi) + 1.0)
+        )
+    as_bound = (lambda b: None if b is None else torch.tensor(b, dtype=torch.float64)) if per_element else (lambda b: b)
+    return dtype, xs, lo, hi, as_bound(lo), as_bound(hi)
+
+
+def _model(dtype, xs):
+    m = torch.nn.Module()
+    m.w = torch.nn.Parameter(torch.tensor(xs, dtype=torch.float64).to(dtype))
+    return m
+
+
+@settings(max_examples=60, deadline=None)
+@given(bounded_case())
+def test_property_project_and_report_are_exact(case):
+    dtype, xs, lo, hi, blo, bhi = case
+    m = _model(dtype, xs)
+    b = Bounds({"w": (blo, bhi)})
+    assert b.report(m).ok == inside_exactly(m.w, lo, hi)
+    b.project_(m)
+    assert inside_exactly(m.w, lo, hi)
+    assert b.report(m).ok
+
+
+@settings(max_examples=40, deadline=None)
+@given(bounded_case(), st.floats(0.0, 1e3), st.sampled_from([-1.0, 1.0]))
+def test_property_attach_holds_after_every_step(case, lr, direction):
+    dtype, xs, lo, hi, blo, bhi = case
+    m = _model(dtype, xs)
+    opt = torch.optim.SGD(m.parameters(), lr=lr)
+    Bounds({"w": (blo, bhi)}).attach(opt, m)
+    for _ in range(2):
+        opt.zero_grad()
+        (direction * m.w.float()).sum().backward()  # pushes every element one way
+        opt.step()
+        assert inside_exactly(m.w, lo, hi)
+
+
+@settings(max_examples=40, deadline=None)
+@given(bounded_case(), st.lists(st.floats(-1e4, 1e4), min_size=6, max_size=6))
+def test_property_reparametrize_outputs_are_inside(case, zs):
+    dtype, xs, lo, hi, blo, bhi = case
+    m = _model(dtype, xs)
+    Bounds({"w": (blo, bhi)}).reparametrize_(m)
+    assert inside_exactly(m.w, lo, hi)
+    z = m.parametrizations.w.original
+    assert torch.isfinite(z).all()
+    with torch.no_grad():
+        z.copy_(torch.tensor(zs[: z.numel()]))
+    assert inside_exactly(m.w, lo, hi)
+
+
+def reference_cost(xs, lo, hi):
+    """exp penalty and its gradient in plain Python floats (float64), with infinities."""
+    total, grads = 0.0, []
+    for x, low, high in zip(xs, lo, hi):
+        if x > high:
+            e = x - high
+            total += math.exp(e) if e < 700 else INF
+            grads.append(math.exp(min(e, 600.0)))
+        elif x < low:
+            e = low - x
+            total += math.exp(e) if e < 700 else INF
+            grads.append(-math.exp(min(e, 600.0)))
+        else:
+            grads.append(0.0)
+    return total, grads
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    st.lists(st.one_of(st.floats(-30, 30), st.sampled_from([INF, -INF])), min_size=1, max_size=8),
+    st.one_of(st.none(), st.floats(-5, 0)),
+    st.one_of(st.none(), st.floats(0, 5)),
+    st.booleans(),
+)
+def test_property_cost_and_grad_against_float64_reference(xs, lo, hi, per_element):
+    n = len(xs)
+    lo_l = [-INF if lo is None else lo] * n
+    hi_l = [INF if hi is None else hi] * n
+    x = torch.tensor(xs, dtype=torch.float64, requires_grad=True)
+    if per_element:
+        blo, bhi = torch.tensor(lo_l, dtype=torch.float64), torch.tensor(hi_l, dtype=torch.float64)
+    else:
+        blo, bhi = lo, hi
+    cost = bounds_cost({"x": x}, {"x": blo}, {"x": bhi})
+    expected, expected_grad = reference_cost(xs, lo_l, hi_l)
+    if math.isinf(expected):
+        assert cost.item() == INF
+        return
+    assert cost.item() == pytest.approx(expected, rel=1e-12)
+    (g,) = torch.autograd.grad(cost, x, allow_unused=True)
+    g = torch.zeros_like(x) if g is None else g  # nothing bounded: no gradient
+    assert g.tolist() == pytest.approx(expected_grad, rel=1e-12)
