@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from ._kernels import clamp_args
+from ._kernels import clamp_args, signed_excess
 from ._plan import Plan, get_plan
 from .constraints import project_plan_, reparametrize_plan_
 from .cost import tree_cost
@@ -172,7 +172,7 @@ def _stats(x: Tensor, lower: Any, upper: Any) -> Tensor:
     if not x.is_floating_point():
         x = x.to(torch.get_default_dtype())
     lo, hi = clamp_args(lower, upper)
-    d = x - torch.clamp(x, lo, hi)  # > 0 above, < 0 below, NaN for NaN
+    d = signed_excess(x, lo, hi)  # > 0 above, < 0 below, NaN for NaN
     zero = torch.zeros((), dtype=torch.float64, device=x.device)
     above = (d > 0).sum().to(torch.float64)
     below = (d < 0).sum().to(torch.float64)
