@@ -14,6 +14,7 @@ from torch import Tensor
 
 from ._kernels import clamp_args, signed_excess
 from ._plan import Plan, get_plan
+from ._rounding import compute_dtype
 from .constraints import project_plan_, reparametrize_plan_
 from .cost import tree_cost
 from .distributed import reduce_stats, to_local
@@ -105,8 +106,8 @@ def cost(bounds: Bounds, model: Model) -> Tensor:
 
 def project_(bounds: Bounds, model: Model) -> None:
     """Clamp every bounded parameter into its bounds, in place."""
-    got, leaves, _ = plan(bounds, model)
-    project_plan_(got, leaves)  # skips reparametrized values: they cannot leave
+    got, leaves, resolved = plan(bounds, model)
+    project_plan_(got, leaves, list(resolved.names))
 
 
 def attach(bounds: Bounds, optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> Any:
@@ -169,8 +170,9 @@ def _show_bound(b: Any) -> float | str | None:
 def _stats(x: Tensor, lower: Any, upper: Any) -> Tensor:
     """``[below, above, max_excess, nan]`` of one tensor, as float64 on its device."""
     x = x.detach()
-    if not x.is_floating_point():
-        x = x.to(torch.get_default_dtype())
+    if not x.is_floating_point() or x.itemsize == 1:  # integers exactly, float8 in float32
+        x = x.to(torch.float64 if not x.is_floating_point() else compute_dtype(x.dtype))
+        lower, upper = (b.to(x.dtype) if isinstance(b, Tensor) else b for b in (lower, upper))
     lo, hi = clamp_args(lower, upper)
     d = signed_excess(x, lo, hi)  # > 0 above, < 0 below, NaN for NaN
     zero = torch.zeros((), dtype=torch.float64, device=x.device)
@@ -189,8 +191,10 @@ def compute_report(plan: Plan, leaves: list[Tensor], names: list[str]) -> Report
     at the end (one transfer per device), not once per parameter.
     """
     items = plan.bounded_items()
+    # Compared with the bounds rounded inward to each dtype: exact, as in float64.
+    exact = plan.bounded_items(exact=True)
     by_device: dict[torch.device, list[tuple[int, Tensor]]] = {}
-    for pos, (i, lo, hi) in enumerate(items):
+    for pos, (i, lo, hi) in enumerate(exact):
         lo, hi = plan.local_bounds(i, lo, hi, leaves[i])
         stats = _stats(to_local(leaves[i]), lo, hi)
         by_device.setdefault(stats.device, []).append((pos, stats))
