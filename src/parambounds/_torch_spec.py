@@ -19,6 +19,7 @@ from .cost import tree_cost
 from .distributed import reduce_stats, to_local
 from .errors import BoundsError
 from .report import ParamReport, Report
+from .spec import match_indices
 from .trees import flatten
 
 if TYPE_CHECKING:
@@ -46,6 +47,13 @@ framework_name = "torch"
 Model = torch.nn.Module | Mapping[str, Tensor]
 
 
+#: Inside ``torch.compile``: run the (untraceable) ``fnmatch`` matching when tracing,
+#: and keep its result (a tuple of integers) as a constant of the graph.
+@torch.compiler.assume_constant_result
+def _constant_match(patterns: tuple[str, ...], names: tuple[str, ...]) -> tuple[int, ...]:
+    return match_indices(patterns, names)
+
+
 def is_appropriate_type(tree: Any) -> bool:
     """Whether ``tree`` is a torch module, tensor, or a mapping of tensors."""
     if isinstance(tree, (torch.nn.Module, Tensor)):
@@ -62,7 +70,8 @@ def resolve(bounds: Bounds, model: Model) -> tuple[_Resolved, dict[str, Tensor]]
         for name, t in params.items():
             if not isinstance(t, Tensor):
                 raise BoundsError(f"'{name}' must be a tensor, got {type(t).__name__}")
-        return bounds._match(tuple(params)), params
+        matcher = _constant_match if torch.compiler.is_compiling() else None
+        return bounds._match(tuple(params), matcher), params
     if not isinstance(model, torch.nn.Module):
         raise BoundsError(
             f"model must be a torch.nn.Module or a mapping of names to tensors, "
@@ -70,6 +79,8 @@ def resolve(bounds: Bounds, model: Model) -> tuple[_Resolved, dict[str, Tensor]]
         )
     params = _effective_parameters(model)
     names = tuple(params)
+    if torch.compiler.is_compiling():  # fnmatch is not traceable: match at trace time
+        return bounds._match(names, _constant_match), params
     resolved = bounds._cache.get(model)
     if resolved is None or resolved.names != names:
         resolved = bounds._match(names)
