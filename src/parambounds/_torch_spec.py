@@ -30,14 +30,17 @@ __all__ = [
     "attach",
     "bounds_of",
     "compute_report",
+    "constrain",
     "cost",
     "framework_name",
     "is_appropriate_type",
     "plan",
+    "project",
     "project_",
     "reparametrize_",
     "report",
     "resolve",
+    "unconstrain",
 ]
 
 framework_name = "torch"
@@ -140,6 +143,25 @@ def report(bounds: Bounds, model: Model) -> Report:
     """The :class:`~parambounds.Report` of ``model`` under ``bounds``."""
     got, leaves, resolved = plan(bounds, model)
     return compute_report(got, leaves, list(resolved.names))
+
+
+def _in_place(what: str, instead: str) -> BoundsError:
+    return BoundsError(f"{what} returns a new JAX pytree; for torch, {instead}")
+
+
+def project(bounds: Bounds, model: Model) -> Any:  # noqa: ARG001
+    """Not for torch: torch parameters are projected in place."""
+    raise _in_place("project", "use bounds.project_(model), which keeps the Parameter objects")
+
+
+def unconstrain(bounds: Bounds, model: Model) -> Any:  # noqa: ARG001
+    """Not for torch: see :func:`reparametrize_`."""
+    raise _in_place("unconstrain", "use bounds.reparametrize_(model)")
+
+
+def constrain(bounds: Bounds, model: Model) -> Any:  # noqa: ARG001
+    """Not for torch: see :func:`reparametrize_`."""
+    raise _in_place("constrain", "use bounds.reparametrize_(model)")
 
 
 _PARAMETRIZED = "parametrizations."

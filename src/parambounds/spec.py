@@ -328,6 +328,34 @@ class Bounds:
         """
         get_backend(model).project_(self, model)
 
+    def project(self, tree: Model) -> Any:
+        """Return a new JAX pytree with every bounded leaf clipped into its bounds.
+
+        The projection for immutable arrays (torch modules use :meth:`project_`):
+        call it after each ``optax.apply_updates``; it works under ``jax.jit``. NaN stays
+        NaN; each value is inside its bound exactly (bounds rounded inward to the dtype).
+        """
+        return get_backend(tree).project(self, tree)
+
+    def unconstrain(self, tree: Model) -> Any:
+        r"""The unconstrained JAX pytree ``z`` with ``constrain(z) == tree``.
+
+        Bounded leaves get the transforms of :meth:`reparametrize_`, element by element
+        (two-sided :math:`l + (u - l)\,\sigma(z)`, one-sided :math:`l + \mathrm{softplus}(z)`
+        or :math:`u - \mathrm{softplus}(z)`, identity where both sides are open); values
+        on or outside a bound are first moved just inside. Train ``z`` and use
+        :meth:`constrain` in the model. Torch modules use :meth:`reparametrize_`.
+        """
+        return get_backend(tree).unconstrain(self, tree)
+
+    def constrain(self, z: Model) -> Any:
+        """Map an unconstrained JAX pytree into the bounds (inverse of :meth:`unconstrain`).
+
+        Inside the bounds for every finite ``z``; differentiable, and traceable by
+        ``jax.jit``.
+        """
+        return get_backend(z).constrain(self, z)
+
     def attach(self, optimizer: Any, model: Any) -> Any:
         """Project ``model`` after every ``optimizer.step()``.
 
