@@ -20,6 +20,7 @@ from .cost import tree_cost
 from .distributed import reduce_stats, to_local
 from .errors import BoundsError
 from .report import ParamReport, Report
+from .spec import match_indices
 from .trees import flatten
 
 if TYPE_CHECKING:
@@ -30,14 +31,17 @@ __all__ = [
     "attach",
     "bounds_of",
     "compute_report",
+    "constrain",
     "cost",
     "framework_name",
     "is_appropriate_type",
     "plan",
+    "project",
     "project_",
     "reparametrize_",
     "report",
     "resolve",
+    "unconstrain",
 ]
 
 framework_name = "torch"
@@ -45,6 +49,13 @@ framework_name = "torch"
 #: What bounds apply to: a module (its ``named_parameters()``), or a flat mapping of
 #: names to tensors such as a ``state_dict``.
 Model = torch.nn.Module | Mapping[str, Tensor]
+
+
+#: Inside ``torch.compile``: run the (untraceable) ``fnmatch`` matching when tracing,
+#: and keep its result (a tuple of integers) as a constant of the graph.
+@torch.compiler.assume_constant_result
+def _constant_match(patterns: tuple[str, ...], names: tuple[str, ...]) -> tuple[int, ...]:
+    return match_indices(patterns, names)
 
 
 def is_appropriate_type(tree: Any) -> bool:
@@ -63,7 +74,8 @@ def resolve(bounds: Bounds, model: Model) -> tuple[_Resolved, dict[str, Tensor]]
         for name, t in params.items():
             if not isinstance(t, Tensor):
                 raise BoundsError(f"'{name}' must be a tensor, got {type(t).__name__}")
-        return bounds._match(tuple(params)), params
+        matcher = _constant_match if torch.compiler.is_compiling() else None
+        return bounds._match(tuple(params), matcher), params
     if not isinstance(model, torch.nn.Module):
         raise BoundsError(
             f"model must be a torch.nn.Module or a mapping of names to tensors, "
@@ -71,6 +83,8 @@ def resolve(bounds: Bounds, model: Model) -> tuple[_Resolved, dict[str, Tensor]]
         )
     params = _effective_parameters(model)
     names = tuple(params)
+    if torch.compiler.is_compiling():  # fnmatch is not traceable: match at trace time
+        return bounds._match(names, _constant_match), params
     resolved = bounds._cache.get(model)
     if resolved is None or resolved.names != names:
         resolved = bounds._match(names)
@@ -130,6 +144,25 @@ def report(bounds: Bounds, model: Model) -> Report:
     """The :class:`~parambounds.Report` of ``model`` under ``bounds``."""
     got, leaves, resolved = plan(bounds, model)
     return compute_report(got, leaves, list(resolved.names))
+
+
+def _in_place(what: str, instead: str) -> BoundsError:
+    return BoundsError(f"{what} returns a new JAX pytree; for torch, {instead}")
+
+
+def project(bounds: Bounds, model: Model) -> Any:  # noqa: ARG001
+    """Not for torch: torch parameters are projected in place."""
+    raise _in_place("project", "use bounds.project_(model), which keeps the Parameter objects")
+
+
+def unconstrain(bounds: Bounds, model: Model) -> Any:  # noqa: ARG001
+    """Not for torch: see :func:`reparametrize_`."""
+    raise _in_place("unconstrain", "use bounds.reparametrize_(model)")
+
+
+def constrain(bounds: Bounds, model: Model) -> Any:  # noqa: ARG001
+    """Not for torch: see :func:`reparametrize_`."""
+    raise _in_place("constrain", "use bounds.reparametrize_(model)")
 
 
 _PARAMETRIZED = "parametrizations."
