@@ -89,7 +89,9 @@ class ExpPenalty(Penalty):
     def value_and_slope(self, e: Tensor) -> tuple[Tensor, Tensor]:
         t = overflow_threshold(e.dtype)
         slope = torch.exp(e.clamp_max(t))
-        return torch.addcmul(slope, slope, (e - t).clamp_min_(0)), slope
+        # relu, not clamp_min: its gradient at e == T is 0, so autograd's slope there is
+        # exp(T) from the clamped branch alone (clamp_min would add it twice).
+        return torch.addcmul(slope, slope, torch.relu(e - t)), slope
 
     def value(self, e: Tensor) -> Tensor:
         return self.value_and_slope(e)[0]
@@ -113,7 +115,7 @@ class Expm1Penalty(Penalty):
         t = overflow_threshold(e.dtype)
         capped = e.clamp_max(t)
         slope = torch.exp(capped)
-        return torch.expm1(capped) + slope * (e - t).clamp_min(0), slope
+        return torch.expm1(capped) + slope * torch.relu(e - t), slope
 
     def value(self, e: Tensor) -> Tensor:
         return self.value_and_slope(e)[0]
