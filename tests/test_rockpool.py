@@ -605,3 +605,28 @@ def test_docs_page_code_blocks_run():
         [sys.executable, "-c", runner, *blocks], capture_output=True, text=True, timeout=600
     )
     assert out.returncode == 0, out.stderr
+
+
+def test_no_mask_indexing_and_no_host_reads_per_step():
+    # Every aten op of a cached forward and backward: no boolean indexing, nonzero or
+    # item() (each is a host synchronisation on a GPU). Rockpool's indexes, as a check.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Log(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.add(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    p = {"a": torch.randn(5, 4, requires_grad=True), "b": torch.randn(7, requires_grad=True)}
+    lower, upper = pr.make_bounds(p)
+    lower["a"], upper["a"], upper["b"] = -0.5, 0.5, torch.full((7,), 0.1)
+    syncing = {"index", "nonzero", "masked_select", "_local_scalar_dense", "item"}
+    for f, expect_sync in ((pr.bounds_cost, False), (rl.bounds_cost, True)):
+        f(p, lower, upper).backward()  # builds and caches the plan
+        with Log() as log:
+            f(p, lower, upper).backward()
+        assert bool(log.ops & syncing) == expect_sync, sorted(log.ops)
