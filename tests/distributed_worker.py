@@ -11,7 +11,8 @@ import sys
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor.placement_types import _StridedShard
 
 from parambounds import Bounds, BoundsViolationError, bounds_cost, summed_exp_boundary_loss
 
@@ -205,10 +206,122 @@ def scenario_ddp(_mesh):
     print(f"rank {dist.get_rank()}: ddp ok", flush=True)
 
 
+# ---------------------------------------------------------------- the placement matrix
+
+
+def layouts(world):
+    """``(name, mesh, placements)`` for every placement type, on 1-D, 2-D and submeshes."""
+    if world == 2:
+        mesh = init_device_mesh("cpu", (2,))
+        return [
+            ("S0", mesh, [Shard(0)]),
+            ("S1", mesh, [Shard(1)]),
+            ("R", mesh, [Replicate()]),
+            ("P", mesh, [Partial()]),
+            ("Pmax", mesh, [Partial("max")]),
+            ("SS", mesh, [_StridedShard(0, split_factor=2)]),
+        ]
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    return [
+        ("S0S1", mesh, [Shard(0), Shard(1)]),
+        ("SS0S0", mesh, [_StridedShard(0, split_factor=2), Shard(0)]),  # FSDP2 over TP
+        ("RS0", mesh, [Replicate(), Shard(0)]),
+        ("S0R", mesh, [Shard(0), Replicate()]),
+        ("PS1", mesh, [Partial(), Shard(1)]),
+        ("RP", mesh, [Replicate(), Partial()]),
+        ("PP", mesh, [Partial(), Partial()]),
+        ("tp:S0", mesh["tp"], [Shard(0)]),
+        ("tp:P", mesh["tp"], [Partial()]),
+        ("dp:R", mesh["dp"], [Replicate()]),
+        ("dp:SS", mesh["dp"], [_StridedShard(1, split_factor=2)]),
+    ]
+
+
+def make_dtensor(full, mesh, placements):
+    """``full`` laid out as ``placements``; Partial dimensions hold uneven addends."""
+    values = [Replicate() if p.is_partial() else p for p in placements]
+    local = distribute_tensor(full, mesh, values, src_data_rank=None).to_local().clone()
+    coord = mesh.get_coordinate()
+    for c, p in zip(coord, placements):
+        if p.is_partial() and p.reduce_op == "sum":
+            local = local * (0.25 if c == 0 else 0.75)  # addends: 0.25 x + 0.75 x
+        elif p.is_partial():  # max: the other ranks hold smaller values
+            local = local if c == 0 else local - 1.0
+    d = DTensor.from_local(
+        local, mesh, placements, run_check=False, shape=full.shape, stride=full.stride()
+    )
+    return d, d.full_tensor()  # the reference is what the DTensor means
+
+
+def scenario_matrix(_mesh):
+    g = torch.Generator().manual_seed(1)
+    shape = (7, 5)  # odd sizes: uneven and empty shards
+    full = torch.randn(shape, generator=g, dtype=torch.float64) * 2
+    lo_t = torch.linspace(-1.5, -0.5, 7, dtype=torch.float64)[:, None].expand(shape).clone()
+    checked = 0
+    for name, mesh, placements in layouts(dist.get_world_size()):
+        x, ref = make_dtensor(full, mesh, placements)
+        hi_d = distribute_tensor(
+            torch.full(shape, 1.0, dtype=torch.float64), mesh, [Replicate()] * mesh.ndim
+        )
+        for lo, hi, rlo, rhi in [(-1.0, 1.0, -1.0, 1.0), (lo_t, hi_d, lo_t, hi_d.full_tensor())]:
+            # cost and gradient
+            for penalty in ("exp", "quadratic"):
+                xg = x.detach().requires_grad_()
+                rg = ref.clone().requires_grad_()
+                cost = bounds_cost({"w": xg}, {"w": lo}, {"w": hi}, penalty=penalty)
+                expected = bounds_cost({"w": rg}, {"w": rlo}, {"w": rhi}, penalty=penalty)
+                assert not isinstance(cost, DTensor), name
+                torch.testing.assert_close(cost, expected, msg=f"{name} cost")
+                (grad,) = torch.autograd.grad(cost, xg)
+                (rgrad,) = torch.autograd.grad(expected, rg)
+                torch.testing.assert_close(grad.full_tensor(), rgrad, msg=f"{name} grad")
+            # report and check
+            spec = Bounds({"w": (lo, hi)})
+            ref_spec = Bounds({"w": (rlo, rhi)})
+            got = spec.report({"w": x}).to_dict()
+            want = ref_spec.report({"w": ref}).to_dict()
+            assert got == want, (name, got, want)
+            assert all_equal(got)
+            try:
+                spec.check({"w": x})
+                raise AssertionError(f"{name}: check should raise")
+            except BoundsViolationError as err:
+                assert str(err) == str(_raised(ref_spec.check, {"w": ref})), name
+            # projection, in place on the local values
+            y = DTensor.from_local(
+                x.to_local().clone(),
+                mesh,
+                placements,
+                run_check=False,
+                shape=x.shape,
+                stride=x.stride(),
+            )
+            spec.project_({"w": y})
+            ref_proj = ref.clone()
+            ref_spec.project_({"w": ref_proj})
+            torch.testing.assert_close(y.full_tensor(), ref_proj, msg=f"{name} project_")
+            spec.check({"w": y})  # inside now, on every rank
+            checked += 1
+    print(f"rank {dist.get_rank()}: matrix ok ({checked} layouts x bounds)", flush=True)
+
+
+def _raised(fn, *args):
+    try:
+        fn(*args)
+    except Exception as err:
+        return err
+    raise AssertionError("expected an error")
+
+
 def main():
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
     try:
-        mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+        mesh = (
+            init_device_mesh("cpu", (dist.get_world_size(),))
+            if dist.get_world_size() == 2
+            else None
+        )
         for name in sys.argv[1:]:
             globals()[f"scenario_{name}"](mesh)
             sys.stdout.flush()

@@ -22,7 +22,7 @@ from torch.nn.utils import parametrize
 
 from ._kernels import clamp_args
 from ._plan import Plan
-from .distributed import is_dtensor, to_local
+from .distributed import clamp_, is_dtensor, is_partial, to_local
 from .errors import BoundsError
 
 __all__ = ["BoundedParametrization", "project_plan_", "reparametrize_plan_"]
@@ -37,7 +37,11 @@ def project_plan_(plan: Plan, leaves: list[Tensor]) -> None:
     """
     for g in plan.groups:
         # DTensors (FSDP2, tensor parallel): clamp the local shard in place.
-        xs = [to_local(leaves[i]) for i in g.indices if leaves[i].is_leaf]
+        own = [leaves[i] for i in g.indices if leaves[i].is_leaf]
+        for x in own:
+            if is_partial(x):  # addends, not values: clamped exactly, one by one
+                clamp_(x, g.lower, g.upper)
+        xs = [to_local(x) for x in own if not is_partial(x)]
         if not xs:
             continue
         if g.lower is not None:
@@ -49,7 +53,7 @@ def project_plan_(plan: Plan, leaves: list[Tensor]) -> None:
         if x.is_leaf:
             lo, hi = plan.local_bounds(lb.index, lb.lower, lb.upper, x)
             lo, hi = clamp_args(lo, hi)
-            to_local(x).clamp_(lo, hi)
+            clamp_(x, lo, hi)
 
 
 def _as_buffer(b: Any, like: Tensor) -> Tensor | None:
