@@ -6,7 +6,10 @@ same full tensors; a failure raises, so the launcher exits non-zero.
 
 import datetime
 import gc
+import os
+import re
 import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -14,7 +17,13 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.placement_types import _StridedShard
 
-from parambounds import Bounds, BoundsViolationError, bounds_cost, summed_exp_boundary_loss
+from parambounds import (
+    Bounds,
+    BoundsError,
+    BoundsViolationError,
+    bounds_cost,
+    summed_exp_boundary_loss,
+)
 
 
 def local_of(full, like):
@@ -314,6 +323,84 @@ def _raised(fn, *args):
     raise AssertionError("expected an error")
 
 
+def expect_bounds_error(fn, match):
+    """``fn()`` raises a BoundsError matching ``match``; the message is returned."""
+    try:
+        fn()
+    except BoundsError as err:
+        assert re.search(match, str(err)), str(err)
+        return str(err)
+    raise AssertionError(f"expected a BoundsError matching {match!r}")
+
+
+def scenario_errors(mesh):
+    g = torch.Generator().manual_seed(2)
+    full = torch.randn(7, 5, generator=g, dtype=torch.float64) * 2
+    x = distribute_tensor(full, mesh, [Shard(0)], src_data_rank=None)
+    # a DTensor lower with a plain full-size upper (both documented forms)
+    lo_full = torch.linspace(-2.0, -0.5, 35, dtype=torch.float64).view(7, 5)
+    hi_full = torch.linspace(0.5, 1.5, 35, dtype=torch.float64).view(7, 5)
+    for lo, hi in [
+        (distribute_tensor(lo_full, mesh, [Shard(0)], src_data_rank=None), hi_full),
+        (lo_full, distribute_tensor(hi_full, mesh, [Shard(1)], src_data_rank=None)),
+    ]:
+        xg = x.detach().requires_grad_()
+        rg = full.clone().requires_grad_()
+        cost = bounds_cost({"w": xg}, {"w": lo}, {"w": hi})
+        expected = bounds_cost({"w": rg}, {"w": lo_full}, {"w": hi_full})
+        torch.testing.assert_close(cost, expected)
+        torch.testing.assert_close(
+            torch.autograd.grad(cost, xg)[0].full_tensor(), torch.autograd.grad(expected, rg)[0]
+        )
+        spec = Bounds({"w": (lo, hi)})
+        assert (
+            spec.report({"w": x}).to_dict()
+            == Bounds({"w": (lo_full, hi_full)}).report({"w": full}).to_dict()
+        )
+        y = x.detach().clone()
+        spec.project_({"w": y})
+        torch.testing.assert_close(y.full_tensor(), full.clamp(lo_full, hi_full))
+    # lower > upper only inside rank 1's shard: every rank raises, naming the global index
+    bad_lo = torch.zeros(7, 5, dtype=torch.float64)
+    bad_lo[5, 2] = 2.0
+    bad = distribute_tensor(bad_lo, mesh, [Shard(0)], src_data_rank=None)
+    want = r"lower bound for 'w' exceeds its upper bound at index \(5, 2\) \(2.0 > 1.0\)"
+    msgs = [
+        expect_bounds_error(lambda: bounds_cost({"w": x}, {"w": bad}, {"w": 1.0}), want),
+        expect_bounds_error(lambda: Bounds({"w": (bad, 1.0)}).check({"w": x}), want),
+    ]
+    assert all_equal(msgs)
+    # ranks that bound different parameters: named, on every rank, never a hang
+    v = distribute_tensor(full[:3], mesh, [Shard(0)], src_data_rank=None)
+    rank = dist.get_rank()
+    spec = {"w": (-1.0, 1.0)} if rank == 0 else {"w": (-1.0, 1.0), "v": (0.0, None)}
+    msg = expect_bounds_error(
+        lambda: Bounds(spec).report({"w": x, "v": v}),
+        r"ranks disagree: rank\(s\) \[1\] differ from rank 0",
+    )
+    assert all_equal(msg)
+    # the same parameters with different bounds
+    other = {"w": (-1.0, 1.0 + rank)}
+    expect_bounds_error(lambda: Bounds(other).check({"w": x}), r"rank\(s\) \[1\] differ")
+    print(f"rank {rank}: errors ok", flush=True)
+
+
+def scenario_alone(mesh):
+    """Only rank 0 calls ``check``: it raises after the timeout instead of hanging."""
+    os.environ["PARAMBOUNDS_DIST_TIMEOUT"] = "3"
+    x = distribute_tensor(torch.ones(6), mesh, [Shard(0)], src_data_rank=None)
+    if dist.get_rank() == 0:
+        expect_bounds_error(
+            lambda: Bounds({"w": (0.0, 2.0)}).check({"w": x}),
+            r"building the bounds plan is collective over the ranks \[0, 1\], but not all "
+            r"of them took part within 3 s",
+        )
+    else:
+        time.sleep(6)
+    print(f"rank {dist.get_rank()}: alone ok", flush=True)
+    return "broken"  # the group has a collective that never completes: no barrier
+
+
 def main():
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
     try:
@@ -322,11 +409,13 @@ def main():
             if dist.get_world_size() == 2
             else None
         )
+        broken = False
         for name in sys.argv[1:]:
-            globals()[f"scenario_{name}"](mesh)
+            broken = globals()[f"scenario_{name}"](mesh) == "broken" or broken
             sys.stdout.flush()
         gc.collect()  # free DDP/FSDP state before the process group goes away
-        dist.barrier()
+        if not broken:
+            dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -124,9 +124,6 @@ def settle(exchanges: list[tuple[Any, Exchange]], what: str) -> None:
             (naming the ranks that differ from the first), or when any rank found an
             error (the one at the first leaf and element, on every rank).
     """
-    import torch.distributed as dist
-
-    me = dist.get_rank()
     problems: list[tuple[int, int, str]] = []
     for mesh, ex in exchanges:
         rows = [_unpack(r) for r in gather_rows(ex.pack(), mesh, what)]
@@ -134,18 +131,17 @@ def settle(exchanges: list[tuple[Any, Exchange]], what: str) -> None:
         first = rows[0]
         odd = [r for r, row in zip(ranks, rows) if row[:3] != first[:3]]
         if odd:
-            mine = rows[ranks.index(me)]
             desc = ", ".join(
-                f"rank {r}: {row[0]} of {row[2]} bounded" for r, row in zip(ranks, rows)
+                f"rank {r} in {row[0]!r} with {row[2]} DTensors" for r, row in zip(ranks, rows)
             )
             problems.append(
                 (
                     -1,
                     -1,
-                    f"ranks disagree in {what}: rank(s) {odd} differ from rank {ranks[0]} "
-                    f"(this is rank {me}, {mine[0]} of {mine[2]} bounded parameters; {desc}); "
-                    "every rank of a mesh must make the same parambounds calls with the same "
-                    "parameters and bounds",
+                    f"ranks disagree: rank(s) {odd} differ from rank {ranks[0]} in their "
+                    f"parambounds call, parameters or bounds ({desc}, fingerprints differ); "
+                    "every rank of a mesh must make the same calls with the same parameters "
+                    "and bounds",
                 )
             )
             continue

@@ -238,7 +238,7 @@ def _build(
     dtensors = frozenset(i for i in bounded if is_dtensor(named[i][1]))
     plan = Plan(list(groups.values()), tensor_leaves, keepalive, tuple(bounded), numels, dtensors)
     if dtensors or errors:  # one exchange per mesh: the same plan (or error) on every rank
-        agree(named, plan.bounded_items(), errors)
+        agree(named, lowers, uppers, errors)
     return plan
 
 

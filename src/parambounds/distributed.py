@@ -166,10 +166,12 @@ def order_violation(lo: Any, hi: Any, x: Any) -> tuple[int, tuple[int, ...], flo
     return flat, idx, lo_v, hi_v
 
 
-def agree(named: list[tuple[str, Any]], items: list[Any], errors: dict[int, Any]) -> None:
+def agree(
+    named: list[tuple[str, Any]], lowers: list[Any], uppers: list[Any], errors: dict[int, Any]
+) -> None:
     """Check, once per plan, that every rank bounds the same DTensors; share errors.
 
-    ``items`` are ``(leaf index, lower, upper)`` of the bounded leaves, ``errors`` the
+    ``lowers``/``uppers`` are the bounds as given, leaf by leaf; ``errors`` the
     :class:`BoundsError` each DTensor leaf raised on this rank (with ``flat_index``).
     One exchange per mesh; every rank raises the same error.
 
@@ -181,21 +183,16 @@ def agree(named: list[tuple[str, Any]], items: list[Any], errors: dict[int, Any]
     if not (dist.is_available() and dist.is_initialized()):
         return
     per_mesh: dict[Any, list[Any]] = {}
-    dtensor_leaves = {i for i, (_, p) in enumerate(named) if is_dtensor(p)}
-    for i, lo, hi in items:
-        if i in dtensor_leaves:
-            per_mesh.setdefault(named[i][1].device_mesh, []).append((i, lo, hi))
-    for i in errors:
-        per_mesh.setdefault(named[i][1].device_mesh, [])
+    for i, (path, p) in enumerate(named):
+        if is_dtensor(p):
+            desc = (path, _describe(p), _bound(lowers[i]), _bound(uppers[i]))
+            per_mesh.setdefault(p.device_mesh, []).append((i, desc))
     exchanges = []
     for mesh, entries in per_mesh.items():
-        desc = [
-            (named[i][0], _describe(named[i][1]), _bound(lo), _bound(hi)) for i, lo, hi in entries
-        ]
-        ex = Exchange("plan", fingerprint(desc), len(entries))
-        for i, err in errors.items():
-            if named[i][1].device_mesh == mesh:
-                ex.note(i, getattr(err, "flat_index", -1), str(err))
+        ex = Exchange("plan", fingerprint([d for _, d in entries]), len(entries))
+        for i, _ in entries:
+            if i in errors:
+                ex.note(i, getattr(errors[i], "flat_index", -1), str(errors[i]))
         exchanges.append((mesh, ex))
     settle(exchanges, "building the bounds plan")
 
@@ -205,7 +202,9 @@ def _describe(x: Any) -> tuple[Any, ...]:
 
 
 def _bound(b: Any) -> Any:
-    return ("tensor", tuple(b.shape)) if isinstance(b, Tensor) else b
+    if isinstance(b, Tensor):
+        return ("tensor", tuple(b.shape)) if b.dim() else float(b)
+    return b
 
 
 def cost_layout(x: Any) -> tuple[Any, tuple[Any, ...]]:
