@@ -91,10 +91,14 @@ def scenario_dtensor(mesh):
 
     dist.all_gather = counting
     try:
-        report = Bounds(spec).report(shards).to_dict()
+        bounds = Bounds(spec)
+        report = bounds.report(shards).to_dict()
+        first = len(calls)
+        assert bounds.report(shards).to_dict() == report
     finally:
         dist.all_gather = original
-    assert len(calls) == 1, calls
+    # building the plan: one exchange; each report: a header and the counts, per mesh
+    assert (first, len(calls) - first) == (3, 2), calls
     assert report == Bounds(spec).report(full).to_dict(), report
     assert report["c"]["numel"] == 8 and report["a"]["numel"] == 15
     assert all_equal(report)
@@ -321,6 +325,74 @@ def _raised(fn, *args):
     except Exception as err:
         return err
     raise AssertionError("expected an error")
+
+
+def scenario_fsdp_noreshard(mesh):
+    """FSDP2 with reshard_after_forward=False: the cost before and after the forward pass."""
+    from torch.distributed.fsdp import fully_shard
+
+    ref = Net().double()
+    model = Net().double()
+    fully_shard(model.inp, mesh=mesh, reshard_after_forward=False)
+    fully_shard(model, mesh=mesh, reshard_after_forward=False)
+    upper_full = torch.linspace(0.05, 0.3, 20, dtype=torch.float64).view(5, 4)
+    upper = distribute_tensor(upper_full, mesh, [Shard(0)], src_data_rank=None)
+    spec = {"tau": (0.005, 0.04), "inp.weight": (-0.2, upper)}
+    bounds, ref_bounds = Bounds(spec), Bounds({**spec, "inp.weight": (-0.2, upper_full)})
+    x = torch.randn(8, 4, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    expected = ref_bounds.cost(ref)
+    torch.testing.assert_close(bounds.cost(model), expected)  # sharded parameters
+    out = model(x)
+    assert not isinstance(model.inp.weight, DTensor)  # unsharded plain tensors now
+    cost = bounds.cost(model)  # the README's loss pattern: cost after the forward pass
+    torch.testing.assert_close(cost, expected)
+    (out.sum() * 0 + cost).backward()
+    (ref(x).sum() * 0 + expected).backward()
+    for (name, p), (_, rp) in zip(model.named_parameters(), ref.named_parameters()):
+        torch.testing.assert_close(p.grad.full_tensor(), rp.grad, msg=name)
+    report = bounds.report(model).to_dict()
+    assert report == ref_bounds.report(ref).to_dict(), report
+    bounds.project_(model)
+    ref_bounds.project_(ref)
+    for (name, p), (_, rp) in zip(model.named_parameters(), ref.named_parameters()):
+        torch.testing.assert_close(p.full_tensor(), rp.detach(), msg=name)
+    print(f"rank {dist.get_rank()}: fsdp2 noreshard ok", flush=True)
+
+
+def scenario_fsdp_tp(_mesh):
+    """FSDP2 over tensor parallelism on a 2 x 2 mesh (placements with _StridedShard)."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        parallelize_module,
+    )
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    ref = Net().double()
+    model = Net().double()
+    parallelize_module(model, mesh["tp"], {"inp": ColwiseParallel(), "out": RowwiseParallel()})
+    fully_shard(model, mesh=mesh["dp"])
+    kinds = {type(p).__name__ for q in model.parameters() for p in q.placements}
+    assert "_StridedShard" in kinds, kinds
+    bounds = Bounds(SPEC | {"out.weight": (-0.1, 0.1)})
+    cost = bounds.cost(model)
+    expected = bounds.cost(ref)
+    torch.testing.assert_close(cost, expected)
+    cost.backward()
+    expected.backward()
+    for (name, p), (_, rp) in zip(model.named_parameters(), ref.named_parameters()):
+        if rp.grad is not None:
+            torch.testing.assert_close(p.grad.full_tensor(), rp.grad, msg=name)
+    report = bounds.report(model).to_dict()
+    assert report == bounds.report(ref).to_dict(), (report, bounds.report(ref).to_dict())
+    assert all_equal(report)
+    bounds.project_(model)
+    bounds.project_(ref)
+    for (name, p), (_, rp) in zip(model.named_parameters(), ref.named_parameters()):
+        torch.testing.assert_close(p.full_tensor(), rp.detach(), msg=name)
+    bounds.check(model)
+    print(f"rank {dist.get_rank()}: fsdp2 over tp ok", flush=True)
 
 
 def expect_bounds_error(fn, match):
