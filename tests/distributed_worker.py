@@ -395,6 +395,53 @@ def scenario_fsdp_tp(_mesh):
     print(f"rank {dist.get_rank()}: fsdp2 over tp ok", flush=True)
 
 
+def scenario_compiled(mesh):
+    """torch.compile over FSDP2 parameters, and the compiled kernel on uneven shards."""
+    from torch.distributed.fsdp import fully_shard
+
+    ref = Net().double()
+    model = Net().double()
+    fully_shard(model.inp, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    bounds = Bounds(SPEC)
+    compiled = torch.compile(bounds.cost)
+    cost, eager, expected = compiled(model), bounds.cost(model), bounds.cost(ref)
+    assert type(cost) is type(eager) is torch.Tensor, (type(cost), type(eager))
+    torch.testing.assert_close(cost, expected)
+    torch.testing.assert_close(eager, expected)
+    cost.backward()
+    expected.backward()
+    for (name, p), (_, rp) in zip(model.named_parameters(), ref.named_parameters()):
+        if rp.grad is not None:
+            torch.testing.assert_close(p.grad.full_tensor(), rp.grad, msg=name)
+    print(f"rank {dist.get_rank()}: torch.compile ok", flush=True)
+
+
+def scenario_compiled_kernel(mesh):
+    """set_kernel("compiled") on local shards of 0, 1 and odd sizes: more than 8 layouts."""
+    from parambounds import get_kernel, set_kernel
+
+    g = torch.Generator().manual_seed(4)
+    before = get_kernel()
+    set_kernel("compiled")
+    try:
+        for n in (1, 2, 3, 5, 9, 11, 13, 17, 19, 23, 4097):
+            full = torch.randn(n, generator=g, dtype=torch.float64) * 2
+            for dtype in (torch.float32,):
+                x = distribute_tensor(full.to(dtype), mesh, [Shard(0)], src_data_rank=None)
+                xg = x.detach().requires_grad_()
+                rg = full.to(dtype).clone().requires_grad_()
+                cost = bounds_cost({"w": xg}, {"w": -1.0}, {"w": 1.0})
+                expected = bounds_cost({"w": rg}, {"w": -1.0}, {"w": 1.0})
+                torch.testing.assert_close(cost, expected, msg=f"n={n} {dtype}")
+                (grad,) = torch.autograd.grad(cost, xg)
+                (rgrad,) = torch.autograd.grad(expected, rg)
+                torch.testing.assert_close(grad.full_tensor(), rgrad, msg=f"n={n} {dtype}")
+    finally:
+        set_kernel(before)
+    print(f"rank {dist.get_rank()}: compiled kernel ok", flush=True)
+
+
 def expect_bounds_error(fn, match):
     """``fn()`` raises a BoundsError matching ``match``; the message is returned."""
     try:

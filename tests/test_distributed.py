@@ -59,6 +59,8 @@ def test_two_processes():
             "matrix": "matrix ok (12 layouts x bounds)",
             "fsdp_noreshard": "fsdp2 noreshard ok",
             "errors": "errors ok",
+            "compiled": "torch.compile ok",
+            "compiled_kernel": "compiled kernel ok",
             "alone": "alone ok",  # leaves the group unusable: must be last
         },
     )

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from . import _kernels
 from ._plan import get_plan, traced_bounds
-from .distributed import combine
+from .distributed import combine, shard_cost
 from .penalties import Penalty, get_penalty
 from .trees import as_tree, flatten
 
@@ -62,7 +62,9 @@ def tree_cost(
     if torch.compiler.is_compiling():
         # Traced by torch.compile: plain ops that inductor fuses; no cache, no host reads.
         bounded = traced_bounds(tree, lower, upper, root_name=root_name)
-        parts = [_kernels.leaf_cost(p, lo, hi, penalty) for p, lo, hi in bounded]
+        parts = combine(
+            [shard_cost(_kernels.leaf_cost, p, lo, hi, penalty) for p, lo, hi in bounded]
+        )
     else:
         plan = get_plan(tree, treedef, leaves, lower, upper, root_name=root_name)
         parts = combine(_kernels.apply(plan, leaves, penalty))

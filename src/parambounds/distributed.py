@@ -46,6 +46,7 @@ __all__ = [
     "partial_cost",
     "placement_kind",
     "reduce_stats",
+    "shard_cost",
     "to_local",
 ]
 
@@ -224,6 +225,18 @@ def partial_cost(local_cost: Tensor, layout: tuple[Any, tuple[Any, ...]]) -> Any
     """Wrap the summed local costs of one layout as a DTensor that sums to the global cost."""
     mesh, placements = layout
     return _DTENSOR.from_local(local_cost, mesh, list(placements), run_check=False)
+
+
+def shard_cost(fn: Any, x: Any, lo: Any, hi: Any, *args: Any) -> Any:
+    """``fn(x, lo, hi, *args)``; for a DTensor ``x``, on its local values, as a partial cost.
+
+    The path ``torch.compile`` traces: the same layout as the eager kernels, so that
+    :func:`combine` returns a plain tensor in both.
+    """
+    if not is_dtensor(x):
+        return fn(x, lo, hi, *args)
+    local = fn(to_local(x), local_bound(lo, x), local_bound(hi, x), *args)
+    return partial_cost(local, cost_layout(x))
 
 
 def combine(parts: list[Any]) -> list[Tensor]:
