@@ -38,7 +38,7 @@ from torch import Tensor
 
 from ._plan import Bound, Plan
 from ._rounding import compute_dtype
-from .distributed import cost_layout, partial_cost
+from .distributed import cost_layout, partial_cost, to_local
 from .errors import BoundsError
 from .penalties import Penalty
 
@@ -358,7 +358,7 @@ def apply(plan: Plan, leaves: list[Any], penalty: Penalty) -> list[Tensor]:
     for indices, run, layout in runners:
         xs = [leaves[i] for i in indices]
         if layout is not None:  # a DTensor: the cost of the local shard, summed per layout
-            local = _GroupCost.apply(run, xs[0].to_local())
+            local = _GroupCost.apply(run, to_local(xs[0]))  # Partial: reduced first
             sharded_sums[layout] = (
                 local if layout not in sharded_sums else sharded_sums[layout] + local
             )
