@@ -88,7 +88,11 @@ def test_check_json(files):
     _, bounds, ckpt = files
     out = run("check", ckpt, "--bounds", bounds, "--json")
     assert out.returncode == 1
-    report = json.loads(out.stdout)
+    full = json.loads(out.stdout)
+    assert full["ok"] is False and full["format"] == "torch"
+    assert full["parameters"] == ["lif.tau_mem", "lif.threshold", "readout.weight", "readout.bias"]
+    assert full["not_parameters"] == ["['epoch']", "['optimizer']"]
+    report = full["report"]
     assert report["lif.tau_mem"] == {
         "numel": 3,
         "below": 1,
@@ -114,7 +118,11 @@ def test_nested_dicts_are_named_with_dots(tmp_path, files):
         ckpt,
     )
     out = run("check", ckpt, "--bounds", bounds, "--json")
-    assert set(json.loads(out.stdout)) == {"lif.tau_mem", "lif.threshold", "readout.weight"}
+    assert set(json.loads(out.stdout)["report"]) == {
+        "lif.tau_mem",
+        "lif.threshold",
+        "readout.weight",
+    }
 
 
 # ---------------------------------------------------------------- clamp

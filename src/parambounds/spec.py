@@ -66,7 +66,11 @@ def _check_side(pattern: str, side: str, b: Any) -> None:
             f"{side} bound for pattern '{pattern}' must be a number, None or a tensor, "
             f"got {type(b).__name__}"
         )
-    if math.isnan(float(b)):
+    try:
+        nan = math.isnan(float(b))
+    except OverflowError:  # an integer beyond float64: a bound at +-inf
+        return
+    if nan:
         raise BoundsError(f"{side} bound for pattern '{pattern}' is NaN")
 
 
@@ -88,6 +92,8 @@ class Bounds:
             number or a tensor that broadcasts to the parameter (per-element bounds).
             The first matching pattern wins; parameters that match none are unbounded.
         penalty: the penalty shape of :meth:`cost` (see :func:`~parambounds.bounds_cost`).
+        strict: when true (the default), a pattern that matches no parameter is an
+            error; ``strict=False`` lets one spec serve several models.
 
     Raises:
         BoundsError: for a malformed entry or an unknown penalty, here; for a pattern
@@ -101,12 +107,15 @@ class Bounds:
     (True, True)
     """
 
-    def __init__(self, spec: Mapping[str, Any], *, penalty: str | Penalty = "exp") -> None:
+    def __init__(
+        self, spec: Mapping[str, Any], *, penalty: str | Penalty = "exp", strict: bool = True
+    ) -> None:
         if not isinstance(spec, Mapping):
             raise BoundsError(
                 f"spec must be a mapping of patterns to bounds, got {type(spec).__name__}"
             )
         self.penalty = get_penalty(penalty)
+        self.strict = strict
         entries = []
         for pattern, value in spec.items():
             if not isinstance(pattern, str):
@@ -135,7 +144,7 @@ class Bounds:
         return cls({_escape(name): (lo[name], hi[name]) for name in lo}, penalty=penalty)
 
     @classmethod
-    def from_toml(cls, path: str | Path) -> Bounds:
+    def from_toml(cls, path: str | Path, *, strict: bool = True) -> Bounds:
         """Load bounds from a TOML file.
 
         .. code-block:: toml
@@ -157,10 +166,17 @@ class Bounds:
             import tomli as tomllib
         path = Path(path)
         try:
-            with path.open("rb") as f:
-                data = tomllib.load(f)
+            if path.exists() and not path.is_file():  # a folder, /dev/zero, a pipe
+                raise BoundsError(f"{path}: not a regular file")
+            if path.exists() and path.stat().st_size > _MAX_TOML_BYTES:
+                raise BoundsError(f"{path}: too large for a bounds file")
+            data = tomllib.loads(path.read_bytes().decode("utf-8"))
         except tomllib.TOMLDecodeError as err:
             raise BoundsError(f"{path}: malformed TOML: {err}") from None
+        except UnicodeDecodeError as err:
+            raise BoundsError(f"{path}: not UTF-8 text (byte {err.start})") from None
+        except RecursionError:
+            raise BoundsError(f"{path}: malformed TOML: nested too deeply") from None
         except OSError as err:
             raise BoundsError(f"{path}: cannot read: {err.strerror or err}") from None
         unknown = sorted(set(data) - {"penalty", "bounds"})
@@ -172,8 +188,15 @@ class Bounds:
         if not isinstance(table, dict):
             raise BoundsError(f"{path}: missing [bounds] table")
         penalty = data.get("penalty", "exp")
+        for pattern, value in table.items():
+            extra = sorted(set(value) - {"lower", "upper"}) if isinstance(value, dict) else []
+            if extra:  # `lif.tau_mem = [...]` is the nested key lif -> tau_mem in TOML
+                raise BoundsError(
+                    f"{path}: [bounds] entry '{pattern}' is a table with key '{extra[0]}'; "
+                    f'a pattern with dots must be quoted: "{pattern}.{extra[0]}" = [lower, upper]'
+                )
         try:
-            return cls(table, penalty=penalty)
+            return cls(table, penalty=penalty, strict=strict)
         except BoundsError as err:
             raise BoundsError(f"{path}: {err}") from None
 
@@ -220,10 +243,12 @@ class Bounds:
                     used.add(pattern)
                     break
         unused = [p for p, _, _ in self._entries if p not in used]
-        if unused:
+        if unused and self.strict:
             shown = ", ".join(f"'{n}'" for n in names[:6]) + (", ..." if len(names) > 6 else "")
+            which = ", ".join(f"'{p}'" for p in unused)
             raise BoundsError(
-                f"pattern '{unused[0]}' matches no parameter of the model "
+                f"pattern{'s' if len(unused) > 1 else ''} {which} "
+                f"match{'' if len(unused) > 1 else 'es'} no parameter of the model "
                 f"(its parameters: {shown or 'none'})"
             )
         return _Resolved(names, lower, upper, patterns)
@@ -319,6 +344,7 @@ class Bounds:
 
 
 _PARAMETRIZED = "parametrizations."
+_MAX_TOML_BYTES = 16 * 2**20
 
 
 def _effective_parameters(model: torch.nn.Module) -> dict[str, Tensor]:
