@@ -219,19 +219,17 @@ def _span(t: Tensor) -> tuple[int, int, int] | None:
 
 def aliases(all_tensors: list[tuple[str, Tensor]]) -> list[tuple[str, str]]:
     """Pairs of named tensors whose memory overlaps (tied weights, views of one tensor)."""
-    by_storage: dict[int, list[tuple[int, int, str]]] = {}
-    for name, t in all_tensors:
+    by_storage: dict[int, list[tuple[int, int, int, str]]] = {}
+    for order, (name, t) in enumerate(all_tensors):
         span = _span(t)
         if span is not None:
-            by_storage.setdefault(span[0], []).append((span[1], span[2], name))
+            by_storage.setdefault(span[0], []).append((span[1], order, span[2], name))
     pairs = []
     for spans in by_storage.values():
-        if len(spans) < 2:
-            continue
         spans.sort()
-        for i, (_, e1, n1) in enumerate(spans):
-            for b2, _, n2 in spans[i + 1 :]:
+        for i, (_, o1, e1, n1) in enumerate(spans):
+            for b2, o2, _, n2 in spans[i + 1 :]:
                 if b2 >= e1:
                     break
-                pairs.append((n1, n2))
+                pairs.append((n1, n2) if o1 < o2 else (n2, n1))
     return pairs

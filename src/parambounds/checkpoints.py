@@ -58,6 +58,7 @@ class Checkpoint:
     skipped: list[str] = field(default_factory=list)
     changed: set[str] = field(default_factory=set)
     handle: Any = None
+    paths: dict[str, tuple[Any, ...]] = field(default_factory=dict)
 
     @property
     def metadata(self) -> dict[str, str] | None:
@@ -72,11 +73,8 @@ class Checkpoint:
         """Every tensor in the file with a name, for finding shared memory."""
         if self.format != "torch":
             return list(self.tensors.items())  # safetensors and JSON cannot share memory
-        names = {id(t): n for n, t in self.tensors.items()}
-        out = []
-        for path, t in walk_tensors(self.data):
-            out.append((names.get(id(t), where(path)), t))
-        return out
+        names = {p: n for n, p in self.paths.items()}  # tied tensors: one object, two names
+        return [(names.get(path, where(path)), t) for path, t in walk_tensors(self.data)]
 
 
 def _format_of(path: Path) -> str:
@@ -100,7 +98,9 @@ def _check_readable(path: Path) -> None:
 def _from_named(path: Path, fmt: str, named: Named, data: Any, handle: Any) -> Checkpoint:
     tensors = dict(named.tensors)
     derived = find_reparametrized(tensors)
-    return Checkpoint(path, fmt, tensors, data, derived, named.skipped, handle=handle)
+    return Checkpoint(
+        path, fmt, tensors, data, derived, named.skipped, handle=handle, paths=named.paths
+    )
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
