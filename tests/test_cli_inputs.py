@@ -421,3 +421,145 @@ def test_version(capsys):
         main(["--version"])
     assert e.value.code == 0
     assert capsys.readouterr().out.strip() == f"parambounds {version('parambounds')}"
+
+
+# ------------------------------------------------------------------ Rockpool JSON
+
+
+def test_rockpool_scalars_checked_clamped_and_loadable(tmp, capsys):
+    from rockpool.nn.combinators import Sequential
+    from rockpool.nn.modules import LIFTorch, LinearTorch
+
+    net = Sequential(LinearTorch((2, 3)), LIFTorch(3, tau_mem=0.5, tau_syn=0.02))
+    src = tmp / "net.json"
+    net.save(str(src))
+    raw = json.loads(src.read_text())
+    assert raw["1_LIFTorch"]["tau_mem"] == "0.5"  # Rockpool writes a scalar as a scalar
+    (tmp / "t.toml").write_text('[bounds]\n"*.tau_*" = [0.001, 0.1]\n')
+    code, rep = _check_json(capsys, src, tmp / "t.toml")
+    assert code == 1 and rep["report"]["1_LIFTorch.tau_mem"]["above"] == 1
+    (tmp / "m.toml").write_text('[bounds]\n"*.tau_mem" = [0.001, 0.1]\n')
+    assert _check_json(capsys, src, tmp / "m.toml")[0] == 1  # the pattern matches the scalar
+    dst = tmp / "c.json"
+    code, _, err = run(capsys, "clamp", src, "--bounds", tmp / "t.toml", "-o", dst)
+    assert code == 0, err
+    after = json.loads(dst.read_text())
+    assert after["1_LIFTorch"]["tau_mem"] == "0.1"  # still a scalar
+    assert after["1_LIFTorch"]["tau_syn"] == raw["1_LIFTorch"]["tau_syn"]  # untouched
+    fresh = Sequential(LinearTorch((2, 3)), LIFTorch(3))
+    fresh.load(str(dst))
+    assert float(fresh[1].tau_mem) == pytest.approx(0.1)
+
+
+def test_rockpool_integer_and_bool_lists_keep_values_and_types(tmp, capsys):
+    src = tmp / "p.json"
+    src.write_text(
+        json.dumps(
+            {
+                "m": {
+                    "flags": "[true, false]",
+                    "counts": "[5, 0]",
+                    "tau_mem": "[0.5, 0.01]",
+                    "name": "lif",
+                }
+            }
+        )
+    )
+    (tmp / "all.toml").write_text('[bounds]\n"*" = [0.001, 0.1]\n')
+    code, rep = _check_json(capsys, src, tmp / "all.toml")
+    assert rep["parameters"] == ["m.tau_mem"]
+    code, _, err = run(capsys, "clamp", src, "--bounds", tmp / "all.toml", "-o", tmp / "c.json")
+    assert code == 0, err
+    m = json.loads((tmp / "c.json").read_text())["m"]
+    assert m["flags"] == "[true, false]" and m["counts"] == "[5, 0]" and m["name"] == "lif"
+    assert json.loads(m["tau_mem"]) == [0.1, 0.01]
+
+
+# ------------------------------------------------------------------ reparametrized
+
+
+def test_checkpoint_saved_after_reparametrize_is_checked_under_the_usual_name(tmp, capsys):
+    from parambounds import Bounds
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
+    model[1].register_parameter("tau", torch.nn.Parameter(torch.tensor([0.02, 0.03, 0.09])))
+    Bounds({"1.tau": (0.001, 0.1)}).reparametrize_(model)
+    p = tmp / "r.pt"
+    torch.save(model.state_dict(), p)
+    assert "1.parametrizations.tau.original" in model.state_dict()
+    (tmp / "r.toml").write_text('[bounds]\n"*.tau" = [0.01, 0.05]\n')
+    code, rep = _check_json(capsys, p, tmp / "r.toml")
+    assert code == 1 and "1.tau" in rep["parameters"]
+    assert "1.parametrizations.tau.0.lower" not in rep["parameters"]
+    assert rep["report"]["1.tau"]["above"] == 1
+    code, _, err = run(capsys, "clamp", p, "--bounds", tmp / "r.toml", "-o", tmp / "c.pt")
+    assert code == 0, err
+    model.load_state_dict(torch.load(tmp / "c.pt", weights_only=True))
+    tau = model[1].tau.detach().double()
+    assert tau[:2].tolist() == pytest.approx([0.02, 0.03], rel=1e-5)  # inside: kept
+    assert 0.05 - 1e-6 <= float(tau[2]) <= 0.05  # clamped to the upper bound, not beyond
+    assert _check_json(capsys, tmp / "c.pt", tmp / "r.toml")[0] == 0
+
+
+# ------------------------------------------------------------------ writing safely
+
+
+def test_in_place_through_a_symlink_writes_the_target_and_keeps_mode(tmp, capsys):
+    real = tmp / "m.pt"
+    os.chmod(real, 0o640)
+    link = tmp / "link.pt"
+    link.symlink_to(real)
+    code, _, err = run(capsys, "clamp", link, "--bounds", tmp / "b.toml", "--in-place")
+    assert code == 0, err
+    assert link.is_symlink() and os.readlink(link) == str(real)
+    assert torch.load(real)["lif.tau_mem"].tolist() == pytest.approx([0.005, 0.02, 0.04])
+    assert oct(real.stat().st_mode & 0o777) == oct(0o640)
+
+
+def test_in_place_on_a_hard_linked_file_is_refused(tmp, capsys):
+    other = tmp / "copy.pt"
+    os.link(tmp / "m.pt", other)
+    before = other.read_bytes()
+    code, _, err = run(capsys, "clamp", tmp / "m.pt", "--bounds", tmp / "b.toml", "--in-place")
+    assert code == 2 and "m.pt: has 2 hard links" in one_line(err)
+    assert other.read_bytes() == before
+
+
+def test_temp_file_of_a_killed_run_is_recognisable_and_cleaned(tmp, capsys):
+    import subprocess
+    import sys
+
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    stale = tmp / f".o.pt.parambounds-{dead.stdout.strip()}.tmp"
+    stale.write_bytes(b"half written")
+    mine = tmp / f".o.pt.parambounds-{os.getpid()}-other.tmp"  # not ours to remove: kept
+    mine.write_bytes(b"x")
+    code, _, err = run(
+        capsys, "clamp", tmp / "m.pt", "--bounds", tmp / "b.toml", "-o", tmp / "o.pt"
+    )
+    assert code == 0, err
+    assert not stale.exists() and mine.exists()
+
+
+def test_safetensors_clamped_lazily_and_byte_exact_elsewhere(tmp, capsys):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    src = tmp / "m.safetensors"
+    sd = {
+        "lif.tau_mem": torch.tensor([0.001, 0.02, 0.5]),
+        "w": torch.randn(5, generator=torch.Generator().manual_seed(0)),
+        "n": torch.tensor([3]),
+    }
+    save_file(sd, str(src), metadata={"note": "kept"})
+    dst = tmp / "c.safetensors"
+    code, _, err = run(capsys, "clamp", src, "--bounds", tmp / "b.toml", "-o", dst)
+    assert code == 0, err
+    a, b = src.read_bytes(), dst.read_bytes()
+    assert len(a) == len(b) and sum(x != y for x, y in zip(a, b)) <= 8  # two float32s changed
+    with safe_open(str(dst), framework="pt") as f:
+        assert f.metadata() == {"note": "kept"}
+        assert f.get_tensor("lif.tau_mem").tolist() == pytest.approx([0.005, 0.02, 0.04])
+        assert torch.equal(f.get_tensor("w"), sd["w"]) and torch.equal(f.get_tensor("n"), sd["n"])
