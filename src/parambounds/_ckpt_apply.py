@@ -23,8 +23,9 @@ import torch
 from torch import Tensor
 
 from ._ckpt_reparam import Reparametrized
+from ._torch_spec import _stats
 from .errors import BoundsError
-from .report import ParamReport, _stats
+from .report import ParamReport
 
 __all__ = ["CHUNK", "Target", "aliases", "clamp_target_", "check_target", "make_targets"]
 
