@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoints import CheckpointError, load_checkpoint, save_checkpoint
+from .demo import STEPS
 from .errors import BoundsError
 from .spec import Bounds
 
@@ -36,7 +37,7 @@ leaves a half-written file. Tensors that no pattern bounds, integer tensors and 
 non-tensor entry (epoch, optimizer state) are written back exactly as they were."""
 
 _DEMO_EXAMPLE = """example:
-  parambounds demo --out demo-out --steps 150
+  parambounds demo --out demo-out --steps 80
 
 Trains a small spiking network three times (no bounds, the penalty, projection after
 every step), prints a table and writes DIR/time_constants.png."""
@@ -146,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--steps",
         type=int,
-        default=150,
+        default=STEPS,
         metavar="N",
         help="training steps per run (default: %(default)s)",
     )
