@@ -34,7 +34,9 @@ def test_story_matches_a_plain_python_reading_of_the_history():
     rows = tau.tolist()
     finite = [v for row in rows for v in row if v == v]
     expected = {
-        "outside_steps": [i + 1 for i, row in enumerate(rows) if any(v == v and not lo <= v <= hi for v in row)],
+        "outside_steps": [
+            i + 1 for i, row in enumerate(rows) if any(v == v and not lo <= v <= hi for v in row)
+        ],
         "first_nan": next(i + 1 for i, row in enumerate(rows) if any(v != v for v in row)),
         "below_zero": [i + 1 for i, row in enumerate(rows) if any(v == v and v < 0 for v in row)],
         "min": min(finite),
