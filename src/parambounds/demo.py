@@ -258,7 +258,7 @@ def _plot(results: dict[str, dict[str, Any]], path: Path) -> None:
         f"bounds [{lo:g} ms, {hi:g} ms]",
         fontsize=12,
     )
-    columns = fig.subfigures(1, len(results), wspace=0.02)
+    columns = fig.subfigures(1, len(results), wspace=0.02, squeeze=False)[0]
     steps_axis = torch.arange(1, steps + 1).numpy()
     for column, (run, r) in zip(columns, results.items()):
         s = stories[run]
