@@ -207,10 +207,11 @@ def story(tau: torch.Tensor, lower: float, upper: float) -> dict[str, Any]:
         where some value is negative), and ``min``/``max`` (over the finite values,
         ``nan`` if there are none).
 
-    >>> s = story(torch.tensor([[0.01, 0.02], [0.004, 0.02], [-0.001, 0.03], [float("nan"), 0.02]]),
-    ...           0.005, 0.04)
-    >>> s["outside_steps"], s["first_nan"], s["below_zero"]
-    ([2, 3], 4, [3])
+    Examples:
+        >>> tau = torch.tensor([[0.01, 0.02], [0.004, 0.02], [-0.001, 0.03], [float("nan"), 0.02]])
+        >>> s = story(tau, 0.005, 0.04)
+        >>> s["outside_steps"], s["first_nan"], s["below_zero"]
+        ([2, 3], 4, [3])
     """
     finite = torch.isfinite(tau)
     outside = ((tau < lower) | (tau > upper)) & finite

@@ -38,8 +38,9 @@ def overflow_threshold(dtype: torch.dtype) -> float:
 
     .. math:: T = 0.9 \log(\mathrm{finfo}(\mathrm{dtype}).\mathrm{max})
 
-    >>> round(overflow_threshold(torch.float32), 2)
-    79.85
+    Examples:
+        >>> round(overflow_threshold(torch.float32), 2)
+        79.85
     """
     return 0.9 * math.log(torch.finfo(dtype).max)
 
