@@ -27,7 +27,7 @@ def run_in_fresh_interpreter(example):
         os.symlink(ROOT / "examples", Path(tmp) / "examples")
         script = Path(tmp) / f"{name}.py"
         script.write_text(source)
-        env = {**os.environ, "MPLBACKEND": "Agg", "PYTHONHASHSEED": "0"}
+        env = {**os.environ, "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1"}
         out = subprocess.run(
             [sys.executable, str(script)],
             cwd=tmp,
