@@ -42,4 +42,4 @@ bench: $(VENV)/.installed-test
 	$(PY) benchmarks/bench_bounds.py
 
 example: $(VENV)/.installed-demo
-	$(PY) examples/rockpool_bounds.py
+	$(PY) examples/compare_three_uses.py
