@@ -22,6 +22,7 @@ from . import __version__
 from ._ckpt_apply import Target, _scalar, aliases, check_target, clamp_target_, make_targets
 from ._ckpt_write import resolve_target
 from .checkpoints import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
+from .demo import STEPS
 from .errors import BoundsError
 from .report import Report
 from .spec import Bounds
@@ -45,7 +46,7 @@ leaves a half-written file. Tensors that no pattern bounds, integer tensors and 
 non-tensor entry (epoch, optimizer state) are written back exactly as they were."""
 
 _DEMO_EXAMPLE = """example:
-  parambounds demo --out demo-out --steps 150
+  parambounds demo --out demo-out --steps 80
 
 Trains a small spiking network three times (no bounds, the penalty, projection after
 every step), prints a table and writes DIR/time_constants.png."""
@@ -256,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--steps",
         type=int,
-        default=150,
+        default=STEPS,
         metavar="N",
         help="training steps per run (default: %(default)s)",
     )
