@@ -133,11 +133,10 @@ def build(verbose: bool = True) -> Any:
     """
     global _thread
     with _lock:
-        if _thread is not None:
-            _thread.join()
-        elif not _done.is_set():
+        if not _done.is_set() and _thread is None:
             _thread = threading.current_thread()
             _build_now(verbose)
+    _done.wait()  # a build already started in the background
     if _module is None:
         raise RuntimeError(f"cannot build the native kernel: {_error}")
     return _module
