@@ -257,8 +257,7 @@ class _GroupCost(torch.autograd.Function):
 
 
 def _auto_compiles(x: Tensor) -> bool:
-    """Whether ``"auto"`` wants the compiled kernel for ``x`` (a large tensor the native
-    kernel does not take)."""
+    """Whether ``"auto"`` wants the compiled kernel for ``x``: large, not for the native one."""
     if _compile_failed or x.numel() < AUTO_COMPILE_MIN:
         return False
     native_takes = x.device.type == "cpu" and x.dtype in _NATIVE_DTYPES
