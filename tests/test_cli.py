@@ -322,6 +322,8 @@ def test_demo_rejects_zero_steps(tmp_path):
 
 
 def test_build_kernels(capsys):
+    from parambounds.cli import main
+
     from parambounds import _native
 
     assert main(["build-kernels"]) == 0
@@ -330,6 +332,8 @@ def test_build_kernels(capsys):
 
 
 def test_build_kernels_without_a_compiler(capsys, monkeypatch):
+    from parambounds.cli import main
+
     from parambounds import _native
 
     def fail(verbose=True):
