@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -225,6 +226,80 @@ def _build(
 _PLANS: OrderedDict[Any, Plan] = OrderedDict()
 
 
+@dataclass
+class _Seen:
+    """What a plan was last used with, for the per-step identity check of :func:`get_plan`."""
+
+    treedef: Any
+    lower: tuple[Any, list[Any]]
+    upper: tuple[Any, list[Any]]
+    versions: list[tuple[Tensor, int]]
+    layouts: list[tuple[Any, ...]]
+    plan: Plan
+
+
+#: The last plans by the identity of the three trees: checking that nothing changed is
+#: cheaper than building the cache key (the bounds by value, every parameter's layout).
+_SEEN: OrderedDict[tuple[int, int, int, str], _Seen] = OrderedDict()
+_SEEN_SIZE = 64
+
+
+def _snapshot(bounds: Any) -> tuple[Any, list[Any]]:
+    """The structure and leaves of a bound tree (a flat dict: its keys and values)."""
+    if type(bounds) is dict:
+        return list(bounds), list(bounds.values())
+    return flatten(bounds)
+
+
+def _same(bounds: Any, seen: tuple[Any, list[Any]]) -> bool:
+    """Whether ``bounds`` has the structure of ``seen`` and the very same leaf objects."""
+    structure, leaves = seen
+    if type(bounds) is dict:
+        if type(structure) is not list or len(bounds) != len(leaves):
+            return False
+        now: Any = bounds.values()
+    else:
+        if type(structure) is list:
+            return False
+        structure_now, now = flatten(bounds)
+        if structure_now != structure or len(now) != len(leaves):
+            return False
+    return all(map(operator.is_, now, leaves)) and (
+        type(bounds) is not dict or list(bounds) == structure
+    )
+
+
+def _layouts(plan: Plan, leaves: list[Any]) -> list[tuple[Any, ...]]:
+    return [(leaves[i].shape, leaves[i].dtype, leaves[i].device) for i in plan.bounded]
+
+
+def _seen_plan(key: Any, treedef: Any, leaves: list[Any], lower: Any, upper: Any) -> Plan | None:
+    seen = _SEEN.get(key)
+    if seen is None or seen.treedef != treedef:
+        return None
+    if not (_same(lower, seen.lower) and _same(upper, seen.upper)):
+        return None
+    for t, version in seen.versions:
+        if t._version != version:
+            return None
+    if _layouts(seen.plan, leaves) != seen.layouts:  # a parameter replaced or resized
+        return None
+    return seen.plan
+
+
+def _remember(
+    key: Any, treedef: Any, leaves: list[Any], lower: Any, upper: Any, plan: Plan
+) -> None:
+    if plan.dtensors:  # their layout includes placements: always the full check
+        return
+    lo, hi = _snapshot(lower), _snapshot(upper)
+    versions = [(t, t._version) for t in (*lo[1], *hi[1]) if isinstance(t, Tensor)]
+    _SEEN[key] = _Seen(treedef, lo, hi, versions, _layouts(plan, leaves), plan)
+    _SEEN.move_to_end(key)
+    if len(_SEEN) > _SEEN_SIZE:
+        _SEEN.popitem(last=False)
+
+
 def get_plan(
     tree: Any,
     treedef: Any,
@@ -239,9 +314,24 @@ def get_plan(
     The key is the structure of the three trees, the bound values (tensors by identity
     and version) and the shape, dtype and device of each bounded parameter.
 
+    Each step first checks, cheaply, whether the three trees are the ones of the last
+    call (same objects, same bound leaves and tensor-bound versions, and the same shape,
+    dtype and device for every bounded parameter); only otherwise is the key built.
+
     Raises:
         BoundsError: when the trees or the bounds are invalid.
     """
+    seen_key = (id(tree), id(lower), id(upper), root_name)
+    plan = _seen_plan(seen_key, treedef, leaves, lower, upper)
+    if plan is None:
+        plan = _keyed_plan(tree, treedef, leaves, lower, upper, root_name)
+        _remember(seen_key, treedef, leaves, lower, upper, plan)
+    return plan
+
+
+def _keyed_plan(
+    tree: Any, treedef: Any, leaves: list[Any], lower: Any, upper: Any, root_name: str
+) -> Plan:
     ldef, lleaves = flatten(lower)
     udef, uleaves = flatten(upper)
     key = (
