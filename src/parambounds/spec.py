@@ -119,6 +119,7 @@ class Bounds:
         self._cache: weakref.WeakKeyDictionary[torch.nn.Module, _Resolved] = (
             weakref.WeakKeyDictionary()
         )
+        self._params: weakref.WeakKeyDictionary[torch.nn.Module, Any] = weakref.WeakKeyDictionary()
 
     @classmethod
     def from_trees(cls, lower: Any, upper: Any, *, penalty: str | Penalty = "exp") -> Bounds:
@@ -199,13 +200,40 @@ class Bounds:
                 f"model must be a torch.nn.Module or a mapping of names to tensors, "
                 f"got {type(model).__name__}"
             )
-        params = _effective_parameters(model)
+        params = self._parameters(model)
         names = tuple(params)
         resolved = self._cache.get(model)
         if resolved is None or resolved.names != names:
             resolved = self._match(names)
             self._cache[model] = resolved
         return resolved, params
+
+    def _parameters(self, model: torch.nn.Module) -> dict[str, Tensor]:
+        """:func:`_effective_parameters`, the same dict each step while nothing changed.
+
+        Unchanged means: no parameter or module registered anywhere since (global
+        registration hooks count them), and every parameter still in its module's slot.
+        A model with parametrizations is walked every time (its values are computed).
+        """
+        seen = self._params.get(model)
+        if (
+            seen is not None
+            and seen[0] == _registrations[0]
+            and all([slots.get(n) is p for slots, n, p in seen[2]])
+        ):
+            return seen[1]
+        _watch_registrations()
+        generation = _registrations[0]
+        params = _effective_parameters(model)
+        slots = []
+        for name, p in params.items():
+            owner_path, _, attr = name.rpartition(".")
+            owner = model.get_submodule(owner_path) if owner_path else model
+            if owner._parameters.get(attr) is not p:  # computed by a parametrization
+                return params
+            slots.append((owner._parameters, attr, p))
+        self._params[model] = (generation, params, slots)
+        return params
 
     def _match(self, names: tuple[str, ...]) -> _Resolved:
         lower: dict[str, Any] = {}
@@ -316,6 +344,22 @@ class Bounds:
         report = self.report(model)
         if report.violators:
             raise BoundsViolationError(report.summary())
+
+
+#: How many parameters and modules have been registered anywhere (while watched).
+_registrations = [0]
+
+
+def _count_registration(*_args: Any) -> None:
+    _registrations[0] += 1
+
+
+def _watch_registrations() -> None:
+    """Count registrations of parameters and modules, from the first use of a spec on."""
+    if not _registrations[0]:
+        _registrations[0] = 1
+        torch.nn.modules.module.register_module_parameter_registration_hook(_count_registration)
+        torch.nn.modules.module.register_module_module_registration_hook(_count_registration)
 
 
 _PARAMETRIZED = "parametrizations."
