@@ -59,6 +59,7 @@ __all__ = [
     "get_kernel",
     "leaf_cost",
     "set_kernel",
+    "signed_excess",
     "value_and_grad",
 ]
 
@@ -110,12 +111,30 @@ def clamp_args(lower: Any, upper: Any) -> tuple[Any, Any]:
     return lower, upper
 
 
+def signed_excess(x: Tensor, lower: Any, upper: Any) -> Tensor:
+    r"""Return :math:`d = x - \mathrm{clamp}(x, l, u)`, exact at infinities.
+
+    Positive above, negative below, zero inside and NaN where ``x`` is NaN. An infinite
+    element on an open side (``-inf`` with no lower bound, ``+inf`` under an infinite
+    per-element upper bound) is inside: its ``d`` is 0, not ``inf - inf``.
+    """
+    if isinstance(lower, Tensor) or isinstance(upper, Tensor):
+        # A tensor bound may hold infinities: where x equals its clamp, x is inside.
+        c = torch.clamp(x, lower, upper)
+        return torch.where(x == c, 0.0, x - c)
+    if lower is None:
+        return (x - upper).clamp_min(0)
+    if upper is None:
+        return (x - lower).clamp_max(0)
+    return x - torch.clamp(x, lower, upper)  # both finite: clamp is finite
+
+
 def leaf_cost(x: Tensor, lower: Any, upper: Any, penalty: Penalty) -> Tensor:
     """The cost of one tensor with plain differentiable ops (the traceable reference path)."""
     if not x.is_floating_point():
         x = x.to(torch.get_default_dtype())
     lower, upper = clamp_args(lower, upper)
-    d = x - torch.clamp(x, lower, upper)
+    d = signed_excess(x, lower, upper)
     value, _ = penalty.value_and_slope(d.abs())
     # ``d != 0`` is True for NaN, so a NaN parameter makes the cost NaN.
     return torch.where(d != 0, value, 0.0).sum()
@@ -126,7 +145,7 @@ def value_and_grad(
 ) -> tuple[Tensor, Tensor]:
     r"""Return the cost of ``x`` and its gradient, in one pass and without autograd.
 
-    With :math:`d = x - \mathrm{clamp}(x, l, u)` (positive above, negative below, zero
+    With :math:`d` from :func:`signed_excess` (positive above, negative below, zero
     inside, exact at the bounds) and :math:`e = |d|`:
 
     .. math::
@@ -137,7 +156,7 @@ def value_and_grad(
 
     A NaN in ``x`` gives a NaN cost and a NaN gradient there.
     """
-    d = x - torch.clamp(x, lower, upper)
+    d = signed_excess(x, lower, upper)
     sign = torch.sign(d)  # 0 inside, and 0 for NaN: the slope carries the NaN instead
     value, slope = penalty.value_and_slope(d.abs())
     grad = torch.mul(sign, slope, out=out)
@@ -242,6 +261,10 @@ class _GroupCost(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        needs = ctx.needs_input_grad[1:]
+        if torch.is_grad_enabled():  # create_graph=True: a backward that autograd can differentiate
+            ctx.grads = ctx.flat = None
+            return (None, *_differentiable_grads(ctx.compute, ctx.saved_tensors, needs, grad_out))
         grads, flat = ctx.grads, ctx.flat
         # Drop our references so autograd can adopt the buffers as ``.grad`` (no copy).
         ctx.grads = ctx.flat = None
@@ -252,8 +275,27 @@ class _GroupCost(torch.autograd.Function):
                 flat.mul_(grad_out)
             else:
                 torch._foreach_mul_(list(grads), grad_out)
-        needs = ctx.needs_input_grad[1:]
         return (None, *(g if need else None for g, need in zip(grads, needs)))
+
+
+def _differentiable_grads(
+    run: Any, xs: Sequence[Tensor], needs: Sequence[bool], grad_out: Tensor
+) -> list[Tensor | None]:
+    r"""The gradients of :func:`value_and_grad` as differentiable ops of ``xs`` and ``grad_out``.
+
+    :math:`\partial\,\mathrm{cost}/\partial x_i = \mathrm{sign}(d_i)\, f'(|d_i|)`, so
+    Hessians, Hessian-vector products and gradient penalties see the second derivative.
+    """
+    lower, upper, penalty = run.bounds
+    lower, upper = clamp_args(lower, upper)
+    out: list[Tensor | None] = []
+    for x, need in zip(xs, needs):
+        if not need:
+            out.append(None)
+            continue
+        d = signed_excess(x, lower, upper)
+        out.append(torch.sign(d) * penalty.slope(d.abs()) * grad_out)
+    return out
 
 
 def _auto_compiles(x: Tensor) -> bool:
@@ -286,6 +328,7 @@ def _group_runner(
     big = [k for k, s in enumerate(shapes) if s.numel() >= SMALL]
     small_shapes = [shapes[k] for k in small]
     sizes = [s.numel() for s in small_shapes]
+    total = sum(sizes)
     bound_tensors: dict[Any, tuple[Any, Any]] = {}
     thresholds: dict[torch.dtype, float] = {}
 
@@ -307,6 +350,19 @@ def _group_runner(
                 except Exception as err:  # no working compiler: fall back, once, loudly
                     _note_compile_failure(err)
         return _eager_flat(x, lower, upper, penalty)
+
+    # The concatenated copy of a group's parameters is internal: keep its buffer between
+    # steps (fresh memory costs a page fault per 4 KiB on every step). Plans are shared by
+    # models of the same structure, so each thread has its own buffer.
+    scratch = threading.local()
+
+    def gather(xs: Sequence[Tensor]) -> Tensor:
+        if len(xs) == 1:
+            return xs[0].reshape(-1)
+        buf = getattr(scratch, "buf", None)
+        if buf is None:  # the plan fixes sizes, dtype and device: one buffer serves
+            buf = scratch.buf = torch.empty(total, dtype=xs[0].dtype, device=xs[0].device)
+        return torch.cat([x.reshape(-1) for x in xs], out=buf)
 
     def native_run(xs: Sequence[Tensor]) -> tuple[Tensor, list[Tensor], Tensor | None] | None:
         assert native is not None
@@ -335,7 +391,7 @@ def _group_runner(
             grads: list[Any] = [None] * len(xs)
             flat = None
             if small:
-                value, flat = flat_cost(_gather([xs[k] for k in small]))
+                value, flat = flat_cost(gather([xs[k] for k in small]))
                 values.append(value)
                 for k, g, s in zip(small, flat.split(sizes), small_shapes):
                     grads[k] = g if len(s) == 1 else g.view(s)
@@ -348,14 +404,8 @@ def _group_runner(
             # With leaves of both sizes the gradients are in several buffers: no ``flat``.
             return value, grads, flat if not big else None
 
+    run.bounds = (lower, upper, penalty)  # type: ignore[attr-defined]
     return run
-
-
-def _gather(xs: Sequence[Tensor]) -> Tensor:
-    """The leaves concatenated into one fresh 1-d tensor (a view for a single leaf)."""
-    if len(xs) == 1:
-        return xs[0].reshape(-1)
-    return torch.cat([x.reshape(-1) for x in xs])
 
 
 def _tensor_runner(
@@ -368,6 +418,7 @@ def _tensor_runner(
             value, grad = value_and_grad(xs[0], lower, upper, penalty)
         return value, [grad], None
 
+    run.bounds = (lower, upper, penalty)  # type: ignore[attr-defined]
     return run
 
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import math
 import numbers
-import operator
+import threading
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -57,13 +58,16 @@ class Plan:
 
     groups: list[Group]
     tensor_leaves: list[LeafBounds]
-    # Keeps user-given bound tensors alive: the cache key holds their ids.
-    keepalive: tuple[Any, ...]
     bounded: tuple[int, ...]
     numels: dict[int, int] = field(default_factory=dict)
     dtensors: frozenset[int] = frozenset()
     layouts: dict[tuple[Any, ...], Plan] = field(default_factory=dict)
     runners: dict[Any, Any] = field(default_factory=dict)
+    #: Some bound is a tensor that requires grad (a learnable bound): the cost must
+    #: then be differentiable in the bounds too, so it takes the plain autograd path.
+    grad_bounds: bool = False
+    #: Weak references to the bound tensors of the key: their callbacks drop the plan.
+    watchers: list[Any] = field(default_factory=list)
     _local: dict[int, tuple[Any, Any]] = field(default_factory=dict)
 
     def bounded_items(self) -> list[tuple[int, Any, Any]]:
@@ -88,7 +92,7 @@ def _bound_key(b: Any) -> Any:
     if b is None or type(b) is float:
         return b
     if isinstance(b, Tensor):
-        return ("t", id(b), b._version)
+        return ("t", id(b), b._version, b.requires_grad)
     if isinstance(b, float):
         return b
     if isinstance(b, numbers.Real) and not isinstance(b, bool):
@@ -136,9 +140,9 @@ def _normalise(b: Any, side: str, path: str, param: Any, traced: bool = False) -
     if is_dtensor(b):  # laid out like its parameter already: check this rank's part
         _check_values(cast(Any, b).to_local(), side, where)
         return b.detach().to(dtype=dtype)
+    if traced:  # keep the graph of a learnable bound: the traced path differentiates it
+        return b.to(device=param.device, dtype=dtype)
     t = b.detach().to(device=param.device, dtype=dtype)
-    if traced:
-        return t
     _check_values(t, side, where)
     if bool(torch.isinf(t).all()):
         return None
@@ -202,9 +206,7 @@ def _layout(p: Any) -> tuple[Any, ...]:
     return (p.shape, p.dtype, p.device)
 
 
-def _build(
-    named: list[tuple[str, Any]], lowers: list[Any], uppers: list[Any], keepalive: tuple[Any, ...]
-) -> Plan:
+def _build(named: list[tuple[str, Any]], lowers: list[Any], uppers: list[Any]) -> Plan:
     groups: dict[tuple[Any, ...], Group] = {}
     tensor_leaves: list[LeafBounds] = []
     bounded: list[int] = []
@@ -220,10 +222,34 @@ def _build(
             groups.setdefault(key, Group(lo_n, hi_n)).indices.append(i)  # type: ignore[arg-type]
     numels = {i: named[i][1].numel() for i in bounded}
     dtensors = frozenset(i for i in bounded if is_dtensor(named[i][1]))
-    return Plan(list(groups.values()), tensor_leaves, keepalive, tuple(bounded), numels, dtensors)
+    return Plan(list(groups.values()), tensor_leaves, tuple(bounded), numels, dtensors)
 
 
 _PLANS: OrderedDict[Any, Plan] = OrderedDict()
+# The cache is shared by every thread: lookups and updates hold this lock.
+_LOCK = threading.Lock()
+# Ids of bound tensors in each cached key. The cache does not keep bound tensors alive
+# (fresh bounds every step would pile up): a plan is dropped when one of its bound
+# tensors dies (before its id can be reused: ``_dead`` is emptied before any lookup),
+# and when a new version of one of them gets a plan.
+_TENSOR_IDS: dict[Any, frozenset[int]] = {}
+_dead: list[Any] = []
+
+
+def _forget(key: Any) -> None:
+    _PLANS.pop(key, None)
+    _TENSOR_IDS.pop(key, None)
+
+
+def _watch(key: Any, tensors: list[Tensor]) -> None:
+    """Drop ``key`` from the cache when any of ``tensors`` dies, or gets a newer plan."""
+    ids = frozenset(id(t) for t in tensors)
+    for other, other_ids in list(_TENSOR_IDS.items()):
+        if other_ids & ids:  # an older version of one of these bounds
+            _forget(other)
+    _TENSOR_IDS[key] = ids
+    # The callbacks live as long as the plan; appending to a list is atomic.
+    _PLANS[key].watchers = [weakref.ref(t, lambda _, k=key: _dead.append(k)) for t in tensors]  # type: ignore[misc]
 
 
 @dataclass
@@ -233,7 +259,7 @@ class _Seen:
     treedef: Any
     lower: tuple[Any, list[Any]]
     upper: tuple[Any, list[Any]]
-    versions: list[tuple[Tensor, int]]
+    versions: list[tuple[Any, int]]
     layouts: list[tuple[Any, ...]]
     plan: Plan
 
@@ -244,11 +270,26 @@ _SEEN: OrderedDict[tuple[int, int, int, str], _Seen] = OrderedDict()
 _SEEN_SIZE = 64
 
 
+def _weak(b: Any) -> Any:
+    # Bound tensors are held weakly, as by the plan cache: fresh ones must not pile up.
+    return weakref.ref(b) if isinstance(b, Tensor) else b
+
+
 def _snapshot(bounds: Any) -> tuple[Any, list[Any]]:
     """The structure and leaves of a bound tree (a flat dict: its keys and values)."""
     if type(bounds) is dict:
-        return list(bounds), list(bounds.values())
-    return flatten(bounds)
+        structure, leaves = list(bounds), list(bounds.values())
+    else:
+        structure, leaves = flatten(bounds)
+    return structure, [_weak(b) for b in leaves]
+
+
+def _snapshot_leaves(bounds: Any) -> list[Any]:
+    return list(bounds.values()) if type(bounds) is dict else flatten(bounds)[1]
+
+
+def _is_leaf(now: Any, seen: Any) -> bool:
+    return now is seen or (type(seen) is weakref.ref and seen() is now)
 
 
 def _same(bounds: Any, seen: tuple[Any, list[Any]]) -> bool:
@@ -264,7 +305,7 @@ def _same(bounds: Any, seen: tuple[Any, list[Any]]) -> bool:
         structure_now, now = flatten(bounds)
         if structure_now != structure or len(now) != len(leaves):
             return False
-    return all(map(operator.is_, now, leaves)) and (
+    return all(map(_is_leaf, now, leaves)) and (
         type(bounds) is not dict or list(bounds) == structure
     )
 
@@ -279,8 +320,9 @@ def _seen_plan(key: Any, treedef: Any, leaves: list[Any], lower: Any, upper: Any
         return None
     if not (_same(lower, seen.lower) and _same(upper, seen.upper)):
         return None
-    for t, version in seen.versions:
-        if t._version != version:
+    for ref, version in seen.versions:
+        t = ref()
+        if t is None or t._version != version:
             return None
     if _layouts(seen.plan, leaves) != seen.layouts:  # a parameter replaced or resized
         return None
@@ -293,11 +335,14 @@ def _remember(
     if plan.dtensors:  # their layout includes placements: always the full check
         return
     lo, hi = _snapshot(lower), _snapshot(upper)
-    versions = [(t, t._version) for t in (*lo[1], *hi[1]) if isinstance(t, Tensor)]
-    _SEEN[key] = _Seen(treedef, lo, hi, versions, _layouts(plan, leaves), plan)
-    _SEEN.move_to_end(key)
-    if len(_SEEN) > _SEEN_SIZE:
-        _SEEN.popitem(last=False)
+    tensors = [*_snapshot_leaves(lower), *_snapshot_leaves(upper)]
+    versions = [(weakref.ref(t), t._version) for t in tensors if isinstance(t, Tensor)]
+    seen = _Seen(treedef, lo, hi, versions, _layouts(plan, leaves), plan)
+    with _LOCK:
+        _SEEN[key] = seen
+        _SEEN.move_to_end(key)
+        if len(_SEEN) > _SEEN_SIZE:
+            _SEEN.popitem(last=False)
 
 
 def get_plan(
@@ -342,7 +387,12 @@ def _keyed_plan(
         tuple([_bound_key(b) for b in lleaves]),
         tuple([_bound_key(b) for b in uleaves]),
     )
-    base = _PLANS.get(key)
+    with _LOCK:
+        while _dead:
+            _forget(_dead.pop())
+        base = _PLANS.get(key)
+        if base is not None:
+            _PLANS.move_to_end(key)
     if base is None:
         named = named_leaves(tree, root_name)
         if ldef == treedef and udef == treedef:
@@ -350,20 +400,25 @@ def _keyed_plan(
         else:
             lowers = align(tree, lower, "lower_bounds")
             uppers = align(tree, upper, "upper_bounds")
-        base = _build(named, lowers, uppers, (lower, upper, lleaves, uleaves))
+        base = _build(named, lowers, uppers)
+        tensors = [b for b in (*lleaves, *uleaves) if isinstance(b, Tensor)]
+        base.grad_bounds = any(b.requires_grad for b in tensors)
         base.layouts[tuple([_layout(leaves[i]) for i in base.bounded])] = base
-        _PLANS[key] = base
-        if len(_PLANS) > _CACHE_SIZE:
-            _PLANS.popitem(last=False)
+        with _LOCK:
+            _PLANS[key] = base
+            if tensors:
+                _watch(key, tensors)
+            if len(_PLANS) > _CACHE_SIZE:
+                _forget(next(iter(_PLANS)))
         return base
-    _PLANS.move_to_end(key)
     layout = tuple([_layout(leaves[i]) for i in base.bounded])
     plan = base.layouts.get(layout)
     if plan is None:
         named = named_leaves(tree, root_name)
         lowers = align(tree, lower, "lower_bounds")
         uppers = align(tree, upper, "upper_bounds")
-        plan = _build(named, lowers, uppers, base.keepalive)
+        plan = _build(named, lowers, uppers)
+        plan.grad_bounds = base.grad_bounds
         base.layouts[layout] = plan
     return plan
 
@@ -371,7 +426,10 @@ def _keyed_plan(
 def traced_bounds(
     tree: Any, lower: Any, upper: Any, *, root_name: str = ""
 ) -> list[tuple[Tensor, Any, Any]]:
-    """Match and check bounds without caching or reading tensor values (for ``torch.compile``).
+    """Match and check bounds without caching or reading tensor values.
+
+    For ``torch.compile``, ``torch.func`` transforms and bounds that require grad: tensor
+    bounds keep their autograd graph.
 
     Returns ``(parameter, lower, upper)`` for each bounded leaf.
     """

@@ -59,12 +59,16 @@ def tree_cost(
 ) -> Tensor:
     """Compute the cost of ``tree`` (already converted with :func:`as_tree`)."""
     treedef, leaves = flatten(tree)
-    if torch.compiler.is_compiling():
-        # Traced by torch.compile: plain ops that inductor fuses; no cache, no host reads.
+    plain = torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
+    if not plain:
+        plan = get_plan(tree, treedef, leaves, lower, upper, root_name=root_name)
+        plain = plan.grad_bounds
+    if plain:
+        # Traced by torch.compile or a torch.func transform, or learnable bounds: plain
+        # differentiable ops (that inductor fuses); no cache, no host reads.
         bounded = traced_bounds(tree, lower, upper, root_name=root_name)
         parts = [_kernels.leaf_cost(p, lo, hi, penalty) for p, lo, hi in bounded]
     else:
-        plan = get_plan(tree, treedef, leaves, lower, upper, root_name=root_name)
         parts = combine(_kernels.apply(plan, leaves, penalty))
     dtype = _result_dtype(leaves)
     device = leaves[0].device if leaves and isinstance(leaves[0], Tensor) else None

@@ -20,22 +20,21 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import Tensor
-
-from ._plan import Plan, get_plan
-from .constraints import project_plan_, reparametrize_plan_
-from .cost import tree_cost
+from ._backends import get_backend
 from .errors import BoundsError, BoundsViolationError
 from .penalties import Penalty, get_penalty
-from .report import Report, compute_report
-from .trees import flatten, named_leaves
+from .report import Report
 
 __all__ = ["Bounds", "Model"]
 
-#: What bounds apply to: a module (its ``named_parameters()``), or a flat mapping of
-#: names to tensors such as a ``state_dict``.
-Model = torch.nn.Module | Mapping[str, Tensor]
+#: What bounds apply to: a torch module (its ``named_parameters()``), a flat mapping of
+#: names to tensors such as a ``state_dict``, or a JAX pytree.
+Model = Any
+
+
+def _is_array(b: Any) -> bool:
+    """Whether ``b`` is an array of some framework (checked against its parameter later)."""
+    return hasattr(b, "shape") and hasattr(b, "dtype")
 
 
 def _parse_entry(pattern: str, value: Any) -> tuple[Any, Any]:
@@ -59,7 +58,7 @@ def _parse_entry(pattern: str, value: Any) -> tuple[Any, Any]:
 
 def _check_side(pattern: str, side: str, b: Any) -> None:
     """Reject what cannot be a bound before any model is seen."""
-    if b is None or isinstance(b, Tensor):
+    if b is None or _is_array(b):
         return
     if isinstance(b, bool) or not isinstance(b, numbers.Real):
         raise BoundsError(
@@ -94,6 +93,7 @@ class Bounds:
             that matches no parameter, ``lower > upper``, a NaN bound or a tensor that
             does not broadcast, when first used with a model (naming pattern and parameter).
 
+    >>> import torch
     >>> model = torch.nn.Linear(2, 1)
     >>> bounds = Bounds({"weight": (-0.1, 0.1), "bias": {"lower": 0.0}})
     >>> bounds.project_(model)
@@ -116,10 +116,8 @@ class Bounds:
             _check_side(pattern, "upper", hi)
             entries.append((pattern, lo, hi))
         self._entries: list[tuple[str, Any, Any]] = entries
-        self._cache: weakref.WeakKeyDictionary[torch.nn.Module, _Resolved] = (
-            weakref.WeakKeyDictionary()
-        )
-        self._params: weakref.WeakKeyDictionary[torch.nn.Module, Any] = weakref.WeakKeyDictionary()
+        # Resolved matches by model (torch modules), kept as long as the model lives.
+        self._cache: weakref.WeakKeyDictionary[Any, _Resolved] = weakref.WeakKeyDictionary()
 
     @classmethod
     def from_trees(cls, lower: Any, upper: Any, *, penalty: str | Penalty = "exp") -> Bounds:
@@ -128,6 +126,8 @@ class Bounds:
         Raises:
             BoundsError: when the two trees do not have the same leaves.
         """
+        from .trees import named_leaves
+
         lo = dict(named_leaves(lower))
         hi = dict(named_leaves(upper))
         if set(lo) != set(hi):
@@ -188,52 +188,8 @@ class Bounds:
 
     # ------------------------------------------------------------ resolving
 
-    def _resolve(self, model: Model) -> tuple[_Resolved, dict[str, Tensor]]:
-        if isinstance(model, Mapping):  # a state_dict: names to tensors, resolved each time
-            params = dict(model)
-            for name, t in params.items():
-                if not isinstance(t, Tensor):
-                    raise BoundsError(f"'{name}' must be a tensor, got {type(t).__name__}")
-            return self._match(tuple(params)), params
-        if not isinstance(model, torch.nn.Module):
-            raise BoundsError(
-                f"model must be a torch.nn.Module or a mapping of names to tensors, "
-                f"got {type(model).__name__}"
-            )
-        params = self._parameters(model)
-        names = tuple(params)
-        resolved = self._cache.get(model)
-        if resolved is None or resolved.names != names:
-            resolved = self._match(names)
-            self._cache[model] = resolved
-        return resolved, params
-
-    def _parameters(self, model: torch.nn.Module) -> dict[str, Tensor]:
-        """:func:`_effective_parameters`, the same dict each step while nothing changed.
-
-        Unchanged means: no parameter or module registered anywhere since (global
-        registration hooks count them), and every parameter still in its module's slot.
-        A model with parametrizations is walked every time (its values are computed).
-        """
-        seen = self._params.get(model)
-        if (
-            seen is not None
-            and seen[0] == _registrations[0]
-            and all([slots.get(n) is p for slots, n, p in seen[2]])
-        ):
-            return seen[1]
-        _watch_registrations()
-        generation = _registrations[0]
-        params = _effective_parameters(model)
-        slots = []
-        for name, p in params.items():
-            owner_path, _, attr = name.rpartition(".")
-            owner = model.get_submodule(owner_path) if owner_path else model
-            if owner._parameters.get(attr) is not p:  # computed by a parametrization
-                return params
-            slots.append((owner._parameters, attr, p))
-        self._params[model] = (generation, params, slots)
-        return params
+    def _resolve(self, model: Model) -> tuple[_Resolved, Any]:
+        return get_backend(model).resolve(self, model)  # type: ignore[no-any-return]
 
     def _match(self, names: tuple[str, ...]) -> _Resolved:
         lower: dict[str, Any] = {}
@@ -256,14 +212,10 @@ class Bounds:
             )
         return _Resolved(names, lower, upper, patterns)
 
-    def _plan(self, model: Model) -> tuple[Plan, list[Tensor], _Resolved]:
-        resolved, params = self._resolve(model)
-        treedef, leaves = flatten(params)
-        try:
-            plan = get_plan(params, treedef, leaves, resolved.lower, resolved.upper)
-        except BoundsError as err:
-            raise self._with_pattern(err, resolved) from None
-        return plan, leaves, resolved
+    def _plan(self, model: Model) -> Any:
+        from . import _torch_spec
+
+        return _torch_spec.plan(self, model)
 
     @staticmethod
     def _with_pattern(err: BoundsError, resolved: _Resolved) -> BoundsError:
@@ -275,18 +227,13 @@ class Bounds:
 
     def bounds_of(self, model: Model) -> tuple[dict[str, Any], dict[str, Any]]:
         """Return flat ``(lower, upper)`` dicts by parameter name, as ``bounds_cost`` takes."""
-        resolved, _ = self._resolve(model)
-        return dict(resolved.lower), dict(resolved.upper)
+        return get_backend(model).bounds_of(self, model)  # type: ignore[no-any-return]
 
     # ------------------------------------------------------------ the three uses
 
-    def cost(self, model: Model) -> Tensor:
+    def cost(self, model: Model) -> Any:
         """The penalty of every bounded parameter, as :func:`~parambounds.bounds_cost`."""
-        resolved, params = self._resolve(model)
-        try:
-            return tree_cost(params, resolved.lower, resolved.upper, self.penalty)
-        except BoundsError as err:
-            raise self._with_pattern(err, resolved) from None
+        return get_backend(model).cost(self, model)
 
     def project_(self, model: Model) -> None:
         """Clamp every bounded parameter into its bounds, in place and without autograd.
@@ -294,23 +241,17 @@ class Bounds:
         Parameter objects are kept (optimizers hold references to them); parameters that
         share scalar bounds are clamped with one multi-tensor operation. NaN stays NaN.
         """
-        plan, leaves, _ = self._plan(model)
-        project_plan_(plan, leaves)  # skips reparametrized values: they cannot leave
+        get_backend(model).project_(self, model)
 
-    def attach(self, optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> Any:
+    def attach(self, optimizer: Any, model: Any) -> Any:
         """Project ``model`` after every ``optimizer.step()``.
 
         Returns:
             a handle; ``handle.remove()`` stops the projection.
         """
-        self._plan(model)  # validate now, not at the first step
+        return get_backend(model).attach(self, optimizer, model)
 
-        def hook(opt: Any, args: Any, kwargs: Any) -> None:  # noqa: ARG001
-            self.project_(model)
-
-        return optimizer.register_step_post_hook(hook)
-
-    def reparametrize_(self, model: torch.nn.Module) -> torch.nn.Module:
+    def reparametrize_(self, model: Any) -> Any:
         r"""Make every bounded parameter a smooth function of an unconstrained one.
 
         Registers ``torch.nn.utils.parametrize`` parametrizations: two-sided bounds use
@@ -325,15 +266,13 @@ class Bounds:
         Returns:
             ``model``, modified in place.
         """
-        plan, _, resolved = self._plan(model)
-        return reparametrize_plan_(model, plan, list(resolved.names))
+        return get_backend(model).reparametrize_(self, model)  # type: ignore[no-any-return]
 
     # ------------------------------------------------------------ reporting
 
     def report(self, model: Model) -> Report:
         """Count, per bounded parameter, the elements below and above, NaNs, the largest excess."""
-        plan, leaves, resolved = self._plan(model)
-        return compute_report(plan, leaves, list(resolved.names))
+        return get_backend(model).report(self, model)  # type: ignore[no-any-return]
 
     def check(self, model: Model) -> None:
         """Return quietly when every bounded parameter is inside its bounds.
@@ -344,48 +283,6 @@ class Bounds:
         report = self.report(model)
         if report.violators:
             raise BoundsViolationError(report.summary())
-
-
-#: How many parameters and modules have been registered anywhere (while watched).
-_registrations = [0]
-
-
-def _count_registration(*_args: Any) -> None:
-    _registrations[0] += 1
-
-
-def _watch_registrations() -> None:
-    """Count registrations of parameters and modules, from the first use of a spec on."""
-    if not _registrations[0]:
-        _registrations[0] = 1
-        torch.nn.modules.module.register_module_parameter_registration_hook(_count_registration)
-        torch.nn.modules.module.register_module_module_registration_hook(_count_registration)
-
-
-_PARAMETRIZED = "parametrizations."
-
-
-def _effective_parameters(model: torch.nn.Module) -> dict[str, Tensor]:
-    """``named_parameters()``, with each parametrized tensor under its own name and value.
-
-    ``torch.nn.utils.parametrize`` stores ``m.weight`` as
-    ``m.parametrizations.weight.original``; bounds talk about ``m.weight``, the value
-    the model uses, which is computed here through the parametrization.
-    """
-    out: dict[str, Tensor] = {}
-    for name, p in model.named_parameters():
-        if _PARAMETRIZED not in name:
-            out[name] = p
-            continue
-        head, _, tail = name.rpartition(_PARAMETRIZED)
-        attr, _, rest = tail.partition(".")
-        if rest not in ("original", "original0"):
-            out[name] = p  # a multi-tensor parametrization: keep its own names
-            continue
-        owner_path = head[:-1]
-        owner = model.get_submodule(owner_path) if owner_path else model
-        out[owner_path + ("." if owner_path else "") + attr] = getattr(owner, attr)
-    return out
 
 
 def _escape(name: str) -> str:
