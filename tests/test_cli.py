@@ -329,3 +329,26 @@ def test_demo_rejects_zero_steps(tmp_path):
     out = run("demo", "--out", tmp_path, "--steps", "0")
     assert out.returncode == 2
     assert "--steps must be at least 1, got 0" in no_traceback(out)
+
+
+def test_build_kernels(capsys):
+    from parambounds import _native
+    from parambounds.cli import main
+
+    assert main(["build-kernels"]) == 0
+    assert f"native kernel {_native.module_name()} ready" in capsys.readouterr().out
+    assert _native.state() == "ready"
+
+
+def test_build_kernels_without_a_compiler(capsys, monkeypatch):
+    from parambounds import _native
+    from parambounds.cli import main
+
+    def fail(verbose=True):
+        del verbose
+        raise RuntimeError("cannot build the native kernel: RuntimeError: no compiler")
+
+    monkeypatch.setattr(_native, "build", fail)
+    assert main(["build-kernels"]) == 2
+    err = capsys.readouterr().err
+    assert err == "parambounds: error: cannot build the native kernel: RuntimeError: no compiler\n"

@@ -326,6 +326,99 @@ def _watch(key: Any, tensors: list[Tensor]) -> None:
     _PLANS[key].watchers = [weakref.ref(t, lambda _, k=key: _dead.append(k)) for t in tensors]  # type: ignore[misc]
 
 
+@dataclass
+class _Seen:
+    """What a plan was last used with, for the per-step identity check of :func:`get_plan`."""
+
+    treedef: Any
+    lower: tuple[Any, list[Any]]
+    upper: tuple[Any, list[Any]]
+    versions: list[tuple[Any, int]]
+    layouts: list[tuple[Any, ...]]
+    plan: Plan
+
+
+#: The last plans by the identity of the three trees: checking that nothing changed is
+#: cheaper than building the cache key (the bounds by value, every parameter's layout).
+_SEEN: OrderedDict[tuple[int, int, int, str], _Seen] = OrderedDict()
+_SEEN_SIZE = 64
+
+
+def _weak(b: Any) -> Any:
+    # Bound tensors are held weakly, as by the plan cache: fresh ones must not pile up.
+    return weakref.ref(b) if isinstance(b, Tensor) else b
+
+
+def _snapshot(bounds: Any) -> tuple[Any, list[Any]]:
+    """The structure and leaves of a bound tree (a flat dict: its keys and values)."""
+    if type(bounds) is dict:
+        structure, leaves = list(bounds), list(bounds.values())
+    else:
+        structure, leaves = flatten(bounds)
+    return structure, [_weak(b) for b in leaves]
+
+
+def _snapshot_leaves(bounds: Any) -> list[Any]:
+    return list(bounds.values()) if type(bounds) is dict else flatten(bounds)[1]
+
+
+def _is_leaf(now: Any, seen: Any) -> bool:
+    return now is seen or (type(seen) is weakref.ref and seen() is now)
+
+
+def _same(bounds: Any, seen: tuple[Any, list[Any]]) -> bool:
+    """Whether ``bounds`` has the structure of ``seen`` and the very same leaf objects."""
+    structure, leaves = seen
+    if type(bounds) is dict:
+        if type(structure) is not list or len(bounds) != len(leaves):
+            return False
+        now: Any = bounds.values()
+    else:
+        if type(structure) is list:
+            return False
+        structure_now, now = flatten(bounds)
+        if structure_now != structure or len(now) != len(leaves):
+            return False
+    return all(map(_is_leaf, now, leaves)) and (
+        type(bounds) is not dict or list(bounds) == structure
+    )
+
+
+def _layouts(plan: Plan, leaves: list[Any]) -> list[tuple[Any, ...]]:
+    return [(leaves[i].shape, leaves[i].dtype, leaves[i].device) for i in plan.bounded]
+
+
+def _seen_plan(key: Any, treedef: Any, leaves: list[Any], lower: Any, upper: Any) -> Plan | None:
+    seen = _SEEN.get(key)
+    if seen is None or seen.treedef != treedef:
+        return None
+    if not (_same(lower, seen.lower) and _same(upper, seen.upper)):
+        return None
+    for ref, version in seen.versions:
+        t = ref()
+        if t is None or t._version != version:
+            return None
+    if _layouts(seen.plan, leaves) != seen.layouts:  # a parameter replaced or resized
+        return None
+    return seen.plan
+
+
+def _remember(
+    key: Any, treedef: Any, leaves: list[Any], lower: Any, upper: Any, plan: Plan
+) -> None:
+    if plan.dtensors:  # their layout includes placements: always the full check
+        return
+    lo, hi = _snapshot(lower), _snapshot(upper)
+    tensors = [*_snapshot_leaves(lower), *_snapshot_leaves(upper)]
+    versions = [(weakref.ref(t), t._version) for t in tensors if isinstance(t, Tensor)]
+    seen = _Seen(treedef, lo, hi, versions, _layouts(plan, leaves), plan)
+    with _LOCK:
+        _SEEN[key] = seen
+        _SEEN.move_to_end(key)
+        if len(_SEEN) > _SEEN_SIZE:
+            _SEEN.popitem(last=False)
+
+
 def get_plan(
     tree: Any,
     treedef: Any,
@@ -340,9 +433,24 @@ def get_plan(
     The key is the structure of the three trees, the bound values (tensors by identity
     and version) and the shape, dtype and device of each bounded parameter.
 
+    Each step first checks, cheaply, whether the three trees are the ones of the last
+    call (same objects, same bound leaves and tensor-bound versions, and the same shape,
+    dtype and device for every bounded parameter); only otherwise is the key built.
+
     Raises:
         BoundsError: when the trees or the bounds are invalid.
     """
+    seen_key = (id(tree), id(lower), id(upper), root_name)
+    plan = _seen_plan(seen_key, treedef, leaves, lower, upper)
+    if plan is None:
+        plan = _keyed_plan(tree, treedef, leaves, lower, upper, root_name)
+        _remember(seen_key, treedef, leaves, lower, upper, plan)
+    return plan
+
+
+def _keyed_plan(
+    tree: Any, treedef: Any, leaves: list[Any], lower: Any, upper: Any, root_name: str
+) -> Plan:
     ldef, lleaves = flatten(lower)
     udef, uleaves = flatten(upper)
     key = (

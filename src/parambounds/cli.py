@@ -210,6 +210,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_build_kernels(args: argparse.Namespace) -> int:  # noqa: ARG001
+    """Build the native CPU kernel now (cached), so that no training step waits for it."""
+    from . import _native
+
+    try:
+        _native.build(verbose=True)
+    except RuntimeError as err:
+        print(f"parambounds: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(f"parambounds: native kernel {_native.module_name()} ready")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser, with an example in every command's ``--help``."""
     parser = argparse.ArgumentParser(
@@ -225,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
             name, help=help, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter
         )
         p.set_defaults(func=func)
-        if name != "demo":
+        if name not in ("demo", "build-kernels"):
             p.add_argument("checkpoint", help="a .pt/.pth, .safetensors or Rockpool .json file")
             p.add_argument("--bounds", required=True, metavar="FILE", help=_BOUNDS_HELP)
             p.add_argument(
@@ -262,6 +275,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="training steps per run (default: %(default)s)",
     )
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
+    command(
+        "build-kernels",
+        "build the native CPU kernel ahead of time (C++ compiler and ninja needed)",
+        "example:\n  parambounds build-kernels",
+        cmd_build_kernels,
+    )
     return parser
 
 
