@@ -126,10 +126,17 @@ def test_project_clamps_integers_to_whole_numbers_and_refuses_bool():
 def test_bounds_beyond_the_dtype_range():
     x32 = {"w": torch.tensor([1.0, -3e38])}
     assert bounds_cost(x32, {"w": -1e300}, {"w": 1e300}).item() == 0.0  # open sides
-    assert bounds_cost({"w": torch.tensor([7e4], dtype=torch.float16)}, {"w": None}, {"w": 1e5}).item() == 0.0
-    with pytest.raises(BoundsError, match=r"lower bound for 'w' is 1e\+300, beyond the largest float32"):
+    assert (
+        bounds_cost({"w": torch.tensor([7e4], dtype=torch.float16)}, {"w": None}, {"w": 1e5}).item()
+        == 0.0
+    )
+    with pytest.raises(
+        BoundsError, match=r"lower bound for 'w' is 1e\+300, beyond the largest float32"
+    ):
         bounds_cost(x32, {"w": 1e300}, {"w": None})
-    with pytest.raises(BoundsError, match=r"upper bound for 'w' is -100000, beyond the largest float16"):
+    with pytest.raises(
+        BoundsError, match=r"upper bound for 'w' is -100000, beyond the largest float16"
+    ):
         bounds_cost({"w": torch.zeros(1, dtype=torch.float16)}, {"w": None}, {"w": -1e5})
 
 
@@ -146,7 +153,10 @@ def test_float8_parameters():
 @pytest.mark.parametrize(
     "bound,match",
     [
-        (torch.tensor(1 + 2j), r"lower bound for 'w' must be a real tensor, got dtype torch.complex64"),
+        (
+            torch.tensor(1 + 2j),
+            r"lower bound for 'w' must be a real tensor, got dtype torch.complex64",
+        ),
         (torch.tensor(True), r"lower bound for 'w' must be a real tensor, got dtype torch.bool"),
     ],
 )
@@ -161,7 +171,7 @@ def test_bogus_kernel_environment_variable():
     import sys
 
     out = subprocess.run(
-        [sys.executable, "-c", "import parambounds"],
+        [sys.executable, "-c", "import parambounds; parambounds.get_kernel()"],
         env={**os.environ, "PARAMBOUNDS_KERNEL": "bogus"},
         capture_output=True,
         text=True,
@@ -178,7 +188,15 @@ def test_empty_report_prints_serialises_and_summarises():
         assert report.to_dict() == {}
         assert report.summary() == "all 0 bounded parameters are inside their bounds"
         assert str(report).splitlines()[0].split() == [
-            "parameter", "numel", "below", "above", "max", "excess", "nan", "lower", "upper"
+            "parameter",
+            "numel",
+            "below",
+            "above",
+            "max",
+            "excess",
+            "nan",
+            "lower",
+            "upper",
         ]
     assert str(Report(())).endswith("all 0 bounded parameters are inside their bounds")
 
@@ -211,7 +229,11 @@ def bounded_case(draw):
             if per_element
             else (min(lo, hi), max(lo, hi) + 1.0)
         )
-    as_bound = (lambda b: None if b is None else torch.tensor(b, dtype=torch.float64)) if per_element else (lambda b: b)
+    as_bound = (
+        (lambda b: None if b is None else torch.tensor(b, dtype=torch.float64))
+        if per_element
+        else (lambda b: b)
+    )
     return dtype, xs, lo, hi, as_bound(lo), as_bound(hi)
 
 
