@@ -206,7 +206,7 @@ class Box:
         ), None
 
     @classmethod
-    def tree_unflatten(cls, aux, children):
+    def tree_unflatten(cls, aux, children):  # noqa: ARG003
         return cls(*children)
 
 
