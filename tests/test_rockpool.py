@@ -630,3 +630,19 @@ def test_no_mask_indexing_and_no_host_reads_per_step():
         with Log() as log:
             f(p, lower, upper).backward()
         assert bool(log.ops & syncing) == expect_sync, sorted(log.ops)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_second_derivatives_and_torch_func_match_rockpool(dtype):
+    x = torch.tensor([0.0, 3.0, -2.5, 1.2], dtype=dtype)
+
+    def cost(lib):
+        return lambda v: lib.bounds_cost({"x": v}, {"x": -1.0}, {"x": 1.0})
+
+    hessian = torch.autograd.functional.hessian
+    ours, theirs = hessian(cost(pr), x), hessian(cost(rl), x)
+    assert torch.equal(ours, theirs)
+    assert ours[1, 1] == torch.exp(torch.tensor(2.0, dtype=dtype))  # not silently zero
+    xg = x.clone().requires_grad_()
+    (reference,) = torch.autograd.grad(cost(rl)(xg), xg)
+    assert torch.equal(torch.func.grad(cost(pr))(x), reference)
