@@ -10,7 +10,6 @@ import math
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -590,21 +589,6 @@ def test_real_network_values_and_gradients(dtype):
     assert pr.bounds_cost(net.parameters(), threshold_only, open_upper) == rl.bounds_cost(
         net.parameters(), threshold_only, open_upper
     )
-
-
-# --- docs/rockpool.md runs as written ---------------------------------------------------------
-
-
-def test_docs_page_code_blocks_run():
-    page = Path(__file__).resolve().parents[1] / "docs" / "rockpool.md"
-    text = page.read_text()
-    blocks = [b.split("```", 1)[0] for b in text.split("```python\n")[1:]]
-    assert len(blocks) >= 3
-    runner = "import sys\nfor src in sys.argv[1:]:\n    exec(compile(src, 'block', 'exec'), {'__name__': '__main__'})\n"
-    out = subprocess.run(
-        [sys.executable, "-c", runner, *blocks], capture_output=True, text=True, timeout=600
-    )
-    assert out.returncode == 0, out.stderr
 
 
 def test_no_mask_indexing_and_no_host_reads_per_step():
