@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import os
 import threading
+import types
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -36,6 +37,7 @@ import torch
 from torch import Tensor
 
 from ._plan import Bound, Plan
+from ._rounding import compute_dtype
 from .distributed import cost_layout, partial_cost
 from .errors import BoundsError
 from .penalties import Penalty
@@ -117,8 +119,8 @@ def signed_excess(x: Tensor, lower: Any, upper: Any) -> Tensor:
 
 def leaf_cost(x: Tensor, lower: Any, upper: Any, penalty: Penalty) -> Tensor:
     """The cost of one tensor with plain differentiable ops (the traceable reference path)."""
-    if not x.is_floating_point():
-        x = x.to(torch.get_default_dtype())
+    if not x.is_floating_point() or x.itemsize == 1:  # integers, bool, float8
+        x = x.to(compute_dtype(x.dtype))
     lower, upper = clamp_args(lower, upper)
     d = signed_excess(x, lower, upper)
     value, _ = penalty.value_and_slope(d.abs())
@@ -167,18 +169,30 @@ def _eager_flat(x: Tensor, lower: Bound, upper: Bound, penalty: Penalty) -> tupl
     return torch.stack(parts).sum(), grad
 
 
-_compiled_cache: dict[int, Callable[..., tuple[Tensor, Tensor]]] = {}
+_compiled_cache: dict[Any, Callable[..., tuple[Tensor, Tensor]]] = {}
+
+
+def _fresh_copy(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """A copy of ``fn`` with its own code object.
+
+    ``torch.compile`` caches (and counts recompilations, up to ``recompile_limit``) per
+    code object: each variant of the kernel gets its own, so that many penalties, dtypes
+    and bound layouts never exhaust the limit of one.
+    """
+    code = fn.__code__.replace()
+    return types.FunctionType(code, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
 
 
 def _compiled_flat(x: Tensor, lower: Any, upper: Any, penalty: Penalty) -> tuple[Tensor, Tensor]:
-    fn = _compiled_cache.get(id(penalty))
+    key = (id(penalty), lower is None, upper is None, x.dtype, x.device.type)
+    fn = _compiled_cache.get(key)
     if fn is None:
-        compiled = torch.compile(value_and_grad, dynamic=True, fullgraph=True)
+        compiled = torch.compile(_fresh_copy(value_and_grad), dynamic=True, fullgraph=True)
 
         def fn(x: Tensor, lower: Any, upper: Any, penalty: Penalty = penalty) -> Any:
             return compiled(x, lower, upper, penalty)
 
-        _compiled_cache[id(penalty)] = fn
+        _compiled_cache[key] = fn
     return fn(x, lower, upper)
 
 
@@ -349,8 +363,8 @@ def apply(plan: Plan, leaves: list[Any], penalty: Penalty) -> list[Tensor]:
                 local if layout not in sharded_sums else sharded_sums[layout] + local
             )
             continue
-        if not xs[0].is_floating_point():
-            xs = [x.to(torch.get_default_dtype()) for x in xs]
+        if not xs[0].is_floating_point() or xs[0].itemsize == 1:  # integers, bool, float8
+            xs = [x.to(compute_dtype(x.dtype)) for x in xs]
         parts.append(_GroupCost.apply(run, *xs))
     # One DTensor per layout; ``distributed.combine`` reduces them across ranks.
     parts += [partial_cost(total, layout) for layout, total in sharded_sums.items()]

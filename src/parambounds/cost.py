@@ -17,6 +17,7 @@ from torch import Tensor
 
 from . import _kernels
 from ._plan import get_plan, traced_bounds
+from ._rounding import compute_dtype
 from .distributed import combine
 from .penalties import Penalty, get_penalty
 from .trees import as_tree, flatten
@@ -44,7 +45,8 @@ def _result_dtype(leaves: list[Any]) -> torch.dtype:
     seen = False
     for p in leaves:
         if isinstance(p, Tensor) and p.is_floating_point():
-            dtype = p.dtype if not seen else torch.promote_types(dtype, p.dtype)
+            own = compute_dtype(p.dtype)  # float8 costs are float32
+            dtype = own if not seen else torch.promote_types(dtype, own)
             seen = True
     return dtype
 
