@@ -329,3 +329,31 @@ def test_demo_rejects_zero_steps(tmp_path):
     out = run("demo", "--out", tmp_path, "--steps", "0")
     assert out.returncode == 2
     assert "--steps must be at least 1, got 0" in no_traceback(out)
+
+
+def test_python_dash_m_and_version_and_old_format_without_warnings(tmp_path, files):
+    from importlib.metadata import version
+
+    _, bounds, _ = files
+    old = tmp_path / "old.pt"  # the pre-1.6 format: a pickle, read whole, no torch notes
+    torch.save(state(), old, _use_new_zipfile_serialization=False)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-W",
+            "always",
+            "-m",
+            "parambounds",
+            "check",
+            str(old),
+            "--bounds",
+            str(bounds),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 1 and out.stderr == "", out.stderr
+    assert "3 of 3 bounded parameters are out of bounds" in out.stdout
+    out = run("--version")
+    assert out.returncode == 0 and out.stdout.strip() == f"parambounds {version('parambounds')}"
