@@ -262,7 +262,7 @@ def bad_inputs(tmp):
         "no match": ((good_ckpt, nomatch), r"pattern '\*\.tau_mme' matches no parameter"),
         "lower > upper": (
             (good_ckpt, reversed_),
-            r"model\.pt: lower bound for 'lif\.tau_mem' exceeds its upper bound \(0\.04 > 0\.005\) \(from pattern '\*\.tau_mem'\)",
+            r"reversed\.toml: lower bound for pattern '\*\.tau_mem' exceeds its upper bound \(0\.04 > 0\.005\)",
         ),
         "unknown penalty": (
             (good_ckpt, penalty),

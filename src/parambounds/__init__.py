@@ -1,25 +1,63 @@
-"""parambounds: keep the parameters of PyTorch models inside the ranges where they mean something.
+"""parambounds: keep the parameters of PyTorch and JAX models inside their meaningful ranges.
 
-A drop-in for Rockpool's ``rockpool.training.torch_loss`` bounds functions, without
-their defects.
+A drop-in for Rockpool's ``rockpool.training.torch_loss`` bounds functions (and, in
+:mod:`parambounds.jax`, its ``jax_loss`` ones), without their defects.
+
+The spec (:class:`Bounds`), the errors and the report need no framework; the torch API
+(``bounds_cost``, ``make_bounds``, ...) imports torch when first used, so that
+``import parambounds.jax`` works where torch is missing or broken.
 """
 
-from importlib.metadata import PackageNotFoundError, version
+from __future__ import annotations
 
-from ._kernels import get_kernel, set_kernel
-from .constraints import BoundedParametrization
-from .cost import bounds_cost
+import importlib
+from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING, Any
+
 from .errors import BoundsError, BoundsViolationError
-from .loss import ParameterBoundaryRegularizer, summed_exp_boundary_loss
-from .penalties import PENALTIES, Penalty, overflow_threshold
 from .report import ParamReport, Report
 from .spec import Bounds
-from .trees import make_bounds
+
+if TYPE_CHECKING:
+    from ._kernels import get_kernel, set_kernel
+    from .constraints import BoundedParametrization
+    from .cost import bounds_cost
+    from .loss import ParameterBoundaryRegularizer, summed_exp_boundary_loss
+    from .penalties import PENALTIES, Penalty, overflow_threshold
+    from .trees import make_bounds
 
 try:
     __version__ = version("parambounds")
 except PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0+unknown"
+
+#: Public names of the torch API, by the module that defines them (imported on first use).
+_LAZY = {
+    "PENALTIES": ".penalties",
+    "BoundedParametrization": ".constraints",
+    "ParameterBoundaryRegularizer": ".loss",
+    "Penalty": ".penalties",
+    "bounds_cost": ".cost",
+    "get_kernel": "._kernels",
+    "make_bounds": ".trees",
+    "overflow_threshold": ".penalties",
+    "set_kernel": "._kernels",
+    "summed_exp_boundary_loss": ".loss",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'parambounds' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
 
 __all__ = [
     "PENALTIES",

@@ -27,6 +27,8 @@ and computed as one tensor; their gradients are views into one buffer.
 from __future__ import annotations
 
 import os
+import threading
+import types
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -35,6 +37,7 @@ import torch
 from torch import Tensor
 
 from ._plan import Bound, Plan
+from ._rounding import compute_dtype
 from .distributed import cost_layout, partial_cost
 from .errors import BoundsError
 from .penalties import Penalty
@@ -48,6 +51,7 @@ __all__ = [
     "get_kernel",
     "leaf_cost",
     "set_kernel",
+    "signed_excess",
     "value_and_grad",
 ]
 
@@ -95,12 +99,30 @@ def clamp_args(lower: Any, upper: Any) -> tuple[Any, Any]:
     return lower, upper
 
 
+def signed_excess(x: Tensor, lower: Any, upper: Any) -> Tensor:
+    r"""Return :math:`d = x - \mathrm{clamp}(x, l, u)`, exact at infinities.
+
+    Positive above, negative below, zero inside and NaN where ``x`` is NaN. An infinite
+    element on an open side (``-inf`` with no lower bound, ``+inf`` under an infinite
+    per-element upper bound) is inside: its ``d`` is 0, not ``inf - inf``.
+    """
+    if isinstance(lower, Tensor) or isinstance(upper, Tensor):
+        # A tensor bound may hold infinities: where x equals its clamp, x is inside.
+        c = torch.clamp(x, lower, upper)
+        return torch.where(x == c, 0.0, x - c)
+    if lower is None:
+        return (x - upper).clamp_min(0)
+    if upper is None:
+        return (x - lower).clamp_max(0)
+    return x - torch.clamp(x, lower, upper)  # both finite: clamp is finite
+
+
 def leaf_cost(x: Tensor, lower: Any, upper: Any, penalty: Penalty) -> Tensor:
     """The cost of one tensor with plain differentiable ops (the traceable reference path)."""
-    if not x.is_floating_point():
-        x = x.to(torch.get_default_dtype())
+    if not x.is_floating_point() or x.itemsize == 1:  # integers, bool, float8
+        x = x.to(compute_dtype(x.dtype))
     lower, upper = clamp_args(lower, upper)
-    d = x - torch.clamp(x, lower, upper)
+    d = signed_excess(x, lower, upper)
     value, _ = penalty.value_and_slope(d.abs())
     # ``d != 0`` is True for NaN, so a NaN parameter makes the cost NaN.
     return torch.where(d != 0, value, 0.0).sum()
@@ -111,7 +133,7 @@ def value_and_grad(
 ) -> tuple[Tensor, Tensor]:
     r"""Return the cost of ``x`` and its gradient, in one pass and without autograd.
 
-    With :math:`d = x - \mathrm{clamp}(x, l, u)` (positive above, negative below, zero
+    With :math:`d` from :func:`signed_excess` (positive above, negative below, zero
     inside, exact at the bounds) and :math:`e = |d|`:
 
     .. math::
@@ -122,7 +144,7 @@ def value_and_grad(
 
     A NaN in ``x`` gives a NaN cost and a NaN gradient there.
     """
-    d = x - torch.clamp(x, lower, upper)
+    d = signed_excess(x, lower, upper)
     sign = torch.sign(d)  # 0 inside, and 0 for NaN: the slope carries the NaN instead
     value, slope = penalty.value_and_slope(d.abs())
     grad = torch.mul(sign, slope, out=out)
@@ -147,18 +169,30 @@ def _eager_flat(x: Tensor, lower: Bound, upper: Bound, penalty: Penalty) -> tupl
     return torch.stack(parts).sum(), grad
 
 
-_compiled_cache: dict[int, Callable[..., tuple[Tensor, Tensor]]] = {}
+_compiled_cache: dict[Any, Callable[..., tuple[Tensor, Tensor]]] = {}
+
+
+def _fresh_copy(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """A copy of ``fn`` with its own code object.
+
+    ``torch.compile`` caches (and counts recompilations, up to ``recompile_limit``) per
+    code object: each variant of the kernel gets its own, so that many penalties, dtypes
+    and bound layouts never exhaust the limit of one.
+    """
+    code = fn.__code__.replace()
+    return types.FunctionType(code, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
 
 
 def _compiled_flat(x: Tensor, lower: Any, upper: Any, penalty: Penalty) -> tuple[Tensor, Tensor]:
-    fn = _compiled_cache.get(id(penalty))
+    key = (id(penalty), lower is None, upper is None, x.dtype, x.device.type)
+    fn = _compiled_cache.get(key)
     if fn is None:
-        compiled = torch.compile(value_and_grad, dynamic=True, fullgraph=True)
+        compiled = torch.compile(_fresh_copy(value_and_grad), dynamic=True, fullgraph=True)
 
         def fn(x: Tensor, lower: Any, upper: Any, penalty: Penalty = penalty) -> Any:
             return compiled(x, lower, upper, penalty)
 
-        _compiled_cache[id(penalty)] = fn
+        _compiled_cache[key] = fn
     return fn(x, lower, upper)
 
 
@@ -194,6 +228,10 @@ class _GroupCost(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        needs = ctx.needs_input_grad[1:]
+        if torch.is_grad_enabled():  # create_graph=True: a backward that autograd can differentiate
+            ctx.grads = ctx.flat = None
+            return (None, *_differentiable_grads(ctx.compute, ctx.saved_tensors, needs, grad_out))
         grads, flat = ctx.grads, ctx.flat
         # Drop our references so autograd can adopt the buffers as ``.grad`` (no copy).
         ctx.grads = ctx.flat = None
@@ -204,8 +242,27 @@ class _GroupCost(torch.autograd.Function):
                 flat.mul_(grad_out)
             else:
                 torch._foreach_mul_(list(grads), grad_out)
-        needs = ctx.needs_input_grad[1:]
         return (None, *(g if need else None for g, need in zip(grads, needs)))
+
+
+def _differentiable_grads(
+    run: Any, xs: Sequence[Tensor], needs: Sequence[bool], grad_out: Tensor
+) -> list[Tensor | None]:
+    r"""The gradients of :func:`value_and_grad` as differentiable ops of ``xs`` and ``grad_out``.
+
+    :math:`\partial\,\mathrm{cost}/\partial x_i = \mathrm{sign}(d_i)\, f'(|d_i|)`, so
+    Hessians, Hessian-vector products and gradient penalties see the second derivative.
+    """
+    lower, upper, penalty = run.bounds
+    lower, upper = clamp_args(lower, upper)
+    out: list[Tensor | None] = []
+    for x, need in zip(xs, needs):
+        if not need:
+            out.append(None)
+            continue
+        d = signed_excess(x, lower, upper)
+        out.append(torch.sign(d) * penalty.slope(d.abs()) * grad_out)
+    return out
 
 
 def _group_runner(
@@ -243,15 +300,17 @@ def _group_runner(
         return _eager_flat(x, lower, upper, penalty)
 
     # The concatenated copy of a group's parameters is internal: keep its buffer between
-    # steps (fresh memory costs a page fault per 4 KiB on every step).
-    scratch: list[Tensor] = []
+    # steps (fresh memory costs a page fault per 4 KiB on every step). Plans are shared by
+    # models of the same structure, so each thread has its own buffer.
+    scratch = threading.local()
 
     def gather(xs: Sequence[Tensor]) -> Tensor:
         if len(xs) == 1:
             return xs[0].reshape(-1)
-        if not scratch:  # the plan fixes sizes, dtype and device: one buffer serves
-            scratch.append(torch.empty(total, dtype=xs[0].dtype, device=xs[0].device))
-        return torch.cat([x.reshape(-1) for x in xs], out=scratch[0])
+        buf = getattr(scratch, "buf", None)
+        if buf is None:  # the plan fixes sizes, dtype and device: one buffer serves
+            buf = scratch.buf = torch.empty(total, dtype=xs[0].dtype, device=xs[0].device)
+        return torch.cat([x.reshape(-1) for x in xs], out=buf)
 
     def run(xs: Sequence[Tensor]) -> tuple[Tensor, list[Tensor], Tensor | None]:
         with torch.no_grad():
@@ -270,6 +329,7 @@ def _group_runner(
                 grads.append(g.view(x.shape))
             return (torch.stack(values).sum() if len(values) > 1 else values[0]), grads, None
 
+    run.bounds = (lower, upper, penalty)  # type: ignore[attr-defined]
     return run
 
 
@@ -283,6 +343,7 @@ def _tensor_runner(
             value, grad = value_and_grad(xs[0], lower, upper, penalty)
         return value, [grad], None
 
+    run.bounds = (lower, upper, penalty)  # type: ignore[attr-defined]
     return run
 
 
@@ -302,8 +363,8 @@ def apply(plan: Plan, leaves: list[Any], penalty: Penalty) -> list[Tensor]:
                 local if layout not in sharded_sums else sharded_sums[layout] + local
             )
             continue
-        if not xs[0].is_floating_point():
-            xs = [x.to(torch.get_default_dtype()) for x in xs]
+        if not xs[0].is_floating_point() or xs[0].itemsize == 1:  # integers, bool, float8
+            xs = [x.to(compute_dtype(x.dtype)) for x in xs]
         parts.append(_GroupCost.apply(run, *xs))
     # One DTensor per layout; ``distributed.combine`` reduces them across ranks.
     parts += [partial_cost(total, layout) for layout, total in sharded_sums.items()]

@@ -24,25 +24,39 @@ value and the slope share work, ``value_and_slope``) registered in :data:`PENALT
 from __future__ import annotations
 
 import math
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING, Any
 
 from .errors import BoundsError
 
-__all__ = ["PENALTIES", "Penalty", "get_penalty", "overflow_threshold"]
+if TYPE_CHECKING:
+    from torch import Tensor
+
+__all__ = ["PENALTIES", "Penalty", "get_penalty", "overflow_threshold", "threshold_for_max"]
 
 
-def overflow_threshold(dtype: torch.dtype) -> float:
+def threshold_for_max(finfo_max: float) -> float:
+    r"""The overflow threshold :math:`T = 0.9 \log(\mathrm{max})` for a dtype's largest value.
+
+    Shared by every backend, so they all continue linearly at the same excess.
+
+    >>> round(threshold_for_max(3.4028234663852886e38), 2)
+    79.85
+    """
+    return 0.9 * math.log(finfo_max)
+
+
+def overflow_threshold(dtype: Any) -> float:
     r"""Excess past which exponential penalties continue linearly.
 
     .. math:: T = 0.9 \log(\mathrm{finfo}(\mathrm{dtype}).\mathrm{max})
 
-    Examples:
-        >>> round(overflow_threshold(torch.float32), 2)
-        79.85
+    >>> import torch
+    >>> round(overflow_threshold(torch.float32), 2)
+    79.85
     """
-    return 0.9 * math.log(torch.finfo(dtype).max)
+    import torch  # only torch dtypes get here; torch is loaded already
+
+    return threshold_for_max(torch.finfo(dtype).max)
 
 
 class Penalty:
@@ -89,14 +103,16 @@ class ExpPenalty(Penalty):
 
     def value_and_slope(self, e: Tensor) -> tuple[Tensor, Tensor]:
         t = overflow_threshold(e.dtype)
-        slope = torch.exp(e.clamp_max(t))
-        return torch.addcmul(slope, slope, (e - t).clamp_min_(0)), slope
+        slope = e.clamp_max(t).exp()
+        # relu, not clamp_min: its gradient at e == T is 0, so autograd's slope there is
+        # exp(T) from the clamped branch alone (clamp_min would add it twice).
+        return slope.addcmul(slope, (e - t).relu()), slope
 
     def value(self, e: Tensor) -> Tensor:
         return self.value_and_slope(e)[0]
 
     def slope(self, e: Tensor) -> Tensor:
-        return torch.exp(e.clamp_max(overflow_threshold(e.dtype)))
+        return e.clamp_max(overflow_threshold(e.dtype)).exp()
 
 
 class Expm1Penalty(Penalty):
@@ -113,14 +129,14 @@ class Expm1Penalty(Penalty):
     def value_and_slope(self, e: Tensor) -> tuple[Tensor, Tensor]:
         t = overflow_threshold(e.dtype)
         capped = e.clamp_max(t)
-        slope = torch.exp(capped)
-        return torch.expm1(capped) + slope * (e - t).clamp_min(0), slope
+        slope = capped.exp()
+        return capped.expm1() + slope * (e - t).relu(), slope
 
     def value(self, e: Tensor) -> Tensor:
         return self.value_and_slope(e)[0]
 
     def slope(self, e: Tensor) -> Tensor:
-        return torch.exp(e.clamp_max(overflow_threshold(e.dtype)))
+        return e.clamp_max(overflow_threshold(e.dtype)).exp()
 
 
 class QuadraticPenalty(Penalty):
@@ -144,7 +160,7 @@ class LinearPenalty(Penalty):
         return e.clone()
 
     def slope(self, e: Tensor) -> Tensor:
-        return torch.where(e.isnan(), e, 1.0)
+        return e.new_ones(e.shape).where(~e.isnan(), e)
 
 
 #: Registered penalty shapes by name.

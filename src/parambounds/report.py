@@ -1,7 +1,7 @@
-"""The report: what is out of bounds, per parameter, computed on the device.
+"""The report: what is out of bounds, per parameter; its data and formatting.
 
-All statistics are computed where the parameters live and copied to the host once, at
-the end (one transfer per device), not once per parameter.
+Shared by every framework: each backend computes the numbers where the parameters live
+(copying them to the host once) and returns a :class:`Report`.
 """
 
 from __future__ import annotations
@@ -9,20 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import torch
-from torch import Tensor
-
-from ._kernels import clamp_args
-from ._plan import Plan
-from .distributed import reduce_stats, to_local
-
-__all__ = ["ParamReport", "Report", "compute_report"]
-
-
-def _show_bound(b: Any) -> float | str | None:
-    if b is None or isinstance(b, float):
-        return b
-    return f"tensor{tuple(b.shape)}"
+__all__ = ["ParamReport", "Report"]
 
 
 @dataclass(frozen=True)
@@ -116,7 +103,7 @@ class Report:
             )
             for e in self.ordered()
         ]
-        widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
+        widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(head)]
 
         def line(cells: tuple[str, ...]) -> str:
             return "  ".join(
@@ -126,51 +113,3 @@ class Report:
         lines = [line(head), line(tuple("-" * w for w in widths))] + [line(r) for r in rows]
         lines.append(self.summary())
         return "\n".join(lines)
-
-
-def _stats(x: Tensor, lower: Any, upper: Any) -> Tensor:
-    """``[below, above, max_excess, nan]`` of one tensor, as float64 on its device."""
-    x = x.detach()
-    if not x.is_floating_point():
-        x = x.to(torch.get_default_dtype())
-    lo, hi = clamp_args(lower, upper)
-    d = x - torch.clamp(x, lo, hi)  # > 0 above, < 0 below, NaN for NaN
-    zero = torch.zeros((), dtype=torch.float64, device=x.device)
-    above = (d > 0).sum().to(torch.float64)
-    below = (d < 0).sum().to(torch.float64)
-    nan = torch.isnan(x).sum().to(torch.float64)
-    excess = torch.nan_to_num(d.abs(), nan=0.0).amax().to(torch.float64) if x.numel() else zero
-    return torch.stack([below, above, excess, nan])
-
-
-@torch.no_grad()
-def compute_report(plan: Plan, leaves: list[Tensor], names: list[str]) -> Report:
-    """Compute the :class:`Report` of the bounded leaves of ``plan``."""
-    items = plan.bounded_items()
-    by_device: dict[torch.device, list[tuple[int, Tensor]]] = {}
-    for pos, (i, lo, hi) in enumerate(items):
-        lo, hi = plan.local_bounds(i, lo, hi, leaves[i])
-        stats = _stats(to_local(leaves[i]), lo, hi)
-        by_device.setdefault(stats.device, []).append((pos, stats))
-    values: list[list[float]] = [[] for _ in items]
-    for rows in by_device.values():
-        stacked = torch.stack([s for _, s in rows])
-        # DTensor shards: one collective for the whole report, the same result everywhere.
-        stacked = reduce_stats(stacked, [leaves[items[pos][0]] for pos, _ in rows])
-        host = stacked.tolist()  # the one transfer per device
-        for (pos, _), v in zip(rows, host):
-            values[pos] = v
-    entries = tuple(
-        ParamReport(
-            name=names[i],
-            numel=leaves[i].numel(),
-            below=int(v[0]),
-            above=int(v[1]),
-            max_excess=float(v[2]),
-            nan=int(v[3]),
-            lower=_show_bound(lo),
-            upper=_show_bound(hi),
-        )
-        for (i, lo, hi), v in zip(items, values)
-    )
-    return Report(entries)

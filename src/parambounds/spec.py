@@ -10,32 +10,33 @@ leave the bounds (:meth:`Bounds.reparametrize_`), and a report (:meth:`Bounds.re
 
 from __future__ import annotations
 
+import difflib
+import functools
 import math
 import numbers
 import sys
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import Tensor
-
-from ._plan import Plan, get_plan
-from .constraints import project_plan_, reparametrize_plan_
-from .cost import tree_cost
+from ._backends import get_backend
 from .errors import BoundsError, BoundsViolationError
 from .penalties import Penalty, get_penalty
-from .report import Report, compute_report
-from .trees import flatten, named_leaves
+from .report import Report
 
-__all__ = ["Bounds", "Model"]
+__all__ = ["Bounds", "Model", "match_indices"]
 
-#: What bounds apply to: a module (its ``named_parameters()``), or a flat mapping of
-#: names to tensors such as a ``state_dict``.
-Model = torch.nn.Module | Mapping[str, Tensor]
+#: What bounds apply to: a torch module (its ``named_parameters()``), a flat mapping of
+#: names to tensors such as a ``state_dict``, or a JAX pytree.
+Model = Any
+
+
+def _is_array(b: Any) -> bool:
+    """Whether ``b`` is an array of some framework (checked against its parameter later)."""
+    return hasattr(b, "shape") and hasattr(b, "dtype")
 
 
 def _parse_entry(pattern: str, value: Any) -> tuple[Any, Any]:
@@ -59,7 +60,7 @@ def _parse_entry(pattern: str, value: Any) -> tuple[Any, Any]:
 
 def _check_side(pattern: str, side: str, b: Any) -> None:
     """Reject what cannot be a bound before any model is seen."""
-    if b is None or isinstance(b, Tensor):
+    if b is None or _is_array(b):
         return
     if isinstance(b, bool) or not isinstance(b, numbers.Real):
         raise BoundsError(
@@ -68,6 +69,82 @@ def _check_side(pattern: str, side: str, b: Any) -> None:
         )
     if math.isnan(float(b)):
         raise BoundsError(f"{side} bound for pattern '{pattern}' is NaN")
+
+
+@functools.lru_cache(maxsize=256)
+def match_indices(patterns: tuple[str, ...], names: tuple[str, ...]) -> tuple[int, ...]:
+    """For each name, the index of the first ``fnmatch`` pattern that matches it, or -1.
+
+    Plain strings in, plain integers out (cached): backends can run it once, outside
+    any traced region (``torch.compile``, ``jax.jit``), and treat the result as a constant.
+
+    >>> match_indices(("*.weight", "*"), ("0.weight", "0.bias"))
+    (0, 1)
+    """
+    return tuple(
+        next((k for k, p in enumerate(patterns) if fnmatchcase(name, p)), -1) for name in names
+    )
+
+
+def _check_pair(pattern: str, lo: Any, hi: Any) -> None:
+    """Reject scalar bounds that no value can satisfy, before any model is seen."""
+    lo_v = float(lo) if isinstance(lo, numbers.Real) else None
+    hi_v = float(hi) if isinstance(hi, numbers.Real) else None
+    if lo_v == math.inf:
+        raise BoundsError(f"lower bound for pattern '{pattern}' is inf, which no value can satisfy")
+    if hi_v == -math.inf:
+        raise BoundsError(
+            f"upper bound for pattern '{pattern}' is -inf, which no value can satisfy"
+        )
+    if lo_v is not None and hi_v is not None and lo_v > hi_v:
+        raise BoundsError(
+            f"lower bound for pattern '{pattern}' exceeds its upper bound ({lo} > {hi})"
+        )
+
+
+def _quoted(items: list[str]) -> str:
+    return ", ".join(f"'{i}'" for i in items)
+
+
+def _unused_message(unused: list[str], names: tuple[str, ...], winners: dict[str, str]) -> str:
+    """Say why each pattern in ``unused`` bounds nothing: shadowed, or matching no name.
+
+    A pattern is shadowed when every name it matches is taken by an earlier pattern
+    (the first match wins); the others match no name at all and get the closest names.
+    """
+    shadowed: list[str] = []
+    missing: list[str] = []
+    for pattern in unused:
+        hits = [n for n in names if fnmatchcase(n, pattern)]
+        if hits:
+            earlier = list(dict.fromkeys(winners[n] for n in hits))
+            which = "pattern" if len(earlier) == 1 else "patterns"
+            shadowed.append(
+                f"pattern '{pattern}' is shadowed by the earlier {which} {_quoted(earlier)}: "
+                f"every parameter it matches ({_quoted(hits[:3])}"
+                f"{', ...' if len(hits) > 3 else ''}) is bounded by {_quoted(earlier)} "
+                "first (the first matching pattern wins; put the more specific one first)"
+            )
+        else:
+            missing.append(pattern)
+    parts = []
+    if missing:
+        shown = _quoted(list(names[:6])) + (", ..." if len(names) > 6 else "")
+        subject = (
+            f"pattern '{missing[0]}' matches"
+            if len(missing) == 1
+            else f"patterns {_quoted(missing)} match"
+        )
+        hints = []
+        for pattern in missing:
+            close = difflib.get_close_matches(pattern, names, n=3, cutoff=0.5)
+            if close:
+                hints.append(f"'{pattern}' is closest to {_quoted(close)}")
+        parts.append(
+            f"{subject} no parameter of the model (its parameters: {shown or 'none'})"
+            + (f"; {'; '.join(hints)}" if hints else "")
+        )
+    return "; ".join(parts + shadowed)
 
 
 @dataclass
@@ -94,12 +171,12 @@ class Bounds:
             that matches no parameter, ``lower > upper``, a NaN bound or a tensor that
             does not broadcast, when first used with a model (naming pattern and parameter).
 
-    Examples:
-        >>> model = torch.nn.Linear(2, 1)
-        >>> bounds = Bounds({"weight": (-0.1, 0.1), "bias": {"lower": 0.0}})
-        >>> bounds.project_(model)
-        >>> bool(model.weight.abs().max() <= 0.1), bool(model.bias.min() >= 0.0)
-        (True, True)
+    >>> import torch
+    >>> model = torch.nn.Linear(2, 1)
+    >>> bounds = Bounds({"weight": (-0.1, 0.1), "bias": {"lower": 0.0}})
+    >>> bounds.project_(model)
+    >>> bool(model.weight.abs().max() <= 0.1), bool(model.bias.min() >= 0.0)
+    (True, True)
     """
 
     def __init__(self, spec: Mapping[str, Any], *, penalty: str | Penalty = "exp") -> None:
@@ -115,11 +192,11 @@ class Bounds:
             lo, hi = _parse_entry(pattern, value)
             _check_side(pattern, "lower", lo)
             _check_side(pattern, "upper", hi)
+            _check_pair(pattern, lo, hi)
             entries.append((pattern, lo, hi))
         self._entries: list[tuple[str, Any, Any]] = entries
-        self._cache: weakref.WeakKeyDictionary[torch.nn.Module, _Resolved] = (
-            weakref.WeakKeyDictionary()
-        )
+        # Resolved matches by model (torch modules), kept as long as the model lives.
+        self._cache: weakref.WeakKeyDictionary[Any, _Resolved] = weakref.WeakKeyDictionary()
 
     @classmethod
     def from_trees(cls, lower: Any, upper: Any, *, penalty: str | Penalty = "exp") -> Bounds:
@@ -128,6 +205,8 @@ class Bounds:
         Raises:
             BoundsError: when the two trees do not have the same leaves.
         """
+        from .trees import named_leaves
+
         lo = dict(named_leaves(lower))
         hi = dict(named_leaves(upper))
         if set(lo) != set(hi):
@@ -188,55 +267,40 @@ class Bounds:
 
     # ------------------------------------------------------------ resolving
 
-    def _resolve(self, model: Model) -> tuple[_Resolved, dict[str, Tensor]]:
-        if isinstance(model, Mapping):  # a state_dict: names to tensors, resolved each time
-            params = dict(model)
-            for name, t in params.items():
-                if not isinstance(t, Tensor):
-                    raise BoundsError(f"'{name}' must be a tensor, got {type(t).__name__}")
-            return self._match(tuple(params)), params
-        if not isinstance(model, torch.nn.Module):
-            raise BoundsError(
-                f"model must be a torch.nn.Module or a mapping of names to tensors, "
-                f"got {type(model).__name__}"
-            )
-        params = _effective_parameters(model)
-        names = tuple(params)
-        resolved = self._cache.get(model)
-        if resolved is None or resolved.names != names:
-            resolved = self._match(names)
-            self._cache[model] = resolved
-        return resolved, params
+    def _resolve(self, model: Model) -> tuple[_Resolved, Any]:
+        return get_backend(model).resolve(self, model)  # type: ignore[no-any-return]
 
-    def _match(self, names: tuple[str, ...]) -> _Resolved:
+    def _match(
+        self, names: tuple[str, ...], matcher: Callable[..., tuple[int, ...]] | None = None
+    ) -> _Resolved:
+        """Resolve the spec against ``names`` (``matcher``: :func:`match_indices` or a wrapper)."""
+        for name in names:
+            if not isinstance(name, str):
+                raise BoundsError(
+                    f"parameter name {name!r} must be a string, got {type(name).__name__}"
+                )
+        patterns = tuple(p for p, _, _ in self._entries)
+        first = (matcher or match_indices)(patterns, names)
         lower: dict[str, Any] = {}
         upper: dict[str, Any] = {}
-        patterns: dict[str, str] = {}
+        winners: dict[str, str] = {}
         used = set()
-        for name in names:
-            lower[name] = upper[name] = None
-            for pattern, lo, hi in self._entries:
-                if fnmatchcase(name, pattern):
-                    lower[name], upper[name], patterns[name] = lo, hi, pattern
-                    used.add(pattern)
-                    break
-        unused = [p for p, _, _ in self._entries if p not in used]
-        if unused:
-            shown = ", ".join(f"'{n}'" for n in names[:6]) + (", ..." if len(names) > 6 else "")
-            raise BoundsError(
-                f"pattern '{unused[0]}' matches no parameter of the model "
-                f"(its parameters: {shown or 'none'})"
-            )
-        return _Resolved(names, lower, upper, patterns)
+        for name, k in zip(names, first):
+            if k < 0:
+                lower[name] = upper[name] = None
+                continue
+            pattern, lower[name], upper[name] = self._entries[k]
+            winners[name] = pattern
+            used.add(k)
+        if len(used) < len(patterns):
+            unused = [p for k, p in enumerate(patterns) if k not in used]
+            raise BoundsError(_unused_message(unused, names, winners))
+        return _Resolved(names, lower, upper, winners)
 
-    def _plan(self, model: Model) -> tuple[Plan, list[Tensor], _Resolved]:
-        resolved, params = self._resolve(model)
-        treedef, leaves = flatten(params)
-        try:
-            plan = get_plan(params, treedef, leaves, resolved.lower, resolved.upper)
-        except BoundsError as err:
-            raise self._with_pattern(err, resolved) from None
-        return plan, leaves, resolved
+    def _plan(self, model: Model) -> Any:
+        from . import _torch_spec
+
+        return _torch_spec.plan(self, model)
 
     @staticmethod
     def _with_pattern(err: BoundsError, resolved: _Resolved) -> BoundsError:
@@ -248,18 +312,13 @@ class Bounds:
 
     def bounds_of(self, model: Model) -> tuple[dict[str, Any], dict[str, Any]]:
         """Return flat ``(lower, upper)`` dicts by parameter name, as ``bounds_cost`` takes."""
-        resolved, _ = self._resolve(model)
-        return dict(resolved.lower), dict(resolved.upper)
+        return get_backend(model).bounds_of(self, model)  # type: ignore[no-any-return]
 
     # ------------------------------------------------------------ the three uses
 
-    def cost(self, model: Model) -> Tensor:
+    def cost(self, model: Model) -> Any:
         """The penalty of every bounded parameter, as :func:`~parambounds.bounds_cost`."""
-        resolved, params = self._resolve(model)
-        try:
-            return tree_cost(params, resolved.lower, resolved.upper, self.penalty)
-        except BoundsError as err:
-            raise self._with_pattern(err, resolved) from None
+        return get_backend(model).cost(self, model)
 
     def project_(self, model: Model) -> None:
         """Clamp every bounded parameter into its bounds, in place and without autograd.
@@ -267,23 +326,45 @@ class Bounds:
         Parameter objects are kept (optimizers hold references to them); parameters that
         share scalar bounds are clamped with one multi-tensor operation. NaN stays NaN.
         """
-        plan, leaves, _ = self._plan(model)
-        project_plan_(plan, leaves)  # skips reparametrized values: they cannot leave
+        get_backend(model).project_(self, model)
 
-    def attach(self, optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> Any:
+    def project(self, tree: Model) -> Any:
+        """Return a new JAX pytree with every bounded leaf clipped into its bounds.
+
+        The projection for immutable arrays (torch modules use :meth:`project_`):
+        call it after each ``optax.apply_updates``; it works under ``jax.jit``. NaN stays
+        NaN; each value is inside its bound exactly (bounds rounded inward to the dtype).
+        """
+        return get_backend(tree).project(self, tree)
+
+    def unconstrain(self, tree: Model) -> Any:
+        r"""The unconstrained JAX pytree ``z`` with ``constrain(z) == tree``.
+
+        Bounded leaves get the transforms of :meth:`reparametrize_`, element by element
+        (two-sided :math:`l + (u - l)\,\sigma(z)`, one-sided :math:`l + \mathrm{softplus}(z)`
+        or :math:`u - \mathrm{softplus}(z)`, identity where both sides are open); values
+        on or outside a bound are first moved just inside. Train ``z`` and use
+        :meth:`constrain` in the model. Torch modules use :meth:`reparametrize_`.
+        """
+        return get_backend(tree).unconstrain(self, tree)
+
+    def constrain(self, z: Model) -> Any:
+        """Map an unconstrained JAX pytree into the bounds (inverse of :meth:`unconstrain`).
+
+        Inside the bounds for every finite ``z``; differentiable, and traceable by
+        ``jax.jit``.
+        """
+        return get_backend(z).constrain(self, z)
+
+    def attach(self, optimizer: Any, model: Any) -> Any:
         """Project ``model`` after every ``optimizer.step()``.
 
         Returns:
             a handle; ``handle.remove()`` stops the projection.
         """
-        self._plan(model)  # validate now, not at the first step
+        return get_backend(model).attach(self, optimizer, model)
 
-        def hook(opt: Any, args: Any, kwargs: Any) -> None:  # noqa: ARG001
-            self.project_(model)
-
-        return optimizer.register_step_post_hook(hook)
-
-    def reparametrize_(self, model: torch.nn.Module) -> torch.nn.Module:
+    def reparametrize_(self, model: Any) -> Any:
         r"""Make every bounded parameter a smooth function of an unconstrained one.
 
         Registers ``torch.nn.utils.parametrize`` parametrizations: two-sided bounds use
@@ -298,15 +379,13 @@ class Bounds:
         Returns:
             ``model``, modified in place.
         """
-        plan, _, resolved = self._plan(model)
-        return reparametrize_plan_(model, plan, list(resolved.names))
+        return get_backend(model).reparametrize_(self, model)  # type: ignore[no-any-return]
 
     # ------------------------------------------------------------ reporting
 
     def report(self, model: Model) -> Report:
         """Count, per bounded parameter, the elements below and above, NaNs, the largest excess."""
-        plan, leaves, resolved = self._plan(model)
-        return compute_report(plan, leaves, list(resolved.names))
+        return get_backend(model).report(self, model)  # type: ignore[no-any-return]
 
     def check(self, model: Model) -> None:
         """Return quietly when every bounded parameter is inside its bounds.
@@ -317,32 +396,6 @@ class Bounds:
         report = self.report(model)
         if report.violators:
             raise BoundsViolationError(report.summary())
-
-
-_PARAMETRIZED = "parametrizations."
-
-
-def _effective_parameters(model: torch.nn.Module) -> dict[str, Tensor]:
-    """``named_parameters()``, with each parametrized tensor under its own name and value.
-
-    ``torch.nn.utils.parametrize`` stores ``m.weight`` as
-    ``m.parametrizations.weight.original``; bounds talk about ``m.weight``, the value
-    the model uses, which is computed here through the parametrization.
-    """
-    out: dict[str, Tensor] = {}
-    for name, p in model.named_parameters():
-        if _PARAMETRIZED not in name:
-            out[name] = p
-            continue
-        head, _, tail = name.rpartition(_PARAMETRIZED)
-        attr, _, rest = tail.partition(".")
-        if rest not in ("original", "original0"):
-            out[name] = p  # a multi-tensor parametrization: keep its own names
-            continue
-        owner_path = head[:-1]
-        owner = model.get_submodule(owner_path) if owner_path else model
-        out[owner_path + ("." if owner_path else "") + attr] = getattr(owner, attr)
-    return out
 
 
 def _escape(name: str) -> str:

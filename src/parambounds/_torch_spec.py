@@ -1,0 +1,255 @@
+"""The torch backend of the spec: a resolved :class:`~parambounds.Bounds` applied to torch.
+
+Names are those of ``named_parameters()`` (or a ``state_dict``'s keys); the per-step
+work goes through the cached plans and kernels of :mod:`parambounds._plan`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from ._kernels import clamp_args, signed_excess
+from ._plan import Plan, get_plan
+from ._rounding import compute_dtype
+from .constraints import project_plan_, reparametrize_plan_
+from .cost import tree_cost
+from .distributed import reduce_stats, to_local
+from .errors import BoundsError
+from .report import ParamReport, Report
+from .spec import match_indices
+from .trees import flatten
+
+if TYPE_CHECKING:
+    from .spec import Bounds, _Resolved
+
+__all__ = [
+    "Model",
+    "attach",
+    "bounds_of",
+    "compute_report",
+    "constrain",
+    "cost",
+    "framework_name",
+    "is_appropriate_type",
+    "plan",
+    "project",
+    "project_",
+    "reparametrize_",
+    "report",
+    "resolve",
+    "unconstrain",
+]
+
+framework_name = "torch"
+
+#: What bounds apply to: a module (its ``named_parameters()``), or a flat mapping of
+#: names to tensors such as a ``state_dict``.
+Model = torch.nn.Module | Mapping[str, Tensor]
+
+
+#: Inside ``torch.compile``: run the (untraceable) ``fnmatch`` matching when tracing,
+#: and keep its result (a tuple of integers) as a constant of the graph.
+@torch.compiler.assume_constant_result
+def _constant_match(patterns: tuple[str, ...], names: tuple[str, ...]) -> tuple[int, ...]:
+    return match_indices(patterns, names)
+
+
+def is_appropriate_type(tree: Any) -> bool:
+    """Whether ``tree`` is a torch module, tensor, or a mapping of tensors."""
+    if isinstance(tree, (torch.nn.Module, Tensor)):
+        return True
+    if isinstance(tree, Mapping):
+        return isinstance(next(iter(tree.values()), None), Tensor)
+    return False
+
+
+def resolve(bounds: Bounds, model: Model) -> tuple[_Resolved, dict[str, Tensor]]:
+    """Match ``bounds`` to the parameters of ``model`` (cached per module)."""
+    if isinstance(model, Mapping):  # a state_dict: names to tensors, resolved each time
+        params = dict(model)
+        for name, t in params.items():
+            if not isinstance(t, Tensor):
+                raise BoundsError(f"'{name}' must be a tensor, got {type(t).__name__}")
+        matcher = _constant_match if torch.compiler.is_compiling() else None
+        return bounds._match(tuple(params), matcher), params
+    if not isinstance(model, torch.nn.Module):
+        raise BoundsError(
+            f"model must be a torch.nn.Module or a mapping of names to tensors, "
+            f"got {type(model).__name__}"
+        )
+    params = _effective_parameters(model)
+    names = tuple(params)
+    if torch.compiler.is_compiling():  # fnmatch is not traceable: match at trace time
+        return bounds._match(names, _constant_match), params
+    resolved = bounds._cache.get(model)
+    if resolved is None or resolved.names != names:
+        resolved = bounds._match(names)
+        bounds._cache[model] = resolved
+    return resolved, params
+
+
+def plan(bounds: Bounds, model: Model) -> tuple[Plan, list[Tensor], _Resolved]:
+    """The cached plan of ``model`` under ``bounds``, its leaves and the resolved spec."""
+    resolved, params = resolve(bounds, model)
+    treedef, leaves = flatten(params)
+    try:
+        got = get_plan(params, treedef, leaves, resolved.lower, resolved.upper)
+    except BoundsError as err:
+        raise bounds._with_pattern(err, resolved) from None
+    return got, leaves, resolved
+
+
+def bounds_of(bounds: Bounds, model: Model) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Flat ``(lower, upper)`` dicts by parameter name."""
+    resolved, _ = resolve(bounds, model)
+    return dict(resolved.lower), dict(resolved.upper)
+
+
+def cost(bounds: Bounds, model: Model) -> Tensor:
+    """The penalty of every bounded parameter."""
+    resolved, params = resolve(bounds, model)
+    try:
+        return tree_cost(params, resolved.lower, resolved.upper, bounds.penalty)
+    except BoundsError as err:
+        raise bounds._with_pattern(err, resolved) from None
+
+
+def project_(bounds: Bounds, model: Model) -> None:
+    """Clamp every bounded parameter into its bounds, in place."""
+    got, leaves, resolved = plan(bounds, model)
+    project_plan_(got, leaves, list(resolved.names))
+
+
+def attach(bounds: Bounds, optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> Any:
+    """Project ``model`` after every ``optimizer.step()``; returns the hook's handle."""
+    plan(bounds, model)  # validate now, not at the first step
+
+    def hook(opt: Any, args: Any, kwargs: Any) -> None:  # noqa: ARG001
+        project_(bounds, model)
+
+    return optimizer.register_step_post_hook(hook)
+
+
+def reparametrize_(bounds: Bounds, model: torch.nn.Module) -> torch.nn.Module:
+    """Register bounded parametrizations on every bounded parameter of ``model``."""
+    got, _, resolved = plan(bounds, model)
+    return reparametrize_plan_(model, got, list(resolved.names))
+
+
+def report(bounds: Bounds, model: Model) -> Report:
+    """The :class:`~parambounds.Report` of ``model`` under ``bounds``."""
+    got, leaves, resolved = plan(bounds, model)
+    return compute_report(got, leaves, list(resolved.names))
+
+
+def _in_place(what: str, instead: str) -> BoundsError:
+    return BoundsError(f"{what} returns a new JAX pytree; for torch, {instead}")
+
+
+def project(bounds: Bounds, model: Model) -> Any:  # noqa: ARG001
+    """Not for torch: torch parameters are projected in place."""
+    raise _in_place("project", "use bounds.project_(model), which keeps the Parameter objects")
+
+
+def unconstrain(bounds: Bounds, model: Model) -> Any:  # noqa: ARG001
+    """Not for torch: see :func:`reparametrize_`."""
+    raise _in_place("unconstrain", "use bounds.reparametrize_(model)")
+
+
+def constrain(bounds: Bounds, model: Model) -> Any:  # noqa: ARG001
+    """Not for torch: see :func:`reparametrize_`."""
+    raise _in_place("constrain", "use bounds.reparametrize_(model)")
+
+
+_PARAMETRIZED = "parametrizations."
+
+
+def _effective_parameters(model: torch.nn.Module) -> dict[str, Tensor]:
+    """``named_parameters()``, with each parametrized tensor under its own name and value.
+
+    ``torch.nn.utils.parametrize`` stores ``m.weight`` as
+    ``m.parametrizations.weight.original``; bounds talk about ``m.weight``, the value
+    the model uses, which is computed here through the parametrization.
+    """
+    out: dict[str, Tensor] = {}
+    for name, p in model.named_parameters():
+        if _PARAMETRIZED not in name:
+            out[name] = p
+            continue
+        head, _, tail = name.rpartition(_PARAMETRIZED)
+        attr, _, rest = tail.partition(".")
+        if rest not in ("original", "original0"):
+            out[name] = p  # a multi-tensor parametrization: keep its own names
+            continue
+        owner_path = head[:-1]
+        owner = model.get_submodule(owner_path) if owner_path else model
+        out[owner_path + ("." if owner_path else "") + attr] = getattr(owner, attr)
+    return out
+
+
+# ---------------------------------------------------------------- the report's numbers
+
+
+def _show_bound(b: Any) -> float | str | None:
+    if b is None or isinstance(b, float):
+        return b
+    return f"tensor{tuple(b.shape)}"
+
+
+def _stats(x: Tensor, lower: Any, upper: Any) -> Tensor:
+    """``[below, above, max_excess, nan]`` of one tensor, as float64 on its device."""
+    x = x.detach()
+    if not x.is_floating_point() or x.itemsize == 1:  # integers exactly, float8 in float32
+        x = x.to(torch.float64 if not x.is_floating_point() else compute_dtype(x.dtype))
+        lower, upper = (b.to(x.dtype) if isinstance(b, Tensor) else b for b in (lower, upper))
+    lo, hi = clamp_args(lower, upper)
+    d = signed_excess(x, lo, hi)  # > 0 above, < 0 below, NaN for NaN
+    zero = torch.zeros((), dtype=torch.float64, device=x.device)
+    above = (d > 0).sum().to(torch.float64)
+    below = (d < 0).sum().to(torch.float64)
+    nan = torch.isnan(x).sum().to(torch.float64)
+    excess = torch.nan_to_num(d.abs(), nan=0.0).amax().to(torch.float64) if x.numel() else zero
+    return torch.stack([below, above, excess, nan])
+
+
+@torch.no_grad()
+def compute_report(plan: Plan, leaves: list[Tensor], names: list[str]) -> Report:
+    """Compute the :class:`Report` of the bounded leaves of ``plan``.
+
+    All statistics are computed where the parameters live and copied to the host once,
+    at the end (one transfer per device), not once per parameter.
+    """
+    items = plan.bounded_items()
+    # Compared with the bounds rounded inward to each dtype: exact, as in float64.
+    exact = plan.bounded_items(exact=True)
+    by_device: dict[torch.device, list[tuple[int, Tensor]]] = {}
+    for pos, (i, lo, hi) in enumerate(exact):
+        lo, hi = plan.local_bounds(i, lo, hi, leaves[i])
+        stats = _stats(to_local(leaves[i]), lo, hi)
+        by_device.setdefault(stats.device, []).append((pos, stats))
+    values: list[list[float]] = [[] for _ in items]
+    for rows in by_device.values():
+        stacked = torch.stack([s for _, s in rows])
+        # DTensor shards: one collective for the whole report, the same result everywhere.
+        stacked = reduce_stats(stacked, [leaves[items[pos][0]] for pos, _ in rows])
+        host = stacked.tolist()  # the one transfer per device
+        for (pos, _), v in zip(rows, host):
+            values[pos] = v
+    entries = tuple(
+        ParamReport(
+            name=names[i],
+            numel=leaves[i].numel(),
+            below=int(v[0]),
+            above=int(v[1]),
+            max_excess=float(v[2]),
+            nan=int(v[3]),
+            lower=_show_bound(lo),
+            upper=_show_bound(hi),
+        )
+        for (i, lo, hi), v in zip(items, values)
+    )
+    return Report(entries)
