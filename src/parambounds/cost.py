@@ -18,7 +18,7 @@ from torch import Tensor
 from . import _kernels
 from ._plan import get_plan, traced_bounds
 from ._rounding import compute_dtype
-from .distributed import combine
+from .distributed import combine, shard_cost
 from .penalties import Penalty, get_penalty
 from .trees import as_tree, flatten
 
@@ -69,7 +69,9 @@ def tree_cost(
         # Traced by torch.compile or a torch.func transform, or learnable bounds: plain
         # differentiable ops (that inductor fuses); no cache, no host reads.
         bounded = traced_bounds(tree, lower, upper, root_name=root_name)
-        parts = [_kernels.leaf_cost(p, lo, hi, penalty) for p, lo, hi in bounded]
+        parts = combine(
+            [shard_cost(_kernels.leaf_cost, p, lo, hi, penalty) for p, lo, hi in bounded]
+        )
     else:
         parts = combine(_kernels.apply(plan, leaves, penalty))
     dtype = _result_dtype(leaves)
