@@ -119,10 +119,11 @@ def bounds_cost(
         BoundsError: when the trees differ, a bound is invalid or ``lower > upper``;
             the message names the parameter path.
 
-    >>> params = {"tau": torch.tensor([0.5, 2.0]), "w": torch.tensor([5.0])}
-    >>> lower = {"tau": 1.0, "w": None}
-    >>> upper = {"tau": None, "w": None}
-    >>> bounds_cost(params, lower, upper)  # exp(1.0 - 0.5)
-    tensor(1.6487)
+    Examples:
+        >>> params = {"tau": torch.tensor([0.5, 2.0]), "w": torch.tensor([5.0])}
+        >>> lower = {"tau": 1.0, "w": None}
+        >>> upper = {"tau": None, "w": None}
+        >>> bounds_cost(params, lower, upper)  # exp(1.0 - 0.5)
+        tensor(1.6487)
     """
     return tree_cost(as_tree(params), lower_bounds, upper_bounds, get_penalty(penalty))
