@@ -10,6 +10,7 @@ import os
 import re
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -440,6 +441,40 @@ def scenario_compiled_kernel(mesh):
     finally:
         set_kernel(before)
     print(f"rank {dist.get_rank()}: compiled kernel ok", flush=True)
+
+
+def scenario_dcp(mesh):
+    """A checkpoint written by FSDP2 on every rank: checked and clamped as a directory."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.fsdp import fully_shard
+
+    from parambounds.checkpoints import load_checkpoint, save_checkpoint
+    from parambounds.checkpoints_dcp import report_dcp
+
+    root = Path(os.environ.get("PB_TMP", "/tmp")) / f"dcp-{os.environ['MASTER_PORT']}"
+    ref = Net().double()
+    model = Net().double()
+    fully_shard(model.inp, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    dcp.save(model.state_dict(), checkpoint_id=str(root / "in"))  # one file per rank
+    bounds = Bounds(SPEC)
+    if dist.get_rank() == 0:
+        assert len(list((root / "in").glob("*.distcp"))) == 2
+        want = bounds.report(dict(ref.named_parameters())).to_dict()
+        assert report_dcp(root / "in", bounds).to_dict() == want
+        ckpt = load_checkpoint(root / "in")
+        bounds.project_(ckpt.tensors)
+        save_checkpoint(ckpt, root / "out")
+    dist.barrier()
+    back = Net().double()
+    fully_shard(back.inp, mesh=mesh)
+    fully_shard(back, mesh=mesh)
+    state = back.state_dict()
+    dcp.load(state, checkpoint_id=str(root / "out"))  # read back by every rank, sharded
+    bounds.project_(ref)
+    for name, rp in ref.state_dict().items():
+        torch.testing.assert_close(state[name].full_tensor(), rp, msg=name)
+    print(f"rank {dist.get_rank()}: dcp ok", flush=True)
 
 
 def expect_bounds_error(fn, match):

@@ -48,8 +48,9 @@ def check_launch(nproc, scenarios):
             assert f"rank {rank}: {expected}" in out.stdout, (expected, out.stdout[-3000:])
 
 
-def test_two_processes():
+def test_two_processes(tmp_path, monkeypatch):
     """Process startup is slow: every 2-rank scenario in one launch (``alone`` last)."""
+    monkeypatch.setenv("PB_TMP", str(tmp_path))  # where scenario ``dcp`` writes
     check_launch(
         2,
         {
@@ -59,6 +60,7 @@ def test_two_processes():
             "matrix": "matrix ok (12 layouts x bounds)",
             "fsdp_noreshard": "fsdp2 noreshard ok",
             "errors": "errors ok",
+            "dcp": "dcp ok",
             "compiled": "torch.compile ok",
             "compiled_kernel": "compiled kernel ok",
             "alone": "alone ok",  # leaves the group unusable: must be last
