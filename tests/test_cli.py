@@ -274,7 +274,7 @@ def bad_inputs(tmp):
         "no match": ((good_ckpt, nomatch), r"pattern '\*\.tau_mme' matches no parameter"),
         "lower > upper": (
             (good_ckpt, reversed_),
-            r"reversed\.toml: lower bound for pattern '\*\.tau_mem' exceeds its upper bound \(0\.04 > 0\.005\)",
+            r"reversed\.toml: lower bound (for|of) pattern '\*\.tau_mem' exceeds its upper bound \(0\.04 > 0\.005\)",
         ),
         "unknown penalty": (
             (good_ckpt, penalty),
@@ -331,6 +331,67 @@ def test_demo_rejects_zero_steps(tmp_path):
     out = run("demo", "--out", tmp_path, "--steps", "0")
     assert out.returncode == 2
     assert "--steps must be at least 1, got 0" in no_traceback(out)
+
+
+def test_build_kernels(capsys):
+    from parambounds import _native
+    from parambounds.cli import main
+
+    assert main(["build-kernels"]) == 0
+    assert f"native kernel {_native.module_name()} ready" in capsys.readouterr().out
+    assert _native.state() == "ready"
+
+
+def test_build_kernels_without_a_compiler(capsys, monkeypatch):
+    from parambounds import _native
+    from parambounds.cli import main
+
+    def fail(verbose=True):
+        del verbose
+        raise RuntimeError("cannot build the native kernel: RuntimeError: no compiler")
+
+    monkeypatch.setattr(_native, "build", fail)
+    assert main(["build-kernels"]) == 2
+    err = capsys.readouterr().err
+    assert err == "parambounds: error: cannot build the native kernel: RuntimeError: no compiler\n"
+
+
+def test_rockpool_json_from_jax_modules(tmp_path):
+    """Rockpool 3.1.0's JAX modules have no save(): their parameters written in the JSON
+    layout of TorchModule.save() (values as JSON-encoded lists) are read and clamped."""
+    import jax.numpy as jnp
+    import numpy as np
+    from rockpool.nn.combinators import Sequential
+    from rockpool.nn.modules import LIFJax, LinearJax
+
+    net = Sequential(LinearJax((2, 3)), LIFJax(3))
+    assert not hasattr(net, "save")
+    params = net.parameters()
+    params["1_LIFJax"]["tau_mem"] = jnp.array([0.001, 0.02, 0.5])
+    src = tmp_path / "net_jax.json"
+    src.write_text(
+        json.dumps(
+            {
+                m: {k: json.dumps(np.asarray(v).tolist()) for k, v in d.items()}
+                for m, d in params.items()
+            }
+        )
+    )
+    bounds = tmp_path / "b.toml"
+    bounds.write_text('[bounds]\n"*.tau_mem" = [0.005, 0.04]\n')
+    out = run("check", src, "--bounds", bounds)
+    assert out.returncode == 1 and "1_LIFJax.tau_mem" in out.stdout
+    dst = tmp_path / "clamped.json"
+    assert run("clamp", src, "--bounds", bounds, "-o", dst).returncode == 0
+    loaded = {
+        m: {k: jnp.asarray(json.loads(v)) for k, v in d.items()}
+        for m, d in json.loads(dst.read_text()).items()
+    }
+    fresh = Sequential(LinearJax((2, 3)), LIFJax(3)).set_attributes(loaded)
+    np.testing.assert_allclose(np.asarray(fresh[1].tau_mem), [0.005, 0.02, 0.04], rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(fresh[0].weight), np.asarray(params["0_LinearJax"]["weight"]), rtol=1e-6
+    )
 
 
 def test_python_dash_m_and_version_and_old_format_without_warnings(tmp_path, files):

@@ -6,22 +6,31 @@ computes the value *and* the gradient in the same pass over the parameters
 scales the stored gradient by the incoming one (skipped on the CPU when that is exactly
 1). No boolean-mask indexing, no data-dependent shapes, no host synchronisation.
 
-Two kernels evaluate :func:`value_and_grad`:
+Three kernels evaluate :func:`value_and_grad`:
 
+- native (``csrc/bounds.cpp``, :mod:`parambounds._native`): one C++ call per group of
+  float32/float64 contiguous CPU tensors with scalar bounds, reading them in place,
+  vectorized and split over threads, writing all gradients into one buffer that they
+  share. Built in the background on first use (or ahead of time with ``parambounds
+  build-kernels``); the eager kernel runs until it is ready.
 - eager: plain PyTorch ops over chunks of :data:`CHUNK` elements, so the temporaries
   stay in cache and extra memory stays at the gradient itself plus a chunk. Needs no
-  compiler.
-- compiled: the same function through ``torch.compile`` (one fused loop per tensor,
-  about the time of one ``torch.exp`` pass). It needs a working compiler for inductor
-  and compiles once per penalty and bound layout (seconds, cached on disk by inductor).
+  compiler; computes everything the others do not (other dtypes, tensor bounds, a
+  user's own penalty shape, non-contiguous tensors).
+- compiled: the same function through ``torch.compile`` (one fused loop per tensor).
+  It needs a working compiler for inductor and compiles once per penalty and bound
+  layout; with ``"auto"`` it is used for large tensors on accelerators once compiled
+  in the background.
 
 :func:`set_kernel` (or the ``PARAMBOUNDS_KERNEL`` environment variable) picks
-``"auto"`` (default: compiled for tensors of at least :data:`AUTO_COMPILE_MIN` elements,
-eager below; eager everywhere, with one warning, if compiling fails), ``"eager"`` or
-``"compiled"``.
+``"auto"`` (default: native on the CPU, compiled for tensors of at least
+:data:`AUTO_COMPILE_MIN` elements elsewhere, eager until they are ready and wherever
+they fail, with one warning), ``"eager"``, ``"compiled"`` or ``"native"`` (the last two
+wait for their build instead of running eager meanwhile).
 
-Leaves smaller than :data:`SMALL` elements that share scalar bounds are concatenated
-and computed as one tensor; their gradients are views into one buffer.
+Without the native kernel, leaves smaller than :data:`SMALL` elements that share
+scalar bounds are concatenated and computed as one tensor; their gradients are views
+into one buffer.
 """
 
 from __future__ import annotations
@@ -36,11 +45,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import _native
 from ._plan import Bound, Plan
 from ._rounding import compute_dtype
-from .distributed import cost_layout, partial_cost
+from .distributed import cost_layout, partial_cost, to_local
 from .errors import BoundsError
-from .penalties import Penalty
+from .penalties import PENALTIES, Penalty, overflow_threshold
 
 __all__ = [
     "AUTO_COMPILE_MIN",
@@ -60,8 +70,15 @@ CHUNK = 1 << 18
 #: Leaves with fewer elements than this are concatenated with their group.
 SMALL = 1 << 17
 
-_KERNELS = ("auto", "eager", "compiled")
+_KERNELS = ("auto", "eager", "compiled", "native")
+_NATIVE_DTYPES = (torch.float32, torch.float64)
 _kernel = os.environ.get("PARAMBOUNDS_KERNEL", "auto")
+if _kernel not in _KERNELS:
+    raise BoundsError(
+        f"PARAMBOUNDS_KERNEL={_kernel!r} is not a kernel; expected one of "
+        + ", ".join(map(repr, _KERNELS))
+        + " (or leave it unset)"
+    )
 #: With ``"auto"``, tensors (or concatenated groups) of at least this many elements use
 #: the compiled kernel, when ``torch.compile`` works here.
 AUTO_COMPILE_MIN = 1 << 18
@@ -72,16 +89,19 @@ def set_kernel(name: str) -> None:
     """Choose how the per-step value and gradient are computed.
 
     Args:
-        name: ``"auto"`` (default: the compiled kernel for tensors of at least
-            :data:`AUTO_COMPILE_MIN` elements, eager below, and eager everywhere if
-            ``torch.compile`` fails here), ``"eager"`` (never compile) or ``"compiled"``.
+        name: ``"auto"`` (default: the native kernel on the CPU, the compiled one for
+            tensors of at least :data:`AUTO_COMPILE_MIN` elements elsewhere, eager while
+            they build and wherever they fail), ``"eager"`` (never compile),
+            ``"compiled"`` or ``"native"`` (these two wait for their build).
 
     Raises:
         BoundsError: for another name.
     """
     global _kernel
     if name not in _KERNELS:
-        raise BoundsError(f"unknown kernel {name!r}; expected one of 'auto', 'eager', 'compiled'")
+        raise BoundsError(
+            f"unknown kernel {name!r}; expected one of 'auto', 'eager', 'compiled', 'native'"
+        )
     _kernel = name
 
 
@@ -196,6 +216,39 @@ def _compiled_flat(x: Tensor, lower: Any, upper: Any, penalty: Penalty) -> tuple
     return fn(x, lower, upper)
 
 
+_compiled_state: dict[Any, threading.Event] = {}
+_compiled_lock = threading.Lock()
+
+
+def _compiled_ready(x: Tensor, lower: Any, upper: Any, penalty: Penalty) -> bool:
+    """Whether the compiled kernel is ready for ``x``; if not, start compiling it.
+
+    The compilation runs in a background thread on a stand-in tensor of ``x``'s dtype
+    and device (``dynamic=True``, so one compilation serves every size), and the eager
+    kernel runs until it has finished: no step waits for the compiler.
+    """
+    key = (id(penalty), x.dtype, x.device, lower is None, upper is None)
+    done = _compiled_state.get(key)
+    if done is None:
+        with _compiled_lock:
+            done = _compiled_state.get(key)
+            if done is None:
+                done = _compiled_state[key] = threading.Event()
+                like = torch.zeros(AUTO_COMPILE_MIN, dtype=x.dtype, device=x.device)
+
+                def work() -> None:
+                    try:
+                        with torch.no_grad():
+                            _compiled_flat(like, lower, upper, penalty)
+                    except Exception as err:  # no working compiler
+                        _note_compile_failure(err)
+                    finally:
+                        done.set()
+
+                threading.Thread(target=work, name="parambounds-compile", daemon=True).start()
+    return done.is_set() and not _compile_failed
+
+
 def _note_compile_failure(err: Exception) -> None:
     global _compile_failed
     _compile_failed = True
@@ -265,24 +318,42 @@ def _differentiable_grads(
     return out
 
 
-def _group_runner(
-    lower: Bound, upper: Bound, penalty: Penalty, shapes: list[torch.Size] | None
-) -> Callable[[Sequence[Tensor]], tuple[Tensor, list[Tensor], Tensor | None]]:
-    """Runner for leaves sharing scalar bounds.
+def _auto_compiles(x: Tensor) -> bool:
+    """Whether ``"auto"`` wants the compiled kernel for ``x``: large, not for the native one."""
+    if _compile_failed or x.numel() < AUTO_COMPILE_MIN:
+        return False
+    native_takes = x.device.type == "cpu" and x.dtype in _NATIVE_DTYPES
+    return not native_takes or _native.state() == "failed"
 
-    With ``shapes`` (known from the plan's layout key) the leaves are concatenated and
-    their gradients are views of one buffer; without, each leaf is computed on its own.
+
+def _native_penalty(penalty: Penalty) -> int | None:
+    """The native kernel's id for ``penalty``, or ``None`` for a shape it does not know."""
+    if PENALTIES.get(penalty.name) is not penalty:
+        return None  # a user's own penalty shape: the eager kernel computes it
+    return _native.PENALTY_IDS.get(penalty.name)
+
+
+def _group_runner(
+    lower: Bound, upper: Bound, penalty: Penalty, shapes: list[torch.Size]
+) -> Callable[[Sequence[Tensor]], tuple[Tensor, list[Tensor], Tensor | None]]:
+    """Runner for leaves sharing scalar bounds, a dtype and a device (``shapes``: theirs).
+
+    The native kernel (when built) reads every leaf in place and writes all gradients
+    into one buffer. Otherwise leaves under :data:`SMALL` elements are concatenated
+    (their gradients are views of one buffer) and larger ones computed one by one.
     """
     mode = _kernel
-    concat = shapes is not None
-    sizes = [s.numel() for s in shapes] if shapes is not None else []
+    native = _native_penalty(penalty) if mode in ("auto", "native") else None
+    small = [k for k, s in enumerate(shapes) if s.numel() < SMALL]
+    big = [k for k, s in enumerate(shapes) if s.numel() >= SMALL]
+    small_shapes = [shapes[k] for k in small]
+    sizes = [s.numel() for s in small_shapes]
     total = sum(sizes)
     bound_tensors: dict[Any, tuple[Any, Any]] = {}
+    thresholds: dict[torch.dtype, float] = {}
 
     def flat_cost(x: Tensor) -> tuple[Tensor, Tensor]:
-        if mode == "compiled" or (
-            mode == "auto" and not _compile_failed and x.numel() >= AUTO_COMPILE_MIN
-        ):
+        if mode == "compiled" or (mode == "auto" and _auto_compiles(x)):
             key = (x.dtype, x.device)
             bounds = bound_tensors.get(key)
             if bounds is None:  # made once: a host-to-device copy per step would sync
@@ -293,10 +364,11 @@ def _group_runner(
             lo, hi = bounds
             if mode == "compiled":
                 return _compiled_flat(x, lo, hi, penalty)
-            try:
-                return _compiled_flat(x, lo, hi, penalty)
-            except Exception as err:  # no working compiler: fall back, once, loudly
-                _note_compile_failure(err)
+            if _compiled_ready(x, lo, hi, penalty):  # compiled in the background
+                try:
+                    return _compiled_flat(x, lo, hi, penalty)
+                except Exception as err:  # no working compiler: fall back, once, loudly
+                    _note_compile_failure(err)
         return _eager_flat(x, lower, upper, penalty)
 
     # The concatenated copy of a group's parameters is internal: keep its buffer between
@@ -312,22 +384,45 @@ def _group_runner(
             buf = scratch.buf = torch.empty(total, dtype=xs[0].dtype, device=xs[0].device)
         return torch.cat([x.reshape(-1) for x in xs], out=buf)
 
+    def native_run(xs: Sequence[Tensor]) -> tuple[Tensor, list[Tensor], Tensor | None] | None:
+        assert native is not None
+        x0 = xs[0]
+        if x0.device.type != "cpu" or x0.dtype not in _NATIVE_DTYPES:
+            return None
+        module = _native.get(wait=mode == "native")
+        if module is None:
+            return None
+        thr = thresholds.get(x0.dtype)
+        if thr is None:
+            thr = thresholds[x0.dtype] = overflow_threshold(x0.dtype)
+        try:
+            value, flat, grads = module.value_and_grad(xs, lower, upper, native, thr)
+        except RuntimeError:  # non-contiguous, mixed, or wrapped (torch.func) tensors
+            return None
+        return value, grads, flat
+
     def run(xs: Sequence[Tensor]) -> tuple[Tensor, list[Tensor], Tensor | None]:
         with torch.no_grad():
-            if concat:
-                value, gflat = flat_cost(gather(xs))
-                pieces = gflat.split(sizes)
-                return (
-                    value,
-                    [g if len(s) == 1 else g.view(s) for g, s in zip(pieces, shapes or [])],
-                    gflat,
-                )
-            values, grads = [], []
-            for x in xs:
+            if native is not None:
+                got = native_run(xs)
+                if got is not None:
+                    return got
+            values: list[Tensor] = []
+            grads: list[Any] = [None] * len(xs)
+            flat = None
+            if small:
+                value, flat = flat_cost(gather([xs[k] for k in small]))
+                values.append(value)
+                for k, g, s in zip(small, flat.split(sizes), small_shapes):
+                    grads[k] = g if len(s) == 1 else g.view(s)
+            for k in big:
+                x = xs[k]
                 v, g = flat_cost(x.reshape(-1))
                 values.append(v)
-                grads.append(g.view(x.shape))
-            return (torch.stack(values).sum() if len(values) > 1 else values[0]), grads, None
+                grads[k] = g.view(x.shape)
+            value = torch.stack(values).sum() if len(values) > 1 else values[0]
+            # With leaves of both sizes the gradients are in several buffers: no ``flat``.
+            return value, grads, flat if not big else None
 
     run.bounds = (lower, upper, penalty)  # type: ignore[attr-defined]
     return run
@@ -358,7 +453,7 @@ def apply(plan: Plan, leaves: list[Any], penalty: Penalty) -> list[Tensor]:
     for indices, run, layout in runners:
         xs = [leaves[i] for i in indices]
         if layout is not None:  # a DTensor: the cost of the local shard, summed per layout
-            local = _GroupCost.apply(run, xs[0].to_local())
+            local = _GroupCost.apply(run, to_local(xs[0]))  # Partial: reduced first
             sharded_sums[layout] = (
                 local if layout not in sharded_sums else sharded_sums[layout] + local
             )
@@ -375,19 +470,17 @@ def _make_runners(plan: Plan, leaves: list[Any], penalty: Penalty) -> list[Any]:
     runners: list[Any] = []
     for g in plan.groups:
         plain = [i for i in g.indices if i not in plan.dtensors]
-        small = [i for i in plain if plan.numels[i] < SMALL]
-        big = [i for i in plain if plan.numels[i] >= SMALL]
-        if small:
-            shapes = [leaves[i].shape for i in small]
-            runners.append((small, _group_runner(g.lower, g.upper, penalty, shapes), None))
-        if big:
-            runners.append((big, _group_runner(g.lower, g.upper, penalty, None), None))
+        if plain:
+            shapes = [leaves[i].shape for i in plain]
+            runners.append((plain, _group_runner(g.lower, g.upper, penalty, shapes), None))
     for i, lo, hi in plan.bounded_items():
         if i in plan.dtensors:
             lo, hi = plan.local_bounds(i, lo, hi, leaves[i])
             scalar = not isinstance(lo, Tensor) and not isinstance(hi, Tensor)
             run = (
-                _group_runner(lo, hi, penalty, None) if scalar else _tensor_runner(lo, hi, penalty)
+                _group_runner(lo, hi, penalty, [leaves[i].to_local().shape])
+                if scalar
+                else _tensor_runner(lo, hi, penalty)
             )
             runners.append(([i], run, cost_layout(leaves[i])))
     for lb in plan.tensor_leaves:

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from ._rounding import compute_dtype, inward
-from .distributed import is_dtensor, local_bound
+from .distributed import agree, full_bound, is_dtensor, local_bound, order_violation
 from .errors import BoundsError
 from .trees import align, flatten, named_leaves
 
@@ -162,7 +162,9 @@ def _normalise(b: Any, side: str, path: str, param: Any, traced: bool = False) -
             f"parameter's shape {_fmt_shape(param.shape)}"
         )
     dtype = compute_dtype(param.dtype)
-    if is_dtensor(b):  # laid out like its parameter already: check this rank's part
+    if is_dtensor(b) and not is_dtensor(param):  # an unsharded parameter (FSDP2 after
+        b = full_bound(b)  # forward with reshard_after_forward=False): gather the bound once
+    if is_dtensor(b):  # check this rank's part; every rank learns of errors in agree()
         _check_values(cast(Any, b).to_local(), side, where)
         return b.detach().to(dtype=dtype)
     if traced:  # keep the graph of a learnable bound: the traced path differentiates it
@@ -183,8 +185,19 @@ def _check_values(t: Tensor, side: str, where: str) -> None:
         raise BoundsError(f"{where} contains {bad}, which no value can satisfy")
 
 
-def _check_order(lo: Any, hi: Any, path: str, traced: bool = False) -> None:
+def _check_order(lo: Any, hi: Any, path: str, traced: bool = False, param: Any = None) -> None:
     if lo is None or hi is None:
+        return
+    if is_dtensor(param) and (isinstance(lo, Tensor) or isinstance(hi, Tensor)):
+        found = order_violation(lo, hi, param)  # this rank's part, named by global index
+        if found is not None:
+            flat, idx, lo_v, hi_v = found
+            err = BoundsError(
+                f"lower bound for '{path or '<root>'}' exceeds its upper bound at index "
+                f"{idx} ({lo_v} > {hi_v})"
+            )
+            err.flat_index = flat  # type: ignore[attr-defined]
+            raise err
         return
     if traced and (isinstance(lo, Tensor) or isinstance(hi, Tensor)):
         return
@@ -194,9 +207,6 @@ def _check_order(lo: Any, hi: Any, path: str, traced: bool = False) -> None:
                 f"lower bound for '{path or '<root>'}' exceeds its upper bound ({lo} > {hi})"
             )
         return
-    if is_dtensor(lo) or is_dtensor(hi):  # compare this rank's parts
-        lo = lo.to_local() if is_dtensor(lo) else lo
-        hi = hi.to_local() if is_dtensor(hi) else hi
     bad = torch.as_tensor(lo) > torch.as_tensor(hi)
     if bool(bad.any()):
         idx = tuple(int(i) for i in bad.nonzero()[0])
@@ -218,7 +228,7 @@ def _resolve(path: str, p: Any, lo: Any, hi: Any, traced: bool = False) -> tuple
         raise BoundsError(f"parameter '{path or '<root>'}' is complex; bounds need real values")
     lo_n = _normalise(lo, "lower", path, p, traced)
     hi_n = _normalise(hi, "upper", path, p, traced)
-    _check_order(lo_n, hi_n, path, traced)
+    _check_order(lo_n, hi_n, path, traced, p)
     return lo_n, hi_n
 
 
@@ -262,8 +272,15 @@ def _build(named: list[tuple[str, Any]], lowers: list[Any], uppers: list[Any]) -
     groups: dict[tuple[Any, ...], Group] = {}
     tensor_leaves: list[LeafBounds] = []
     bounded: list[int] = []
+    errors: dict[int, BoundsError] = {}  # of DTensor leaves: raised on every rank, by agree()
     for i, ((path, p), lo, hi) in enumerate(zip(named, lowers, uppers)):
-        lo_n, hi_n = _resolve(path, p, lo, hi)
+        try:
+            lo_n, hi_n = _resolve(path, p, lo, hi)
+        except BoundsError as err:
+            if not is_dtensor(p):
+                raise
+            errors[i] = err
+            continue
         if lo_n is None and hi_n is None:
             continue
         bounded.append(i)
@@ -276,7 +293,10 @@ def _build(named: list[tuple[str, Any]], lowers: list[Any], uppers: list[Any]) -
             group.indices.append(i)
     numels = {i: named[i][1].numel() for i in bounded}
     dtensors = frozenset(i for i in bounded if is_dtensor(named[i][1]))
-    return Plan(list(groups.values()), tensor_leaves, tuple(bounded), numels, dtensors)
+    plan = Plan(list(groups.values()), tensor_leaves, tuple(bounded), numels, dtensors)
+    if dtensors or errors:  # one exchange per mesh: the same plan (or error) on every rank
+        agree(named, lowers, uppers, errors)
+    return plan
 
 
 _PLANS: OrderedDict[Any, Plan] = OrderedDict()
@@ -303,7 +323,100 @@ def _watch(key: Any, tensors: list[Tensor]) -> None:
             _forget(other)
     _TENSOR_IDS[key] = ids
     # The callbacks live as long as the plan; appending to a list is atomic.
-    _PLANS[key].watchers = [weakref.ref(t, lambda _, k=key: _dead.append(k)) for t in tensors]
+    _PLANS[key].watchers = [weakref.ref(t, lambda _, k=key: _dead.append(k)) for t in tensors]  # type: ignore[misc]
+
+
+@dataclass
+class _Seen:
+    """What a plan was last used with, for the per-step identity check of :func:`get_plan`."""
+
+    treedef: Any
+    lower: tuple[Any, list[Any]]
+    upper: tuple[Any, list[Any]]
+    versions: list[tuple[Any, int]]
+    layouts: list[tuple[Any, ...]]
+    plan: Plan
+
+
+#: The last plans by the identity of the three trees: checking that nothing changed is
+#: cheaper than building the cache key (the bounds by value, every parameter's layout).
+_SEEN: OrderedDict[tuple[int, int, int, str], _Seen] = OrderedDict()
+_SEEN_SIZE = 64
+
+
+def _weak(b: Any) -> Any:
+    # Bound tensors are held weakly, as by the plan cache: fresh ones must not pile up.
+    return weakref.ref(b) if isinstance(b, Tensor) else b
+
+
+def _snapshot(bounds: Any) -> tuple[Any, list[Any]]:
+    """The structure and leaves of a bound tree (a flat dict: its keys and values)."""
+    if type(bounds) is dict:
+        structure, leaves = list(bounds), list(bounds.values())
+    else:
+        structure, leaves = flatten(bounds)
+    return structure, [_weak(b) for b in leaves]
+
+
+def _snapshot_leaves(bounds: Any) -> list[Any]:
+    return list(bounds.values()) if type(bounds) is dict else flatten(bounds)[1]
+
+
+def _is_leaf(now: Any, seen: Any) -> bool:
+    return now is seen or (type(seen) is weakref.ref and seen() is now)
+
+
+def _same(bounds: Any, seen: tuple[Any, list[Any]]) -> bool:
+    """Whether ``bounds`` has the structure of ``seen`` and the very same leaf objects."""
+    structure, leaves = seen
+    if type(bounds) is dict:
+        if type(structure) is not list or len(bounds) != len(leaves):
+            return False
+        now: Any = bounds.values()
+    else:
+        if type(structure) is list:
+            return False
+        structure_now, now = flatten(bounds)
+        if structure_now != structure or len(now) != len(leaves):
+            return False
+    return all(map(_is_leaf, now, leaves)) and (
+        type(bounds) is not dict or list(bounds) == structure
+    )
+
+
+def _layouts(plan: Plan, leaves: list[Any]) -> list[tuple[Any, ...]]:
+    return [(leaves[i].shape, leaves[i].dtype, leaves[i].device) for i in plan.bounded]
+
+
+def _seen_plan(key: Any, treedef: Any, leaves: list[Any], lower: Any, upper: Any) -> Plan | None:
+    seen = _SEEN.get(key)
+    if seen is None or seen.treedef != treedef:
+        return None
+    if not (_same(lower, seen.lower) and _same(upper, seen.upper)):
+        return None
+    for ref, version in seen.versions:
+        t = ref()
+        if t is None or t._version != version:
+            return None
+    if _layouts(seen.plan, leaves) != seen.layouts:  # a parameter replaced or resized
+        return None
+    return seen.plan
+
+
+def _remember(
+    key: Any, treedef: Any, leaves: list[Any], lower: Any, upper: Any, plan: Plan
+) -> None:
+    if plan.dtensors:  # their layout includes placements: always the full check
+        return
+    lo, hi = _snapshot(lower), _snapshot(upper)
+    tensors = [*_snapshot_leaves(lower), *_snapshot_leaves(upper)]
+    versions = [(weakref.ref(t), t._version) for t in tensors if isinstance(t, Tensor)]
+    seen = _Seen(treedef, lo, hi, versions, _layouts(plan, leaves), plan)
+    with _LOCK:
+        _SEEN[key] = seen
+        _SEEN.move_to_end(key)
+        if len(_SEEN) > _SEEN_SIZE:
+            _SEEN.popitem(last=False)
 
 
 def get_plan(
@@ -320,9 +433,24 @@ def get_plan(
     The key is the structure of the three trees, the bound values (tensors by identity
     and version) and the shape, dtype and device of each bounded parameter.
 
+    Each step first checks, cheaply, whether the three trees are the ones of the last
+    call (same objects, same bound leaves and tensor-bound versions, and the same shape,
+    dtype and device for every bounded parameter); only otherwise is the key built.
+
     Raises:
         BoundsError: when the trees or the bounds are invalid.
     """
+    seen_key = (id(tree), id(lower), id(upper), root_name)
+    plan = _seen_plan(seen_key, treedef, leaves, lower, upper)
+    if plan is None:
+        plan = _keyed_plan(tree, treedef, leaves, lower, upper, root_name)
+        _remember(seen_key, treedef, leaves, lower, upper, plan)
+    return plan
+
+
+def _keyed_plan(
+    tree: Any, treedef: Any, leaves: list[Any], lower: Any, upper: Any, root_name: str
+) -> Plan:
     ldef, lleaves = flatten(lower)
     udef, uleaves = flatten(upper)
     key = (

@@ -6,6 +6,7 @@ work goes through the cached plans and kernels of :mod:`parambounds._plan`.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -81,7 +82,7 @@ def resolve(bounds: Bounds, model: Model) -> tuple[_Resolved, dict[str, Tensor]]
             f"model must be a torch.nn.Module or a mapping of names to tensors, "
             f"got {type(model).__name__}"
         )
-    params = _effective_parameters(model)
+    params = _parameters(model)
     names = tuple(params)
     if torch.compiler.is_compiling():  # fnmatch is not traceable: match at trace time
         return bounds._match(names, _constant_match), params
@@ -163,6 +164,54 @@ def unconstrain(bounds: Bounds, model: Model) -> Any:  # noqa: ARG001
 def constrain(bounds: Bounds, model: Model) -> Any:  # noqa: ARG001
     """Not for torch: see :func:`reparametrize_`."""
     raise _in_place("constrain", "use bounds.reparametrize_(model)")
+
+
+#: Per model: (registrations seen, its effective parameters, their module slots).
+_PARAMS: weakref.WeakKeyDictionary[torch.nn.Module, Any] = weakref.WeakKeyDictionary()
+#: How many parameters and modules have been registered anywhere (while watched).
+_registrations = [0]
+
+
+def _count_registration(*_args: Any) -> None:
+    _registrations[0] += 1
+
+
+def _watch_registrations() -> None:
+    """Count registrations of parameters and modules, from the first use of a spec on."""
+    if not _registrations[0]:
+        _registrations[0] = 1
+        torch.nn.modules.module.register_module_parameter_registration_hook(_count_registration)
+        torch.nn.modules.module.register_module_module_registration_hook(_count_registration)
+
+
+def _parameters(model: torch.nn.Module) -> dict[str, Tensor]:
+    """:func:`_effective_parameters`, the same dict each step while nothing changed.
+
+    Unchanged means: no parameter or module registered anywhere since (global
+    registration hooks count them), and every parameter still in its module's slot. So
+    the per-step cost is a few lookups, and the dict's identity lets :func:`get_plan`
+    find its plan at once. A model with parametrizations is walked every time (its
+    values are computed).
+    """
+    seen = _PARAMS.get(model)
+    if (
+        seen is not None
+        and seen[0] == _registrations[0]
+        and all([slots.get(n) is p for slots, n, p in seen[2]])
+    ):
+        return seen[1]  # type: ignore[no-any-return]
+    _watch_registrations()
+    generation = _registrations[0]
+    params = _effective_parameters(model)
+    slots = []
+    for name, p in params.items():
+        owner_path, _, attr = name.rpartition(".")
+        owner = model.get_submodule(owner_path) if owner_path else model
+        if owner._parameters.get(attr) is not p:  # computed by a parametrization
+            return params
+        slots.append((owner._parameters, attr, p))
+    _PARAMS[model] = (generation, params, slots)
+    return params
 
 
 _PARAMETRIZED = "parametrizations."

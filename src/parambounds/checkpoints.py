@@ -112,6 +112,10 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
             with the same name.
     """
     path = Path(path)
+    if path.is_dir() and (path / ".metadata").is_file():  # a sharded (DCP) checkpoint
+        from .checkpoints_dcp import load_dcp
+
+        return load_dcp(path)
     _check_readable(path)
     fmt = _format_of(path)
     try:
@@ -144,6 +148,10 @@ def save_checkpoint(ckpt: Checkpoint, target: str | Path) -> None:
             the write fails (nothing is left behind).
     """
     target = Path(target)
+    if ckpt.format == "dcp":  # a sharded checkpoint: a directory
+        from .checkpoints_dcp import save_dcp
+
+        return save_dcp(ckpt, target)
     if not target.parent.is_dir():
         raise CheckpointError(f"{target}: folder {target.parent} does not exist")
     if target.is_dir():

@@ -22,6 +22,7 @@ from . import __version__
 from ._ckpt_apply import Target, _scalar, aliases, check_target, clamp_target_, make_targets
 from ._ckpt_write import resolve_target
 from .checkpoints import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
+from .demo import STEPS
 from .errors import BoundsError
 from .report import Report
 from .spec import Bounds
@@ -45,7 +46,7 @@ leaves a half-written file. Tensors that no pattern bounds, integer tensors and 
 non-tensor entry (epoch, optimizer state) are written back exactly as they were."""
 
 _DEMO_EXAMPLE = """example:
-  parambounds demo --out demo-out --steps 150
+  parambounds demo --out demo-out --steps 80
 
 Trains a small spiking network three times (no bounds, the penalty, projection after
 every step), prints a table and writes DIR/time_constants.png."""
@@ -203,6 +204,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_build_kernels(args: argparse.Namespace) -> int:  # noqa: ARG001
+    """Build the native CPU kernel now (cached), so that no training step waits for it."""
+    from . import _native
+
+    try:
+        _native.build(verbose=True)
+    except RuntimeError as err:
+        print(f"parambounds: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(f"parambounds: native kernel {_native.module_name()} ready")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser, with an example in every command's ``--help``."""
     parser = argparse.ArgumentParser(
@@ -218,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
             name, help=help, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter
         )
         p.set_defaults(func=func)
-        if name != "demo":
+        if name not in ("demo", "build-kernels"):
             p.add_argument("checkpoint", help="a .pt/.pth, .safetensors or Rockpool .json file")
             p.add_argument("--bounds", required=True, metavar="FILE", help=_BOUNDS_HELP)
             p.add_argument(
@@ -250,11 +264,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--steps",
         type=int,
-        default=150,
+        default=STEPS,
         metavar="N",
         help="training steps per run (default: %(default)s)",
     )
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
+    command(
+        "build-kernels",
+        "build the native CPU kernel ahead of time (C++ compiler and ninja needed)",
+        "example:\n  parambounds build-kernels",
+        cmd_build_kernels,
+    )
     return parser
 
 

@@ -23,7 +23,7 @@ from torch.nn.utils import parametrize
 from ._kernels import clamp_args, signed_excess
 from ._plan import Plan
 from ._rounding import compute_dtype
-from .distributed import is_dtensor, to_local
+from .distributed import clamp_, is_dtensor, is_partial, to_local
 from .errors import BoundsError
 
 __all__ = ["BoundedParametrization", "project_plan_", "reparametrize_plan_"]
@@ -62,7 +62,11 @@ def project_plan_(plan: Plan, leaves: list[Tensor], names: list[str] | None = No
             raise BoundsError(f"cannot project {_where(names, i)}: it is a bool tensor")
     for g in plan.groups:
         # DTensors (FSDP2, tensor parallel): clamp the local shard in place.
-        xs = [to_local(leaves[i]) for i in g.indices if leaves[i].is_leaf]
+        own = [leaves[i] for i in g.indices if leaves[i].is_leaf]
+        for x in own:
+            if is_partial(x):  # addends, not values: clamped exactly, one by one
+                clamp_(x, g.exact_lower, g.exact_upper)
+        xs = [to_local(x) for x in own if not is_partial(x)]
         if not xs:
             continue
         if xs[0].is_floating_point() and xs[0].itemsize == 1:
@@ -77,7 +81,10 @@ def project_plan_(plan: Plan, leaves: list[Tensor], names: list[str] | None = No
         x = leaves[lb.index]
         if x.is_leaf:
             lo, hi = plan.local_bounds(lb.index, lb.exact_lower, lb.exact_upper, x)
-            _clamp_(to_local(x), lo, hi)
+            if is_partial(x):
+                clamp_(x, *clamp_args(lo, hi))
+            else:
+                _clamp_(to_local(x), lo, hi)
     for i, lo, hi in computed:
         x = to_local(leaves[i]).detach()
         if not x.is_floating_point() or x.itemsize == 1:
@@ -282,9 +289,9 @@ def reparametrize_plan_(model: torch.nn.Module, plan: Plan, names: list[str]) ->
                 raise BoundsError(f"cannot reparametrize '{name}': {err}") from err
             done.append((owner, attr, p, saved))
     except BoundsError:
-        for owner, attr, p, saved in reversed(done):  # undo: the same Parameter, its values
+        for owner, attr, param, saved in reversed(done):  # undo: same Parameter, its values
             parametrize.remove_parametrizations(owner, attr, leave_parametrized=False)
             with torch.no_grad():
-                p.copy_(saved)
+                param.copy_(saved)
         raise
     return model

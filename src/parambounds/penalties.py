@@ -50,9 +50,10 @@ def overflow_threshold(dtype: Any) -> float:
 
     .. math:: T = 0.9 \log(\mathrm{finfo}(\mathrm{dtype}).\mathrm{max})
 
-    >>> import torch
-    >>> round(overflow_threshold(torch.float32), 2)
-    79.85
+    Examples:
+        >>> import torch
+        >>> round(overflow_threshold(torch.float32), 2)
+        79.85
     """
     import torch  # only torch dtypes get here; torch is loaded already
 

@@ -185,12 +185,13 @@ class Bounds:
             that matches no parameter, ``lower > upper``, a NaN bound or a tensor that
             does not broadcast, when first used with a model (naming pattern and parameter).
 
-    >>> import torch
-    >>> model = torch.nn.Linear(2, 1)
-    >>> bounds = Bounds({"weight": (-0.1, 0.1), "bias": {"lower": 0.0}})
-    >>> bounds.project_(model)
-    >>> bool(model.weight.abs().max() <= 0.1), bool(model.bias.min() >= 0.0)
-    (True, True)
+    Examples:
+        >>> import torch
+        >>> model = torch.nn.Linear(2, 1)
+        >>> bounds = Bounds({"weight": (-0.1, 0.1), "bias": {"lower": 0.0}})
+        >>> bounds.project_(model)
+        >>> bool(model.weight.abs().max() <= 0.1), bool(model.bias.min() >= 0.0)
+        (True, True)
     """
 
     def __init__(
