@@ -1,6 +1,7 @@
 """The real console script, in a subprocess, on real files."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -239,8 +240,9 @@ def test_malicious_pickle_is_refused_and_never_runs(tmp_path, files):
     assert not marker.exists()
     out = run("check", evil, "--bounds", bounds)
     assert out.returncode == 2
-    assert "refused: it needs builtins.exec, which only full unpickling could load" in no_traceback(
-        out
+    assert re.search(
+        r"refused: it needs (builtins\.)?exec, which only full unpickling could load",
+        no_traceback(out),
     )
     assert not marker.exists()
     out = run("clamp", evil, "--bounds", bounds, "-o", tmp_path / "out.pt")
