@@ -2,6 +2,34 @@ import pytest
 import torch
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--kernel",
+        choices=["auto", "eager", "native", "compiled"],
+        default=None,
+        help="run the tests with this parambounds kernel (default: PARAMBOUNDS_KERNEL or auto)",
+    )
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _kernel(request):
+    """Run the whole session with the kernel named by ``--kernel``."""
+    from parambounds import _kernels
+
+    name = request.config.getoption("--kernel")
+    if name is None:
+        yield
+        return
+    before = _kernels.get_kernel()
+    _kernels.set_kernel(name)
+    if name == "native":
+        from parambounds import _native
+
+        _native.build(verbose=False)  # fail loudly here, not in the first test
+    yield
+    _kernels.set_kernel(before)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

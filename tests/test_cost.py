@@ -272,3 +272,44 @@ def test_complex_parameter_is_named():
 def test_infinite_tensor_bound_on_the_wrong_side(lower, upper, message):
     with pytest.raises(BoundsError, match=message):
         bounds_cost({"x": torch.zeros(2)}, {"x": lower}, {"x": upper})
+
+
+def _plain_cost(params, lower, upper):
+    """Rockpool's exp penalty in plain Python, for the identity-cache tests."""
+    total = 0.0
+    for k, p in params.items():
+        lo, hi = lower[k], upper[k]
+        los = lo.reshape(-1).tolist() if isinstance(lo, torch.Tensor) else [lo] * p.numel()
+        for x, lo_i in zip(p.detach().reshape(-1).tolist(), los):
+            if hi is not None and x > hi:
+                total += math.exp(x - hi)
+            elif lo_i is not None and x < lo_i:
+                total += math.exp(lo_i - x)
+    return total
+
+
+def test_same_trees_each_step_see_every_change():
+    """The per-step identity check notices replaced, resized and re-bounded parameters."""
+    params = {"a": torch.tensor([3.0, 0.0]), "b": torch.tensor([-4.0])}
+    lower = {"a": -1.0, "b": torch.tensor([-1.0])}
+    upper = {"a": 1.0, "b": None}
+
+    def check():
+        assert bounds_cost(params, lower, upper).item() == pytest.approx(
+            _plain_cost(params, lower, upper)
+        )
+
+    check()
+    check()  # the cached plan
+    params["a"] = torch.tensor([5.0, 0.0, -3.0])  # replaced, another shape
+    check()
+    params["a"].data = torch.tensor([[2.0], [-2.5]])  # same object, resized
+    check()
+    lower["a"] = -2.0  # a bound changed in the same dict
+    check()
+    lower["b"].fill_(-5.0)  # a tensor bound changed in place
+    check()
+    upper["b"] = -4.5
+    check()
+    del params["b"], lower["b"], upper["b"]  # a parameter removed
+    check()

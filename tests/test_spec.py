@@ -342,3 +342,31 @@ def test_cost_compiles_with_fullgraph_on_the_first_call():
     assert torch.compile(lambda sd: bounds.cost(sd), fullgraph=True)(state).item() == pytest.approx(
         ref, rel=1e-5
     )
+
+
+def test_cost_each_step_sees_replaced_and_new_parameters():
+    """The per-step cache of a model's parameters notices every change to the model."""
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(3.0)
+    bounds = Bounds({"*.weight": (-1.0, 1.0), "*bias": (None, 1.0)})
+
+    def expected():
+        total = 0.0
+        for name, p in model.named_parameters():
+            lo = -1.0 if name.endswith("weight") else -math.inf
+            for x in p.detach().reshape(-1).tolist():
+                total += math.exp(x - 1.0) if x > 1.0 else (math.exp(lo - x) if x < lo else 0.0)
+        return total
+
+    assert bounds.cost(model).item() == pytest.approx(expected())
+    assert bounds.cost(model).item() == pytest.approx(expected())
+    model[1].weight = torch.nn.Parameter(torch.full((1, 2), 5.0))  # replaced
+    assert bounds.cost(model).item() == pytest.approx(expected())
+    model[1].extra_bias = torch.nn.Parameter(torch.full((3,), 4.0))  # a new parameter
+    assert bounds.cost(model).item() == pytest.approx(expected())
+    model[0]._parameters["bias"] = torch.nn.Parameter(torch.full((2,), 6.0))  # behind hooks
+    assert bounds.cost(model).item() == pytest.approx(expected())
+    model[0].weight.data = torch.full((3, 3), 2.0)  # resized in place
+    assert bounds.cost(model).item() == pytest.approx(expected())

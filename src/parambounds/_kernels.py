@@ -6,27 +6,38 @@ computes the value *and* the gradient in the same pass over the parameters
 scales the stored gradient by the incoming one (skipped on the CPU when that is exactly
 1). No boolean-mask indexing, no data-dependent shapes, no host synchronisation.
 
-Two kernels evaluate :func:`value_and_grad`:
+Three kernels evaluate :func:`value_and_grad`:
 
+- native (``csrc/bounds.cpp``, :mod:`parambounds._native`): one C++ call per group of
+  float32/float64 contiguous CPU tensors with scalar bounds, reading them in place,
+  vectorized and split over threads, writing all gradients into one buffer that they
+  share. Built in the background on first use (or ahead of time with ``parambounds
+  build-kernels``); the eager kernel runs until it is ready.
 - eager: plain PyTorch ops over chunks of :data:`CHUNK` elements, so the temporaries
   stay in cache and extra memory stays at the gradient itself plus a chunk. Needs no
-  compiler.
-- compiled: the same function through ``torch.compile`` (one fused loop per tensor,
-  about the time of one ``torch.exp`` pass). It needs a working compiler for inductor
-  and compiles once per penalty and bound layout (seconds, cached on disk by inductor).
+  compiler; computes everything the others do not (other dtypes, tensor bounds, a
+  user's own penalty shape, non-contiguous tensors).
+- compiled: the same function through ``torch.compile`` (one fused loop per tensor).
+  It needs a working compiler for inductor and compiles once per penalty and bound
+  layout; with ``"auto"`` it is used for large tensors on accelerators once compiled
+  in the background.
 
 :func:`set_kernel` (or the ``PARAMBOUNDS_KERNEL`` environment variable) picks
-``"auto"`` (default: compiled for tensors of at least :data:`AUTO_COMPILE_MIN` elements,
-eager below; eager everywhere, with one warning, if compiling fails), ``"eager"`` or
-``"compiled"``.
+``"auto"`` (default: native on the CPU, compiled for tensors of at least
+:data:`AUTO_COMPILE_MIN` elements elsewhere, eager until they are ready and wherever
+they fail, with one warning), ``"eager"``, ``"compiled"`` or ``"native"`` (the last two
+wait for their build instead of running eager meanwhile).
 
-Leaves smaller than :data:`SMALL` elements that share scalar bounds are concatenated
-and computed as one tensor; their gradients are views into one buffer.
+Without the native kernel, leaves smaller than :data:`SMALL` elements that share
+scalar bounds are concatenated and computed as one tensor; their gradients are views
+into one buffer.
 """
 
 from __future__ import annotations
 
 import os
+import threading
+import types
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -34,10 +45,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import _native
 from ._plan import Bound, Plan
-from .distributed import cost_layout, partial_cost
+from ._rounding import compute_dtype
+from .distributed import cost_layout, partial_cost, to_local
 from .errors import BoundsError
-from .penalties import Penalty
+from .penalties import PENALTIES, Penalty, overflow_threshold
 
 __all__ = [
     "AUTO_COMPILE_MIN",
@@ -48,6 +61,7 @@ __all__ = [
     "get_kernel",
     "leaf_cost",
     "set_kernel",
+    "signed_excess",
     "value_and_grad",
 ]
 
@@ -56,8 +70,15 @@ CHUNK = 1 << 18
 #: Leaves with fewer elements than this are concatenated with their group.
 SMALL = 1 << 17
 
-_KERNELS = ("auto", "eager", "compiled")
+_KERNELS = ("auto", "eager", "compiled", "native")
+_NATIVE_DTYPES = (torch.float32, torch.float64)
 _kernel = os.environ.get("PARAMBOUNDS_KERNEL", "auto")
+if _kernel not in _KERNELS:
+    raise BoundsError(
+        f"PARAMBOUNDS_KERNEL={_kernel!r} is not a kernel; expected one of "
+        + ", ".join(map(repr, _KERNELS))
+        + " (or leave it unset)"
+    )
 #: With ``"auto"``, tensors (or concatenated groups) of at least this many elements use
 #: the compiled kernel, when ``torch.compile`` works here.
 AUTO_COMPILE_MIN = 1 << 18
@@ -68,16 +89,19 @@ def set_kernel(name: str) -> None:
     """Choose how the per-step value and gradient are computed.
 
     Args:
-        name: ``"auto"`` (default: the compiled kernel for tensors of at least
-            :data:`AUTO_COMPILE_MIN` elements, eager below, and eager everywhere if
-            ``torch.compile`` fails here), ``"eager"`` (never compile) or ``"compiled"``.
+        name: ``"auto"`` (default: the native kernel on the CPU, the compiled one for
+            tensors of at least :data:`AUTO_COMPILE_MIN` elements elsewhere, eager while
+            they build and wherever they fail), ``"eager"`` (never compile),
+            ``"compiled"`` or ``"native"`` (these two wait for their build).
 
     Raises:
         BoundsError: for another name.
     """
     global _kernel
     if name not in _KERNELS:
-        raise BoundsError(f"unknown kernel {name!r}; expected one of 'auto', 'eager', 'compiled'")
+        raise BoundsError(
+            f"unknown kernel {name!r}; expected one of 'auto', 'eager', 'compiled', 'native'"
+        )
     _kernel = name
 
 
@@ -95,12 +119,30 @@ def clamp_args(lower: Any, upper: Any) -> tuple[Any, Any]:
     return lower, upper
 
 
+def signed_excess(x: Tensor, lower: Any, upper: Any) -> Tensor:
+    r"""Return :math:`d = x - \mathrm{clamp}(x, l, u)`, exact at infinities.
+
+    Positive above, negative below, zero inside and NaN where ``x`` is NaN. An infinite
+    element on an open side (``-inf`` with no lower bound, ``+inf`` under an infinite
+    per-element upper bound) is inside: its ``d`` is 0, not ``inf - inf``.
+    """
+    if isinstance(lower, Tensor) or isinstance(upper, Tensor):
+        # A tensor bound may hold infinities: where x equals its clamp, x is inside.
+        c = torch.clamp(x, lower, upper)
+        return torch.where(x == c, 0.0, x - c)
+    if lower is None:
+        return (x - upper).clamp_min(0)
+    if upper is None:
+        return (x - lower).clamp_max(0)
+    return x - torch.clamp(x, lower, upper)  # both finite: clamp is finite
+
+
 def leaf_cost(x: Tensor, lower: Any, upper: Any, penalty: Penalty) -> Tensor:
     """The cost of one tensor with plain differentiable ops (the traceable reference path)."""
-    if not x.is_floating_point():
-        x = x.to(torch.get_default_dtype())
+    if not x.is_floating_point() or x.itemsize == 1:  # integers, bool, float8
+        x = x.to(compute_dtype(x.dtype))
     lower, upper = clamp_args(lower, upper)
-    d = x - torch.clamp(x, lower, upper)
+    d = signed_excess(x, lower, upper)
     value, _ = penalty.value_and_slope(d.abs())
     # ``d != 0`` is True for NaN, so a NaN parameter makes the cost NaN.
     return torch.where(d != 0, value, 0.0).sum()
@@ -111,7 +153,7 @@ def value_and_grad(
 ) -> tuple[Tensor, Tensor]:
     r"""Return the cost of ``x`` and its gradient, in one pass and without autograd.
 
-    With :math:`d = x - \mathrm{clamp}(x, l, u)` (positive above, negative below, zero
+    With :math:`d` from :func:`signed_excess` (positive above, negative below, zero
     inside, exact at the bounds) and :math:`e = |d|`:
 
     .. math::
@@ -122,7 +164,7 @@ def value_and_grad(
 
     A NaN in ``x`` gives a NaN cost and a NaN gradient there.
     """
-    d = x - torch.clamp(x, lower, upper)
+    d = signed_excess(x, lower, upper)
     sign = torch.sign(d)  # 0 inside, and 0 for NaN: the slope carries the NaN instead
     value, slope = penalty.value_and_slope(d.abs())
     grad = torch.mul(sign, slope, out=out)
@@ -147,19 +189,64 @@ def _eager_flat(x: Tensor, lower: Bound, upper: Bound, penalty: Penalty) -> tupl
     return torch.stack(parts).sum(), grad
 
 
-_compiled_cache: dict[int, Callable[..., tuple[Tensor, Tensor]]] = {}
+_compiled_cache: dict[Any, Callable[..., tuple[Tensor, Tensor]]] = {}
+
+
+def _fresh_copy(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """A copy of ``fn`` with its own code object.
+
+    ``torch.compile`` caches (and counts recompilations, up to ``recompile_limit``) per
+    code object: each variant of the kernel gets its own, so that many penalties, dtypes
+    and bound layouts never exhaust the limit of one.
+    """
+    code = fn.__code__.replace()
+    return types.FunctionType(code, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
 
 
 def _compiled_flat(x: Tensor, lower: Any, upper: Any, penalty: Penalty) -> tuple[Tensor, Tensor]:
-    fn = _compiled_cache.get(id(penalty))
+    key = (id(penalty), lower is None, upper is None, x.dtype, x.device.type)
+    fn = _compiled_cache.get(key)
     if fn is None:
-        compiled = torch.compile(value_and_grad, dynamic=True, fullgraph=True)
+        compiled = torch.compile(_fresh_copy(value_and_grad), dynamic=True, fullgraph=True)
 
         def fn(x: Tensor, lower: Any, upper: Any, penalty: Penalty = penalty) -> Any:
             return compiled(x, lower, upper, penalty)
 
-        _compiled_cache[id(penalty)] = fn
+        _compiled_cache[key] = fn
     return fn(x, lower, upper)
+
+
+_compiled_state: dict[Any, threading.Event] = {}
+_compiled_lock = threading.Lock()
+
+
+def _compiled_ready(x: Tensor, lower: Any, upper: Any, penalty: Penalty) -> bool:
+    """Whether the compiled kernel is ready for ``x``; if not, start compiling it.
+
+    The compilation runs in a background thread on a stand-in tensor of ``x``'s dtype
+    and device (``dynamic=True``, so one compilation serves every size), and the eager
+    kernel runs until it has finished: no step waits for the compiler.
+    """
+    key = (id(penalty), x.dtype, x.device, lower is None, upper is None)
+    done = _compiled_state.get(key)
+    if done is None:
+        with _compiled_lock:
+            done = _compiled_state.get(key)
+            if done is None:
+                done = _compiled_state[key] = threading.Event()
+                like = torch.zeros(AUTO_COMPILE_MIN, dtype=x.dtype, device=x.device)
+
+                def work() -> None:
+                    try:
+                        with torch.no_grad():
+                            _compiled_flat(like, lower, upper, penalty)
+                    except Exception as err:  # no working compiler
+                        _note_compile_failure(err)
+                    finally:
+                        done.set()
+
+                threading.Thread(target=work, name="parambounds-compile", daemon=True).start()
+    return done.is_set() and not _compile_failed
 
 
 def _note_compile_failure(err: Exception) -> None:
@@ -194,6 +281,10 @@ class _GroupCost(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        needs = ctx.needs_input_grad[1:]
+        if torch.is_grad_enabled():  # create_graph=True: a backward that autograd can differentiate
+            ctx.grads = ctx.flat = None
+            return (None, *_differentiable_grads(ctx.compute, ctx.saved_tensors, needs, grad_out))
         grads, flat = ctx.grads, ctx.flat
         # Drop our references so autograd can adopt the buffers as ``.grad`` (no copy).
         ctx.grads = ctx.flat = None
@@ -204,28 +295,65 @@ class _GroupCost(torch.autograd.Function):
                 flat.mul_(grad_out)
             else:
                 torch._foreach_mul_(list(grads), grad_out)
-        needs = ctx.needs_input_grad[1:]
         return (None, *(g if need else None for g, need in zip(grads, needs)))
 
 
-def _group_runner(
-    lower: Bound, upper: Bound, penalty: Penalty, shapes: list[torch.Size] | None
-) -> Callable[[Sequence[Tensor]], tuple[Tensor, list[Tensor], Tensor | None]]:
-    """Runner for leaves sharing scalar bounds.
+def _differentiable_grads(
+    run: Any, xs: Sequence[Tensor], needs: Sequence[bool], grad_out: Tensor
+) -> list[Tensor | None]:
+    r"""The gradients of :func:`value_and_grad` as differentiable ops of ``xs`` and ``grad_out``.
 
-    With ``shapes`` (known from the plan's layout key) the leaves are concatenated and
-    their gradients are views of one buffer; without, each leaf is computed on its own.
+    :math:`\partial\,\mathrm{cost}/\partial x_i = \mathrm{sign}(d_i)\, f'(|d_i|)`, so
+    Hessians, Hessian-vector products and gradient penalties see the second derivative.
+    """
+    lower, upper, penalty = run.bounds
+    lower, upper = clamp_args(lower, upper)
+    out: list[Tensor | None] = []
+    for x, need in zip(xs, needs):
+        if not need:
+            out.append(None)
+            continue
+        d = signed_excess(x, lower, upper)
+        out.append(torch.sign(d) * penalty.slope(d.abs()) * grad_out)
+    return out
+
+
+def _auto_compiles(x: Tensor) -> bool:
+    """Whether ``"auto"`` wants the compiled kernel for ``x``: large, not for the native one."""
+    if _compile_failed or x.numel() < AUTO_COMPILE_MIN:
+        return False
+    native_takes = x.device.type == "cpu" and x.dtype in _NATIVE_DTYPES
+    return not native_takes or _native.state() == "failed"
+
+
+def _native_penalty(penalty: Penalty) -> int | None:
+    """The native kernel's id for ``penalty``, or ``None`` for a shape it does not know."""
+    if PENALTIES.get(penalty.name) is not penalty:
+        return None  # a user's own penalty shape: the eager kernel computes it
+    return _native.PENALTY_IDS.get(penalty.name)
+
+
+def _group_runner(
+    lower: Bound, upper: Bound, penalty: Penalty, shapes: list[torch.Size]
+) -> Callable[[Sequence[Tensor]], tuple[Tensor, list[Tensor], Tensor | None]]:
+    """Runner for leaves sharing scalar bounds, a dtype and a device (``shapes``: theirs).
+
+    The native kernel (when built) reads every leaf in place and writes all gradients
+    into one buffer. Otherwise leaves under :data:`SMALL` elements are concatenated
+    (their gradients are views of one buffer) and larger ones computed one by one.
     """
     mode = _kernel
-    concat = shapes is not None
-    sizes = [s.numel() for s in shapes] if shapes is not None else []
+    native = _native_penalty(penalty) if mode in ("auto", "native") else None
+    small = [k for k, s in enumerate(shapes) if s.numel() < SMALL]
+    big = [k for k, s in enumerate(shapes) if s.numel() >= SMALL]
+    small_shapes = [shapes[k] for k in small]
+    sizes = [s.numel() for s in small_shapes]
     total = sum(sizes)
     bound_tensors: dict[Any, tuple[Any, Any]] = {}
+    thresholds: dict[torch.dtype, float] = {}
 
     def flat_cost(x: Tensor) -> tuple[Tensor, Tensor]:
-        if mode == "compiled" or (
-            mode == "auto" and not _compile_failed and x.numel() >= AUTO_COMPILE_MIN
-        ):
+        if mode == "compiled" or (mode == "auto" and _auto_compiles(x)):
             key = (x.dtype, x.device)
             bounds = bound_tensors.get(key)
             if bounds is None:  # made once: a host-to-device copy per step would sync
@@ -236,40 +364,67 @@ def _group_runner(
             lo, hi = bounds
             if mode == "compiled":
                 return _compiled_flat(x, lo, hi, penalty)
-            try:
-                return _compiled_flat(x, lo, hi, penalty)
-            except Exception as err:  # no working compiler: fall back, once, loudly
-                _note_compile_failure(err)
+            if _compiled_ready(x, lo, hi, penalty):  # compiled in the background
+                try:
+                    return _compiled_flat(x, lo, hi, penalty)
+                except Exception as err:  # no working compiler: fall back, once, loudly
+                    _note_compile_failure(err)
         return _eager_flat(x, lower, upper, penalty)
 
     # The concatenated copy of a group's parameters is internal: keep its buffer between
-    # steps (fresh memory costs a page fault per 4 KiB on every step).
-    scratch: list[Tensor] = []
+    # steps (fresh memory costs a page fault per 4 KiB on every step). Plans are shared by
+    # models of the same structure, so each thread has its own buffer.
+    scratch = threading.local()
 
     def gather(xs: Sequence[Tensor]) -> Tensor:
         if len(xs) == 1:
             return xs[0].reshape(-1)
-        if not scratch:  # the plan fixes sizes, dtype and device: one buffer serves
-            scratch.append(torch.empty(total, dtype=xs[0].dtype, device=xs[0].device))
-        return torch.cat([x.reshape(-1) for x in xs], out=scratch[0])
+        buf = getattr(scratch, "buf", None)
+        if buf is None:  # the plan fixes sizes, dtype and device: one buffer serves
+            buf = scratch.buf = torch.empty(total, dtype=xs[0].dtype, device=xs[0].device)
+        return torch.cat([x.reshape(-1) for x in xs], out=buf)
+
+    def native_run(xs: Sequence[Tensor]) -> tuple[Tensor, list[Tensor], Tensor | None] | None:
+        assert native is not None
+        x0 = xs[0]
+        if x0.device.type != "cpu" or x0.dtype not in _NATIVE_DTYPES:
+            return None
+        module = _native.get(wait=mode == "native")
+        if module is None:
+            return None
+        thr = thresholds.get(x0.dtype)
+        if thr is None:
+            thr = thresholds[x0.dtype] = overflow_threshold(x0.dtype)
+        try:
+            value, flat, grads = module.value_and_grad(xs, lower, upper, native, thr)
+        except RuntimeError:  # non-contiguous, mixed, or wrapped (torch.func) tensors
+            return None
+        return value, grads, flat
 
     def run(xs: Sequence[Tensor]) -> tuple[Tensor, list[Tensor], Tensor | None]:
         with torch.no_grad():
-            if concat:
-                value, gflat = flat_cost(gather(xs))
-                pieces = gflat.split(sizes)
-                return (
-                    value,
-                    [g if len(s) == 1 else g.view(s) for g, s in zip(pieces, shapes or [])],
-                    gflat,
-                )
-            values, grads = [], []
-            for x in xs:
+            if native is not None:
+                got = native_run(xs)
+                if got is not None:
+                    return got
+            values: list[Tensor] = []
+            grads: list[Any] = [None] * len(xs)
+            flat = None
+            if small:
+                value, flat = flat_cost(gather([xs[k] for k in small]))
+                values.append(value)
+                for k, g, s in zip(small, flat.split(sizes), small_shapes):
+                    grads[k] = g if len(s) == 1 else g.view(s)
+            for k in big:
+                x = xs[k]
                 v, g = flat_cost(x.reshape(-1))
                 values.append(v)
-                grads.append(g.view(x.shape))
-            return (torch.stack(values).sum() if len(values) > 1 else values[0]), grads, None
+                grads[k] = g.view(x.shape)
+            value = torch.stack(values).sum() if len(values) > 1 else values[0]
+            # With leaves of both sizes the gradients are in several buffers: no ``flat``.
+            return value, grads, flat if not big else None
 
+    run.bounds = (lower, upper, penalty)  # type: ignore[attr-defined]
     return run
 
 
@@ -283,6 +438,7 @@ def _tensor_runner(
             value, grad = value_and_grad(xs[0], lower, upper, penalty)
         return value, [grad], None
 
+    run.bounds = (lower, upper, penalty)  # type: ignore[attr-defined]
     return run
 
 
@@ -297,13 +453,13 @@ def apply(plan: Plan, leaves: list[Any], penalty: Penalty) -> list[Tensor]:
     for indices, run, layout in runners:
         xs = [leaves[i] for i in indices]
         if layout is not None:  # a DTensor: the cost of the local shard, summed per layout
-            local = _GroupCost.apply(run, xs[0].to_local())
+            local = _GroupCost.apply(run, to_local(xs[0]))  # Partial: reduced first
             sharded_sums[layout] = (
                 local if layout not in sharded_sums else sharded_sums[layout] + local
             )
             continue
-        if not xs[0].is_floating_point():
-            xs = [x.to(torch.get_default_dtype()) for x in xs]
+        if not xs[0].is_floating_point() or xs[0].itemsize == 1:  # integers, bool, float8
+            xs = [x.to(compute_dtype(x.dtype)) for x in xs]
         parts.append(_GroupCost.apply(run, *xs))
     # One DTensor per layout; ``distributed.combine`` reduces them across ranks.
     parts += [partial_cost(total, layout) for layout, total in sharded_sums.items()]
@@ -314,19 +470,17 @@ def _make_runners(plan: Plan, leaves: list[Any], penalty: Penalty) -> list[Any]:
     runners: list[Any] = []
     for g in plan.groups:
         plain = [i for i in g.indices if i not in plan.dtensors]
-        small = [i for i in plain if plan.numels[i] < SMALL]
-        big = [i for i in plain if plan.numels[i] >= SMALL]
-        if small:
-            shapes = [leaves[i].shape for i in small]
-            runners.append((small, _group_runner(g.lower, g.upper, penalty, shapes), None))
-        if big:
-            runners.append((big, _group_runner(g.lower, g.upper, penalty, None), None))
+        if plain:
+            shapes = [leaves[i].shape for i in plain]
+            runners.append((plain, _group_runner(g.lower, g.upper, penalty, shapes), None))
     for i, lo, hi in plan.bounded_items():
         if i in plan.dtensors:
             lo, hi = plan.local_bounds(i, lo, hi, leaves[i])
             scalar = not isinstance(lo, Tensor) and not isinstance(hi, Tensor)
             run = (
-                _group_runner(lo, hi, penalty, None) if scalar else _tensor_runner(lo, hi, penalty)
+                _group_runner(lo, hi, penalty, [leaves[i].to_local().shape])
+                if scalar
+                else _tensor_runner(lo, hi, penalty)
             )
             runners.append(([i], run, cost_layout(leaves[i])))
     for lb in plan.tensor_leaves:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import math
 import numbers
+import threading
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -18,7 +20,8 @@ from typing import Any, cast
 import torch
 from torch import Tensor
 
-from .distributed import is_dtensor, local_bound
+from ._rounding import compute_dtype, inward
+from .distributed import agree, full_bound, is_dtensor, local_bound, order_violation
 from .errors import BoundsError
 from .trees import align, flatten, named_leaves
 
@@ -39,6 +42,9 @@ class LeafBounds:
     path: str
     lower: Bound
     upper: Bound
+    #: The bounds rounded inward to the parameter's dtype (see :mod:`._rounding`).
+    exact_lower: Any = None
+    exact_upper: Any = None
 
 
 @dataclass
@@ -48,6 +54,8 @@ class Group:
     lower: float | None
     upper: float | None
     indices: list[int] = field(default_factory=list)
+    exact_lower: Any = None
+    exact_upper: Any = None
 
 
 @dataclass
@@ -56,30 +64,43 @@ class Plan:
 
     groups: list[Group]
     tensor_leaves: list[LeafBounds]
-    # Keeps user-given bound tensors alive: the cache key holds their ids.
-    keepalive: tuple[Any, ...]
     bounded: tuple[int, ...]
     numels: dict[int, int] = field(default_factory=dict)
     dtensors: frozenset[int] = frozenset()
     layouts: dict[tuple[Any, ...], Plan] = field(default_factory=dict)
     runners: dict[Any, Any] = field(default_factory=dict)
-    _local: dict[int, tuple[Any, Any]] = field(default_factory=dict)
+    #: Some bound is a tensor that requires grad (a learnable bound): the cost must
+    #: then be differentiable in the bounds too, so it takes the plain autograd path.
+    grad_bounds: bool = False
+    #: Weak references to the bound tensors of the key: their callbacks drop the plan.
+    watchers: list[Any] = field(default_factory=list)
+    _local: dict[Any, tuple[Any, Any]] = field(default_factory=dict)
 
-    def bounded_items(self) -> list[tuple[int, Any, Any]]:
-        """``(leaf index, lower, upper)`` of every bounded leaf, in leaf order."""
+    def bounded_items(self, exact: bool = False) -> list[tuple[int, Any, Any]]:
+        """``(leaf index, lower, upper)`` of every bounded leaf, in leaf order.
+
+        With ``exact``, the bounds rounded inward to each leaf's dtype: a value of that
+        dtype is inside them exactly when it is inside the bounds as given.
+        """
         items: list[tuple[int, Any, Any]] = [
-            (i, g.lower, g.upper) for g in self.groups for i in g.indices
+            (i, *((g.exact_lower, g.exact_upper) if exact else (g.lower, g.upper)))
+            for g in self.groups
+            for i in g.indices
         ]
-        items += [(lb.index, lb.lower, lb.upper) for lb in self.tensor_leaves]
+        items += [
+            (lb.index, *((lb.exact_lower, lb.exact_upper) if exact else (lb.lower, lb.upper)))
+            for lb in self.tensor_leaves
+        ]
         return sorted(items, key=lambda t: t[0])
 
     def local_bounds(self, i: int, lower: Any, upper: Any, x: Any) -> tuple[Any, Any]:
         """The bounds of leaf ``i`` for its local shard (itself for plain tensors); cached."""
         if i not in self.dtensors:
             return lower, upper
-        got = self._local.get(i)
+        key = (i, id(lower), id(upper))
+        got = self._local.get(key)
         if got is None:
-            got = self._local[i] = (local_bound(lower, x), local_bound(upper, x))
+            got = self._local[key] = (local_bound(lower, x), local_bound(upper, x))
         return got
 
 
@@ -87,7 +108,7 @@ def _bound_key(b: Any) -> Any:
     if b is None or type(b) is float:
         return b
     if isinstance(b, Tensor):
-        return ("t", id(b), b._version)
+        return ("t", id(b), b._version, b.requires_grad)
     if isinstance(b, float):
         return b
     if isinstance(b, numbers.Real) and not isinstance(b, bool):
@@ -110,6 +131,8 @@ def _normalise(b: Any, side: str, path: str, param: Any, traced: bool = False) -
         return None
     if isinstance(b, bool) or not isinstance(b, (numbers.Real, Tensor)):
         raise BoundsError(f"{where} must be a number, None or a tensor, got {type(b).__name__}")
+    if isinstance(b, Tensor) and (b.is_complex() or b.dtype == torch.bool):
+        raise BoundsError(f"{where} must be a real tensor, got dtype {b.dtype}")
     if isinstance(b, Tensor) and b.dim() == 0 and not b.requires_grad and not traced:
         b = b.item()
     if isinstance(b, numbers.Real):
@@ -118,6 +141,15 @@ def _normalise(b: Any, side: str, path: str, param: Any, traced: bool = False) -
             raise BoundsError(f"{where} is NaN")
         if (side == "lower" and v == math.inf) or (side == "upper" and v == -math.inf):
             raise BoundsError(f"{where} is {v}, which no value can satisfy")
+        dtype = compute_dtype(param.dtype)
+        largest = torch.finfo(dtype).max
+        if abs(v) > largest:  # beyond the dtype's range: open, or unsatisfiable
+            if (side == "upper") == (v > 0):
+                return None
+            raise BoundsError(
+                f"{where} is {v:g}, beyond the largest {str(dtype).replace('torch.', '')} "
+                f"value ({largest:g}): no value can satisfy it"
+            )
         return None if math.isinf(v) else v
     assert isinstance(b, Tensor)
     try:
@@ -129,15 +161,15 @@ def _normalise(b: Any, side: str, path: str, param: Any, traced: bool = False) -
             f"{where} has shape {_fmt_shape(b.shape)}, which does not broadcast to the "
             f"parameter's shape {_fmt_shape(param.shape)}"
         )
-    if b.is_complex() or b.dtype == torch.bool:
-        raise BoundsError(f"{where} must be a real tensor, got dtype {b.dtype}")
-    dtype = param.dtype if param.is_floating_point() else torch.get_default_dtype()
-    if is_dtensor(b):  # laid out like its parameter already: check this rank's part
+    dtype = compute_dtype(param.dtype)
+    if is_dtensor(b) and not is_dtensor(param):  # an unsharded parameter (FSDP2 after
+        b = full_bound(b)  # forward with reshard_after_forward=False): gather the bound once
+    if is_dtensor(b):  # check this rank's part; every rank learns of errors in agree()
         _check_values(cast(Any, b).to_local(), side, where)
         return b.detach().to(dtype=dtype)
+    if traced:  # keep the graph of a learnable bound: the traced path differentiates it
+        return b.to(device=param.device, dtype=dtype)
     t = b.detach().to(device=param.device, dtype=dtype)
-    if traced:
-        return t
     _check_values(t, side, where)
     if bool(torch.isinf(t).all()):
         return None
@@ -153,8 +185,19 @@ def _check_values(t: Tensor, side: str, where: str) -> None:
         raise BoundsError(f"{where} contains {bad}, which no value can satisfy")
 
 
-def _check_order(lo: Any, hi: Any, path: str, traced: bool = False) -> None:
+def _check_order(lo: Any, hi: Any, path: str, traced: bool = False, param: Any = None) -> None:
     if lo is None or hi is None:
+        return
+    if is_dtensor(param) and (isinstance(lo, Tensor) or isinstance(hi, Tensor)):
+        found = order_violation(lo, hi, param)  # this rank's part, named by global index
+        if found is not None:
+            flat, idx, lo_v, hi_v = found
+            err = BoundsError(
+                f"lower bound for '{path or '<root>'}' exceeds its upper bound at index "
+                f"{idx} ({lo_v} > {hi_v})"
+            )
+            err.flat_index = flat  # type: ignore[attr-defined]
+            raise err
         return
     if traced and (isinstance(lo, Tensor) or isinstance(hi, Tensor)):
         return
@@ -164,9 +207,6 @@ def _check_order(lo: Any, hi: Any, path: str, traced: bool = False) -> None:
                 f"lower bound for '{path or '<root>'}' exceeds its upper bound ({lo} > {hi})"
             )
         return
-    if is_dtensor(lo) or is_dtensor(hi):  # compare this rank's parts
-        lo = lo.to_local() if is_dtensor(lo) else lo
-        hi = hi.to_local() if is_dtensor(hi) else hi
     bad = torch.as_tensor(lo) > torch.as_tensor(hi)
     if bool(bad.any()):
         idx = tuple(int(i) for i in bad.nonzero()[0])
@@ -188,8 +228,35 @@ def _resolve(path: str, p: Any, lo: Any, hi: Any, traced: bool = False) -> tuple
         raise BoundsError(f"parameter '{path or '<root>'}' is complex; bounds need real values")
     lo_n = _normalise(lo, "lower", path, p, traced)
     hi_n = _normalise(hi, "upper", path, p, traced)
-    _check_order(lo_n, hi_n, path, traced)
+    _check_order(lo_n, hi_n, path, traced, p)
     return lo_n, hi_n
+
+
+def _exact_bounds(path: str, p: Tensor, lo: Any, hi: Any, lo_n: Any, hi_n: Any) -> tuple[Any, Any]:
+    """The normalised bounds rounded inward to ``p``'s dtype, from the bounds as given.
+
+    Raises:
+        BoundsError: when no value of the dtype lies within the bounds.
+    """
+    if p.dtype == torch.float64 or is_dtensor(p):
+        return lo_n, hi_n
+
+    def source(raw: Any, normalised: Any) -> Any:  # full precision, not rounded to p.dtype
+        if isinstance(normalised, Tensor) and isinstance(raw, Tensor) and not is_dtensor(raw):
+            return raw.detach().to(device=p.device, dtype=torch.float64)
+        return normalised
+
+    lo_x = inward(source(lo, lo_n), "lower", p.dtype)
+    hi_x = inward(source(hi, hi_n), "upper", p.dtype)
+    if lo_x is not None and hi_x is not None:
+        bad = torch.as_tensor(lo_x) > torch.as_tensor(hi_x)
+        if bool(bad.any()):
+            where = "" if bad.dim() == 0 else f" at index {tuple(int(i) for i in bad.nonzero()[0])}"
+            raise BoundsError(
+                f"no {str(p.dtype).replace('torch.', '')} value lies within the bounds of "
+                f"'{path or '<root>'}'{where}: they are closer than the dtype's resolution"
+            )
+    return lo_x, hi_x
 
 
 def _layout(p: Any) -> tuple[Any, ...]:
@@ -201,28 +268,155 @@ def _layout(p: Any) -> tuple[Any, ...]:
     return (p.shape, p.dtype, p.device)
 
 
-def _build(
-    named: list[tuple[str, Any]], lowers: list[Any], uppers: list[Any], keepalive: tuple[Any, ...]
-) -> Plan:
+def _build(named: list[tuple[str, Any]], lowers: list[Any], uppers: list[Any]) -> Plan:
     groups: dict[tuple[Any, ...], Group] = {}
     tensor_leaves: list[LeafBounds] = []
     bounded: list[int] = []
+    errors: dict[int, BoundsError] = {}  # of DTensor leaves: raised on every rank, by agree()
     for i, ((path, p), lo, hi) in enumerate(zip(named, lowers, uppers)):
-        lo_n, hi_n = _resolve(path, p, lo, hi)
+        try:
+            lo_n, hi_n = _resolve(path, p, lo, hi)
+        except BoundsError as err:
+            if not is_dtensor(p):
+                raise
+            errors[i] = err
+            continue
         if lo_n is None and hi_n is None:
             continue
         bounded.append(i)
+        lo_x, hi_x = _exact_bounds(path, p, lo, hi, lo_n, hi_n)
         if isinstance(lo_n, Tensor) or isinstance(hi_n, Tensor):
-            tensor_leaves.append(LeafBounds(i, path, lo_n, hi_n))
+            tensor_leaves.append(LeafBounds(i, path, lo_n, hi_n, lo_x, hi_x))
         else:
             key = (lo_n, hi_n, p.dtype, p.device)
-            groups.setdefault(key, Group(lo_n, hi_n)).indices.append(i)  # type: ignore[arg-type]
+            group = groups.setdefault(key, Group(lo_n, hi_n, [], lo_x, hi_x))  # type: ignore[arg-type]
+            group.indices.append(i)
     numels = {i: named[i][1].numel() for i in bounded}
     dtensors = frozenset(i for i in bounded if is_dtensor(named[i][1]))
-    return Plan(list(groups.values()), tensor_leaves, keepalive, tuple(bounded), numels, dtensors)
+    plan = Plan(list(groups.values()), tensor_leaves, tuple(bounded), numels, dtensors)
+    if dtensors or errors:  # one exchange per mesh: the same plan (or error) on every rank
+        agree(named, lowers, uppers, errors)
+    return plan
 
 
 _PLANS: OrderedDict[Any, Plan] = OrderedDict()
+# The cache is shared by every thread: lookups and updates hold this lock.
+_LOCK = threading.Lock()
+# Ids of bound tensors in each cached key. The cache does not keep bound tensors alive
+# (fresh bounds every step would pile up): a plan is dropped when one of its bound
+# tensors dies (before its id can be reused: ``_dead`` is emptied before any lookup),
+# and when a new version of one of them gets a plan.
+_TENSOR_IDS: dict[Any, frozenset[int]] = {}
+_dead: list[Any] = []
+
+
+def _forget(key: Any) -> None:
+    _PLANS.pop(key, None)
+    _TENSOR_IDS.pop(key, None)
+
+
+def _watch(key: Any, tensors: list[Tensor]) -> None:
+    """Drop ``key`` from the cache when any of ``tensors`` dies, or gets a newer plan."""
+    ids = frozenset(id(t) for t in tensors)
+    for other, other_ids in list(_TENSOR_IDS.items()):
+        if other_ids & ids:  # an older version of one of these bounds
+            _forget(other)
+    _TENSOR_IDS[key] = ids
+    # The callbacks live as long as the plan; appending to a list is atomic.
+    _PLANS[key].watchers = [weakref.ref(t, lambda _, k=key: _dead.append(k)) for t in tensors]  # type: ignore[misc]
+
+
+@dataclass
+class _Seen:
+    """What a plan was last used with, for the per-step identity check of :func:`get_plan`."""
+
+    treedef: Any
+    lower: tuple[Any, list[Any]]
+    upper: tuple[Any, list[Any]]
+    versions: list[tuple[Any, int]]
+    layouts: list[tuple[Any, ...]]
+    plan: Plan
+
+
+#: The last plans by the identity of the three trees: checking that nothing changed is
+#: cheaper than building the cache key (the bounds by value, every parameter's layout).
+_SEEN: OrderedDict[tuple[int, int, int, str], _Seen] = OrderedDict()
+_SEEN_SIZE = 64
+
+
+def _weak(b: Any) -> Any:
+    # Bound tensors are held weakly, as by the plan cache: fresh ones must not pile up.
+    return weakref.ref(b) if isinstance(b, Tensor) else b
+
+
+def _snapshot(bounds: Any) -> tuple[Any, list[Any]]:
+    """The structure and leaves of a bound tree (a flat dict: its keys and values)."""
+    if type(bounds) is dict:
+        structure, leaves = list(bounds), list(bounds.values())
+    else:
+        structure, leaves = flatten(bounds)
+    return structure, [_weak(b) for b in leaves]
+
+
+def _snapshot_leaves(bounds: Any) -> list[Any]:
+    return list(bounds.values()) if type(bounds) is dict else flatten(bounds)[1]
+
+
+def _is_leaf(now: Any, seen: Any) -> bool:
+    return now is seen or (type(seen) is weakref.ref and seen() is now)
+
+
+def _same(bounds: Any, seen: tuple[Any, list[Any]]) -> bool:
+    """Whether ``bounds`` has the structure of ``seen`` and the very same leaf objects."""
+    structure, leaves = seen
+    if type(bounds) is dict:
+        if type(structure) is not list or len(bounds) != len(leaves):
+            return False
+        now: Any = bounds.values()
+    else:
+        if type(structure) is list:
+            return False
+        structure_now, now = flatten(bounds)
+        if structure_now != structure or len(now) != len(leaves):
+            return False
+    return all(map(_is_leaf, now, leaves)) and (
+        type(bounds) is not dict or list(bounds) == structure
+    )
+
+
+def _layouts(plan: Plan, leaves: list[Any]) -> list[tuple[Any, ...]]:
+    return [(leaves[i].shape, leaves[i].dtype, leaves[i].device) for i in plan.bounded]
+
+
+def _seen_plan(key: Any, treedef: Any, leaves: list[Any], lower: Any, upper: Any) -> Plan | None:
+    seen = _SEEN.get(key)
+    if seen is None or seen.treedef != treedef:
+        return None
+    if not (_same(lower, seen.lower) and _same(upper, seen.upper)):
+        return None
+    for ref, version in seen.versions:
+        t = ref()
+        if t is None or t._version != version:
+            return None
+    if _layouts(seen.plan, leaves) != seen.layouts:  # a parameter replaced or resized
+        return None
+    return seen.plan
+
+
+def _remember(
+    key: Any, treedef: Any, leaves: list[Any], lower: Any, upper: Any, plan: Plan
+) -> None:
+    if plan.dtensors:  # their layout includes placements: always the full check
+        return
+    lo, hi = _snapshot(lower), _snapshot(upper)
+    tensors = [*_snapshot_leaves(lower), *_snapshot_leaves(upper)]
+    versions = [(weakref.ref(t), t._version) for t in tensors if isinstance(t, Tensor)]
+    seen = _Seen(treedef, lo, hi, versions, _layouts(plan, leaves), plan)
+    with _LOCK:
+        _SEEN[key] = seen
+        _SEEN.move_to_end(key)
+        if len(_SEEN) > _SEEN_SIZE:
+            _SEEN.popitem(last=False)
 
 
 def get_plan(
@@ -239,9 +433,24 @@ def get_plan(
     The key is the structure of the three trees, the bound values (tensors by identity
     and version) and the shape, dtype and device of each bounded parameter.
 
+    Each step first checks, cheaply, whether the three trees are the ones of the last
+    call (same objects, same bound leaves and tensor-bound versions, and the same shape,
+    dtype and device for every bounded parameter); only otherwise is the key built.
+
     Raises:
         BoundsError: when the trees or the bounds are invalid.
     """
+    seen_key = (id(tree), id(lower), id(upper), root_name)
+    plan = _seen_plan(seen_key, treedef, leaves, lower, upper)
+    if plan is None:
+        plan = _keyed_plan(tree, treedef, leaves, lower, upper, root_name)
+        _remember(seen_key, treedef, leaves, lower, upper, plan)
+    return plan
+
+
+def _keyed_plan(
+    tree: Any, treedef: Any, leaves: list[Any], lower: Any, upper: Any, root_name: str
+) -> Plan:
     ldef, lleaves = flatten(lower)
     udef, uleaves = flatten(upper)
     key = (
@@ -252,7 +461,12 @@ def get_plan(
         tuple([_bound_key(b) for b in lleaves]),
         tuple([_bound_key(b) for b in uleaves]),
     )
-    base = _PLANS.get(key)
+    with _LOCK:
+        while _dead:
+            _forget(_dead.pop())
+        base = _PLANS.get(key)
+        if base is not None:
+            _PLANS.move_to_end(key)
     if base is None:
         named = named_leaves(tree, root_name)
         if ldef == treedef and udef == treedef:
@@ -260,20 +474,25 @@ def get_plan(
         else:
             lowers = align(tree, lower, "lower_bounds")
             uppers = align(tree, upper, "upper_bounds")
-        base = _build(named, lowers, uppers, (lower, upper, lleaves, uleaves))
+        base = _build(named, lowers, uppers)
+        tensors = [b for b in (*lleaves, *uleaves) if isinstance(b, Tensor)]
+        base.grad_bounds = any(b.requires_grad for b in tensors)
         base.layouts[tuple([_layout(leaves[i]) for i in base.bounded])] = base
-        _PLANS[key] = base
-        if len(_PLANS) > _CACHE_SIZE:
-            _PLANS.popitem(last=False)
+        with _LOCK:
+            _PLANS[key] = base
+            if tensors:
+                _watch(key, tensors)
+            if len(_PLANS) > _CACHE_SIZE:
+                _forget(next(iter(_PLANS)))
         return base
-    _PLANS.move_to_end(key)
     layout = tuple([_layout(leaves[i]) for i in base.bounded])
     plan = base.layouts.get(layout)
     if plan is None:
         named = named_leaves(tree, root_name)
         lowers = align(tree, lower, "lower_bounds")
         uppers = align(tree, upper, "upper_bounds")
-        plan = _build(named, lowers, uppers, base.keepalive)
+        plan = _build(named, lowers, uppers)
+        plan.grad_bounds = base.grad_bounds
         base.layouts[layout] = plan
     return plan
 
@@ -281,7 +500,10 @@ def get_plan(
 def traced_bounds(
     tree: Any, lower: Any, upper: Any, *, root_name: str = ""
 ) -> list[tuple[Tensor, Any, Any]]:
-    """Match and check bounds without caching or reading tensor values (for ``torch.compile``).
+    """Match and check bounds without caching or reading tensor values.
+
+    For ``torch.compile``, ``torch.func`` transforms and bounds that require grad: tensor
+    bounds keep their autograd graph.
 
     Returns ``(parameter, lower, upper)`` for each bounded leaf.
     """

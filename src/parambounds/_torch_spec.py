@@ -6,14 +6,16 @@ work goes through the cached plans and kernels of :mod:`parambounds._plan`.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
-from ._kernels import clamp_args
+from ._kernels import clamp_args, signed_excess
 from ._plan import Plan, get_plan
+from ._rounding import compute_dtype
 from .constraints import project_plan_, reparametrize_plan_
 from .cost import tree_cost
 from .distributed import reduce_stats, to_local
@@ -80,7 +82,7 @@ def resolve(bounds: Bounds, model: Model) -> tuple[_Resolved, dict[str, Tensor]]
             f"model must be a torch.nn.Module or a mapping of names to tensors, "
             f"got {type(model).__name__}"
         )
-    params = _effective_parameters(model)
+    params = _parameters(model)
     names = tuple(params)
     if torch.compiler.is_compiling():  # fnmatch is not traceable: match at trace time
         return bounds._match(names, _constant_match), params
@@ -119,8 +121,8 @@ def cost(bounds: Bounds, model: Model) -> Tensor:
 
 def project_(bounds: Bounds, model: Model) -> None:
     """Clamp every bounded parameter into its bounds, in place."""
-    got, leaves, _ = plan(bounds, model)
-    project_plan_(got, leaves)  # skips reparametrized values: they cannot leave
+    got, leaves, resolved = plan(bounds, model)
+    project_plan_(got, leaves, list(resolved.names))
 
 
 def attach(bounds: Bounds, optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> Any:
@@ -164,6 +166,54 @@ def constrain(bounds: Bounds, model: Model) -> Any:  # noqa: ARG001
     raise _in_place("constrain", "use bounds.reparametrize_(model)")
 
 
+#: Per model: (registrations seen, its effective parameters, their module slots).
+_PARAMS: weakref.WeakKeyDictionary[torch.nn.Module, Any] = weakref.WeakKeyDictionary()
+#: How many parameters and modules have been registered anywhere (while watched).
+_registrations = [0]
+
+
+def _count_registration(*_args: Any) -> None:
+    _registrations[0] += 1
+
+
+def _watch_registrations() -> None:
+    """Count registrations of parameters and modules, from the first use of a spec on."""
+    if not _registrations[0]:
+        _registrations[0] = 1
+        torch.nn.modules.module.register_module_parameter_registration_hook(_count_registration)
+        torch.nn.modules.module.register_module_module_registration_hook(_count_registration)
+
+
+def _parameters(model: torch.nn.Module) -> dict[str, Tensor]:
+    """:func:`_effective_parameters`, the same dict each step while nothing changed.
+
+    Unchanged means: no parameter or module registered anywhere since (global
+    registration hooks count them), and every parameter still in its module's slot. So
+    the per-step cost is a few lookups, and the dict's identity lets :func:`get_plan`
+    find its plan at once. A model with parametrizations is walked every time (its
+    values are computed).
+    """
+    seen = _PARAMS.get(model)
+    if (
+        seen is not None
+        and seen[0] == _registrations[0]
+        and all([slots.get(n) is p for slots, n, p in seen[2]])
+    ):
+        return seen[1]  # type: ignore[no-any-return]
+    _watch_registrations()
+    generation = _registrations[0]
+    params = _effective_parameters(model)
+    slots = []
+    for name, p in params.items():
+        owner_path, _, attr = name.rpartition(".")
+        owner = model.get_submodule(owner_path) if owner_path else model
+        if owner._parameters.get(attr) is not p:  # computed by a parametrization
+            return params
+        slots.append((owner._parameters, attr, p))
+    _PARAMS[model] = (generation, params, slots)
+    return params
+
+
 _PARAMETRIZED = "parametrizations."
 
 
@@ -202,10 +252,11 @@ def _show_bound(b: Any) -> float | str | None:
 def _stats(x: Tensor, lower: Any, upper: Any) -> Tensor:
     """``[below, above, max_excess, nan]`` of one tensor, as float64 on its device."""
     x = x.detach()
-    if not x.is_floating_point():
-        x = x.to(torch.get_default_dtype())
+    if not x.is_floating_point() or x.itemsize == 1:  # integers exactly, float8 in float32
+        x = x.to(torch.float64 if not x.is_floating_point() else compute_dtype(x.dtype))
+        lower, upper = (b.to(x.dtype) if isinstance(b, Tensor) else b for b in (lower, upper))
     lo, hi = clamp_args(lower, upper)
-    d = x - torch.clamp(x, lo, hi)  # > 0 above, < 0 below, NaN for NaN
+    d = signed_excess(x, lo, hi)  # > 0 above, < 0 below, NaN for NaN
     zero = torch.zeros((), dtype=torch.float64, device=x.device)
     above = (d > 0).sum().to(torch.float64)
     below = (d < 0).sum().to(torch.float64)
@@ -222,8 +273,10 @@ def compute_report(plan: Plan, leaves: list[Tensor], names: list[str]) -> Report
     at the end (one transfer per device), not once per parameter.
     """
     items = plan.bounded_items()
+    # Compared with the bounds rounded inward to each dtype: exact, as in float64.
+    exact = plan.bounded_items(exact=True)
     by_device: dict[torch.device, list[tuple[int, Tensor]]] = {}
-    for pos, (i, lo, hi) in enumerate(items):
+    for pos, (i, lo, hi) in enumerate(exact):
         lo, hi = plan.local_bounds(i, lo, hi, leaves[i])
         stats = _stats(to_local(leaves[i]), lo, hi)
         by_device.setdefault(stats.device, []).append((pos, stats))

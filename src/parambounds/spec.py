@@ -67,7 +67,11 @@ def _check_side(pattern: str, side: str, b: Any) -> None:
             f"{side} bound for pattern '{pattern}' must be a number, None or a tensor, "
             f"got {type(b).__name__}"
         )
-    if math.isnan(float(b)):
+    try:
+        nan = math.isnan(float(b))
+    except OverflowError:  # an integer beyond float64: a bound at +-inf
+        return
+    if nan:
         raise BoundsError(f"{side} bound for pattern '{pattern}' is NaN")
 
 
@@ -165,26 +169,32 @@ class Bounds:
             number or a tensor that broadcasts to the parameter (per-element bounds).
             The first matching pattern wins; parameters that match none are unbounded.
         penalty: the penalty shape of :meth:`cost` (see :func:`~parambounds.bounds_cost`).
+        strict: when true (the default), a pattern that matches no parameter is an
+            error; ``strict=False`` lets one spec serve several models.
 
     Raises:
         BoundsError: for a malformed entry or an unknown penalty, here; for a pattern
             that matches no parameter, ``lower > upper``, a NaN bound or a tensor that
             does not broadcast, when first used with a model (naming pattern and parameter).
 
-    >>> import torch
-    >>> model = torch.nn.Linear(2, 1)
-    >>> bounds = Bounds({"weight": (-0.1, 0.1), "bias": {"lower": 0.0}})
-    >>> bounds.project_(model)
-    >>> bool(model.weight.abs().max() <= 0.1), bool(model.bias.min() >= 0.0)
-    (True, True)
+    Examples:
+        >>> import torch
+        >>> model = torch.nn.Linear(2, 1)
+        >>> bounds = Bounds({"weight": (-0.1, 0.1), "bias": {"lower": 0.0}})
+        >>> bounds.project_(model)
+        >>> bool(model.weight.abs().max() <= 0.1), bool(model.bias.min() >= 0.0)
+        (True, True)
     """
 
-    def __init__(self, spec: Mapping[str, Any], *, penalty: str | Penalty = "exp") -> None:
+    def __init__(
+        self, spec: Mapping[str, Any], *, penalty: str | Penalty = "exp", strict: bool = True
+    ) -> None:
         if not isinstance(spec, Mapping):
             raise BoundsError(
                 f"spec must be a mapping of patterns to bounds, got {type(spec).__name__}"
             )
         self.penalty = get_penalty(penalty)
+        self.strict = strict
         entries = []
         for pattern, value in spec.items():
             if not isinstance(pattern, str):
@@ -215,7 +225,7 @@ class Bounds:
         return cls({_escape(name): (lo[name], hi[name]) for name in lo}, penalty=penalty)
 
     @classmethod
-    def from_toml(cls, path: str | Path) -> Bounds:
+    def from_toml(cls, path: str | Path, *, strict: bool = True) -> Bounds:
         """Load bounds from a TOML file.
 
         .. code-block:: toml
@@ -237,10 +247,17 @@ class Bounds:
             import tomli as tomllib
         path = Path(path)
         try:
-            with path.open("rb") as f:
-                data = tomllib.load(f)
+            if path.exists() and not path.is_file():  # a folder, /dev/zero, a pipe
+                raise BoundsError(f"{path}: not a regular file")
+            if path.exists() and path.stat().st_size > _MAX_TOML_BYTES:
+                raise BoundsError(f"{path}: too large for a bounds file")
+            data = tomllib.loads(path.read_bytes().decode("utf-8"))
         except tomllib.TOMLDecodeError as err:
             raise BoundsError(f"{path}: malformed TOML: {err}") from None
+        except UnicodeDecodeError as err:
+            raise BoundsError(f"{path}: not UTF-8 text (byte {err.start})") from None
+        except RecursionError:
+            raise BoundsError(f"{path}: malformed TOML: nested too deeply") from None
         except OSError as err:
             raise BoundsError(f"{path}: cannot read: {err.strerror or err}") from None
         unknown = sorted(set(data) - {"penalty", "bounds"})
@@ -252,8 +269,16 @@ class Bounds:
         if not isinstance(table, dict):
             raise BoundsError(f"{path}: missing [bounds] table")
         penalty = data.get("penalty", "exp")
+        for pattern, value in table.items():
+            nested = isinstance(value, dict)  # `lif.tau_mem = [...]`: the nested key lif.tau_mem
+            extra = [k for k, v in value.items() if isinstance(v, (list, dict))] if nested else []
+            if extra:
+                raise BoundsError(
+                    f"{path}: [bounds] entry '{pattern}' is a table with key '{extra[0]}'; "
+                    f'a pattern with dots must be quoted: "{pattern}.{extra[0]}" = [lower, upper]'
+                )
         try:
-            return cls(table, penalty=penalty)
+            return cls(table, penalty=penalty, strict=strict)
         except BoundsError as err:
             raise BoundsError(f"{path}: {err}") from None
 
@@ -292,7 +317,7 @@ class Bounds:
             pattern, lower[name], upper[name] = self._entries[k]
             winners[name] = pattern
             used.add(k)
-        if len(used) < len(patterns):
+        if len(used) < len(patterns) and self.strict:
             unused = [p for k, p in enumerate(patterns) if k not in used]
             raise BoundsError(_unused_message(unused, names, winners))
         return _Resolved(names, lower, upper, winners)
@@ -396,6 +421,9 @@ class Bounds:
         report = self.report(model)
         if report.violators:
             raise BoundsViolationError(report.summary())
+
+
+_MAX_TOML_BYTES = 16 * 2**20
 
 
 def _escape(name: str) -> str:

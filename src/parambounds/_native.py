@@ -1,0 +1,151 @@
+"""The native CPU kernel: built from the C++ source shipped in the package, never waited for.
+
+``csrc/bounds.cpp`` is compiled with :func:`torch.utils.cpp_extension.load` (a C++
+compiler and ninja are needed; nothing is downloaded) for the vector instructions of
+the machine it runs on (AVX-512, AVX2, or the portable scalar code of ``at::vec``), and
+cached by PyTorch (``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``).
+
+No training step waits for the compiler: :func:`get` starts the build in a background
+thread and returns ``None`` until the module is ready, and the callers use the eager
+kernel meanwhile. ``parambounds build-kernels`` (:func:`build`) builds ahead of time, so
+that even the first step finds the kernel ready. Without a compiler, one warning says so
+and the eager kernel stays in use.
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["PENALTY_IDS", "build", "get", "module_name", "state"]
+
+SOURCE = Path(__file__).parent / "csrc" / "bounds.cpp"
+#: Penalty names the native kernel implements, and their ids in ``bounds.cpp``.
+PENALTY_IDS = {"exp": 0, "expm1": 1, "quadratic": 2, "linear": 3}
+
+_FLAGS = {
+    "AVX512": [
+        "-DCPU_CAPABILITY_AVX512",
+        "-DCPU_CAPABILITY=AVX512",
+        "-mavx512f",
+        "-mavx512bw",
+        "-mavx512vl",
+        "-mavx512dq",
+        "-mfma",
+    ],
+    "AVX2": ["-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2", "-mavx2", "-mfma", "-mf16c"],
+}
+
+_lock = threading.Lock()
+_done = threading.Event()
+_thread: threading.Thread | None = None
+_module: Any = None
+_error: str | None = None
+
+
+def _capability() -> str:
+    cap = torch.backends.cpu.get_cpu_capability()
+    if cap.startswith("AVX512"):
+        return "AVX512"
+    return cap if cap in _FLAGS else "DEFAULT"
+
+
+def module_name() -> str:
+    """Name of the extension for this machine's vector instructions (its cache folder)."""
+    return f"parambounds_native_{_capability().lower()}"
+
+
+def _load(verbose: bool = False) -> Any:
+    from torch.utils import cpp_extension
+
+    cap = _capability()
+    return cpp_extension.load(
+        name=module_name(),
+        sources=[str(SOURCE)],
+        extra_cflags=["-O3", *_FLAGS.get(cap, [])],
+        verbose=verbose,
+    )
+
+
+def _build_now(verbose: bool) -> None:
+    global _module, _error
+    try:
+        _module = _load(verbose)
+    except Exception as err:  # no compiler, no ninja, a broken toolchain
+        _error = f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err) else ''}"
+    finally:
+        _done.set()
+
+
+def _start() -> None:
+    global _thread
+    with _lock:
+        if _thread is None and not _done.is_set():
+            _thread = threading.Thread(
+                target=_build_now, args=(False,), name="parambounds-build", daemon=True
+            )
+            _thread.start()
+
+
+_warned = False
+
+
+def _warn_once() -> None:
+    global _warned
+    if not _warned:
+        _warned = True
+        warnings.warn(
+            f"parambounds: the native CPU kernel could not be built ({_error}); using the "
+            "eager kernel. Run `parambounds build-kernels` to see the compiler's output.",
+            RuntimeWarning,
+            stacklevel=5,
+        )
+
+
+def get(wait: bool = False) -> Any:
+    """Return the native module, or ``None`` while it is being built or when it cannot be.
+
+    Args:
+        wait: block until the build has finished (tests and ``build-kernels``).
+    """
+    if _module is not None:
+        return _module
+    _start()
+    if wait:
+        _done.wait()
+    if _done.is_set() and _module is None:
+        _warn_once()
+    return _module
+
+
+def build(verbose: bool = True) -> Any:
+    """Build (or load from the cache) the native kernel now, in this thread.
+
+    Returns:
+        the module.
+
+    Raises:
+        RuntimeError: when it cannot be built (the compiler's message).
+    """
+    global _thread
+    with _lock:
+        if not _done.is_set() and _thread is None:
+            _thread = threading.current_thread()
+            _build_now(verbose)
+    _done.wait()  # a build already started in the background
+    if _module is None:
+        raise RuntimeError(f"cannot build the native kernel: {_error}")
+    return _module
+
+
+def state() -> str:
+    """``"ready"``, ``"building"``, ``"failed"`` or ``"idle"`` (not asked for yet)."""
+    if _module is not None:
+        return "ready"
+    if _done.is_set():
+        return "failed"
+    return "building" if _thread is not None else "idle"

@@ -1,0 +1,215 @@
+"""The native CPU kernel: semantics against a plain float64 reference, what it hands back
+to the eager path, thread safety, and its background build (no step waits for it)."""
+
+import math
+import threading
+
+import pytest
+import torch
+
+from parambounds import _kernels as K
+from parambounds import _native, bounds_cost
+from parambounds.penalties import overflow_threshold
+
+
+@pytest.fixture
+def native():
+    before = K.get_kernel()
+    K.set_kernel("native")
+    yield _native.build(verbose=False)
+    K.set_kernel(before)
+
+
+def ref_elem(x, lo, hi, name, dtype):
+    """Cost and gradient of one element, in plain Python floats."""
+    if math.isnan(x):
+        return math.nan, math.nan
+    if hi is not None and x > hi:
+        e, s = x - hi, 1.0
+    elif lo is not None and x < lo:
+        e, s = lo - x, -1.0
+    else:
+        return 0.0, 0.0
+    t = overflow_threshold(dtype)
+    if name in ("exp", "expm1"):
+        slope = math.exp(min(e, t))
+        lin = slope * max(e - t, 0.0) if e != math.inf else math.inf
+        value = (slope if name == "exp" else math.expm1(min(e, t))) + lin
+        return value, s * slope
+    if name == "quadratic":
+        return e * e, s * 2 * e
+    return e, s
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name", ["exp", "expm1", "quadratic", "linear"])
+@pytest.mark.parametrize("sides", ["both", "lower", "upper"])
+def test_matches_plain_python(native, dtype, name, sides):
+    del native
+    lo = None if sides == "upper" else -1.5
+    hi = None if sides == "lower" else 0.5
+    g = torch.Generator().manual_seed(3)
+    # Sizes around the vector width and the 8192-element work blocks, odd tails.
+    shapes = [(1,), (7,), (3, 5), (17,), (8191,), (2, 4099), (0,)]
+    params = {
+        f"p{i}": (torch.randn(s, generator=g, dtype=dtype) * 3).requires_grad_()
+        for i, s in enumerate(shapes)
+    }
+    cost = bounds_cost(params, dict.fromkeys(params, lo), dict.fromkeys(params, hi), penalty=name)
+    grads = torch.autograd.grad(cost, list(params.values()))
+    total = 0.0
+    for p, gr in zip(params.values(), grads):
+        for x, got in zip(p.detach().reshape(-1).tolist(), gr.reshape(-1).tolist()):
+            v, want = ref_elem(x, lo, hi, name, dtype)
+            total += v
+            assert got == pytest.approx(want, rel=1e-5, abs=1e-6)
+    assert cost.dtype == dtype
+    assert cost.item() == pytest.approx(total, rel=1e-5)
+
+
+@pytest.mark.parametrize("name", ["exp", "expm1", "quadratic", "linear"])
+def test_special_values(native, name):
+    del native
+    inf, nan = math.inf, math.nan
+    # +inf on the open (upper) side is inside; -inf is infinitely far below; a huge excess
+    # continues linearly (finite); NaN propagates.
+    xs = [inf, -inf, -1e30, -200.0, -0.5, 0.0, 3.0, nan]
+    for dtype in (torch.float32, torch.float64):
+        for x in xs:
+            p = torch.tensor([x], dtype=dtype, requires_grad=True)
+            cost = bounds_cost({"p": p}, {"p": -1.0}, {"p": None}, penalty=name)
+            (grad,) = torch.autograd.grad(cost, [p])
+            v, gr = ref_elem(float(torch.tensor(x, dtype=dtype)), -1.0, None, name, dtype)
+            for got, want in ((cost.item(), v), (grad.item(), gr)):
+                want = torch.tensor(want, dtype=torch.float64).to(dtype).item()  # may overflow
+                if math.isnan(want):
+                    assert math.isnan(got), (name, dtype, x)
+                else:
+                    assert got == pytest.approx(want, rel=1e-5), (name, dtype, x)
+
+
+def test_falls_back_for_what_it_does_not_take(native):
+    """Non-contiguous and float16 leaves, tensor bounds: the eager path, same answer."""
+    del native
+    g = torch.Generator().manual_seed(4)
+    base = torch.randn(6, 5, generator=g, dtype=torch.float64) * 3
+    params = {
+        "t": base.t().requires_grad_(),  # non-contiguous, in a group with a contiguous one
+        "c": (torch.randn(9, generator=g, dtype=torch.float64) * 3).requires_grad_(),
+        "h": (torch.randn(9, generator=g) * 3).half().requires_grad_(),
+        "b": (torch.randn(4, generator=g, dtype=torch.float64) * 3).requires_grad_(),
+    }
+    lower = {"t": -1.0, "c": -1.0, "h": -1.0, "b": torch.tensor([-1.0, 0.0, -2.0, 0.5])}
+    upper = {"t": 1.0, "c": 1.0, "h": 1.0, "b": 1.0}
+    cost = bounds_cost(params, lower, upper)
+    grads = torch.autograd.grad(cost, list(params.values()))
+    total = 0.0
+    for (k, p), gr in zip(params.items(), grads):
+        lo = lower[k].tolist() if isinstance(lower[k], torch.Tensor) else [lower[k]] * p.numel()
+        flat = p.detach().double().reshape(-1).tolist()
+        for x, lo_i, got in zip(flat, lo, gr.double().reshape(-1).tolist()):
+            v, want = ref_elem(x, lo_i, 1.0, "exp", torch.float64)
+            total += v
+            assert got == pytest.approx(want, rel=2e-3), k
+    assert cost.item() == pytest.approx(total, rel=1e-3)
+
+
+def test_concurrent_calls_share_nothing(native):
+    del native
+    g = torch.Generator().manual_seed(5)
+    sets = [
+        {f"p{i}": (torch.randn(3000, generator=g) * 3).requires_grad_() for i in range(5)}
+        for _ in range(4)
+    ]
+    expected = []
+    for params in sets:
+        c = bounds_cost(params, dict.fromkeys(params, -1.0), dict.fromkeys(params, 1.0))
+        expected.append((c.item(), torch.autograd.grad(c, list(params.values()))))
+    errors: list[BaseException] = []
+
+    def work(k):
+        try:
+            params = sets[k]
+            for _ in range(20):
+                c = bounds_cost(params, dict.fromkeys(params, -1.0), dict.fromkeys(params, 1.0))
+                grads = torch.autograd.grad(c, list(params.values()))
+                assert c.item() == expected[k][0]
+                for a, b in zip(grads, expected[k][1]):
+                    assert torch.equal(a, b)
+        except BaseException as err:  # noqa: BLE001 - reported in the main thread
+            errors.append(err)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
+
+
+@pytest.fixture
+def fresh_native(monkeypatch):
+    """The build state of a process that has not asked for the native kernel yet."""
+    monkeypatch.setattr(_native, "_module", None)
+    monkeypatch.setattr(_native, "_thread", None)
+    monkeypatch.setattr(_native, "_error", None)
+    monkeypatch.setattr(_native, "_warned", False)
+    monkeypatch.setattr(_native, "_done", threading.Event())
+    before = K.get_kernel()
+    K.set_kernel("auto")
+    yield
+    K.set_kernel(before)
+
+
+def test_first_step_does_not_wait_for_the_build(fresh_native, monkeypatch):
+    del fresh_native
+    real_load = _native._load  # loads from the cache once built
+    release = threading.Event()
+    started = threading.Event()
+
+    def slow_load(verbose=False):
+        del verbose
+        started.set()
+        assert release.wait(30)
+        return real_load()
+
+    monkeypatch.setattr(_native, "_load", slow_load)
+    p = torch.tensor([3.0, 0.0, -4.0], requires_grad=True)
+    cost = bounds_cost({"p": p}, {"p": -1.0}, {"p": 1.0})  # eager, while "compiling"
+    assert started.wait(30) and _native.state() == "building"
+    (grad,) = torch.autograd.grad(cost, [p])
+    assert cost.item() == pytest.approx(math.exp(2.0) + math.exp(3.0))
+    assert grad.tolist() == pytest.approx([math.exp(2.0), 0.0, -math.exp(3.0)])
+    release.set()
+    assert _native.get(wait=True) is not None and _native.state() == "ready"
+    again = bounds_cost({"p": p}, {"p": -1.0}, {"p": 1.0})
+    (grad2,) = torch.autograd.grad(again, [p])
+    assert not grad2._is_view()  # the native kernel's plain tensors
+    torch.testing.assert_close(again, cost)
+    torch.testing.assert_close(grad2, grad)
+
+
+def test_no_compiler_warns_once_and_stays_eager(fresh_native, monkeypatch):
+    del fresh_native
+
+    def no_compiler(verbose=False):
+        del verbose
+        raise RuntimeError("Ninja is required to load C++ extensions")
+
+    monkeypatch.setattr(_native, "_load", no_compiler)
+    p = torch.tensor([3.0, 0.0], requires_grad=True)
+    with pytest.warns(
+        RuntimeWarning,
+        match=r"native CPU kernel could not be built \(RuntimeError: Ninja is required",
+    ):
+        bounds_cost({"p": p}, {"p": -1.0}, {"p": 1.0})
+        assert _native._done.wait(30)
+        cost = bounds_cost({"p": p}, {"p": -1.0}, {"p": 1.0})
+    assert cost.item() == pytest.approx(math.exp(2.0))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once only
+        bounds_cost({"p": p}, {"p": -1.0}, {"p": 1.0})
+    with pytest.raises(RuntimeError, match="cannot build the native kernel: RuntimeError: Ninja"):
+        _native.build(verbose=False)
