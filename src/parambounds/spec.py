@@ -212,13 +212,20 @@ class Bounds:
     def from_trees(cls, lower: Any, upper: Any, *, penalty: str | Penalty = "exp") -> Bounds:
         """Wrap the two trees of :func:`~parambounds.make_bounds` (keys joined with ``.``).
 
+        Trees of :func:`parambounds.jax.make_bounds` (JAX pytrees, such as equinox
+        modules) are read by key path when torch is not loaded.
+
         Raises:
             BoundsError: when the two trees do not have the same leaves.
         """
-        from .trees import named_leaves
+        if sys.modules.get("torch") is None and sys.modules.get("jax") is not None:
+            from .jax._trees import bound_leaves
 
-        lo = dict(named_leaves(lower))
-        hi = dict(named_leaves(upper))
+            lo, hi = bound_leaves(lower), bound_leaves(upper)
+        else:
+            from .trees import named_leaves
+
+            lo, hi = dict(named_leaves(lower)), dict(named_leaves(upper))
         if set(lo) != set(hi):
             missing = sorted(set(lo) ^ set(hi))[0]
             raise BoundsError(f"lower and upper trees differ: '{missing}' is in only one of them")
