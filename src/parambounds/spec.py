@@ -90,10 +90,19 @@ def match_indices(patterns: tuple[str, ...], names: tuple[str, ...]) -> tuple[in
     )
 
 
+def _as_float(b: Any) -> float | None:
+    """A number as a float (an integer beyond float64 is +-inf); ``None`` otherwise."""
+    if not isinstance(b, numbers.Real):
+        return None
+    try:
+        return float(b)
+    except OverflowError:
+        return math.inf if b > 0 else -math.inf
+
+
 def _check_pair(pattern: str, lo: Any, hi: Any) -> None:
     """Reject scalar bounds that no value can satisfy, before any model is seen."""
-    lo_v = float(lo) if isinstance(lo, numbers.Real) else None
-    hi_v = float(hi) if isinstance(hi, numbers.Real) else None
+    lo_v, hi_v = _as_float(lo), _as_float(hi)
     if lo_v == math.inf:
         raise BoundsError(f"lower bound for pattern '{pattern}' is inf, which no value can satisfy")
     if hi_v == -math.inf:
