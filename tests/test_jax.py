@@ -259,6 +259,8 @@ def test_import_without_torch():
         "p = {'l': {'w': jnp.array([-1.0, 2.0])}}\n"
         "print(float(b.cost(p)), float(pbj.bounds_cost(p, {'l': {'w': 0.0}}, {'l': {'w': 1.0}})))\n"
         "print(b.report(b.project(p)).ok)\n"
+        "lo, hi = pbj.make_bounds(p); lo['l']['w'] = 0.0\n"
+        "assert abs(float(pbj.Bounds.from_trees(lo, hi).cost(p)) - 2.718281828) < 1e-5\n"
         "assert not any(m == 'torch' or m.startswith('torch.') for m in sys.modules if sys.modules[m] is not None)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -370,3 +370,13 @@ def test_cost_each_step_sees_replaced_and_new_parameters():
     assert bounds.cost(model).item() == pytest.approx(expected())
     model[0].weight.data = torch.full((3, 3), 2.0)  # resized in place
     assert bounds.cost(model).item() == pytest.approx(expected())
+
+
+def test_huge_integer_bounds_are_infinite_sides():
+    with pytest.raises(
+        BoundsError, match=r"lower bound for pattern 'w' is inf, which no value can satisfy"
+    ):
+        Bounds({"w": (10**400, None)})
+    with pytest.raises(BoundsError, match=r"upper bound for pattern 'w' is -inf, which no value"):
+        Bounds({"w": (1.0, -(10**400))})
+    assert Bounds({"w": (0, 10**400)}).spec == {"w": (0, 10**400)}

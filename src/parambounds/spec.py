@@ -90,18 +90,19 @@ def match_indices(patterns: tuple[str, ...], names: tuple[str, ...]) -> tuple[in
     )
 
 
-def _real(b: Any) -> float:
-    """``float(b)``, with an integer beyond float64 taken as +-inf."""
+def _as_float(b: Any) -> float | None:
+    """A number as a float (an integer beyond float64 is +-inf); ``None`` otherwise."""
+    if not isinstance(b, numbers.Real):
+        return None
     try:
         return float(b)
     except OverflowError:
-        return -math.inf if b < 0 else math.inf
+        return math.inf if b > 0 else -math.inf
 
 
 def _check_pair(pattern: str, lo: Any, hi: Any) -> None:
     """Reject scalar bounds that no value can satisfy, before any model is seen."""
-    lo_v = _real(lo) if isinstance(lo, numbers.Real) else None
-    hi_v = _real(hi) if isinstance(hi, numbers.Real) else None
+    lo_v, hi_v = _as_float(lo), _as_float(hi)
     if lo_v == math.inf:
         raise BoundsError(f"lower bound for pattern '{pattern}' is inf, which no value can satisfy")
     if hi_v == -math.inf:
@@ -220,13 +221,20 @@ class Bounds:
     def from_trees(cls, lower: Any, upper: Any, *, penalty: str | Penalty = "exp") -> Bounds:
         """Wrap the two trees of :func:`~parambounds.make_bounds` (keys joined with ``.``).
 
+        Trees of :func:`parambounds.jax.make_bounds` (JAX pytrees, such as equinox
+        modules) are read by key path when torch is not loaded.
+
         Raises:
             BoundsError: when the two trees do not have the same leaves.
         """
-        from .trees import named_leaves
+        if sys.modules.get("torch") is None and sys.modules.get("jax") is not None:
+            from .jax._trees import bound_leaves
 
-        lo = dict(named_leaves(lower))
-        hi = dict(named_leaves(upper))
+            lo, hi = bound_leaves(lower), bound_leaves(upper)
+        else:
+            from .trees import named_leaves
+
+            lo, hi = dict(named_leaves(lower)), dict(named_leaves(upper))
         if set(lo) != set(hi):
             missing = sorted(set(lo) ^ set(hi))[0]
             raise BoundsError(f"lower and upper trees differ: '{missing}' is in only one of them")

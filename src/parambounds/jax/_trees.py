@@ -15,7 +15,7 @@ import jax
 
 from ..errors import BoundsError
 
-__all__ = ["align", "key_name", "make_bounds", "named_leaves"]
+__all__ = ["align", "bound_leaves", "key_name", "make_bounds", "named_leaves"]
 
 
 def key_name(path: tuple[Any, ...]) -> str:
@@ -41,7 +41,8 @@ def named_leaves(tree: Any) -> tuple[list[str], list[Any], Any]:
     return [key_name(p) for p, _ in flat], [x for _, x in flat], treedef
 
 
-def _bound_leaves(bounds: Any) -> dict[str, Any]:
+def bound_leaves(bounds: Any) -> dict[str, Any]:
+    """``{name: leaf}`` of a bounds tree, ``None`` leaves kept (open sides)."""
     flat, _ = jax.tree_util.tree_flatten_with_path(bounds, is_leaf=lambda x: x is None)
     return {key_name(p): b for p, b in flat}
 
@@ -56,7 +57,7 @@ def align(names: list[str], bounds: Any, which: str) -> list[Any]:
     Raises:
         BoundsError: naming the first path where the two trees differ.
     """
-    by_name = _bound_leaves(bounds)
+    by_name = bound_leaves(bounds)
     if list(by_name) == names:  # the common case: the same structure
         return list(by_name.values())
     known = set(names)
