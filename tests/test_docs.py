@@ -22,9 +22,12 @@ def test_readme_shows_the_shipped_bounds_file_byte_for_byte():
 
 
 def test_docs_include_the_bounds_file_instead_of_retyping_it():
-    for page in ("index.md", "cli.md"):
-        (block,) = fenced_blocks((ROOT / "docs" / page).read_text(), "toml")
-        assert block == '--8<-- "examples/bounds.toml"\n'
+    shipped = (ROOT / "examples" / "bounds.toml").read_text()
+    (block,) = fenced_blocks((ROOT / "docs" / "index.md").read_text(), "toml")
+    assert block == '--8<-- "examples/bounds.toml"\n'
+    for page in (ROOT / "docs").glob("*.md"):
+        for block in fenced_blocks(page.read_text(), "toml"):
+            assert block != shipped, f"{page.name}: include examples/bounds.toml, do not retype it"
 
 
 def test_every_public_name_is_in_the_api_reference():
