@@ -352,3 +352,69 @@ def test_build_kernels_without_a_compiler(capsys, monkeypatch):
     assert main(["build-kernels"]) == 2
     err = capsys.readouterr().err
     assert err == "parambounds: error: cannot build the native kernel: RuntimeError: no compiler\n"
+
+
+def test_rockpool_json_from_jax_modules(tmp_path):
+    """Rockpool 3.1.0's JAX modules have no save(): their parameters written in the JSON
+    layout of TorchModule.save() (values as JSON-encoded lists) are read and clamped."""
+    import jax.numpy as jnp
+    import numpy as np
+    from rockpool.nn.combinators import Sequential
+    from rockpool.nn.modules import LIFJax, LinearJax
+
+    net = Sequential(LinearJax((2, 3)), LIFJax(3))
+    assert not hasattr(net, "save")
+    params = net.parameters()
+    params["1_LIFJax"]["tau_mem"] = jnp.array([0.001, 0.02, 0.5])
+    src = tmp_path / "net_jax.json"
+    src.write_text(
+        json.dumps(
+            {
+                m: {k: json.dumps(np.asarray(v).tolist()) for k, v in d.items()}
+                for m, d in params.items()
+            }
+        )
+    )
+    bounds = tmp_path / "b.toml"
+    bounds.write_text('[bounds]\n"*.tau_mem" = [0.005, 0.04]\n')
+    out = run("check", src, "--bounds", bounds)
+    assert out.returncode == 1 and "1_LIFJax.tau_mem" in out.stdout
+    dst = tmp_path / "clamped.json"
+    assert run("clamp", src, "--bounds", bounds, "-o", dst).returncode == 0
+    loaded = {
+        m: {k: jnp.asarray(json.loads(v)) for k, v in d.items()}
+        for m, d in json.loads(dst.read_text()).items()
+    }
+    fresh = Sequential(LinearJax((2, 3)), LIFJax(3)).set_attributes(loaded)
+    np.testing.assert_allclose(np.asarray(fresh[1].tau_mem), [0.005, 0.02, 0.04], rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(fresh[0].weight), np.asarray(params["0_LinearJax"]["weight"]), rtol=1e-6
+    )
+
+
+def test_python_dash_m_and_version_and_old_format_without_warnings(tmp_path, files):
+    from importlib.metadata import version
+
+    _, bounds, _ = files
+    old = tmp_path / "old.pt"  # the pre-1.6 format: a pickle, read whole, no torch notes
+    torch.save(state(), old, _use_new_zipfile_serialization=False)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-W",
+            "always",
+            "-m",
+            "parambounds",
+            "check",
+            str(old),
+            "--bounds",
+            str(bounds),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 1 and out.stderr == "", out.stderr
+    assert "3 of 3 bounded parameters are out of bounds" in out.stdout
+    out = run("--version")
+    assert out.returncode == 0 and out.stdout.strip() == f"parambounds {version('parambounds')}"

@@ -73,6 +73,12 @@ SMALL = 1 << 17
 _KERNELS = ("auto", "eager", "compiled", "native")
 _NATIVE_DTYPES = (torch.float32, torch.float64)
 _kernel = os.environ.get("PARAMBOUNDS_KERNEL", "auto")
+if _kernel not in _KERNELS:
+    raise BoundsError(
+        f"PARAMBOUNDS_KERNEL={_kernel!r} is not a kernel; expected one of "
+        + ", ".join(map(repr, _KERNELS))
+        + " (or leave it unset)"
+    )
 #: With ``"auto"``, tensors (or concatenated groups) of at least this many elements use
 #: the compiled kernel, when ``torch.compile`` works here.
 AUTO_COMPILE_MIN = 1 << 18

@@ -71,7 +71,7 @@ def inward(b: Any, side: str, dtype: torch.dtype) -> Any:
     Bounds beyond the dtype's range become infinite (the caller rejects those that
     leave no value).
     """
-    if b is None or dtype == torch.float64:
+    if b is None or dtype in (torch.float64, torch.bool):  # bool: compared as numbers
         return b
     scalar = not isinstance(b, Tensor)
     t = torch.tensor(b, dtype=torch.float64) if scalar else b.detach().to(torch.float64)

@@ -90,10 +90,18 @@ def match_indices(patterns: tuple[str, ...], names: tuple[str, ...]) -> tuple[in
     )
 
 
+def _real(b: Any) -> float:
+    """``float(b)``, with an integer beyond float64 taken as +-inf."""
+    try:
+        return float(b)
+    except OverflowError:
+        return -math.inf if b < 0 else math.inf
+
+
 def _check_pair(pattern: str, lo: Any, hi: Any) -> None:
     """Reject scalar bounds that no value can satisfy, before any model is seen."""
-    lo_v = float(lo) if isinstance(lo, numbers.Real) else None
-    hi_v = float(hi) if isinstance(hi, numbers.Real) else None
+    lo_v = _real(lo) if isinstance(lo, numbers.Real) else None
+    hi_v = _real(hi) if isinstance(hi, numbers.Real) else None
     if lo_v == math.inf:
         raise BoundsError(f"lower bound for pattern '{pattern}' is inf, which no value can satisfy")
     if hi_v == -math.inf:

@@ -64,7 +64,7 @@ def normalise(b: Any, side: str, name: str, x: Any) -> Any:
         if (side == "lower" and v == math.inf) or (side == "upper" and v == -math.inf):
             raise BoundsError(f"{where} is {v}, which no value can satisfy")
         return None if math.isinf(v) else v
-    shape = tuple(jnp.shape(x))
+    shape = tuple(np.shape(x))
     try:
         ok = jnp.broadcast_shapes(tuple(b.shape), shape) == shape
     except ValueError:

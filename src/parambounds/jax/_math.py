@@ -120,6 +120,7 @@ def clip(x: Array, lower: Any, upper: Any) -> Array:
 
 def _sides(x: Array, lower: Any, upper: Any) -> tuple[Array, Array, Array, Array]:
     """Per element: the bounds (as arrays; open sides ``0``) and which sides are finite."""
+    x = jnp.asarray(x)
     lo = jnp.asarray(-jnp.inf if lower is None else lower, dtype=x.dtype)
     hi = jnp.asarray(jnp.inf if upper is None else upper, dtype=x.dtype)
     has_lo = jnp.isfinite(lo)
@@ -135,6 +136,7 @@ def constrain(z: Array, lower: Any, upper: Any) -> Array:
     transforms of :class:`~parambounds.BoundedParametrization`); the result is clipped,
     so rounding never leaves the bounds.
     """
+    z = _float(z)
     lo, hi, has_lo, has_hi = _sides(z, lower, upper)
     two = lo + (hi - lo) * jax.nn.sigmoid(z)
     sp = jax.nn.softplus(z)
@@ -153,6 +155,7 @@ def unconstrain(x: Array, lower: Any, upper: Any) -> Array:
     The margin is ``1e-6`` of the width (two-sided) or of ``max(1, |bound|)`` (one-sided),
     as :meth:`~parambounds.BoundedParametrization.right_inverse`.
     """
+    x = _float(x)
     lo, hi, has_lo, has_hi = _sides(x, lower, upper)
     width = hi - lo
     t = jnp.clip((x - lo) / jnp.where(width > 0, width, 1), 1e-6, 1 - 1e-6)

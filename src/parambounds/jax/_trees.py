@@ -69,8 +69,8 @@ def align(names: list[str], bounds: Any, which: str) -> list[Any]:
                     f"subtree (with '{name}'): the nesting differs"
                 )
             raise BoundsError(f"{which} has no entry for '{_show(name)}', a key of the parameters")
-    for b in by_name:
-        if b not in known:
+    for b, v in by_name.items():
+        if b not in known and v is not None:  # None: open, or jax's empty subtree
             under = next((n for n in names if b.startswith(n + ".")), None)
             if under is not None:
                 raise BoundsError(
