@@ -97,7 +97,7 @@ def _as_float(b: Any) -> float | None:
     try:
         return float(b)
     except OverflowError:
-        return math.inf if b > 0 else -math.inf
+        return -math.inf if str(b).startswith("-") else math.inf
 
 
 def _check_pair(pattern: str, lo: Any, hi: Any) -> None:
