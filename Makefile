@@ -24,8 +24,8 @@ $(VENV)/.installed-test: pyproject.toml $(VENV)/.torch
 setup: $(VENV)/.installed-test
 
 lint: $(VENV)/.installed-test
-	$(VENV)/bin/ruff check src tests benchmarks examples
-	$(VENV)/bin/ruff format --check src tests benchmarks examples
+	$(VENV)/bin/ruff check src tests benchmarks examples tools conftest.py
+	$(VENV)/bin/ruff format --check src tests benchmarks examples tools conftest.py
 	$(VENV)/bin/mypy
 
 docs: $(VENV)/.installed-test

@@ -556,7 +556,8 @@ def scenario_alone(mesh):
 
 
 def main():
-    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
+    # generous: compiling on a loaded machine can keep one rank away for a minute
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=240))
     try:
         mesh = (
             init_device_mesh("cpu", (dist.get_world_size(),))

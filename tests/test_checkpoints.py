@@ -114,7 +114,8 @@ def test_chunked_counts_match_a_plain_reference(monkeypatch):
 
     import parambounds._ckpt_apply as apply
 
-    monkeypatch.setattr(apply, "CHUNK", 10)
+    monkeypatch.setattr(apply, "CHUNK", 25)
+    monkeypatch.setattr(apply, "PIECE", 10)
     g = torch.Generator().manual_seed(3)
     base = torch.randn(6, 1, 11, generator=g, dtype=torch.float64)
     base[0, 0, :3] = math.nan

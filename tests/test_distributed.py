@@ -54,6 +54,10 @@ def test_two_processes(tmp_path, monkeypatch):
     check_launch(
         2,
         {
+            # first: after every other scenario in one process, this one deadlocked once
+            # (rank 0 in the plan exchange, rank 1 in a DTensor collective); see the notes
+            "compiled": "torch.compile ok",
+            "compiled_kernel": "compiled kernel ok",
             "dtensor": "dtensor cost and gradients ok",
             "fsdp": "fsdp2 ok",
             "ddp": "ddp ok",
@@ -61,8 +65,6 @@ def test_two_processes(tmp_path, monkeypatch):
             "fsdp_noreshard": "fsdp2 noreshard ok",
             "errors": "errors ok",
             "dcp": "dcp ok",
-            "compiled": "torch.compile ok",
-            "compiled_kernel": "compiled kernel ok",
             "alone": "alone ok",  # leaves the group unusable: must be last
         },
     )

@@ -22,9 +22,12 @@ def test_readme_shows_the_shipped_bounds_file_byte_for_byte():
 
 
 def test_docs_include_the_bounds_file_instead_of_retyping_it():
-    for page in ("index.md", "cli.md"):
-        (block,) = fenced_blocks((ROOT / "docs" / page).read_text(), "toml")
-        assert block == '--8<-- "examples/bounds.toml"\n'
+    shipped = (ROOT / "examples" / "bounds.toml").read_text()
+    (block,) = fenced_blocks((ROOT / "docs" / "index.md").read_text(), "toml")
+    assert block == '--8<-- "examples/bounds.toml"\n'
+    for page in (ROOT / "docs").glob("*.md"):
+        for block in fenced_blocks(page.read_text(), "toml"):
+            assert block != shipped, f"{page.name}: include examples/bounds.toml, do not retype it"
 
 
 def test_every_public_name_is_in_the_api_reference():
@@ -46,3 +49,67 @@ def test_readme_and_docs_have_python_blocks_to_run():
     assert len(fenced_blocks((ROOT / "docs/uses.md").read_text(), "python")) >= 5
     for page in (ROOT / "docs").glob("*.md"):
         assert not re.search(r"^```(py|python3|pycon)$", page.read_text(), re.M), page
+
+
+def load_docstring_extension():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "griffe_docstrings", ROOT / "tools/griffe_docstrings.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_docstrings_render_as_markdown_doctests_fenced_math_converted():
+    to_markdown = load_docstring_extension().to_markdown
+    docstring = "\n".join(
+        [
+            "Cost, see :func:`bounds_cost` and :math:`e > 0`.",
+            "",
+            ".. math::",
+            "",
+            "    f(e) = e^2",
+            "    g(e) = e",
+            "",
+            ".. math:: T = 1",
+            "",
+            ">>> x = 1",
+            ">>> x",
+            "1",
+            "",
+            "Examples:",
+            "    >>> y",
+            "    2",
+            "",
+            "After.",
+        ]
+    )
+    expected = "\n".join(
+        [
+            "Cost, see `bounds_cost` and $e > 0$.",
+            "",
+            "$$",
+            "f(e) = e^2",
+            "g(e) = e",
+            "$$",
+            "",
+            "$$",
+            "T = 1",
+            "$$",
+            "",
+            "```pycon",
+            ">>> x = 1",
+            ">>> x",
+            "1",
+            "```",
+            "",
+            "Examples:",
+            "    >>> y",
+            "    2",
+            "",
+            "After.",
+        ]
+    )
+    assert to_markdown(docstring) == expected

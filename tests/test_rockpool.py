@@ -630,3 +630,11 @@ def test_second_derivatives_and_torch_func_match_rockpool(dtype):
     xg = x.clone().requires_grad_()
     (reference,) = torch.autograd.grad(cost(rl)(xg), xg)
     assert torch.equal(torch.func.grad(cost(pr))(x), reference)
+
+
+def test_integer_and_float8_parameters_are_costed_in_their_compute_dtype():
+    x8 = torch.tensor([3.0, 0.0]).to(torch.float8_e4m3fn)
+    cost = pr.bounds_cost({"x": x8}, {"x": -1.0}, {"x": 1.0})
+    assert cost.dtype == torch.float32 and cost == torch.exp(torch.tensor(2.0))
+    xi = torch.tensor([3, 0])
+    assert pr.summed_exp_boundary_loss(xi, -1, 1) == rl.summed_exp_boundary_loss(xi, -1, 1)

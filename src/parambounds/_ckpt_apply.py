@@ -29,8 +29,10 @@ from .report import ParamReport
 
 __all__ = ["CHUNK", "Target", "aliases", "clamp_target_", "check_target", "make_targets"]
 
-#: Elements per chunk: 4 Mi (16 MiB of float32), a few such temporaries at a time.
-CHUNK = 1 << 22
+#: Elements per scanned chunk: 16 Mi (64 MiB of float32), one min/max pass each.
+CHUNK = 1 << 24
+#: Elements per piece of a chunk that needs counting or clamping (a few temporaries each).
+PIECE = 1 << 22
 
 
 @dataclass
@@ -127,18 +129,19 @@ def _reduce(x: Tensor) -> tuple[Tensor, int]:
     return x, weight
 
 
-def chunks(x: Tensor) -> Iterator[Tensor]:
-    """Views of ``x`` of at most :data:`CHUNK` elements that together cover it."""
-    if x.numel() <= CHUNK or x.dim() == 0:
+def chunks(x: Tensor, size: int | None = None) -> Iterator[Tensor]:
+    """Views of ``x`` of at most ``size`` (:data:`CHUNK`) elements that together cover it."""
+    size = CHUNK if size is None else size
+    if x.numel() <= size or x.dim() == 0:
         yield x
         return
     rows = x.shape[0]
     per_row = x.numel() // rows
-    if per_row > CHUNK:
+    if per_row > size:
         for i in range(rows):
-            yield from chunks(x[i])
+            yield from chunks(x[i], size)
         return
-    step = CHUNK // per_row
+    step = size // per_row
     for s in range(0, rows, step):
         yield x[s : s + step]
 
@@ -163,12 +166,13 @@ def check_target(t: Target) -> ParamReport:
         x, weight = _reduce(t.tensor)
     below = above = nan = 0
     excess = 0.0
-    for c in chunks(x):
-        if _inside(c, t.lower, t.upper):
+    for chunk in chunks(x):
+        if _inside(chunk, t.lower, t.upper):
             continue
-        b, a, e, n = _stats(c, t.lower, t.upper).tolist()
-        below, above, nan = below + int(b), above + int(a), nan + int(n)
-        excess = max(excess, e)
+        for c in chunks(chunk, PIECE):
+            b, a, e, n = _stats(c, t.lower, t.upper).tolist()
+            below, above, nan = below + int(b), above + int(a), nan + int(n)
+            excess = max(excess, e)
     return ParamReport(
         name=t.name,
         numel=numel,
@@ -197,11 +201,14 @@ def clamp_target_(t: Target) -> bool:
             f"'{t.name}' is a strided view whose elements overlap in memory; clamp refuses it"
         )
     changed = False
-    for c in chunks(x):
-        if not _inside(c, t.lower, t.upper):
-            before = c.clone()
-            c.clamp_(t.lower, t.upper)
-            changed = changed or not torch.equal(before.nan_to_num(), c.nan_to_num())
+    for chunk in chunks(x):
+        if _inside(chunk, t.lower, t.upper):
+            continue
+        for c in chunks(chunk, PIECE):
+            if not _inside(c, t.lower, t.upper):
+                before = c.clone()
+                c.clamp_(t.lower, t.upper)
+                changed = changed or not torch.equal(before.nan_to_num(), c.nan_to_num())
     return changed
 
 

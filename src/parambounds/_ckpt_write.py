@@ -58,6 +58,8 @@ def resolve_target(target: Path) -> Path:
     if str(target) == "":
         raise BoundsError("the output path is empty")
     real = Path(os.path.realpath(target))
+    if real.is_dir() and (real / ".metadata").is_file():
+        return real  # a sharded (DCP) checkpoint: checkpoints_dcp.save_dcp replaces it whole
     if real.is_dir():
         raise BoundsError(f"{target}: is a directory")
     if not real.parent.is_dir():

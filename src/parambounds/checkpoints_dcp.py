@@ -203,23 +203,15 @@ def report_dcp(path: str | Path, bounds: Any) -> Report:
         CheckpointError: for an unreadable checkpoint.
         BoundsError: for a pattern that matches no tensor, or invalid bounds.
     """
-    names = tuple(tensor_names(path))
-    bounds._match(names)  # a pattern that matches nothing is an error, as for other formats
+    resolved = bounds._match(tuple(tensor_names(path)))  # unmatched patterns: as elsewhere
     entries = []
     for name, t in iter_tensors(path):
-        one = {p: lh for p, lh in bounds.spec.items() if _matches(name, p)}
-        if one:
-            first = next(iter(one))
-            sub = type(bounds)({first: one[first]}, penalty=bounds.penalty)
-            entries.extend(sub.report({name: t}).entries)
-        del t
+        lo, hi = resolved.lower[name], resolved.upper[name]
+        if lo is not None or hi is not None:
+            one = type(bounds).from_trees({name: lo}, {name: hi}, penalty=bounds.penalty)
+            entries.extend(one.report({name: t}).entries)
+        del t  # one tensor in memory at a time
     return Report(tuple(entries))
-
-
-def _matches(name: str, pattern: str) -> bool:
-    from fnmatch import fnmatchcase
-
-    return fnmatchcase(name, pattern)
 
 
 def load_dcp(path: str | Path) -> Checkpoint:

@@ -60,12 +60,6 @@ def _load_bounds(args: argparse.Namespace) -> Bounds:
     bounds = Bounds.from_toml(path, strict=not args.allow_unmatched)
     if not bounds.spec:
         raise BoundsError(f"{path}: nothing is bounded: the [bounds] table is empty")
-    for pattern, (lo, hi) in bounds.spec.items():
-        lo_f, hi_f = _scalar(lo, "lower", pattern), _scalar(hi, "upper", pattern)
-        if lo_f is not None and hi_f is not None and lo_f > hi_f:
-            raise BoundsError(
-                f"{path}: lower bound of pattern '{pattern}' exceeds its upper bound ({lo} > {hi})"
-            )
     if all(
         (lo is None or _scalar(lo, "lower", p) == -math.inf)
         and (hi is None or _scalar(hi, "upper", p) == math.inf)

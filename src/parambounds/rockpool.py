@@ -45,6 +45,7 @@ except ImportError as err:  # pragma: no cover - exercised in a subprocess by th
     ) from err
 
 from ._plan import get_plan
+from ._rounding import compute_dtype
 from .errors import BoundsError
 from .penalties import PENALTIES
 from .trees import align, as_tree, flatten
@@ -81,8 +82,9 @@ def _side(x: Tensor, bound: Any, below: bool, last: bool) -> Tensor:
 
 def _leaf_cost(x: Tensor, lower: Any, upper: Any) -> Tensor:
     """Rockpool's cost of one tensor: the lower side's sum plus the upper side's."""
-    if not x.is_floating_point():
-        x = x.to(torch.get_default_dtype())
+    dtype = compute_dtype(x.dtype)
+    if x.dtype != dtype:  # integers (as Rockpool's exp makes them) and float8
+        x = x.to(dtype)
     if lower is None:
         return _side(x, upper, below=False, last=True)
     low = _side(x, lower, below=True, last=upper is None)
@@ -95,7 +97,7 @@ def _zero(x: Tensor) -> Tensor:
     The sum of an empty slice: it reads no element, so infinities do not make NaN.
     """
     if not x.is_floating_point():
-        return torch.zeros(())
+        return torch.zeros((), dtype=compute_dtype(x.dtype), device=x.device)
     return (x.narrow(0, 0, 0) if x.dim() else x.reshape(1)[:0]).sum()
 
 
@@ -118,13 +120,15 @@ def _bounds(
     """
     plan = get_plan(tree, treedef, leaves, lower, upper, root_name=root_name)
     bounded = {i: (lo, hi) for i, lo, hi in plan.bounded_items()}
+    if not plan.grad_bounds:
+        return bounded
     raw_lo = _learnable(tree, treedef, lower, "lower_bounds")
     raw_hi = _learnable(tree, treedef, upper, "upper_bounds")
     if raw_lo is None and raw_hi is None:
         return bounded
     for i, (lo, hi) in bounded.items():
         x = leaves[i]
-        dtype = x.dtype if x.is_floating_point() else torch.get_default_dtype()
+        dtype = compute_dtype(x.dtype)
         if raw_lo is not None and lo is not None and getattr(raw_lo[i], "requires_grad", False):
             lo = raw_lo[i].to(device=x.device, dtype=dtype)
         if raw_hi is not None and hi is not None and getattr(raw_hi[i], "requires_grad", False):
