@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from ._backends import get_backend
 from .errors import BoundsError, BoundsViolationError
@@ -97,7 +97,7 @@ def _as_float(b: Any) -> float | None:
     try:
         return float(b)
     except OverflowError:
-        return -math.inf if str(b).startswith("-") else math.inf
+        return math.inf if cast(Any, b) > 0 else -math.inf
 
 
 def _check_pair(pattern: str, lo: Any, hi: Any) -> None:

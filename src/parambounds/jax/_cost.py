@@ -137,25 +137,58 @@ def _result_dtype(leaves: list[Any]) -> Any:
     return jnp.result_type(*floats) if floats else jnp.result_type(float)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _sum_costs(penalty: Penalty, dtype: Any, xs: list[Any], los: list[Any], his: list[Any]) -> Any:
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _sum_costs(
+    penalty: Penalty,
+    dtype: Any,
+    kinds: tuple[Any, ...],
+    xs: list[Any],
+    scalars: Any,
+    arrays: list[Any],
+) -> Any:
     value = _math.penalty_value(penalty)
+
+    def bound(kind: Any, x: Any) -> Any:
+        if kind is None:
+            return None
+        if kind[0] == "a":
+            return arrays[kind[1]]
+        return scalars[kind[1]].astype(_math.float_dtype(x))  # as a Python float would be
+
     total = jnp.zeros((), dtype)
-    for x, lo, hi in zip(xs, los, his):
-        total = total + _math.leaf_cost(x, lo, hi, value).astype(dtype)
+    for x, (lo, hi) in zip(xs, kinds):
+        total = total + _math.leaf_cost(x, bound(lo, x), bound(hi, x), value).astype(dtype)
     return total
 
 
 def total_cost(leaves: list[Any], bounded: list[tuple[int, Any, Any]], penalty: Penalty) -> Any:
-    """The 0-d cost of the bounded leaves (one jitted call)."""
+    """The 0-d cost of the bounded leaves: one jitted call.
+
+    Scalar bounds travel as one array (one transfer, and no retracing when they change);
+    which leaf has which kind of bound is static.
+    """
     dtype = _result_dtype(leaves)
     _math.penalty_value(penalty)  # a clear error now, not from inside jit
+    scalars: list[float] = []
+    arrays: list[Any] = []
+
+    def kind(b: Any) -> Any:
+        if b is None:
+            return None
+        if isinstance(b, float):
+            scalars.append(b)
+            return ("s", len(scalars) - 1)
+        arrays.append(b)
+        return ("a", len(arrays) - 1)
+
+    kinds = tuple((kind(lo), kind(hi)) for _, lo, hi in bounded)
     return _sum_costs(
         penalty,
         jnp.dtype(dtype),
+        kinds,
         [leaves[i] for i, _, _ in bounded],
-        [lo for _, lo, _ in bounded],
-        [hi for _, _, hi in bounded],
+        np.asarray(scalars, dtype=np.float32 if dtype != jnp.float64 else np.float64),
+        arrays,
     )
 
 

@@ -28,6 +28,7 @@ __all__ = [
     "clip",
     "constrain",
     "excess",
+    "float_dtype",
     "leaf_cost",
     "penalty_value",
     "stats",
@@ -78,6 +79,12 @@ def penalty_value(penalty: Penalty) -> Callable[[Array], Array]:
             f"penalty {penalty.name!r} has no JAX formula: give it a jax_value(e) method"
         )
     return fn  # type: ignore[no-any-return]
+
+
+def float_dtype(x: Array) -> Any:
+    """The dtype ``x`` is computed in: its own if floating, the default float otherwise."""
+    dt = jnp.result_type(x)
+    return dt if jnp.issubdtype(dt, jnp.floating) else jnp.result_type(float)
 
 
 def _float(x: Array) -> Array:
