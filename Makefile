@@ -1,35 +1,45 @@
 # Each target sets everything up itself from a fresh clone: a virtual environment in
-# .venv, torch==2.13.0 first (the CPU build), then this project with its extras
-# (test pulls in demo and safetensors).
+# .venv, torch==2.13.0 first (the CPU build), then this project with the extras that
+# target needs: `make demo` the demo extra only, `make test` and `make docs` the test
+# extra (the demo, safetensors and docs extras plus the test tools).
 VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench example
+.PHONY: setup demo test lint docs bench example
 
-$(STAMP): pyproject.toml
+$(VENV)/.torch:
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
+	touch $@
+
+$(VENV)/.installed-demo: pyproject.toml $(VENV)/.torch
+	$(PY) -m pip install --quiet -e '.[demo]'
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml $(VENV)/.torch
 	$(PY) -m pip install --quiet -e '.[test]'
-	touch $(STAMP)
+	touch $@ $(VENV)/.installed-demo
 
-setup: $(STAMP)
+setup: $(VENV)/.installed-test
 
-lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests benchmarks examples
-	$(VENV)/bin/ruff format --check src tests benchmarks examples
+lint: $(VENV)/.installed-test
+	$(VENV)/bin/ruff check src tests benchmarks examples tools conftest.py
+	$(VENV)/bin/ruff format --check src tests benchmarks examples tools conftest.py
 	$(VENV)/bin/mypy
 
-test: lint
+docs: $(VENV)/.installed-test
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir site
+
+test: lint docs
 	$(PY) -m pytest
 	$(PY) benchmarks/bench_bounds.py --quick
 
-demo: $(STAMP)
+demo: $(VENV)/.installed-demo
 	$(VENV)/bin/parambounds demo --out demo-out
 
-bench: $(STAMP)
+bench: $(VENV)/.installed-test
 	$(PY) benchmarks/bench_bounds.py
 
-example: $(STAMP)
+example: $(VENV)/.installed-demo
 	$(PY) examples/compare_three_uses.py

@@ -432,6 +432,9 @@ def main() -> None:
     rows = run(args.quick, "cpu", impls)
     if torch.cuda.is_available():
         rows += run(args.quick, "cuda", impls)
+    if args.quick:
+        print("SMOKE TEST (--quick: tiny sizes, 3 repeats): checks that the benchmark runs;")
+        print("these numbers are not a measurement. Run without --quick for the benchmark.")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(table(rows, impls))
     print(extra_tables(args.quick))

@@ -7,6 +7,9 @@ itself under ``torch.distributed.run`` (gloo) and times, median of repeated step
 - N processes, the same tensors as ``DTensor``s sharded ``Shard(0)`` over an N-rank mesh
   (what FSDP2 does to parameters): each rank computes its shard and one all-reduce per
   step combines the cost.
+
+and ``Bounds.report`` on the same tensors (collective: a header exchange and one gather
+of the counts per mesh dimension).
 """
 
 from __future__ import annotations
@@ -45,6 +48,20 @@ def time_steps(params, lower, upper, reps) -> float:
     return 1e3 * statistics.median(times)
 
 
+def time_report(params, reps) -> float:
+    """Median ms of ``Bounds.report`` (collective under torch.distributed)."""
+    from parambounds import Bounds
+
+    bounds = Bounds({"*": (-2.0, 2.0)})
+    bounds.report(params)  # builds the plan
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        bounds.report(params)
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
 def worker(quick: bool) -> None:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
@@ -58,14 +75,15 @@ def worker(quick: bool) -> None:
     lower = dict.fromkeys(params, -2.0)
     upper = dict.fromkeys(params, 2.0)
     ms = time_steps(params, lower, upper, 5 if quick else 15)
-    worst = torch.tensor(ms)
+    report = time_report(params, 5 if quick else 15)
+    worst = torch.tensor([ms, report])
     dist.all_reduce(worst, op=dist.ReduceOp.MAX)
     if dist.get_rank() == 0:
-        print(f"RESULT {world} {worst.item():.3f}")
+        print(f"RESULT {world} {worst[0].item():.3f} {worst[1].item():.3f}")
     dist.destroy_process_group()
 
 
-def launch(nproc: int, quick: bool) -> float:
+def launch(nproc: int, quick: bool) -> tuple[float, float]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -82,7 +100,7 @@ def launch(nproc: int, quick: bool) -> float:
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=dict(os.environ))
     for line in out.stdout.splitlines():
         if line.startswith("RESULT"):
-            return float(line.split()[2])
+            return float(line.split()[2]), float(line.split()[3])
     raise RuntimeError(out.stdout[-2000:] + out.stderr[-2000:])
 
 
@@ -102,19 +120,20 @@ def main() -> None:
     plain_1t = time_steps(full, dict.fromkeys(full, -2.0), dict.fromkeys(full, 2.0), 15)
     torch.set_num_threads(2)
     plain_2t = time_steps(full, dict.fromkeys(full, -2.0), dict.fromkeys(full, 2.0), 15)
-    one = launch(1, args.quick)
-    two = launch(2, args.quick)
+    report_1t = time_report(full, 15)
+    one, one_report = launch(1, args.quick)
+    two, two_report = launch(2, args.quick)
     print(f"torch {torch.__version__}; {len(full)} tensors, {numel / 1e6:.1f}M float32 values")
-    print("| setup | ms per step | vs 1 process, 1 thread |")
-    print("|---|---|---|")
+    print("| setup | ms per step | vs 1 process, 1 thread | ms per report |")
+    print("|---|---|---|---|")
     rows = [
-        ("1 process, plain tensors, 1 thread", plain_1t),
-        ("1 process, plain tensors, 2 threads", plain_2t),
-        ("1 process, DTensor on a 1-rank mesh (gloo)", one),
-        ("2 processes x 1 thread, DTensor Shard(0) (gloo)", two),
+        ("1 process, plain tensors, 1 thread", plain_1t, report_1t),
+        ("1 process, plain tensors, 2 threads", plain_2t, float("nan")),
+        ("1 process, DTensor on a 1-rank mesh (gloo)", one, one_report),
+        ("2 processes x 1 thread, DTensor Shard(0) (gloo)", two, two_report),
     ]
-    for name, ms in rows:
-        print(f"| {name} | {ms:.2f} | {plain_1t / ms:.2f}x |")
+    for name, ms, rep in rows:
+        print(f"| {name} | {ms:.2f} | {plain_1t / ms:.2f}x | {rep:.2f} |")
 
 
 if __name__ == "__main__":

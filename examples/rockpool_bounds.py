@@ -1,8 +1,8 @@
 """Train a small Rockpool network with a bounds penalty on its time constants.
 
-Run with ``make example`` (or ``python examples/rockpool_bounds.py``). Prints the task
-loss, the bounds cost and the range of ``tau_mem`` every few steps: the penalty pulls
-time constants that start outside [2 ms, 50 ms] back inside while the task trains.
+Run: ``python examples/rockpool_bounds.py``. Prints the task loss, the bounds cost and
+the range of ``tau_mem`` every few steps: the penalty pulls time constants that start
+outside [2 ms, 50 ms] back inside while the task trains.
 """
 
 import torch

@@ -44,7 +44,7 @@ def test_a_failed_write_leaves_no_file(tmp_path, monkeypatch):
         raise RuntimeError("disk full")
 
     monkeypatch.setattr(torch, "save", boom)
-    with pytest.raises(RuntimeError, match="disk full"):
+    with pytest.raises(CheckpointError, match=r"out\.pt: cannot write: disk full"):
         save_checkpoint(ckpt, tmp_path / "out.pt")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt"]
 
@@ -90,3 +90,59 @@ def test_output_that_is_a_directory(tmp_path):
     (tmp_path / "d.pt").mkdir()
     with pytest.raises(CheckpointError, match=r"d\.pt: is a directory"):
         save_checkpoint(load_checkpoint(path), tmp_path / "d.pt")
+
+
+# ------------------------------------------------------------------ chunked checking
+
+
+@pytest.mark.parametrize(
+    "shape", [(), (0,), (7,), (5, 3), (3, 1, 9), (2, 4, 5, 3), (1000,), (3, 700)]
+)
+def test_chunks_cover_every_element_once(shape, monkeypatch):
+    import parambounds._ckpt_apply as apply
+
+    monkeypatch.setattr(apply, "CHUNK", 16)
+    x = torch.zeros(shape)
+    for c in apply.chunks(x):
+        assert c.numel() <= 16 or c.dim() == 0 or c.numel() == 1
+        c.add_(1)
+    assert bool((x == 1).all())
+
+
+def test_chunked_counts_match_a_plain_reference(monkeypatch):
+    import math
+
+    import parambounds._ckpt_apply as apply
+
+    monkeypatch.setattr(apply, "CHUNK", 25)
+    monkeypatch.setattr(apply, "PIECE", 10)
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(6, 1, 11, generator=g, dtype=torch.float64)
+    base[0, 0, :3] = math.nan
+    x = base.expand(6, 4, 11)  # a stride-0 dimension
+    t = apply.Target("w", x, None, -0.5, 0.7, (-0.5, 0.7))
+    r = apply.check_target(t)
+    values = [v for v in x.flatten().tolist()]
+    assert r.below == sum(v < -0.5 for v in values)
+    assert r.above == sum(v > 0.7 for v in values)
+    assert r.nan == sum(math.isnan(v) for v in values)
+    assert r.max_excess == pytest.approx(
+        max([-0.5 - v for v in values if v < -0.5] + [v - 0.7 for v in values if v > 0.7])
+    )
+    assert r.numel == 6 * 4 * 11
+
+
+def test_collision_names_both_places(tmp_path):
+    path = tmp_path / "c.pt"
+    torch.save({"a.b": torch.ones(1), "a": {"b": torch.zeros(1)}}, path)
+    with pytest.raises(
+        CheckpointError, match=r"two entries are both named 'a\.b': \['a\.b'\] and \['a'\]\['b'\]"
+    ):
+        load_checkpoint(path)
+
+
+def test_huge_int_in_a_float_list_of_rockpool_json(tmp_path):
+    path = tmp_path / "p.json"
+    path.write_text('{"m": {"w": "[0.5, 1' + "0" * 400 + ']"}}')
+    with pytest.raises(CheckpointError, match=r"'m\.w' holds an integer too large for a float"):
+        load_checkpoint(path)

@@ -4,6 +4,7 @@ learnable bounds, threads, the plan cache and the compiled kernel's variants.
 References are plain Python (``math``) or Rockpool 3.1.0 where Rockpool is right.
 """
 
+import functools
 import math
 
 import pytest
@@ -208,3 +209,33 @@ def test_a_new_tensor_with_a_dead_ones_id_is_not_served_a_stale_plan():
         got = bounds_cost({"w": w}, {"w": None}, {"w": hi}).item()
         assert got == python_cost([0.0, 2.0], [-INF, -INF], hi.tolist())
         del hi
+
+
+# ------------------------------------------------------------------ compiled kernel
+
+
+def test_compiled_kernel_survives_many_variants(monkeypatch):
+    from torch._dynamo import config
+
+    from parambounds import _kernels
+
+    # Each (penalty, dtype, open sides) variant compiles once; with a limit of 1 per code
+    # object, a shared code object fails on the second variant (on the ninth by default).
+    monkeypatch.setattr(_kernels, "_compiled_cache", {})
+    # dynamo's guards and limits without inductor's code generation: seconds, not minutes
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    _kernels.set_kernel("compiled")
+    try:
+        with config.patch(recompile_limit=1):
+            variants = [(torch.float32, "exp", -1.0), (torch.float32, "exp", None)]
+            variants.append((torch.float64, "quadratic", -1.0))
+            for dtype, penalty, lo in variants:
+                x = torch.tensor([-3.0, 0.5, 2.0], dtype=dtype, requires_grad=True)
+                cost = bounds_cost({"x": x}, {"x": lo}, {"x": 1.0}, penalty=penalty)
+                (g,) = torch.autograd.grad(cost, x)
+                e = [2.0 if lo is not None else 0.0, 0.0, 1.0]
+                f = math.exp if penalty == "exp" else (lambda t: t * t)
+                assert cost.item() == pytest.approx(sum(f(v) for v in e if v > 0), rel=1e-6)
+                assert g[2].item() == pytest.approx(math.e if penalty == "exp" else 2.0)
+    finally:
+        _kernels.set_kernel("auto")

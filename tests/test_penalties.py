@@ -71,3 +71,14 @@ def test_overflow_guard_is_finite_continuous_and_monotone(name, dtype):
     assert at_t == pytest.approx(REFERENCE[name](t), rel=rel)
     beyond = pen.value(torch.tensor([t + 2.0], dtype=dtype)).item()
     assert beyond == pytest.approx(REFERENCE[name](t) + 2.0 * math.exp(t), rel=rel)
+
+
+@pytest.mark.parametrize("name", ["exp", "expm1"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_autograd_slope_at_exactly_the_threshold(name, dtype):
+    # At e == T (as the dtype holds it) the clamped exponential and the linear tail meet;
+    # autograd must count the slope exp(T) once, not once per branch.
+    t = torch.tensor([overflow_threshold(dtype)], dtype=dtype)
+    e = t.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(PENALTIES[name].value(e).sum(), e)
+    assert grad.item() == pytest.approx(math.exp(t.item()), rel=4 * torch.finfo(dtype).eps)

@@ -74,8 +74,8 @@ def test_per_element_tensor_bounds():
             r"pattern '\*\.wieght' matches no parameter of the model \(its parameters: '0\.weight', '0\.bias', '2\.weight', '2\.bias'\)",
         ),
         (
-            {"*.weight": (1.0, 0.0)},
-            r"lower bound for '0\.weight' exceeds its upper bound \(1\.0 > 0\.0\) \(from pattern '\*\.weight'\)",
+            {"0.bias": (torch.ones(4), torch.zeros(4))},
+            r"lower bound for '0\.bias' exceeds its upper bound at index \(0,\) \(1\.0 > 0\.0\) \(from pattern '0\.bias'\)",
         ),
         (
             {"2.bias": (None, torch.ones(3))},
@@ -221,6 +221,129 @@ def test_state_dict_as_model():
         b.report({"a.w": torch.zeros(1), "a.b": 1.0})
 
 
+# ---------------------------------------------------------------- messages and early errors
+
+
+def test_shadowed_pattern_is_named_with_the_pattern_that_hides_it():
+    with pytest.raises(
+        BoundsError,
+        match=r"pattern '\*\.weight' is shadowed by the earlier pattern '\*': every parameter it "
+        r"matches \('0\.weight', '2\.weight'\) is bounded by '\*' first",
+    ):
+        Bounds({"*": (-1, 1), "*.weight": (0, 1)}).cost(mlp())
+
+
+def test_shadowed_by_several_patterns():
+    with pytest.raises(
+        BoundsError,
+        match=r"pattern '\*' is shadowed by the earlier patterns '\*\.weight', '\*\.bias'",
+    ):
+        Bounds({"*.weight": (-1, 1), "*.bias": (0, 1), "*": (0, 1)}).cost(mlp())
+
+
+def test_every_unmatched_pattern_is_named_with_the_closest_names():
+    with pytest.raises(BoundsError) as err:
+        Bounds({"*.wieght": (0, 1), "*.bias": (0, 1), "2.bais": (0, 1), "zzz": (0, 1)}).cost(mlp())
+    msg = str(err.value)
+    assert msg.startswith(
+        "patterns '*.wieght', '2.bais', 'zzz' match no parameter of the model "
+        "(its parameters: '0.weight', '0.bias', '2.weight', '2.bias')"
+    ), msg
+    assert "'*.wieght' is closest to '2.weight', '0.weight'" in msg
+    assert "'2.bais' is closest to '2.bias'" in msg
+    assert "'zzz' is closest" not in msg
+
+
+def test_unmatched_and_shadowed_together():
+    with pytest.raises(BoundsError) as err:
+        Bounds({"*": (0, 1), "0.bias": (0, 1), "nope": (0, 1)}).cost(mlp())
+    msg = str(err.value)
+    assert "pattern 'nope' matches no parameter" in msg
+    assert "pattern '0.bias' is shadowed by the earlier pattern '*'" in msg
+
+
+@pytest.mark.parametrize(
+    "spec,message",
+    [
+        ({"w": (1.0, 0.0)}, r"lower bound for pattern 'w' exceeds its upper bound \(1\.0 > 0\.0\)"),
+        (
+            {"w": {"lower": 2, "upper": -3}},
+            r"lower bound for pattern 'w' exceeds its upper bound \(2 > -3\)",
+        ),
+        (
+            {"w": (math.inf, None)},
+            r"lower bound for pattern 'w' is inf, which no value can satisfy",
+        ),
+        (
+            {"w": (None, -math.inf)},
+            r"upper bound for pattern 'w' is -inf, which no value can satisfy",
+        ),
+        (
+            {"w": (0, 1j)},
+            r"upper bound for pattern 'w' must be a number, None or a tensor, got complex",
+        ),
+        (
+            {"w": (None, [1.0])},
+            r"upper bound for pattern 'w' must be a number, None or a tensor, got list",
+        ),
+    ],
+)
+def test_scalar_bounds_are_checked_when_the_bounds_are_created(spec, message):
+    with pytest.raises(BoundsError, match=message):
+        Bounds(spec)  # no model needed
+
+
+@pytest.mark.parametrize(
+    "table,message",
+    [
+        (
+            '"*.w" = [1.0, 0.5]',
+            r"lower bound for pattern '\*\.w' exceeds its upper bound \(1\.0 > 0\.5\)",
+        ),
+        ('"*.w" = nan', r"bounds for pattern '\*\.w' must be a \(lower, upper\) pair"),
+        ('"*.w" = [nan, 1.0]', r"lower bound for pattern '\*\.w' is NaN"),
+        (
+            '"*.w" = { lower = "a" }',
+            r"lower bound for pattern '\*\.w' must be a number, None or a tensor, got str",
+        ),
+        ('"*.w" = { upper = -inf }', r"upper bound for pattern '\*\.w' is -inf"),
+    ],
+)
+def test_toml_errors_name_the_file_and_pattern(tmp_path, table, message):
+    path = tmp_path / "spec.toml"
+    path.write_text("[bounds]\n" + table + "\n")
+    with pytest.raises(BoundsError, match=r"spec\.toml: " + message):
+        Bounds.from_toml(path)
+
+
+def test_non_string_names_in_a_state_dict():
+    with pytest.raises(BoundsError, match=r"parameter name 0 must be a string, got int"):
+        Bounds({"w": (0, 1)}).cost({0: torch.zeros(1)})
+
+
+def test_cost_compiles_with_fullgraph_on_the_first_call():
+    model = mlp()
+    bounds = Bounds({"*.weight": (-0.1, 0.1), "2.bias": (0.5, None)})
+    compiled = torch.compile(lambda m: bounds.cost(m), fullgraph=True)
+    got = compiled(model)  # a fresh Bounds: its first match happens while tracing
+    # plain float64 reference
+    ref = 0.0
+    for name, p in model.named_parameters():
+        lo, hi = {"0.weight": (-0.1, 0.1), "2.weight": (-0.1, 0.1), "2.bias": (0.5, math.inf)}.get(
+            name, (-math.inf, math.inf)
+        )
+        for v in p.detach().double().flatten().tolist():
+            if v > hi:
+                ref += math.exp(v - hi)
+            elif v < lo:
+                ref += math.exp(lo - v)
+    assert got.item() == pytest.approx(ref, rel=1e-5)
+    state = dict(model.named_parameters())
+    assert torch.compile(lambda sd: bounds.cost(sd), fullgraph=True)(state).item() == pytest.approx(
+        ref, rel=1e-5
+    )
+
+
 def test_cost_each_step_sees_replaced_and_new_parameters():
     """The per-step cache of a model's parameters notices every change to the model."""
     model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
@@ -247,3 +370,13 @@ def test_cost_each_step_sees_replaced_and_new_parameters():
     assert bounds.cost(model).item() == pytest.approx(expected())
     model[0].weight.data = torch.full((3, 3), 2.0)  # resized in place
     assert bounds.cost(model).item() == pytest.approx(expected())
+
+
+def test_huge_integer_bounds_are_infinite_sides():
+    with pytest.raises(
+        BoundsError, match=r"lower bound for pattern 'w' is inf, which no value can satisfy"
+    ):
+        Bounds({"w": (10**400, None)})
+    with pytest.raises(BoundsError, match=r"upper bound for pattern 'w' is -inf, which no value"):
+        Bounds({"w": (1.0, -(10**400))})
+    assert Bounds({"w": (0, 10**400)}).spec == {"w": (0, 10**400)}

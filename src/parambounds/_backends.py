@@ -10,7 +10,6 @@ broken in a given environment; none of that may stop the others from working.
 
 from __future__ import annotations
 
-import importlib
 import sys
 from collections.abc import Mapping
 from types import ModuleType
@@ -20,8 +19,22 @@ from .errors import BoundsError
 
 __all__ = ["get_backend"]
 
-#: Framework (its top-level module) -> the parambounds module that backs it.
-_BACKENDS = {"torch": "parambounds._torch_spec", "jax": "parambounds.jax._spec"}
+
+def _torch() -> ModuleType:
+    from . import _torch_spec
+
+    return _torch_spec
+
+
+def _jax() -> ModuleType:
+    from .jax import _spec
+
+    return _spec
+
+
+#: Framework (its top-level module) -> the loader of the parambounds module that backs it.
+#: Plain ``import`` statements, which ``torch.compile`` can trace, unlike ``importlib``.
+_BACKENDS = {"torch": _torch, "jax": _jax}
 #: Types that decide their backend by themselves (modules, arrays), once claimed.
 _BY_TYPE: dict[type, ModuleType] = {}
 
@@ -43,7 +56,7 @@ def get_backend(tree: Any) -> ModuleType:
     if backend is not None:
         return backend
     loaded = [name for name in _BACKENDS if _loaded(name)]
-    backends = [importlib.import_module(_BACKENDS[name]) for name in loaded]
+    backends = [_BACKENDS[name]() for name in loaded]
     for backend in backends:
         if backend.is_appropriate_type(tree):
             if not isinstance(tree, (Mapping, list, tuple)):

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import os
 import threading
+import types
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -46,7 +47,8 @@ from torch import Tensor
 
 from . import _native
 from ._plan import Bound, Plan
-from .distributed import cost_layout, partial_cost
+from ._rounding import compute_dtype
+from .distributed import cost_layout, partial_cost, to_local
 from .errors import BoundsError
 from .penalties import PENALTIES, Penalty, overflow_threshold
 
@@ -71,6 +73,12 @@ SMALL = 1 << 17
 _KERNELS = ("auto", "eager", "compiled", "native")
 _NATIVE_DTYPES = (torch.float32, torch.float64)
 _kernel = os.environ.get("PARAMBOUNDS_KERNEL", "auto")
+if _kernel not in _KERNELS:
+    raise BoundsError(
+        f"PARAMBOUNDS_KERNEL={_kernel!r} is not a kernel; expected one of "
+        + ", ".join(map(repr, _KERNELS))
+        + " (or leave it unset)"
+    )
 #: With ``"auto"``, tensors (or concatenated groups) of at least this many elements use
 #: the compiled kernel, when ``torch.compile`` works here.
 AUTO_COMPILE_MIN = 1 << 18
@@ -131,8 +139,8 @@ def signed_excess(x: Tensor, lower: Any, upper: Any) -> Tensor:
 
 def leaf_cost(x: Tensor, lower: Any, upper: Any, penalty: Penalty) -> Tensor:
     """The cost of one tensor with plain differentiable ops (the traceable reference path)."""
-    if not x.is_floating_point():
-        x = x.to(torch.get_default_dtype())
+    if not x.is_floating_point() or x.itemsize == 1:  # integers, bool, float8
+        x = x.to(compute_dtype(x.dtype))
     lower, upper = clamp_args(lower, upper)
     d = signed_excess(x, lower, upper)
     value, _ = penalty.value_and_slope(d.abs())
@@ -181,18 +189,30 @@ def _eager_flat(x: Tensor, lower: Bound, upper: Bound, penalty: Penalty) -> tupl
     return torch.stack(parts).sum(), grad
 
 
-_compiled_cache: dict[int, Callable[..., tuple[Tensor, Tensor]]] = {}
+_compiled_cache: dict[Any, Callable[..., tuple[Tensor, Tensor]]] = {}
+
+
+def _fresh_copy(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """A copy of ``fn`` with its own code object.
+
+    ``torch.compile`` caches (and counts recompilations, up to ``recompile_limit``) per
+    code object: each variant of the kernel gets its own, so that many penalties, dtypes
+    and bound layouts never exhaust the limit of one.
+    """
+    code = fn.__code__.replace()
+    return types.FunctionType(code, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
 
 
 def _compiled_flat(x: Tensor, lower: Any, upper: Any, penalty: Penalty) -> tuple[Tensor, Tensor]:
-    fn = _compiled_cache.get(id(penalty))
+    key = (id(penalty), lower is None, upper is None, x.dtype, x.device.type)
+    fn = _compiled_cache.get(key)
     if fn is None:
-        compiled = torch.compile(value_and_grad, dynamic=True, fullgraph=True)
+        compiled = torch.compile(_fresh_copy(value_and_grad), dynamic=True, fullgraph=True)
 
         def fn(x: Tensor, lower: Any, upper: Any, penalty: Penalty = penalty) -> Any:
             return compiled(x, lower, upper, penalty)
 
-        _compiled_cache[id(penalty)] = fn
+        _compiled_cache[key] = fn
     return fn(x, lower, upper)
 
 
@@ -433,13 +453,13 @@ def apply(plan: Plan, leaves: list[Any], penalty: Penalty) -> list[Tensor]:
     for indices, run, layout in runners:
         xs = [leaves[i] for i in indices]
         if layout is not None:  # a DTensor: the cost of the local shard, summed per layout
-            local = _GroupCost.apply(run, xs[0].to_local())
+            local = _GroupCost.apply(run, to_local(xs[0]))  # Partial: reduced first
             sharded_sums[layout] = (
                 local if layout not in sharded_sums else sharded_sums[layout] + local
             )
             continue
-        if not xs[0].is_floating_point():
-            xs = [x.to(torch.get_default_dtype()) for x in xs]
+        if not xs[0].is_floating_point() or xs[0].itemsize == 1:  # integers, bool, float8
+            xs = [x.to(compute_dtype(x.dtype)) for x in xs]
         parts.append(_GroupCost.apply(run, *xs))
     # One DTensor per layout; ``distributed.combine`` reduces them across ranks.
     parts += [partial_cost(total, layout) for layout, total in sharded_sums.items()]

@@ -20,7 +20,8 @@ from typing import Any, cast
 import torch
 from torch import Tensor
 
-from .distributed import is_dtensor, local_bound
+from ._rounding import compute_dtype, inward
+from .distributed import agree, full_bound, is_dtensor, local_bound, order_violation
 from .errors import BoundsError
 from .trees import align, flatten, named_leaves
 
@@ -41,6 +42,9 @@ class LeafBounds:
     path: str
     lower: Bound
     upper: Bound
+    #: The bounds rounded inward to the parameter's dtype (see :mod:`._rounding`).
+    exact_lower: Any = None
+    exact_upper: Any = None
 
 
 @dataclass
@@ -50,6 +54,8 @@ class Group:
     lower: float | None
     upper: float | None
     indices: list[int] = field(default_factory=list)
+    exact_lower: Any = None
+    exact_upper: Any = None
 
 
 @dataclass
@@ -68,23 +74,33 @@ class Plan:
     grad_bounds: bool = False
     #: Weak references to the bound tensors of the key: their callbacks drop the plan.
     watchers: list[Any] = field(default_factory=list)
-    _local: dict[int, tuple[Any, Any]] = field(default_factory=dict)
+    _local: dict[Any, tuple[Any, Any]] = field(default_factory=dict)
 
-    def bounded_items(self) -> list[tuple[int, Any, Any]]:
-        """``(leaf index, lower, upper)`` of every bounded leaf, in leaf order."""
+    def bounded_items(self, exact: bool = False) -> list[tuple[int, Any, Any]]:
+        """``(leaf index, lower, upper)`` of every bounded leaf, in leaf order.
+
+        With ``exact``, the bounds rounded inward to each leaf's dtype: a value of that
+        dtype is inside them exactly when it is inside the bounds as given.
+        """
         items: list[tuple[int, Any, Any]] = [
-            (i, g.lower, g.upper) for g in self.groups for i in g.indices
+            (i, *((g.exact_lower, g.exact_upper) if exact else (g.lower, g.upper)))
+            for g in self.groups
+            for i in g.indices
         ]
-        items += [(lb.index, lb.lower, lb.upper) for lb in self.tensor_leaves]
+        items += [
+            (lb.index, *((lb.exact_lower, lb.exact_upper) if exact else (lb.lower, lb.upper)))
+            for lb in self.tensor_leaves
+        ]
         return sorted(items, key=lambda t: t[0])
 
     def local_bounds(self, i: int, lower: Any, upper: Any, x: Any) -> tuple[Any, Any]:
         """The bounds of leaf ``i`` for its local shard (itself for plain tensors); cached."""
         if i not in self.dtensors:
             return lower, upper
-        got = self._local.get(i)
+        key = (i, id(lower), id(upper))
+        got = self._local.get(key)
         if got is None:
-            got = self._local[i] = (local_bound(lower, x), local_bound(upper, x))
+            got = self._local[key] = (local_bound(lower, x), local_bound(upper, x))
         return got
 
 
@@ -115,6 +131,8 @@ def _normalise(b: Any, side: str, path: str, param: Any, traced: bool = False) -
         return None
     if isinstance(b, bool) or not isinstance(b, (numbers.Real, Tensor)):
         raise BoundsError(f"{where} must be a number, None or a tensor, got {type(b).__name__}")
+    if isinstance(b, Tensor) and (b.is_complex() or b.dtype == torch.bool):
+        raise BoundsError(f"{where} must be a real tensor, got dtype {b.dtype}")
     if isinstance(b, Tensor) and b.dim() == 0 and not b.requires_grad and not traced:
         b = b.item()
     if isinstance(b, numbers.Real):
@@ -123,6 +141,15 @@ def _normalise(b: Any, side: str, path: str, param: Any, traced: bool = False) -
             raise BoundsError(f"{where} is NaN")
         if (side == "lower" and v == math.inf) or (side == "upper" and v == -math.inf):
             raise BoundsError(f"{where} is {v}, which no value can satisfy")
+        dtype = compute_dtype(param.dtype)
+        largest = torch.finfo(dtype).max
+        if abs(v) > largest:  # beyond the dtype's range: open, or unsatisfiable
+            if (side == "upper") == (v > 0):
+                return None
+            raise BoundsError(
+                f"{where} is {v:g}, beyond the largest {str(dtype).replace('torch.', '')} "
+                f"value ({largest:g}): no value can satisfy it"
+            )
         return None if math.isinf(v) else v
     assert isinstance(b, Tensor)
     try:
@@ -134,10 +161,10 @@ def _normalise(b: Any, side: str, path: str, param: Any, traced: bool = False) -
             f"{where} has shape {_fmt_shape(b.shape)}, which does not broadcast to the "
             f"parameter's shape {_fmt_shape(param.shape)}"
         )
-    if b.is_complex() or b.dtype == torch.bool:
-        raise BoundsError(f"{where} must be a real tensor, got dtype {b.dtype}")
-    dtype = param.dtype if param.is_floating_point() else torch.get_default_dtype()
-    if is_dtensor(b):  # laid out like its parameter already: check this rank's part
+    dtype = compute_dtype(param.dtype)
+    if is_dtensor(b) and not is_dtensor(param):  # an unsharded parameter (FSDP2 after
+        b = full_bound(b)  # forward with reshard_after_forward=False): gather the bound once
+    if is_dtensor(b):  # check this rank's part; every rank learns of errors in agree()
         _check_values(cast(Any, b).to_local(), side, where)
         return b.detach().to(dtype=dtype)
     if traced:  # keep the graph of a learnable bound: the traced path differentiates it
@@ -158,8 +185,19 @@ def _check_values(t: Tensor, side: str, where: str) -> None:
         raise BoundsError(f"{where} contains {bad}, which no value can satisfy")
 
 
-def _check_order(lo: Any, hi: Any, path: str, traced: bool = False) -> None:
+def _check_order(lo: Any, hi: Any, path: str, traced: bool = False, param: Any = None) -> None:
     if lo is None or hi is None:
+        return
+    if is_dtensor(param) and (isinstance(lo, Tensor) or isinstance(hi, Tensor)):
+        found = order_violation(lo, hi, param)  # this rank's part, named by global index
+        if found is not None:
+            flat, idx, lo_v, hi_v = found
+            err = BoundsError(
+                f"lower bound for '{path or '<root>'}' exceeds its upper bound at index "
+                f"{idx} ({lo_v} > {hi_v})"
+            )
+            err.flat_index = flat  # type: ignore[attr-defined]
+            raise err
         return
     if traced and (isinstance(lo, Tensor) or isinstance(hi, Tensor)):
         return
@@ -169,9 +207,6 @@ def _check_order(lo: Any, hi: Any, path: str, traced: bool = False) -> None:
                 f"lower bound for '{path or '<root>'}' exceeds its upper bound ({lo} > {hi})"
             )
         return
-    if is_dtensor(lo) or is_dtensor(hi):  # compare this rank's parts
-        lo = lo.to_local() if is_dtensor(lo) else lo
-        hi = hi.to_local() if is_dtensor(hi) else hi
     bad = torch.as_tensor(lo) > torch.as_tensor(hi)
     if bool(bad.any()):
         idx = tuple(int(i) for i in bad.nonzero()[0])
@@ -193,8 +228,35 @@ def _resolve(path: str, p: Any, lo: Any, hi: Any, traced: bool = False) -> tuple
         raise BoundsError(f"parameter '{path or '<root>'}' is complex; bounds need real values")
     lo_n = _normalise(lo, "lower", path, p, traced)
     hi_n = _normalise(hi, "upper", path, p, traced)
-    _check_order(lo_n, hi_n, path, traced)
+    _check_order(lo_n, hi_n, path, traced, p)
     return lo_n, hi_n
+
+
+def _exact_bounds(path: str, p: Tensor, lo: Any, hi: Any, lo_n: Any, hi_n: Any) -> tuple[Any, Any]:
+    """The normalised bounds rounded inward to ``p``'s dtype, from the bounds as given.
+
+    Raises:
+        BoundsError: when no value of the dtype lies within the bounds.
+    """
+    if p.dtype == torch.float64 or is_dtensor(p):
+        return lo_n, hi_n
+
+    def source(raw: Any, normalised: Any) -> Any:  # full precision, not rounded to p.dtype
+        if isinstance(normalised, Tensor) and isinstance(raw, Tensor) and not is_dtensor(raw):
+            return raw.detach().to(device=p.device, dtype=torch.float64)
+        return normalised
+
+    lo_x = inward(source(lo, lo_n), "lower", p.dtype)
+    hi_x = inward(source(hi, hi_n), "upper", p.dtype)
+    if lo_x is not None and hi_x is not None:
+        bad = torch.as_tensor(lo_x) > torch.as_tensor(hi_x)
+        if bool(bad.any()):
+            where = "" if bad.dim() == 0 else f" at index {tuple(int(i) for i in bad.nonzero()[0])}"
+            raise BoundsError(
+                f"no {str(p.dtype).replace('torch.', '')} value lies within the bounds of "
+                f"'{path or '<root>'}'{where}: they are closer than the dtype's resolution"
+            )
+    return lo_x, hi_x
 
 
 def _layout(p: Any) -> tuple[Any, ...]:
@@ -210,19 +272,31 @@ def _build(named: list[tuple[str, Any]], lowers: list[Any], uppers: list[Any]) -
     groups: dict[tuple[Any, ...], Group] = {}
     tensor_leaves: list[LeafBounds] = []
     bounded: list[int] = []
+    errors: dict[int, BoundsError] = {}  # of DTensor leaves: raised on every rank, by agree()
     for i, ((path, p), lo, hi) in enumerate(zip(named, lowers, uppers)):
-        lo_n, hi_n = _resolve(path, p, lo, hi)
+        try:
+            lo_n, hi_n = _resolve(path, p, lo, hi)
+        except BoundsError as err:
+            if not is_dtensor(p):
+                raise
+            errors[i] = err
+            continue
         if lo_n is None and hi_n is None:
             continue
         bounded.append(i)
+        lo_x, hi_x = _exact_bounds(path, p, lo, hi, lo_n, hi_n)
         if isinstance(lo_n, Tensor) or isinstance(hi_n, Tensor):
-            tensor_leaves.append(LeafBounds(i, path, lo_n, hi_n))
+            tensor_leaves.append(LeafBounds(i, path, lo_n, hi_n, lo_x, hi_x))
         else:
             key = (lo_n, hi_n, p.dtype, p.device)
-            groups.setdefault(key, Group(lo_n, hi_n)).indices.append(i)  # type: ignore[arg-type]
+            group = groups.setdefault(key, Group(lo_n, hi_n, [], lo_x, hi_x))  # type: ignore[arg-type]
+            group.indices.append(i)
     numels = {i: named[i][1].numel() for i in bounded}
     dtensors = frozenset(i for i in bounded if is_dtensor(named[i][1]))
-    return Plan(list(groups.values()), tensor_leaves, tuple(bounded), numels, dtensors)
+    plan = Plan(list(groups.values()), tensor_leaves, tuple(bounded), numels, dtensors)
+    if dtensors or errors:  # one exchange per mesh: the same plan (or error) on every rank
+        agree(named, lowers, uppers, errors)
+    return plan
 
 
 _PLANS: OrderedDict[Any, Plan] = OrderedDict()

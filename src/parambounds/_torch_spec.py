@@ -16,11 +16,13 @@ from torch import Tensor
 from . import _native
 from ._kernels import clamp_args, signed_excess
 from ._plan import Plan, get_plan
+from ._rounding import compute_dtype
 from .constraints import project_plan_, reparametrize_plan_
 from .cost import tree_cost
 from .distributed import reduce_stats, to_local
 from .errors import BoundsError
 from .report import ParamReport, Report
+from .spec import match_indices
 from .trees import flatten
 
 if TYPE_CHECKING:
@@ -31,14 +33,17 @@ __all__ = [
     "attach",
     "bounds_of",
     "compute_report",
+    "constrain",
     "cost",
     "framework_name",
     "is_appropriate_type",
     "plan",
+    "project",
     "project_",
     "reparametrize_",
     "report",
     "resolve",
+    "unconstrain",
 ]
 
 framework_name = "torch"
@@ -46,6 +51,13 @@ framework_name = "torch"
 #: What bounds apply to: a module (its ``named_parameters()``), or a flat mapping of
 #: names to tensors such as a ``state_dict``.
 Model = torch.nn.Module | Mapping[str, Tensor]
+
+
+#: Inside ``torch.compile``: run the (untraceable) ``fnmatch`` matching when tracing,
+#: and keep its result (a tuple of integers) as a constant of the graph.
+@torch.compiler.assume_constant_result
+def _constant_match(patterns: tuple[str, ...], names: tuple[str, ...]) -> tuple[int, ...]:
+    return match_indices(patterns, names)
 
 
 def is_appropriate_type(tree: Any) -> bool:
@@ -64,7 +76,8 @@ def resolve(bounds: Bounds, model: Model) -> tuple[_Resolved, dict[str, Tensor]]
         for name, t in params.items():
             if not isinstance(t, Tensor):
                 raise BoundsError(f"'{name}' must be a tensor, got {type(t).__name__}")
-        return bounds._match(tuple(params)), params
+        matcher = _constant_match if torch.compiler.is_compiling() else None
+        return bounds._match(tuple(params), matcher), params
     if not isinstance(model, torch.nn.Module):
         raise BoundsError(
             f"model must be a torch.nn.Module or a mapping of names to tensors, "
@@ -72,6 +85,8 @@ def resolve(bounds: Bounds, model: Model) -> tuple[_Resolved, dict[str, Tensor]]
         )
     params = _parameters(model)
     names = tuple(params)
+    if torch.compiler.is_compiling():  # fnmatch is not traceable: match at trace time
+        return bounds._match(names, _constant_match), params
     resolved = bounds._cache.get(model)
     if resolved is None or resolved.names != names:
         resolved = bounds._match(names)
@@ -107,8 +122,8 @@ def cost(bounds: Bounds, model: Model) -> Tensor:
 
 def project_(bounds: Bounds, model: Model) -> None:
     """Clamp every bounded parameter into its bounds, in place."""
-    got, leaves, _ = plan(bounds, model)
-    project_plan_(got, leaves)  # skips reparametrized values: they cannot leave
+    got, leaves, resolved = plan(bounds, model)
+    project_plan_(got, leaves, list(resolved.names))
 
 
 def attach(bounds: Bounds, optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> Any:
@@ -131,6 +146,25 @@ def report(bounds: Bounds, model: Model) -> Report:
     """The :class:`~parambounds.Report` of ``model`` under ``bounds``."""
     got, leaves, resolved = plan(bounds, model)
     return compute_report(got, leaves, list(resolved.names))
+
+
+def _in_place(what: str, instead: str) -> BoundsError:
+    return BoundsError(f"{what} returns a new JAX pytree; for torch, {instead}")
+
+
+def project(bounds: Bounds, model: Model) -> Any:  # noqa: ARG001
+    """Not for torch: torch parameters are projected in place."""
+    raise _in_place("project", "use bounds.project_(model), which keeps the Parameter objects")
+
+
+def unconstrain(bounds: Bounds, model: Model) -> Any:  # noqa: ARG001
+    """Not for torch: see :func:`reparametrize_`."""
+    raise _in_place("unconstrain", "use bounds.reparametrize_(model)")
+
+
+def constrain(bounds: Bounds, model: Model) -> Any:  # noqa: ARG001
+    """Not for torch: see :func:`reparametrize_`."""
+    raise _in_place("constrain", "use bounds.reparametrize_(model)")
 
 
 #: Per model: (registrations seen, its effective parameters, their module slots).
@@ -219,8 +253,9 @@ def _show_bound(b: Any) -> float | str | None:
 def _stats(x: Tensor, lower: Any, upper: Any) -> Tensor:
     """``[below, above, max_excess, nan]`` of one tensor, as float64 on its device."""
     x = x.detach()
-    if not x.is_floating_point():
-        x = x.to(torch.get_default_dtype())
+    if not x.is_floating_point() or x.itemsize == 1:  # integers exactly, float8 in float32
+        x = x.to(torch.float64 if not x.is_floating_point() else compute_dtype(x.dtype))
+        lower, upper = (b.to(x.dtype) if isinstance(b, Tensor) else b for b in (lower, upper))
     lo, hi = clamp_args(lower, upper)
     d = signed_excess(x, lo, hi)  # > 0 above, < 0 below, NaN for NaN
     zero = torch.zeros((), dtype=torch.float64, device=x.device)
@@ -261,14 +296,11 @@ def compute_report(plan: Plan, leaves: list[Tensor], names: list[str]) -> Report
     at the end (one transfer per device), not once per parameter.
     """
     items = plan.bounded_items()
-    native = _native_stats(plan, leaves)
+    # Compared with the bounds rounded inward to each dtype: exact, as in float64.
+    exact = plan.bounded_items(exact=True)
     by_device: dict[torch.device, list[tuple[int, Tensor]]] = {}
     values: list[list[float]] = [[] for _ in items]
-    for pos, (i, lo, hi) in enumerate(items):
-        row = native.get(i)
-        if row is not None:
-            values[pos] = row
-            continue
+    for pos, (i, lo, hi) in enumerate(exact):
         lo, hi = plan.local_bounds(i, lo, hi, leaves[i])
         stats = _stats(to_local(leaves[i]), lo, hi)
         by_device.setdefault(stats.device, []).append((pos, stats))

@@ -1,28 +1,22 @@
-"""Checkpoints on disk, for the command line: read their tensors, write them back safely.
+"""Checkpoints on disk, for the command line: read their parameters, write them back safely.
 
-Formats, by file name:
+Formats, by file name (the contents are checked too: a file is named for what it is):
 
-- ``.pt``, ``.pth`` (and anything else): PyTorch files, read with
-  ``torch.load(..., weights_only=True)`` only, so a checkpoint can never run code. A
-  state_dict, or a dict that holds one under ``state_dict`` or ``model``; nested dicts are
-  named with dots. Everything else in the file (epoch, optimizer state) is kept as is.
-- ``.safetensors``: through the ``safetensors`` package (``pip install
-  'parambounds[safetensors]'``), metadata kept.
-- ``.json``: Rockpool's parameter files (what ``module.save()`` writes): nested dicts whose
-  leaves are JSON-encoded strings; lists of numbers become tensors, and only the entries
-  that change are re-encoded.
+- ``.pt``, ``.pth`` (and anything else): files written by ``torch.save``, read with
+  ``torch.load(..., mmap=True, weights_only=True)`` (:mod:`._ckpt_torch`): nothing in the
+  file can run, and tensors stay in the file's pages. The parameters are the
+  floating-point tensors of the state_dict; optimizer, scheduler and scaler state are
+  never parameters (:mod:`._ckpt_tree`). Everything else is written back as it was.
+- ``.safetensors``: mapped lazily (:mod:`._ckpt_safetensors`); metadata kept.
+- ``.json``: Rockpool's parameter files (:mod:`._ckpt_json`).
 
-The library never imports this module.
+Parameters saved after ``Bounds.reparametrize_`` are found under their usual name
+(:mod:`._ckpt_reparam`). The library never imports this module.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import pickle
-import stat
-import tempfile
-from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,11 +24,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._ckpt_json import JsonFile, load_json_file
+from ._ckpt_reparam import Reparametrized, find_reparametrized
+from ._ckpt_safetensors import SafetensorsFile, open_safetensors
+from ._ckpt_torch import load_torch_file
+from ._ckpt_tree import Named, name_tensors, walk_tensors, where
+from ._ckpt_write import atomic_write
 from .errors import BoundsError
 
 __all__ = ["Checkpoint", "CheckpointError", "load_checkpoint", "save_checkpoint"]
-
-_WRAPPERS = ("state_dict", "model")
 
 
 class CheckpointError(BoundsError):
@@ -43,15 +41,40 @@ class CheckpointError(BoundsError):
 
 @dataclass
 class Checkpoint:
-    """A loaded checkpoint: its floating-point tensors by name, and everything else."""
+    """A loaded checkpoint: its parameters by name, and what it takes to write it back.
+
+    Attributes:
+        tensors: the floating-point tensors treated as parameters, by dotted name.
+        derived: parameters saved reparametrized, by their usual name.
+        skipped: places in the file that hold training state, not parameters.
+        changed: names of the parameters that clamping changed.
+    """
 
     path: Path
     format: str
     tensors: dict[str, Tensor]
     data: Any
-    metadata: dict[str, str] | None = None
-    # Rockpool JSON: name -> (container, key), to write changed tensors back.
-    slots: dict[str, tuple[dict[str, Any], str]] = field(default_factory=dict)
+    derived: dict[str, Reparametrized] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
+    changed: set[str] = field(default_factory=set)
+    handle: Any = None
+    paths: dict[str, tuple[Any, ...]] = field(default_factory=dict)
+
+    @property
+    def metadata(self) -> dict[str, str] | None:
+        """A safetensors file's metadata."""
+        return self.handle.metadata if isinstance(self.handle, SafetensorsFile) else None
+
+    def parameter_names(self) -> list[str]:
+        """Every name that bounds can match: tensors, then reparametrized parameters."""
+        return [*self.tensors, *self.derived]
+
+    def all_tensors(self) -> list[tuple[str, Tensor]]:
+        """Every tensor in the file with a name, for finding shared memory."""
+        if self.format != "torch":
+            return list(self.tensors.items())  # safetensors and JSON cannot share memory
+        names = {p: n for n, p in self.paths.items()}  # tied tensors: one object, two names
+        return [(names.get(path, where(path)), t) for path, t in walk_tensors(self.data)]
 
 
 def _format_of(path: Path) -> str:
@@ -68,149 +91,67 @@ def _check_readable(path: Path) -> None:
         raise CheckpointError(f"{path}: no such file")
     if path.is_dir():
         raise CheckpointError(f"{path}: is a directory, not a checkpoint file")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not a regular file")
 
 
-def _collect(node: Mapping[str, Any], prefix: str, out: dict[str, Tensor]) -> None:
-    for key, value in node.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Tensor):
-            if value.is_floating_point():
-                out[name] = value
-        elif isinstance(value, Mapping):
-            _collect(value, f"{name}.", out)
-
-
-def _load_torch(path: Path) -> Checkpoint:
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(
-            f"{path}: refused: loading it needs full unpickling, which can run code; only "
-            f"tensors, numbers, strings and containers are read ({first})"
-        ) from None
-    except Exception as err:  # truncated or not a PyTorch file at all
-        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({detail})") from None
-    root = data
-    if isinstance(data, Mapping):
-        for key in _WRAPPERS:
-            if isinstance(data.get(key), Mapping):
-                root = data[key]
-                break
-    if isinstance(root, Tensor):
-        raise CheckpointError(f"{path}: holds a single tensor, not a state_dict")
-    if not isinstance(root, Mapping):
-        raise CheckpointError(f"{path}: holds a {type(root).__name__}, not a state_dict")
-    tensors: dict[str, Tensor] = {}
-    _collect(root, "", tensors)
-    return Checkpoint(path, "torch", tensors, data)
-
-
-def _safetensors() -> Any:
-    try:
-        import safetensors.torch as st
-    except ImportError:
-        raise CheckpointError(
-            "reading .safetensors files needs the safetensors package: "
-            "pip install 'parambounds[safetensors]'"
-        ) from None
-    return st
-
-
-def _load_safetensors(path: Path) -> Checkpoint:
-    st = _safetensors()
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata()
-        data = st.load_file(str(path))
-    except Exception as err:
-        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{path}: not a readable safetensors file ({detail})") from None
-    tensors = {k: v for k, v in data.items() if v.is_floating_point()}
-    return Checkpoint(path, "safetensors", tensors, data, metadata)
-
-
-def _load_rockpool_json(path: Path) -> Checkpoint:
-    try:
-        data = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{path}: malformed JSON ({err})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: not a Rockpool parameter file (top level is not an object)")
-    tensors: dict[str, Tensor] = {}
-    slots: dict[str, tuple[dict[str, Any], str]] = {}
-
-    def walk(node: dict[str, Any], prefix: str) -> None:
-        for key, value in node.items():
-            name = f"{prefix}{key}"
-            if isinstance(value, dict):
-                walk(value, f"{name}.")
-                continue
-            if not isinstance(value, str):
-                continue
-            try:
-                decoded = json.loads(value)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(decoded, list):
-                try:
-                    tensors[name] = torch.tensor(decoded, dtype=torch.float64)
-                except (TypeError, ValueError, RuntimeError):
-                    continue
-                slots[name] = (node, key)
-
-    walk(data, "")
-    return Checkpoint(path, "rockpool-json", tensors, data, slots=slots)
+def _from_named(path: Path, fmt: str, named: Named, data: Any, handle: Any) -> Checkpoint:
+    tensors = dict(named.tensors)
+    derived = find_reparametrized(tensors)
+    return Checkpoint(
+        path, fmt, tensors, data, derived, named.skipped, handle=handle, paths=named.paths
+    )
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
-    """Read a checkpoint's tensors, without ever running code from it.
+    """Read a checkpoint's parameters, without ever running code from it.
 
     Raises:
         CheckpointError: naming the file, when it is missing, a directory, unreadable,
-            truncated, or needs full unpickling.
+            truncated, compressed, forged, needs full unpickling, or has two entries
+            with the same name.
     """
     path = Path(path)
+    if path.is_dir() and (path / ".metadata").is_file():  # a sharded (DCP) checkpoint
+        from .checkpoints_dcp import load_dcp
+
+        return load_dcp(path)
     _check_readable(path)
     fmt = _format_of(path)
-    if fmt == "safetensors":
-        return _load_safetensors(path)
-    if fmt == "rockpool-json":
-        return _load_rockpool_json(path)
-    return _load_torch(path)
-
-
-def _atomic_write(target: Path, write: Callable[[Path], None], mode_from: Path | None) -> None:
-    """Write through a temporary file in ``target``'s folder, then rename it into place."""
-    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
     try:
-        write(tmp)
-        if mode_from is not None and mode_from.exists():
-            os.chmod(tmp, stat.S_IMODE(mode_from.stat().st_mode))
-        else:
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+        if fmt == "safetensors":
+            st = open_safetensors(path)
+            named = Named()
+            for name, t in st.tensors.items():
+                named.add(name, (name,), t, str(path))
+            return _from_named(path, fmt, named, None, st)
+        if fmt == "rockpool-json":
+            js = load_json_file(path)
+            return _from_named(path, fmt, js.named, js.data, js)
+        data = load_torch_file(path)
+        named, _ = name_tensors(data, str(path))
+        return _from_named(path, fmt, named, data, None)
+    except CheckpointError:
         raise
+    except BoundsError as err:
+        raise CheckpointError(str(err)) from None
 
 
 def save_checkpoint(ckpt: Checkpoint, target: str | Path) -> None:
-    """Write ``ckpt`` (with its possibly modified tensors) to ``target``, atomically.
+    """Write ``ckpt`` (with its possibly clamped tensors) to ``target``, atomically.
+
+    ``target`` is written as given: resolve symlinks and check hard links first with
+    :func:`._ckpt_write.resolve_target`.
 
     Raises:
-        CheckpointError: when ``target``'s folder does not exist or its format differs.
+        CheckpointError: when ``target``'s folder does not exist, its format differs, or
+            the write fails (nothing is left behind).
     """
     target = Path(target)
+    if ckpt.format == "dcp":  # a sharded checkpoint: a directory
+        from .checkpoints_dcp import save_dcp
+
+        return save_dcp(ckpt, target)
     if not target.parent.is_dir():
         raise CheckpointError(f"{target}: folder {target.parent} does not exist")
     if target.is_dir():
@@ -220,17 +161,15 @@ def save_checkpoint(ckpt: Checkpoint, target: str | Path) -> None:
             f"{target}: the output must have the same format as the input ({ckpt.path.name})"
         )
     mode_from = target if target.exists() else ckpt.path
-    if ckpt.format == "safetensors":
-        st = _safetensors()
+    handle = ckpt.handle
+    if isinstance(handle, SafetensorsFile):
 
         def write(tmp: Path) -> None:
-            st.save_file(ckpt.data, str(tmp), metadata=ckpt.metadata)
+            with open(tmp, "wb") as f:
+                handle.write(f)
 
-    elif ckpt.format == "rockpool-json":
-        for name, (node, key) in ckpt.slots.items():
-            new = json.dumps(ckpt.tensors[name].tolist())
-            if json.loads(node[key]) != json.loads(new):
-                node[key] = new
+    elif isinstance(handle, JsonFile):
+        handle.write_back(ckpt.changed)
 
         def write(tmp: Path) -> None:
             with open(tmp, "w") as f:
@@ -241,4 +180,9 @@ def save_checkpoint(ckpt: Checkpoint, target: str | Path) -> None:
         def write(tmp: Path) -> None:
             torch.save(ckpt.data, tmp)
 
-    _atomic_write(target, write, mode_from)
+    try:
+        atomic_write(target, write, mode_from)
+    except CheckpointError:
+        raise
+    except BoundsError as err:
+        raise CheckpointError(str(err)) from None

@@ -9,12 +9,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import signal
 import sys
+import warnings
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
-from .checkpoints import CheckpointError, load_checkpoint, save_checkpoint
+from . import __version__
+from ._ckpt_apply import Target, _scalar, aliases, check_target, clamp_target_, make_targets
+from ._ckpt_write import resolve_target
+from .checkpoints import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
+from .demo import STEPS
 from .errors import BoundsError
+from .report import Report
 from .spec import Bounds
 
 __all__ = ["main"]
@@ -36,7 +46,7 @@ leaves a half-written file. Tensors that no pattern bounds, integer tensors and 
 non-tensor entry (epoch, optimizer state) are written back exactly as they were."""
 
 _DEMO_EXAMPLE = """example:
-  parambounds demo --out demo-out --steps 150
+  parambounds demo --out demo-out --steps 80
 
 Trains a small spiking network three times (no bounds, the penalty, projection after
 every step), prints a table and writes DIR/time_constants.png."""
@@ -44,10 +54,47 @@ every step), prints a table and writes DIR/time_constants.png."""
 _BOUNDS_HELP = "TOML bounds file (see examples/bounds.toml)"
 
 
-def _load(args: argparse.Namespace) -> tuple[Bounds, object]:
-    bounds = Bounds.from_toml(args.bounds)
+def _load_bounds(args: argparse.Namespace) -> Bounds:
+    """The bounds file, with the mistakes that are the file's own blamed on it."""
+    path = Path(args.bounds)
+    bounds = Bounds.from_toml(path, strict=not args.allow_unmatched)
+    if not bounds.spec:
+        raise BoundsError(f"{path}: nothing is bounded: the [bounds] table is empty")
+    if all(
+        (lo is None or _scalar(lo, "lower", p) == -math.inf)
+        and (hi is None or _scalar(hi, "upper", p) == math.inf)
+        for p, (lo, hi) in bounds.spec.items()
+    ):
+        raise BoundsError(f"{path}: nothing is bounded: every bound in it is open")
+    return bounds
+
+
+@dataclass
+class _Loaded:
+    bounds: Bounds
+    ckpt: Checkpoint
+    targets: list[Target]
+    unmatched: list[str]
+
+
+def _inspect(args: argparse.Namespace) -> _Loaded:
+    """Load the bounds and the checkpoint, and resolve which tensors are bounded."""
+    bounds = _load_bounds(args)
     ckpt = load_checkpoint(args.checkpoint)
-    return bounds, ckpt
+    names = ckpt.parameter_names()
+    stand_in = {n: ckpt.derived[n].original for n in ckpt.derived} | ckpt.tensors
+    try:
+        lower, upper = bounds.bounds_of(stand_in)
+        targets = make_targets(lower, upper, ckpt.tensors, ckpt.derived)
+    except BoundsError as err:
+        raise BoundsError(_with_file(err, ckpt.path)) from None
+    unmatched = [p for p in bounds.spec if not any(fnmatchcase(n, p) for n in names)]
+    if not targets:
+        raise BoundsError(
+            f"{ckpt.path}: nothing is bounded: no floating-point parameter matches a pattern "
+            "with a finite bound"
+        )
+    return _Loaded(bounds, ckpt, targets, unmatched)
 
 
 def _with_file(err: BoundsError, path: Path) -> str:
@@ -57,40 +104,91 @@ def _with_file(err: BoundsError, path: Path) -> str:
 
 def cmd_check(args: argparse.Namespace) -> int:
     """Print the report of a checkpoint against a bounds file."""
-    bounds, ckpt = _load(args)
+    loaded = _inspect(args)
     try:
-        report = bounds.report(ckpt.tensors)  # type: ignore[attr-defined]
+        report = Report(tuple(check_target(t) for t in loaded.targets))
     except BoundsError as err:
-        raise BoundsError(_with_file(err, Path(args.checkpoint))) from None
+        raise BoundsError(_with_file(err, loaded.ckpt.path)) from None
     if args.json:
-        print(json.dumps(report.to_dict(), indent=2))
+        ckpt = loaded.ckpt
+        out = {
+            "file": str(ckpt.path),
+            "format": ckpt.format,
+            "ok": report.ok,
+            "parameters": ckpt.parameter_names(),
+            "not_parameters": ckpt.skipped,
+            "aliases": [list(p) for p in aliases(ckpt.all_tensors())],
+            "unmatched_patterns": loaded.unmatched,
+            "report": report.to_dict(),
+        }
+        print(json.dumps(out, indent=2))
     else:
         print(report)
+        if loaded.unmatched:
+            print("note: patterns that match nothing here: " + ", ".join(loaded.unmatched))
     return EXIT_OK if report.ok else EXIT_OUTSIDE
+
+
+def _output(args: argparse.Namespace) -> Path:
+    """Where clamp writes, refused before anything is read when it is not safe."""
+    source = Path(args.checkpoint)
+    if args.output is None and not args.in_place:
+        raise BoundsError("give -o OUT for the clamped copy, or --in-place to overwrite the input")
+    if args.output is not None and args.in_place:
+        raise BoundsError("give -o OUT or --in-place, not both")
+    if args.in_place:
+        return resolve_target(source)
+    if args.output == "":
+        raise BoundsError("-o: the output path is empty")
+    target = Path(args.output)
+    if target.exists():
+        if source.exists() and target.samefile(source):
+            raise BoundsError(
+                f"{target}: refusing to overwrite the input checkpoint; give another -o "
+                "or --in-place"
+            )
+        if Path(args.bounds).exists() and target.samefile(args.bounds):
+            raise BoundsError(f"{target}: refusing to overwrite the bounds file")
+        if not args.force and not target.is_dir():
+            raise BoundsError(f"{target}: exists; give --force to replace it")
+    return resolve_target(target)
+
+
+def _refuse_conflicting_aliases(loaded: _Loaded) -> None:
+    bounds = {t.name: (t.lower, t.upper) for t in loaded.targets}
+    for a, b in aliases(loaded.ckpt.all_tensors()):
+        ba, bb = bounds.get(a, (None, None)), bounds.get(b, (None, None))
+        if ba != bb:
+
+            def show(x: tuple[Any, Any]) -> str:
+                return "unbounded" if x == (None, None) else f"[{x[0]}, {x[1]}]"
+
+            raise BoundsError(
+                f"{loaded.ckpt.path}: '{a}' and '{b}' share memory (tied weights or views of "
+                f"one tensor) but get different bounds ({show(ba)} and {show(bb)}); clamping "
+                "one would change the other: give every alias the same bounds"
+            )
 
 
 def cmd_clamp(args: argparse.Namespace) -> int:
     """Write a copy of a checkpoint with every bounded tensor clamped into its bounds."""
-    source = Path(args.checkpoint)
-    if args.output is None and not args.in_place:
-        raise BoundsError("give -o OUT for the clamped copy, or --in-place to overwrite the input")
-    target = Path(args.output) if args.output is not None else source
-    if not args.in_place and target.exists() and source.exists() and target.samefile(source):
-        raise BoundsError(
-            f"{target}: refusing to overwrite the input checkpoint; give another -o or --in-place"
-        )
-    bounds, ckpt = _load(args)
+    target = _output(args)
+    loaded = _inspect(args)
+    _refuse_conflicting_aliases(loaded)
+    ckpt = loaded.ckpt
     try:
-        before = bounds.report(ckpt.tensors)  # type: ignore[attr-defined]
-        bounds.project_(ckpt.tensors)  # type: ignore[attr-defined]
+        before = [check_target(t) for t in loaded.targets]
+        for t in loaded.targets:
+            if clamp_target_(t):
+                ckpt.changed.add(t.derived.source if t.derived is not None else t.name)
     except BoundsError as err:
-        raise BoundsError(_with_file(err, source)) from None
-    save_checkpoint(ckpt, target)  # type: ignore[arg-type]
-    moved = sum(e.below + e.above for e in before.entries)
-    nan = sum(e.nan for e in before.entries)
-    touched = sum(1 for e in before.entries if e.below or e.above)
-    total = len(before.entries)
-    print(f"clamped {moved} values in {touched} of {total} bounded tensors; wrote {target}")
+        raise BoundsError(_with_file(err, ckpt.path)) from None
+    save_checkpoint(ckpt, target)
+    moved = sum(e.below + e.above for e in before)
+    nan = sum(e.nan for e in before)
+    touched = sum(1 for e in before if e.below or e.above)
+    shown = args.output if args.output is not None else args.checkpoint
+    print(f"clamped {moved} values in {touched} of {len(before)} bounded tensors; wrote {shown}")
     if nan:
         print(f"warning: {nan} NaN values left as they are (clamping keeps NaN)", file=sys.stderr)
     return EXIT_OK
@@ -126,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Check and clamp checkpoints against parameter bounds; a demo.",
         epilog="run 'parambounds COMMAND --help' for a command's options and an example",
     )
+    parser.add_argument("--version", action="version", version=f"parambounds {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, help: str, epilog: str, func: Any) -> argparse.ArgumentParser:  # noqa: A002
@@ -136,6 +235,11 @@ def build_parser() -> argparse.ArgumentParser:
         if name not in ("demo", "build-kernels"):
             p.add_argument("checkpoint", help="a .pt/.pth, .safetensors or Rockpool .json file")
             p.add_argument("--bounds", required=True, metavar="FILE", help=_BOUNDS_HELP)
+            p.add_argument(
+                "--allow-unmatched",
+                action="store_true",
+                help="a pattern that matches nothing is not an error (one file, several models)",
+            )
         return p
 
     check = command(
@@ -146,6 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     clamp = command("clamp", "write a copy clamped into the bounds", _CLAMP_EXAMPLE, cmd_clamp)
     clamp.add_argument("-o", "--output", metavar="OUT", help="where to write the clamped copy")
     clamp.add_argument("--in-place", action="store_true", help="allow overwriting the input")
+    clamp.add_argument("--force", action="store_true", help="allow replacing an existing -o file")
 
     demo = command(
         "demo", "show what bounds do on a small spiking network", _DEMO_EXAMPLE, cmd_demo
@@ -159,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--steps",
         type=int,
-        default=150,
+        default=STEPS,
         metavar="N",
         help="training steps per run (default: %(default)s)",
     )
@@ -173,17 +278,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _terminate(signum: int, frame: Any) -> None:  # noqa: ARG001
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; return the exit code."""
     args = build_parser().parse_args(argv)
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:  # a kill cleans up its temp file
+        signal.signal(signal.SIGTERM, _terminate)
     try:
-        return int(args.func(args))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # one line on stderr, never torch's notes
+            return int(args.func(args))
     except (BoundsError, CheckpointError) as err:
         print(f"parambounds: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except OSError as err:  # e.g. permission denied while writing
         where = f"{err.filename}: " if getattr(err, "filename", None) else ""
         print(f"parambounds: error: {where}{err.strerror or err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except (RecursionError, MemoryError) as err:
+        print(f"parambounds: error: input too large or nested too deeply ({err})", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         return 130

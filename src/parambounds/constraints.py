@@ -20,36 +20,84 @@ import torch
 from torch import Tensor
 from torch.nn.utils import parametrize
 
-from ._kernels import clamp_args
+from ._kernels import clamp_args, signed_excess
 from ._plan import Plan
-from .distributed import is_dtensor, to_local
+from ._rounding import compute_dtype
+from .distributed import clamp_, is_dtensor, is_partial, to_local
 from .errors import BoundsError
 
 __all__ = ["BoundedParametrization", "project_plan_", "reparametrize_plan_"]
 
 
+def _where(names: list[str] | None, i: int) -> str:
+    return f"'{names[i]}'" if names is not None else f"leaf {i}"
+
+
+def _clamp_(x: Tensor, lo: Any, hi: Any) -> None:
+    """Clamp one tensor in place into bounds already rounded inward to its dtype."""
+    if x.is_floating_point() and x.itemsize == 1:  # float8: few ops; exact in float32
+        x.copy_(x.to(compute_dtype(x.dtype)).clamp(*clamp_args(lo, hi)))
+    else:
+        x.clamp_(*clamp_args(lo, hi))
+
+
 @torch.no_grad()
-def project_plan_(plan: Plan, leaves: list[Tensor]) -> None:
+def project_plan_(plan: Plan, leaves: list[Tensor], names: list[str] | None = None) -> None:
     """Clamp the bounded leaves of ``plan`` in place: one multi-tensor op per group.
 
-    Computed tensors (the values of reparametrized parameters) are skipped: they are
-    bounded by construction and cannot be written.
+    The bounds are rounded inward to each dtype, so every projected element satisfies
+    them exactly (compared in float64). Integer tensors are clamped to whole numbers.
+    Computed tensors (non-leaves, such as the value of a parametrized weight) cannot be
+    written: they pass when already inside, and otherwise raise.
+
+    Raises:
+        BoundsError: for a bool tensor, or a computed tensor outside its bounds, naming it.
     """
+    computed = []
+    for i, lo, hi in plan.bounded_items(exact=True):
+        x = leaves[i]
+        if not x.is_leaf:
+            computed.append((i, lo, hi))
+        elif x.dtype == torch.bool:
+            raise BoundsError(f"cannot project {_where(names, i)}: it is a bool tensor")
     for g in plan.groups:
         # DTensors (FSDP2, tensor parallel): clamp the local shard in place.
-        xs = [to_local(leaves[i]) for i in g.indices if leaves[i].is_leaf]
+        own = [leaves[i] for i in g.indices if leaves[i].is_leaf]
+        for x in own:
+            if is_partial(x):  # addends, not values: clamped exactly, one by one
+                clamp_(x, g.exact_lower, g.exact_upper)
+        xs = [to_local(x) for x in own if not is_partial(x)]
         if not xs:
             continue
-        if g.lower is not None:
-            torch._foreach_clamp_min_(xs, g.lower)
-        if g.upper is not None:
-            torch._foreach_clamp_max_(xs, g.upper)
+        if xs[0].is_floating_point() and xs[0].itemsize == 1:
+            for x in xs:
+                _clamp_(x, g.exact_lower, g.exact_upper)
+            continue
+        if g.exact_lower is not None:
+            torch._foreach_clamp_min_(xs, g.exact_lower)
+        if g.exact_upper is not None:
+            torch._foreach_clamp_max_(xs, g.exact_upper)
     for lb in plan.tensor_leaves:
         x = leaves[lb.index]
         if x.is_leaf:
-            lo, hi = plan.local_bounds(lb.index, lb.lower, lb.upper, x)
-            lo, hi = clamp_args(lo, hi)
-            to_local(x).clamp_(lo, hi)
+            lo, hi = plan.local_bounds(lb.index, lb.exact_lower, lb.exact_upper, x)
+            if is_partial(x):
+                clamp_(x, *clamp_args(lo, hi))
+            else:
+                _clamp_(to_local(x), lo, hi)
+    for i, lo, hi in computed:
+        x = to_local(leaves[i]).detach()
+        if not x.is_floating_point() or x.itemsize == 1:
+            x = x.to(torch.float64)
+        lo, hi = plan.local_bounds(i, lo, hi, leaves[i])
+        lo, hi = (b.to(x.dtype) if isinstance(b, Tensor) else b for b in (lo, hi))
+        if bool((signed_excess(x, *clamp_args(lo, hi)) != 0).any()):
+            raise BoundsError(
+                f"cannot project {_where(names, i)}: it is computed from other tensors (a "
+                "parametrization such as weight_norm or orthogonal, or a non-leaf tensor) "
+                "and lies outside its bounds; bound or project the tensors it is computed "
+                "from, or use reparametrize_"
+            )
 
 
 def _as_buffer(b: Any, like: Tensor) -> Tensor | None:
@@ -58,12 +106,31 @@ def _as_buffer(b: Any, like: Tensor) -> Tensor | None:
     return torch.as_tensor(b, dtype=like.dtype, device=like.device).detach().clone()
 
 
-class BoundedParametrization(torch.nn.Module):
-    """Maps an unconstrained tensor into ``[lower, upper]`` (either side may be open).
+def _finite(b: Tensor | None, like: Tensor) -> Tensor:
+    """Where ``b`` bounds its side: finite entries (all False for an open side)."""
+    if b is None:
+        return torch.zeros((), dtype=torch.bool, device=like.device)
+    return torch.isfinite(b)
 
-    ``right_inverse`` keeps the current values: values on or outside a bound are first
-    moved inside by a small margin (``1e-6`` of the width, or of ``max(1, |bound|)`` for
-    one-sided bounds).
+
+def _inv_softplus(y: Tensor) -> Tensor:
+    # log(exp(y) - 1) = y + log(-expm1(-y)), stable for large and small y > 0.
+    return y + torch.log(-torch.expm1(-y))
+
+
+class BoundedParametrization(torch.nn.Module):
+    r"""Maps an unconstrained tensor into ``[lower, upper]`` (either side may be open).
+
+    Each element gets the map that fits its own bounds: :math:`l + (u - l)\,\sigma(z)`
+    where both are finite, :math:`l + \mathrm{softplus}(z)` or
+    :math:`u - \mathrm{softplus}(z)` where one is, and :math:`z` itself where neither
+    is. The map is computed in at least float32 and its result clamped to the bounds,
+    which are rounded inward to the dtype: every output satisfies them exactly.
+
+    ``right_inverse`` keeps the current values: it is computed in float64, and values on
+    or outside a bound are first moved inside by a small margin (the larger of ``1e-6``
+    and twice the dtype's epsilon, of the width, or of ``max(1, |bound|)`` for one-sided
+    bounds), so that the unconstrained value is finite in the dtype.
     """
 
     lower: Tensor | None
@@ -73,40 +140,85 @@ class BoundedParametrization(torch.nn.Module):
         super().__init__()
         if lower is None and upper is None:
             raise BoundsError("a bounded parametrization needs at least one bound")
+        if not like.is_floating_point() or like.itemsize == 1:
+            raise BoundsError(
+                f"a bounded parametrization needs a float16 or wider tensor, got {like.dtype}"
+            )
         self.register_buffer("lower", _as_buffer(lower, like))
         self.register_buffer("upper", _as_buffer(upper, like))
+        # Some element open on a side that bounds others: the per-element map.
+        self.mixed = bool(
+            (self.lower is not None and not torch.isfinite(self.lower).all())
+            or (self.upper is not None and not torch.isfinite(self.upper).all())
+        )
+        self.margin = max(1e-6, 2 * torch.finfo(like.dtype).eps)
 
-    def forward(self, z: Tensor) -> Tensor:
-        """Map ``z`` into the bounds."""
-        lo: Any = self.lower
-        hi: Any = self.upper
+    def _map(self, z: Tensor, lo: Any, hi: Any) -> Tensor:
+        """The smooth map, with finite bounds (``None`` for an open side)."""
         if lo is not None and hi is not None:
             return lo + (hi - lo) * torch.sigmoid(z)
         if lo is not None:
             return lo + torch.nn.functional.softplus(z)
         return hi - torch.nn.functional.softplus(z)
 
-    @staticmethod
-    def _inv_softplus(y: Tensor) -> Tensor:
-        # log(exp(y) - 1) = y + log(-expm1(-y)), stable for large and small y > 0.
-        return y + torch.log(-torch.expm1(-y))
+    def forward(self, z: Tensor) -> Tensor:
+        """Map ``z`` into the bounds."""
+        wide = torch.promote_types(z.dtype, torch.float32)
+        lo: Any = None if self.lower is None else self.lower.to(wide)
+        hi: Any = None if self.upper is None else self.upper.to(wide)
+        zw = z.to(wide)
+        if not self.mixed:
+            out = self._map(zw, lo, hi)
+        else:
+            has_lo, has_hi = _finite(lo, zw), _finite(hi, zw)
+            # open sides replaced by 0 where unused: no inf - inf, no NaN gradient
+            lo0 = torch.where(has_lo, lo, 0.0) if lo is not None else torch.zeros((), dtype=wide)
+            hi0 = torch.where(has_hi, hi, 0.0) if hi is not None else torch.zeros((), dtype=wide)
+            out = torch.where(
+                has_lo & has_hi,
+                self._map(zw, lo0, hi0),
+                torch.where(
+                    has_lo,
+                    self._map(zw, lo0, None),
+                    torch.where(has_hi, self._map(zw, None, hi0), zw),
+                ),
+            )
+        return torch.clamp(out.to(z.dtype), *clamp_args(self.lower, self.upper))
+
+    def _inverse(self, x: Tensor, lo: Any, hi: Any) -> Tensor:
+        """The unconstrained value of ``x`` (float64) under finite bounds."""
+        m = self.margin
+        if lo is not None and hi is not None:
+            width = hi - lo
+            t = ((x - lo) / torch.where(width > 0, width, 1.0)).clamp(m, 1 - m)
+            return torch.logit(torch.where(width > 0, t, 0.5))
+        if lo is not None:
+            return _inv_softplus((x - lo).clamp_min(m * lo.abs().clamp_min(1.0)))
+        return _inv_softplus((hi - x).clamp_min(m * hi.abs().clamp_min(1.0)))
 
     def right_inverse(self, x: Tensor) -> Tensor:
         """The unconstrained tensor whose image is ``x`` (moved just inside)."""
-        lo: Any = self.lower
-        hi: Any = self.upper
-        x = x.detach()
-        if lo is not None and hi is not None:
-            width = hi - lo
-            eps = 1e-6
-            t = ((x - lo) / width).clamp(eps, 1 - eps)
-            t = torch.where(width > 0, t, 0.5)
-            return torch.logit(t)
-        if lo is not None:
-            margin = 1e-6 * lo.abs().clamp_min(1.0)
-            return self._inv_softplus((x - lo).clamp_min(margin))
-        margin = 1e-6 * hi.abs().clamp_min(1.0)
-        return self._inv_softplus((hi - x).clamp_min(margin))
+        f64 = torch.float64
+        lo: Any = None if self.lower is None else self.lower.to(f64)
+        hi: Any = None if self.upper is None else self.upper.to(f64)
+        x64 = x.detach().to(f64)
+        if not self.mixed:
+            z = self._inverse(x64, lo, hi)
+        else:
+            has_lo, has_hi = _finite(lo, x64), _finite(hi, x64)
+            lo0 = torch.where(has_lo, lo, 0.0) if lo is not None else torch.zeros((), dtype=f64)
+            hi0 = torch.where(has_hi, hi, 0.0) if hi is not None else torch.zeros((), dtype=f64)
+            z = torch.where(
+                has_lo & has_hi,
+                self._inverse(x64, lo0, hi0),
+                torch.where(
+                    has_lo,
+                    self._inverse(x64, lo0, None),
+                    torch.where(has_hi, self._inverse(x64, None, hi0), x64),
+                ),
+            )
+        big = torch.finfo(x.dtype).max
+        return z.clamp(-big, big).to(x.dtype)  # finite in the dtype
 
     def extra_repr(self) -> str:
         """Show the bounds."""
@@ -127,25 +239,59 @@ def _owner(model: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str]:
 
 
 def reparametrize_plan_(model: torch.nn.Module, plan: Plan, names: list[str]) -> torch.nn.Module:
-    """Register a :class:`BoundedParametrization` on every bounded parameter of ``plan``."""
+    """Register a :class:`BoundedParametrization` on every bounded parameter of ``plan``.
+
+    Everything is checked first; if anything fails, the model is left as it was.
+
+    Raises:
+        BoundsError: for a parameter that is already parametrized, tied to another name,
+            sharded, or not a parameter, naming it; nothing is changed.
+    """
     params = dict(model.named_parameters())
-    for i, lo, hi in plan.bounded_items():
+    aliases: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(p), []).append(name)
+    todo = []
+    for i, lo, hi in plan.bounded_items(exact=True):
         name = names[i]
         owner, attr = _owner(model, name)
         if parametrize.is_parametrized(owner, attr):
             raise BoundsError(f"parameter '{name}' is already parametrized")
         if name not in params:
             raise BoundsError(f"'{name}' is not a parameter that can be reparametrized")
-        if is_dtensor(params[name]):
+        p = params[name]
+        if is_dtensor(p):
             raise BoundsError(
                 f"cannot reparametrize '{name}': it is a DTensor (FSDP2 or tensor parallel), "
                 "and torch.nn.utils.parametrize does not support sharded parameters; call "
                 "reparametrize_ before fully_shard, or use attach/project_"
             )
-        try:
-            parametrize.register_parametrization(
-                owner, attr, BoundedParametrization(lo, hi, params[name])
+        others = [n for n in aliases.get(id(p), []) if n != name]
+        if others:
+            raise BoundsError(
+                f"cannot reparametrize '{name}': it is tied to "
+                + ", ".join(f"'{n}'" for n in others)
+                + " (the same Parameter), which would see the unconstrained value; untie "
+                "them, or use attach/project_"
             )
-        except Exception as err:  # a module type that parametrize does not support
-            raise BoundsError(f"cannot reparametrize '{name}': {err}") from err
+        try:
+            par = BoundedParametrization(lo, hi, p)
+        except BoundsError as err:
+            raise BoundsError(f"cannot reparametrize '{name}': {err}") from None
+        todo.append((name, owner, attr, par, p))
+    done: list[tuple[torch.nn.Module, str, Tensor, Tensor]] = []
+    try:
+        for name, owner, attr, par, p in todo:
+            saved = p.detach().clone()
+            try:
+                parametrize.register_parametrization(owner, attr, par)
+            except Exception as err:  # a module type that parametrize does not support
+                raise BoundsError(f"cannot reparametrize '{name}': {err}") from err
+            done.append((owner, attr, p, saved))
+    except BoundsError:
+        for owner, attr, param, saved in reversed(done):  # undo: same Parameter, its values
+            parametrize.remove_parametrizations(owner, attr, leave_parametrized=False)
+            with torch.no_grad():
+                param.copy_(saved)
+        raise
     return model

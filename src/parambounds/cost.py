@@ -17,7 +17,8 @@ from torch import Tensor
 
 from . import _kernels
 from ._plan import get_plan, traced_bounds
-from .distributed import combine
+from ._rounding import compute_dtype
+from .distributed import combine, shard_cost
 from .penalties import Penalty, get_penalty
 from .trees import as_tree, flatten
 
@@ -44,7 +45,8 @@ def _result_dtype(leaves: list[Any]) -> torch.dtype:
     seen = False
     for p in leaves:
         if isinstance(p, Tensor) and p.is_floating_point():
-            dtype = p.dtype if not seen else torch.promote_types(dtype, p.dtype)
+            own = compute_dtype(p.dtype)  # float8 costs are float32
+            dtype = own if not seen else torch.promote_types(dtype, own)
             seen = True
     return dtype
 
@@ -67,7 +69,9 @@ def tree_cost(
         # Traced by torch.compile or a torch.func transform, or learnable bounds: plain
         # differentiable ops (that inductor fuses); no cache, no host reads.
         bounded = traced_bounds(tree, lower, upper, root_name=root_name)
-        parts = [_kernels.leaf_cost(p, lo, hi, penalty) for p, lo, hi in bounded]
+        parts = combine(
+            [shard_cost(_kernels.leaf_cost, p, lo, hi, penalty) for p, lo, hi in bounded]
+        )
     else:
         parts = combine(_kernels.apply(plan, leaves, penalty))
     dtype = _result_dtype(leaves)
@@ -115,10 +119,11 @@ def bounds_cost(
         BoundsError: when the trees differ, a bound is invalid or ``lower > upper``;
             the message names the parameter path.
 
-    >>> params = {"tau": torch.tensor([0.5, 2.0]), "w": torch.tensor([5.0])}
-    >>> lower = {"tau": 1.0, "w": None}
-    >>> upper = {"tau": None, "w": None}
-    >>> bounds_cost(params, lower, upper)  # exp(1.0 - 0.5)
-    tensor(1.6487)
+    Examples:
+        >>> params = {"tau": torch.tensor([0.5, 2.0]), "w": torch.tensor([5.0])}
+        >>> lower = {"tau": 1.0, "w": None}
+        >>> upper = {"tau": None, "w": None}
+        >>> bounds_cost(params, lower, upper)  # exp(1.0 - 0.5)
+        tensor(1.6487)
     """
     return tree_cost(as_tree(params), lower_bounds, upper_bounds, get_penalty(penalty))

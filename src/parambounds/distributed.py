@@ -1,17 +1,24 @@
 """The distributed path: bounds on ``DTensor`` parameters (FSDP2, tensor parallelism).
 
 Everything is done on the local shard, with PyTorch's own distributed engine combining
-the results; full parameters are never gathered.
+the results; full parameters are never gathered. What to do across ranks is decided
+from what each placement *means* on its mesh dimension, not from its class:
+
+- sharded (``Shard``, and the private ``_StridedShard`` that FSDP2 over tensor
+  parallelism makes): each rank holds different elements, so per-rank sums add up;
+- replicated: each rank holds the same elements, so one copy counts;
+- partial (``Partial``, sum, max or min): each rank holds an addend, so the values are
+  reduced first (a differentiable ``redistribute`` to ``Replicate``) and never read as
+  parameter values.
 
 - Cost: each rank computes the cost of its local shard (with the fast kernels); the
-  partial costs become a ``DTensor`` that is ``Partial`` over the mesh dimensions the
-  parameter is sharded on and ``Replicate`` over the others, so that
-  ``full_tensor()`` (one all-reduce per mesh for the whole tree) sums every element
-  exactly once, and autograd sends each shard its own gradient.
+  partial costs become a ``DTensor`` that is ``Partial`` over the sharded mesh dimensions
+  and ``Replicate`` over the others, so that ``full_tensor()`` (one all-reduce per mesh)
+  sums every element exactly once, and autograd sends each shard its own gradient.
 - Projection clamps the local shards in place; per-element bounds are sliced to the
   shard (``distribute_tensor(..., src_data_rank=None)``: no communication).
-- Report: per-shard counts, one ``all_gather`` for the whole report, reduced the same
-  way on every rank, so ``check`` agrees everywhere.
+- Report: per-shard counts, one gather per mesh (over the parameter's own mesh, so a
+  submesh is reduced over its own group), the same result on every rank.
 
 Under ``DistributedDataParallel`` parameters are plain tensors and nothing here is used.
 """
@@ -23,13 +30,23 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._collectives import Exchange, fingerprint, gather_rows, mesh_ranks, settle
+from .errors import BoundsError
+
 __all__ = [
+    "agree",
+    "clamp_",
     "combine",
     "cost_layout",
+    "full_bound",
     "is_dtensor",
+    "is_partial",
     "local_bound",
+    "order_violation",
     "partial_cost",
+    "placement_kind",
     "reduce_stats",
+    "shard_cost",
     "to_local",
 ]
 
@@ -50,46 +67,176 @@ def is_dtensor(x: Any) -> bool:
     return _DTENSOR is not None and isinstance(x, _DTENSOR)
 
 
+def placement_kind(p: Any) -> str:
+    """What a placement means on its mesh dimension: ``"shard"``, ``"replicate"`` or ``"partial"``.
+
+    Raises:
+        BoundsError: for a placement whose meaning is unknown.
+    """
+    if p.is_replicate():
+        return "replicate"
+    if p.is_partial():
+        return "partial"
+    if p.is_shard() or isinstance(getattr(p, "dim", None), int):  # Shard, _StridedShard
+        return "shard"
+    raise BoundsError(f"unsupported DTensor placement {p!r}: not a shard, replica or partial")
+
+
+def is_partial(x: Any) -> bool:
+    """Whether the DTensor ``x`` holds addends (``Partial``) on some mesh dimension."""
+    return is_dtensor(x) and any(placement_kind(p) == "partial" for p in x.placements)
+
+
+def _reduced_placements(x: Any) -> tuple[Any, ...]:
+    from torch.distributed.tensor import Replicate
+
+    return tuple(Replicate() if placement_kind(p) == "partial" else p for p in x.placements)
+
+
+def _reduce(x: Any) -> Any:
+    """``x`` with its ``Partial`` dimensions reduced (differentiable; a collective)."""
+    if not is_partial(x):
+        return x
+    return x.redistribute(x.device_mesh, _reduced_placements(x))
+
+
 def to_local(x: Any) -> Tensor:
-    """The local shard of a DTensor (differentiable), or ``x`` itself."""
-    return x.to_local() if is_dtensor(x) else x
+    """The local values of a DTensor (differentiable), or ``x`` itself.
+
+    ``Partial`` DTensors are reduced first (a collective), so the result holds values,
+    never addends.
+    """
+    return _reduce(x).to_local() if is_dtensor(x) else x
 
 
 def local_bound(b: Any, x: Any) -> Any:
-    """Restrict bound ``b`` to the local shard of the DTensor ``x``.
+    """Restrict bound ``b`` to the local values of the DTensor ``x``.
 
     ``b`` is a number, ``None``, a tensor that broadcasts to ``x``'s global shape, or a
-    DTensor (redistributed to ``x``'s placements if they differ).
+    DTensor (redistributed to ``x``'s layout if it differs: a collective).
     """
     if b is None or not isinstance(b, Tensor):
         return b
     from torch.distributed.tensor import distribute_tensor
 
+    placements = _reduced_placements(x)
     if is_dtensor(b):
-        d: Any = b
-        if d.device_mesh != x.device_mesh or tuple(d.placements) != tuple(x.placements):
-            d = d.redistribute(x.device_mesh, x.placements)
-        return d.to_local()
+        d: Any = _reduce(b)
+        if d.shape != x.shape:
+            d = d.full_tensor()  # a broadcasting DTensor bound: gather it (it is small)
+        else:
+            if d.device_mesh != x.device_mesh or tuple(d.placements) != placements:
+                d = d.redistribute(x.device_mesh, placements)
+            return d.to_local()
+        b = d
     full = b.expand(x.shape).contiguous()
-    return distribute_tensor(full, x.device_mesh, x.placements, src_data_rank=None).to_local()
+    return distribute_tensor(full, x.device_mesh, placements, src_data_rank=None).to_local()
+
+
+def full_bound(b: Any) -> Any:
+    """A DTensor bound as a plain full tensor (a collective), for an unsharded parameter.
+
+    FSDP2 with ``reshard_after_forward=False`` leaves plain, unsharded parameters after
+    the forward pass; their DTensor bounds are gathered once, when the plan is built.
+    """
+    return _reduce(b).full_tensor() if is_dtensor(b) else b
+
+
+def order_violation(lo: Any, hi: Any, x: Any) -> tuple[int, tuple[int, ...], float, float] | None:
+    """The first element of this rank's part of DTensor ``x`` where ``lo > hi``, if any.
+
+    Returns ``(global flat index, global index, lower, upper)``, or ``None``.
+    """
+    from torch.distributed.tensor import distribute_tensor
+
+    lo_l, hi_l = local_bound(lo, x), local_bound(hi, x)
+    shape = x.to_local().shape  # the same for Partial: addends have the values' shape
+    bad = (torch.as_tensor(lo_l) > torch.as_tensor(hi_l)).expand(shape)
+    if not bool(bad.any()):
+        return None
+    # Global positions of this rank's elements: slicing needs no communication.
+    positions = torch.arange(x.numel()).view(x.shape)
+    local_pos = distribute_tensor(
+        positions, x.device_mesh, _reduced_placements(x), src_data_rank=None
+    ).to_local()
+    flat = int(local_pos[bad].min())
+    where = tuple(int(i) for i in (local_pos == flat).nonzero()[0])
+    lo_v = torch.as_tensor(lo_l).expand(shape)[where].item()
+    hi_v = torch.as_tensor(hi_l).expand(shape)[where].item()
+    idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), x.shape))
+    return flat, idx, lo_v, hi_v
+
+
+def agree(
+    named: list[tuple[str, Any]], lowers: list[Any], uppers: list[Any], errors: dict[int, Any]
+) -> None:
+    """Check, once per plan, that every rank bounds the same DTensors; share errors.
+
+    ``lowers``/``uppers`` are the bounds as given, leaf by leaf; ``errors`` the
+    :class:`BoundsError` each DTensor leaf raised on this rank (with ``flat_index``).
+    One exchange per mesh; every rank raises the same error.
+
+    Raises:
+        BoundsError: when ranks differ, or when any rank found an invalid bound.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    per_mesh: dict[Any, list[Any]] = {}
+    for i, (path, p) in enumerate(named):
+        if is_dtensor(p):
+            desc = (path, _describe(p), _bound(lowers[i]), _bound(uppers[i]))
+            per_mesh.setdefault(p.device_mesh, []).append((i, desc))
+    exchanges = []
+    for mesh, entries in per_mesh.items():
+        ex = Exchange("plan", fingerprint([d for _, d in entries]), len(entries))
+        for i, _ in entries:
+            if i in errors:
+                ex.note(i, getattr(errors[i], "flat_index", -1), str(errors[i]))
+        exchanges.append((mesh, ex))
+    settle(exchanges, "building the bounds plan")
+
+
+def _describe(x: Any) -> tuple[Any, ...]:
+    return (tuple(x.shape), str(x.dtype), tuple(map(repr, x.placements)), mesh_ranks(x.device_mesh))
+
+
+def _bound(b: Any) -> Any:
+    if isinstance(b, Tensor):
+        return ("tensor", tuple(b.shape)) if b.dim() else float(b)
+    return b
 
 
 def cost_layout(x: Any) -> tuple[Any, tuple[Any, ...]]:
     """The mesh and placements of the cost of a DTensor ``x``.
 
     ``Partial`` (summed across ranks) on the mesh dimensions ``x`` is sharded on,
-    ``Replicate`` on the others. Leaves with the same layout add up locally first.
+    ``Replicate`` on the others (replicated, or partial: reduced before the cost).
+    Leaves with the same layout add up locally first.
     """
-    from torch.distributed.tensor import Partial, Replicate, Shard
+    from torch.distributed.tensor import Partial, Replicate
 
-    placements = tuple(Partial() if isinstance(p, Shard) else Replicate() for p in x.placements)
-    return x.device_mesh, placements
+    kinds = [placement_kind(p) for p in x.placements]
+    return x.device_mesh, tuple(Partial() if k == "shard" else Replicate() for k in kinds)
 
 
 def partial_cost(local_cost: Tensor, layout: tuple[Any, tuple[Any, ...]]) -> Any:
     """Wrap the summed local costs of one layout as a DTensor that sums to the global cost."""
     mesh, placements = layout
     return _DTENSOR.from_local(local_cost, mesh, list(placements), run_check=False)
+
+
+def shard_cost(fn: Any, x: Any, lo: Any, hi: Any, *args: Any) -> Any:
+    """``fn(x, lo, hi, *args)``; for a DTensor ``x``, on its local values, as a partial cost.
+
+    The path ``torch.compile`` traces: the same layout as the eager kernels, so that
+    :func:`combine` returns a plain tensor in both.
+    """
+    if not is_dtensor(x):
+        return fn(x, lo, hi, *args)
+    local = fn(to_local(x), local_bound(lo, x), local_bound(hi, x), *args)
+    return partial_cost(local, cost_layout(x))
 
 
 def combine(parts: list[Any]) -> list[Tensor]:
@@ -105,42 +252,87 @@ def combine(parts: list[Any]) -> list[Tensor]:
     return plain + [total.full_tensor() for total in by_mesh.values()]
 
 
-def _counts_here(x: Any) -> bool:
-    """Whether this rank's shard of ``x`` is the one to count (first replica of it)."""
-    from torch.distributed.tensor import Replicate
+@torch.no_grad()
+def clamp_(x: Any, lo: Any, hi: Any) -> None:
+    """Clamp the DTensor (or tensor) ``x`` in place; ``lo``/``hi`` are local bounds.
 
+    A ``Partial`` DTensor is clamped exactly: for ``max``/``min`` each addend is clamped
+    (clamping commutes with them); for ``sum`` the elements that change are written as
+    the clamped value on the first rank of each partial dimension and zero elsewhere.
+
+    Raises:
+        BoundsError: for a ``Partial`` with another reduction (``avg``, masked).
+    """
+    if not is_partial(x):
+        to_local(x).clamp_(lo, hi)
+        return
+    local = x._local_tensor
+    ops = {getattr(p, "reduce_op", None) for p in x.placements if placement_kind(p) == "partial"}
+    if ops <= {"max", "min"}:
+        local.clamp_(lo, hi)
+        return
+    if ops != {"sum"} or any(type(p).__name__ != "Partial" for p in x.placements if p.is_partial()):
+        raise BoundsError(
+            f"cannot clamp a Partial DTensor with reduction {sorted(map(str, ops))} in place; "
+            "redistribute it to Replicate first"
+        )
+    value = to_local(x)  # the reduced values (a collective)
+    clamped = value.clamp(lo, hi)
+    changed = clamped != value  # NaN stays NaN: written as NaN on the first rank
+    coord = x.device_mesh.get_coordinate()
+    first = all(c == 0 for c, p in zip(coord, x.placements) if p.is_partial())
+    local.copy_(torch.where(changed, clamped if first else torch.zeros_like(clamped), local))
+
+
+def _counts_here(x: Any) -> bool:
+    """Whether this rank's part of ``x`` is the one to count (first replica of it)."""
     coord = x.device_mesh.get_coordinate()
     if coord is None:  # this rank is not in the mesh
         return False
-    return all(c == 0 for c, p in zip(coord, x.placements) if isinstance(p, Replicate))
+    return all(c == 0 for c, p in zip(coord, x.placements) if placement_kind(p) != "shard")
 
 
-def reduce_stats(stats: Tensor, leaves: list[Any]) -> Tensor:
+def reduce_stats(stats: Tensor, leaves: list[Any], fp: int = 0) -> Tensor:
     """Combine per-shard ``[below, above, max_excess, nan]`` rows across ranks.
 
-    One ``all_gather`` for the whole report; rows of plain tensors are left as they are.
+    Rows of DTensors are reduced over each DTensor's own mesh: a header exchange (are
+    all ranks in the same call, with the same plan?) and one gather of the rows, per
+    mesh. Rows of plain tensors are left as they are.
+
+    Raises:
+        BoundsError: when the ranks of a mesh are not all reporting the same parameters.
     """
     import torch.distributed as dist
 
-    dtensor_rows = [i for i, x in enumerate(leaves) if is_dtensor(x)]
-    if not dtensor_rows or not (dist.is_available() and dist.is_initialized()):
+    by_mesh: dict[Any, list[int]] = {}
+    for i, x in enumerate(leaves):
+        if is_dtensor(x):
+            by_mesh.setdefault(x.device_mesh, []).append(i)
+    if not by_mesh or not (dist.is_available() and dist.is_initialized()):
         return stats
-    weights = torch.ones(len(leaves), 1, dtype=stats.dtype, device=stats.device)
-    for i in dtensor_rows:
-        if not _counts_here(leaves[i]):
-            weights[i] = 0.0
-    mine = stats.clone()
-    mine[:, [0, 1, 3]] *= weights  # counts of replicas beyond the first do not add up
-    backend = dist.get_backend()
-    device = stats.device if backend != "gloo" else torch.device("cpu")
-    mine = mine.to(device)
-    gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, mine)
-    stacked = torch.stack(gathered)
+    settle(
+        [
+            (
+                mesh,
+                Exchange(
+                    "report", fingerprint([fp, [_describe(leaves[i]) for i in rows]]), len(rows)
+                ),
+            )
+            for mesh, rows in by_mesh.items()
+        ],
+        "report/check",
+    )
     out = stats.clone()
-    rows = torch.tensor(dtensor_rows, device=out.device)
-    counts = stacked[:, :, [0, 1, 3]].sum(dim=0).to(out.device)
-    excess = stacked[:, :, 2].amax(dim=0).to(out.device)
-    out[rows[:, None], torch.tensor([0, 1, 3], device=out.device)] = counts[rows]
-    out[rows, 2] = excess[rows]
+    for mesh, rows in by_mesh.items():
+        mine = stats[rows].clone()
+        weights = torch.tensor(
+            [1.0 if _counts_here(leaves[i]) else 0.0 for i in rows], dtype=stats.dtype
+        ).to(stats.device)
+        mine[:, [0, 1, 3]] *= weights[:, None]  # replicas beyond the first do not add up
+        gathered = gather_rows(mine.reshape(-1), mesh, "report/check").view(-1, len(rows), 4)
+        idx = torch.tensor(rows, device=out.device)
+        out[idx[:, None], torch.tensor([0, 1, 3], device=out.device)] = (
+            gathered[:, :, [0, 1, 3]].sum(dim=0).to(out.device)
+        )
+        out[idx, 2] = gathered[:, :, 2].amax(dim=0).to(out.device)
     return out

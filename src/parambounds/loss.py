@@ -45,8 +45,9 @@ def summed_exp_boundary_loss(
     Raises:
         BoundsError: for an invalid bound, naming ``data``.
 
-    >>> summed_exp_boundary_loss(torch.tensor([-1.0, 0.5, 3.0]), 0.0, 2.0)  # e^1 + e^1
-    tensor(5.4366)
+    Examples:
+        >>> summed_exp_boundary_loss(torch.tensor([-1.0, 0.5, 3.0]), 0.0, 2.0)  # e^1 + e^1
+        tensor(5.4366)
     """
     if not isinstance(data, Tensor):
         raise BoundsError(f"data must be a tensor, got {type(data).__name__}")
@@ -62,11 +63,12 @@ class ParameterBoundaryRegularizer(torch.nn.Module):
         lower_bound: ``None``, a number, or a tensor.
         upper_bound: ``None``, a number, or a tensor.
 
-    >>> reg = ParameterBoundaryRegularizer(lower_bound=0.0)
-    >>> reg
-    ParameterBoundaryRegularizer(lower_bound=0.0, upper_bound=None)
-    >>> reg(torch.tensor([-1.0, 1.0]))
-    tensor(2.7183)
+    Examples:
+        >>> reg = ParameterBoundaryRegularizer(lower_bound=0.0)
+        >>> reg
+        ParameterBoundaryRegularizer(lower_bound=0.0, upper_bound=None)
+        >>> reg(torch.tensor([-1.0, 1.0]))
+        tensor(2.7183)
     """
 
     def __init__(self, lower_bound: Any = None, upper_bound: Any = None) -> None:

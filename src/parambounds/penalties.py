@@ -50,9 +50,10 @@ def overflow_threshold(dtype: Any) -> float:
 
     .. math:: T = 0.9 \log(\mathrm{finfo}(\mathrm{dtype}).\mathrm{max})
 
-    >>> import torch
-    >>> round(overflow_threshold(torch.float32), 2)
-    79.85
+    Examples:
+        >>> import torch
+        >>> round(overflow_threshold(torch.float32), 2)
+        79.85
     """
     import torch  # only torch dtypes get here; torch is loaded already
 
@@ -104,7 +105,9 @@ class ExpPenalty(Penalty):
     def value_and_slope(self, e: Tensor) -> tuple[Tensor, Tensor]:
         t = overflow_threshold(e.dtype)
         slope = e.clamp_max(t).exp()
-        return slope.addcmul(slope, (e - t).clamp_min_(0)), slope
+        # relu, not clamp_min: its gradient at e == T is 0, so autograd's slope there is
+        # exp(T) from the clamped branch alone (clamp_min would add it twice).
+        return slope.addcmul(slope, (e - t).relu()), slope
 
     def value(self, e: Tensor) -> Tensor:
         return self.value_and_slope(e)[0]
@@ -128,7 +131,7 @@ class Expm1Penalty(Penalty):
         t = overflow_threshold(e.dtype)
         capped = e.clamp_max(t)
         slope = capped.exp()
-        return capped.expm1() + slope * (e - t).clamp_min(0), slope
+        return capped.expm1() + slope * (e - t).relu(), slope
 
     def value(self, e: Tensor) -> Tensor:
         return self.value_and_slope(e)[0]

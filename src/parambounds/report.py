@@ -103,7 +103,7 @@ class Report:
             )
             for e in self.ordered()
         ]
-        widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
+        widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(head)]
 
         def line(cells: tuple[str, ...]) -> str:
             return "  ".join(

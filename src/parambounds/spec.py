@@ -10,11 +10,13 @@ leave the bounds (:meth:`Bounds.reparametrize_`), and a report (:meth:`Bounds.re
 
 from __future__ import annotations
 
+import difflib
+import functools
 import math
 import numbers
 import sys
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
@@ -25,7 +27,7 @@ from .errors import BoundsError, BoundsViolationError
 from .penalties import Penalty, get_penalty
 from .report import Report
 
-__all__ = ["Bounds", "Model"]
+__all__ = ["Bounds", "Model", "match_indices"]
 
 #: What bounds apply to: a torch module (its ``named_parameters()``), a flat mapping of
 #: names to tensors such as a ``state_dict``, or a JAX pytree.
@@ -65,8 +67,97 @@ def _check_side(pattern: str, side: str, b: Any) -> None:
             f"{side} bound for pattern '{pattern}' must be a number, None or a tensor, "
             f"got {type(b).__name__}"
         )
-    if math.isnan(float(b)):
+    try:
+        nan = math.isnan(float(b))
+    except OverflowError:  # an integer beyond float64: a bound at +-inf
+        return
+    if nan:
         raise BoundsError(f"{side} bound for pattern '{pattern}' is NaN")
+
+
+@functools.lru_cache(maxsize=256)
+def match_indices(patterns: tuple[str, ...], names: tuple[str, ...]) -> tuple[int, ...]:
+    """For each name, the index of the first ``fnmatch`` pattern that matches it, or -1.
+
+    Plain strings in, plain integers out (cached): backends can run it once, outside
+    any traced region (``torch.compile``, ``jax.jit``), and treat the result as a constant.
+
+    >>> match_indices(("*.weight", "*"), ("0.weight", "0.bias"))
+    (0, 1)
+    """
+    return tuple(
+        next((k for k, p in enumerate(patterns) if fnmatchcase(name, p)), -1) for name in names
+    )
+
+
+def _as_float(b: Any) -> float | None:
+    """A number as a float (an integer beyond float64 is +-inf); ``None`` otherwise."""
+    if not isinstance(b, numbers.Real):
+        return None
+    try:
+        return float(b)
+    except OverflowError:
+        return math.inf if b > 0 else -math.inf
+
+
+def _check_pair(pattern: str, lo: Any, hi: Any) -> None:
+    """Reject scalar bounds that no value can satisfy, before any model is seen."""
+    lo_v, hi_v = _as_float(lo), _as_float(hi)
+    if lo_v == math.inf:
+        raise BoundsError(f"lower bound for pattern '{pattern}' is inf, which no value can satisfy")
+    if hi_v == -math.inf:
+        raise BoundsError(
+            f"upper bound for pattern '{pattern}' is -inf, which no value can satisfy"
+        )
+    if lo_v is not None and hi_v is not None and lo_v > hi_v:
+        raise BoundsError(
+            f"lower bound for pattern '{pattern}' exceeds its upper bound ({lo} > {hi})"
+        )
+
+
+def _quoted(items: list[str]) -> str:
+    return ", ".join(f"'{i}'" for i in items)
+
+
+def _unused_message(unused: list[str], names: tuple[str, ...], winners: dict[str, str]) -> str:
+    """Say why each pattern in ``unused`` bounds nothing: shadowed, or matching no name.
+
+    A pattern is shadowed when every name it matches is taken by an earlier pattern
+    (the first match wins); the others match no name at all and get the closest names.
+    """
+    shadowed: list[str] = []
+    missing: list[str] = []
+    for pattern in unused:
+        hits = [n for n in names if fnmatchcase(n, pattern)]
+        if hits:
+            earlier = list(dict.fromkeys(winners[n] for n in hits))
+            which = "pattern" if len(earlier) == 1 else "patterns"
+            shadowed.append(
+                f"pattern '{pattern}' is shadowed by the earlier {which} {_quoted(earlier)}: "
+                f"every parameter it matches ({_quoted(hits[:3])}"
+                f"{', ...' if len(hits) > 3 else ''}) is bounded by {_quoted(earlier)} "
+                "first (the first matching pattern wins; put the more specific one first)"
+            )
+        else:
+            missing.append(pattern)
+    parts = []
+    if missing:
+        shown = _quoted(list(names[:6])) + (", ..." if len(names) > 6 else "")
+        subject = (
+            f"pattern '{missing[0]}' matches"
+            if len(missing) == 1
+            else f"patterns {_quoted(missing)} match"
+        )
+        hints = []
+        for pattern in missing:
+            close = difflib.get_close_matches(pattern, names, n=3, cutoff=0.5)
+            if close:
+                hints.append(f"'{pattern}' is closest to {_quoted(close)}")
+        parts.append(
+            f"{subject} no parameter of the model (its parameters: {shown or 'none'})"
+            + (f"; {'; '.join(hints)}" if hints else "")
+        )
+    return "; ".join(parts + shadowed)
 
 
 @dataclass
@@ -87,26 +178,32 @@ class Bounds:
             number or a tensor that broadcasts to the parameter (per-element bounds).
             The first matching pattern wins; parameters that match none are unbounded.
         penalty: the penalty shape of :meth:`cost` (see :func:`~parambounds.bounds_cost`).
+        strict: when true (the default), a pattern that matches no parameter is an
+            error; ``strict=False`` lets one spec serve several models.
 
     Raises:
         BoundsError: for a malformed entry or an unknown penalty, here; for a pattern
             that matches no parameter, ``lower > upper``, a NaN bound or a tensor that
             does not broadcast, when first used with a model (naming pattern and parameter).
 
-    >>> import torch
-    >>> model = torch.nn.Linear(2, 1)
-    >>> bounds = Bounds({"weight": (-0.1, 0.1), "bias": {"lower": 0.0}})
-    >>> bounds.project_(model)
-    >>> bool(model.weight.abs().max() <= 0.1), bool(model.bias.min() >= 0.0)
-    (True, True)
+    Examples:
+        >>> import torch
+        >>> model = torch.nn.Linear(2, 1)
+        >>> bounds = Bounds({"weight": (-0.1, 0.1), "bias": {"lower": 0.0}})
+        >>> bounds.project_(model)
+        >>> bool(model.weight.abs().max() <= 0.1), bool(model.bias.min() >= 0.0)
+        (True, True)
     """
 
-    def __init__(self, spec: Mapping[str, Any], *, penalty: str | Penalty = "exp") -> None:
+    def __init__(
+        self, spec: Mapping[str, Any], *, penalty: str | Penalty = "exp", strict: bool = True
+    ) -> None:
         if not isinstance(spec, Mapping):
             raise BoundsError(
                 f"spec must be a mapping of patterns to bounds, got {type(spec).__name__}"
             )
         self.penalty = get_penalty(penalty)
+        self.strict = strict
         entries = []
         for pattern, value in spec.items():
             if not isinstance(pattern, str):
@@ -114,6 +211,7 @@ class Bounds:
             lo, hi = _parse_entry(pattern, value)
             _check_side(pattern, "lower", lo)
             _check_side(pattern, "upper", hi)
+            _check_pair(pattern, lo, hi)
             entries.append((pattern, lo, hi))
         self._entries: list[tuple[str, Any, Any]] = entries
         # Resolved matches by model (torch modules), kept as long as the model lives.
@@ -123,20 +221,27 @@ class Bounds:
     def from_trees(cls, lower: Any, upper: Any, *, penalty: str | Penalty = "exp") -> Bounds:
         """Wrap the two trees of :func:`~parambounds.make_bounds` (keys joined with ``.``).
 
+        Trees of :func:`parambounds.jax.make_bounds` (JAX pytrees, such as equinox
+        modules) are read by key path when torch is not loaded.
+
         Raises:
             BoundsError: when the two trees do not have the same leaves.
         """
-        from .trees import named_leaves
+        if sys.modules.get("torch") is None and sys.modules.get("jax") is not None:
+            from .jax._trees import bound_leaves
 
-        lo = dict(named_leaves(lower))
-        hi = dict(named_leaves(upper))
+            lo, hi = bound_leaves(lower), bound_leaves(upper)
+        else:
+            from .trees import named_leaves
+
+            lo, hi = dict(named_leaves(lower)), dict(named_leaves(upper))
         if set(lo) != set(hi):
             missing = sorted(set(lo) ^ set(hi))[0]
             raise BoundsError(f"lower and upper trees differ: '{missing}' is in only one of them")
         return cls({_escape(name): (lo[name], hi[name]) for name in lo}, penalty=penalty)
 
     @classmethod
-    def from_toml(cls, path: str | Path) -> Bounds:
+    def from_toml(cls, path: str | Path, *, strict: bool = True) -> Bounds:
         """Load bounds from a TOML file.
 
         .. code-block:: toml
@@ -158,10 +263,17 @@ class Bounds:
             import tomli as tomllib
         path = Path(path)
         try:
-            with path.open("rb") as f:
-                data = tomllib.load(f)
+            if path.exists() and not path.is_file():  # a folder, /dev/zero, a pipe
+                raise BoundsError(f"{path}: not a regular file")
+            if path.exists() and path.stat().st_size > _MAX_TOML_BYTES:
+                raise BoundsError(f"{path}: too large for a bounds file")
+            data = tomllib.loads(path.read_bytes().decode("utf-8"))
         except tomllib.TOMLDecodeError as err:
             raise BoundsError(f"{path}: malformed TOML: {err}") from None
+        except UnicodeDecodeError as err:
+            raise BoundsError(f"{path}: not UTF-8 text (byte {err.start})") from None
+        except RecursionError:
+            raise BoundsError(f"{path}: malformed TOML: nested too deeply") from None
         except OSError as err:
             raise BoundsError(f"{path}: cannot read: {err.strerror or err}") from None
         unknown = sorted(set(data) - {"penalty", "bounds"})
@@ -173,8 +285,16 @@ class Bounds:
         if not isinstance(table, dict):
             raise BoundsError(f"{path}: missing [bounds] table")
         penalty = data.get("penalty", "exp")
+        for pattern, value in table.items():
+            nested = isinstance(value, dict)  # `lif.tau_mem = [...]`: the nested key lif.tau_mem
+            extra = [k for k, v in value.items() if isinstance(v, (list, dict))] if nested else []
+            if extra:
+                raise BoundsError(
+                    f"{path}: [bounds] entry '{pattern}' is a table with key '{extra[0]}'; "
+                    f'a pattern with dots must be quoted: "{pattern}.{extra[0]}" = [lower, upper]'
+                )
         try:
-            return cls(table, penalty=penalty)
+            return cls(table, penalty=penalty, strict=strict)
         except BoundsError as err:
             raise BoundsError(f"{path}: {err}") from None
 
@@ -191,26 +311,32 @@ class Bounds:
     def _resolve(self, model: Model) -> tuple[_Resolved, Any]:
         return get_backend(model).resolve(self, model)  # type: ignore[no-any-return]
 
-    def _match(self, names: tuple[str, ...]) -> _Resolved:
+    def _match(
+        self, names: tuple[str, ...], matcher: Callable[..., tuple[int, ...]] | None = None
+    ) -> _Resolved:
+        """Resolve the spec against ``names`` (``matcher``: :func:`match_indices` or a wrapper)."""
+        for name in names:
+            if not isinstance(name, str):
+                raise BoundsError(
+                    f"parameter name {name!r} must be a string, got {type(name).__name__}"
+                )
+        patterns = tuple(p for p, _, _ in self._entries)
+        first = (matcher or match_indices)(patterns, names)
         lower: dict[str, Any] = {}
         upper: dict[str, Any] = {}
-        patterns: dict[str, str] = {}
+        winners: dict[str, str] = {}
         used = set()
-        for name in names:
-            lower[name] = upper[name] = None
-            for pattern, lo, hi in self._entries:
-                if fnmatchcase(name, pattern):
-                    lower[name], upper[name], patterns[name] = lo, hi, pattern
-                    used.add(pattern)
-                    break
-        unused = [p for p, _, _ in self._entries if p not in used]
-        if unused:
-            shown = ", ".join(f"'{n}'" for n in names[:6]) + (", ..." if len(names) > 6 else "")
-            raise BoundsError(
-                f"pattern '{unused[0]}' matches no parameter of the model "
-                f"(its parameters: {shown or 'none'})"
-            )
-        return _Resolved(names, lower, upper, patterns)
+        for name, k in zip(names, first):
+            if k < 0:
+                lower[name] = upper[name] = None
+                continue
+            pattern, lower[name], upper[name] = self._entries[k]
+            winners[name] = pattern
+            used.add(k)
+        if len(used) < len(patterns) and self.strict:
+            unused = [p for k, p in enumerate(patterns) if k not in used]
+            raise BoundsError(_unused_message(unused, names, winners))
+        return _Resolved(names, lower, upper, winners)
 
     def _plan(self, model: Model) -> Any:
         from . import _torch_spec
@@ -242,6 +368,34 @@ class Bounds:
         share scalar bounds are clamped with one multi-tensor operation. NaN stays NaN.
         """
         get_backend(model).project_(self, model)
+
+    def project(self, tree: Model) -> Any:
+        """Return a new JAX pytree with every bounded leaf clipped into its bounds.
+
+        The projection for immutable arrays (torch modules use :meth:`project_`):
+        call it after each ``optax.apply_updates``; it works under ``jax.jit``. NaN stays
+        NaN; each value is inside its bound exactly (bounds rounded inward to the dtype).
+        """
+        return get_backend(tree).project(self, tree)
+
+    def unconstrain(self, tree: Model) -> Any:
+        r"""The unconstrained JAX pytree ``z`` with ``constrain(z) == tree``.
+
+        Bounded leaves get the transforms of :meth:`reparametrize_`, element by element
+        (two-sided :math:`l + (u - l)\,\sigma(z)`, one-sided :math:`l + \mathrm{softplus}(z)`
+        or :math:`u - \mathrm{softplus}(z)`, identity where both sides are open); values
+        on or outside a bound are first moved just inside. Train ``z`` and use
+        :meth:`constrain` in the model. Torch modules use :meth:`reparametrize_`.
+        """
+        return get_backend(tree).unconstrain(self, tree)
+
+    def constrain(self, z: Model) -> Any:
+        """Map an unconstrained JAX pytree into the bounds (inverse of :meth:`unconstrain`).
+
+        Inside the bounds for every finite ``z``; differentiable, and traceable by
+        ``jax.jit``.
+        """
+        return get_backend(z).constrain(self, z)
 
     def attach(self, optimizer: Any, model: Any) -> Any:
         """Project ``model`` after every ``optimizer.step()``.
@@ -283,6 +437,9 @@ class Bounds:
         report = self.report(model)
         if report.violators:
             raise BoundsViolationError(report.summary())
+
+
+_MAX_TOML_BYTES = 16 * 2**20
 
 
 def _escape(name: str) -> str:

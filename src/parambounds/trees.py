@@ -170,11 +170,12 @@ def make_bounds(params: Tree) -> tuple[Tree, Tree]:
     floats). Containers keep their types where they can be rebuilt from items; tensors
     are never copied. A module stands for the dict of its ``named_parameters()``.
 
-    >>> lower, upper = make_bounds({"w": torch.zeros(2), "lif": {"tau": torch.ones(3)}})
-    >>> lower
-    {'w': -inf, 'lif': {'tau': -inf}}
-    >>> upper["lif"]["tau"]
-    inf
+    Examples:
+        >>> lower, upper = make_bounds({"w": torch.zeros(2), "lif": {"tau": torch.ones(3)}})
+        >>> lower
+        {'w': -inf, 'lif': {'tau': -inf}}
+        >>> upper["lif"]["tau"]
+        inf
     """
     tree = as_tree(params)
     return _map(tree, lambda _: -math.inf), _map(tree, lambda _: math.inf)

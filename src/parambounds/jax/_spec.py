@@ -1,16 +1,167 @@
-"""The JAX backend of the spec: a resolved :class:`~parambounds.Bounds` applied to pytrees."""
+"""The JAX backend of the spec: a resolved :class:`~parambounds.Bounds` applied to pytrees.
+
+Names are key paths joined with ``.`` (:mod:`parambounds.jax._trees`); only array leaves
+are parameters (an equinox module's activation functions, say, are not). Matching the
+patterns is plain Python on the names, done at trace time under ``jax.jit``.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
+import numpy as np
 
-__all__ = ["framework_name", "is_appropriate_type"]
+from ..errors import BoundsError
+from ..report import ParamReport, Report
+from ..spec import match_indices
+from . import _math
+from ._cost import bounded_leaves, clip_leaf, is_array, total_cost
+from ._trees import named_leaves
+
+if TYPE_CHECKING:
+    from ..spec import Bounds
+
+__all__ = [
+    "attach",
+    "bounds_of",
+    "constrain",
+    "cost",
+    "framework_name",
+    "is_appropriate_type",
+    "project",
+    "project_",
+    "reparametrize_",
+    "report",
+    "resolve",
+    "unconstrain",
+]
 
 framework_name = "jax"
 
 
 def is_appropriate_type(tree: Any) -> bool:
-    """Whether ``tree`` holds JAX arrays."""
-    return any(isinstance(x, jax.Array) for x in jax.tree_util.tree_leaves(tree))
+    """Whether ``tree`` holds JAX (or NumPy) arrays."""
+    return any(is_array(x) for x in jax.tree_util.tree_leaves(tree))
+
+
+def resolve(bounds: Bounds, tree: Any) -> tuple[Any, dict[str, Any]]:
+    """Match ``bounds`` to the array leaves of ``tree``: ``(resolved, {name: leaf})``."""
+    names, leaves, _ = named_leaves(tree)
+    params = {n: x for n, x in zip(names, leaves) if is_array(x)}
+    return bounds._match(tuple(params), match_indices), params
+
+
+def _bounded(bounds: Bounds, tree: Any) -> tuple[list[Any], Any, list[tuple[int, Any, Any]], Any]:
+    names, leaves, treedef = named_leaves(tree)
+    keep = [i for i, x in enumerate(leaves) if is_array(x)]
+    resolved = bounds._match(tuple(names[i] for i in keep), match_indices)
+    lowers: list[Any] = [None] * len(leaves)
+    uppers: list[Any] = [None] * len(leaves)
+    for i in keep:
+        lowers[i] = resolved.lower[names[i]]
+        uppers[i] = resolved.upper[names[i]]
+    try:
+        bounded = bounded_leaves(names, leaves, lowers, uppers)
+    except BoundsError as err:
+        raise bounds._with_pattern(err, resolved) from None
+    return leaves, treedef, bounded, names
+
+
+def bounds_of(bounds: Bounds, tree: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Flat ``(lower, upper)`` dicts by leaf name."""
+    resolved, _ = resolve(bounds, tree)
+    return dict(resolved.lower), dict(resolved.upper)
+
+
+def cost(bounds: Bounds, tree: Any) -> Any:
+    """The penalty of every bounded leaf, a 0-d array (traceable)."""
+    leaves, _, bounded, _ = _bounded(bounds, tree)
+    return total_cost(leaves, bounded, bounds.penalty)
+
+
+def _map_bounded(bounds: Bounds, tree: Any, fn: Any) -> Any:
+    leaves, treedef, bounded, _ = _bounded(bounds, tree)
+    out = list(leaves)
+    for i, lo, hi in bounded:
+        out[i] = fn(leaves[i], lo, hi)
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def project(bounds: Bounds, tree: Any) -> Any:
+    """A new pytree with every bounded leaf clipped into its bounds (traceable)."""
+    return _map_bounded(bounds, tree, clip_leaf)
+
+
+def unconstrain(bounds: Bounds, tree: Any) -> Any:
+    """The unconstrained pytree whose :func:`constrain` is ``tree`` (traceable)."""
+    return _map_bounded(bounds, tree, _math.unconstrain)
+
+
+def constrain(bounds: Bounds, tree: Any) -> Any:
+    """Map an unconstrained pytree into the bounds (traceable, differentiable)."""
+    return _map_bounded(bounds, tree, _math.constrain)
+
+
+def _show_bound(b: Any) -> float | str | None:
+    if b is None or isinstance(b, float):
+        return b
+    return f"array{tuple(b.shape)}"
+
+
+def report(bounds: Bounds, tree: Any) -> Report:
+    """The :class:`~parambounds.Report` of ``tree``: one transfer to the host.
+
+    Raises:
+        BoundsError: inside ``jax.jit`` (a report is host data; call it between steps).
+    """
+    leaves, _, bounded, names = _bounded(bounds, tree)
+    if any(isinstance(leaves[i], jax.core.Tracer) for i, _, _ in bounded):
+        raise BoundsError(
+            "report() reads values on the host and cannot run inside jax.jit or another "
+            "transformation; call it between steps (cost() and project() can be traced)"
+        )
+    if bounded:
+        stacked = jax.numpy.stack([_math.stats(leaves[i], lo, hi) for i, lo, hi in bounded])
+        values = np.asarray(stacked).tolist()  # the one transfer
+    else:
+        values = []
+    return Report(
+        tuple(
+            ParamReport(
+                name=names[i],
+                numel=int(np.size(leaves[i])),
+                below=int(v[0]),
+                above=int(v[1]),
+                max_excess=float(v[2]),
+                nan=int(v[3]),
+                lower=_show_bound(lo),
+                upper=_show_bound(hi),
+            )
+            for (i, lo, hi), v in zip(bounded, values)
+        )
+    )
+
+
+def _immutable(what: str, instead: str) -> BoundsError:
+    return BoundsError(f"JAX arrays are immutable: {what} cannot change them in place; {instead}")
+
+
+def project_(bounds: Bounds, tree: Any) -> None:  # noqa: ARG001
+    """Not for JAX: use :func:`project`."""
+    raise _immutable("project_", "use params = bounds.project(params)")
+
+
+def attach(bounds: Bounds, optimizer: Any, tree: Any) -> Any:  # noqa: ARG001
+    """Not for JAX: project after each update instead."""
+    raise _immutable(
+        "attach", "call params = bounds.project(optax.apply_updates(params, updates)) each step"
+    )
+
+
+def reparametrize_(bounds: Bounds, tree: Any) -> Any:  # noqa: ARG001
+    """Not for JAX: use :func:`unconstrain` and :func:`constrain`."""
+    raise _immutable(
+        "reparametrize_",
+        "train z = bounds.unconstrain(params) and use bounds.constrain(z) in the model",
+    )

@@ -1,0 +1,151 @@
+"""Reading ``.pt`` files safely and lazily: what a file is, before torch sees it.
+
+Files written by ``torch.save`` are zip archives whose tensor data is stored
+uncompressed; they are loaded with ``torch.load(..., mmap=True, weights_only=True)``, so
+tensors stay in the file's pages (the page cache) and no code in the file can run. Before
+that, the archive is checked: a compressed member (which ``torch.save`` never writes)
+would be read as raw bytes through the memory map, or expand without bound, so it is
+refused. Old (pre-1.6) files are pickles that cannot be mapped; they are read whole, still
+with ``weights_only=True``. Anything else is named for what it is: a safetensors file, a
+plain pickle, a text file.
+"""
+
+from __future__ import annotations
+
+import pickle
+import re
+import warnings
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import BoundsError
+
+__all__ = ["load_torch_file", "sniff"]
+
+# pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2)[2:]: the magic number of old torch.save
+_LEGACY_MAGIC = b"\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19"
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def sniff(path: Path) -> str:
+    """Guess a file's format from its first bytes.
+
+    Returns:
+        one of ``zip``, ``legacy`` (old torch.save), ``safetensors``, ``pickle``,
+        ``empty``, ``text``, ``unknown``.
+    """
+    with open(path, "rb") as f:
+        head = f.read(64)
+    size = path.stat().st_size
+    if not head:
+        return "empty"
+    if head.startswith(b"PK\x03\x04") or head.startswith(b"PK\x05\x06"):
+        return "zip"
+    if head[:1] == b"\x80":
+        return "legacy" if head[2:].startswith(_LEGACY_MAGIC) else "pickle"
+    if len(head) >= 10 and head[8:10] in (b'{"', b"{ ", b"{}"):
+        n = int.from_bytes(head[:8], "little")
+        if 0 < n <= size - 8:
+            return "safetensors"
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError:
+        return "unknown"
+    return "text"
+
+
+def _first_line(err: BaseException) -> str:
+    text = _ANSI.sub("", str(err)).strip()
+    return text.splitlines()[0].strip() if text else type(err).__name__
+
+
+def _refusal(path: Path, err: BaseException) -> BoundsError:
+    text = _ANSI.sub("", str(err))
+    found = re.search(r"GLOBAL ([\w.]+)", text)
+    what = f"it needs {found.group(1)}, which" if found else "it holds an object that"
+    return BoundsError(
+        f"{path}: refused: {what} only full unpickling could load, and that can run code; "
+        "parambounds reads tensors, numbers, strings and containers only"
+    )
+
+
+def _check_archive(path: Path) -> None:
+    """Refuse compressed or out-of-file members: they cannot be memory-mapped."""
+    size = path.stat().st_size
+    try:
+        with zipfile.ZipFile(path) as z:
+            infos = z.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as err:
+        detail = _first_line(err)
+        raise BoundsError(f"{path}: not a readable PyTorch checkpoint ({detail})") from None
+    for info in infos:
+        if info.compress_type != zipfile.ZIP_STORED:
+            raise BoundsError(
+                f"{path}: member '{info.filename}' is compressed, which torch.save never "
+                "does; refused (a compressed archive can expand without bound): unzip it "
+                "and save it again with torch.save"
+            )
+        if info.header_offset + info.file_size > size:
+            raise BoundsError(
+                f"{path}: member '{info.filename}' extends past the end of the file "
+                "(truncated or forged)"
+            )
+
+
+def _load(path: Path, mmap: bool) -> Any:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's pickle-protocol and mmap notes
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+
+
+def _check_storages(path: Path, data: Any) -> None:
+    """Every tensor must lie inside its storage, and every storage inside the file."""
+    from ._ckpt_tree import walk_tensors
+
+    size = path.stat().st_size
+    for p, t in walk_tensors(data):
+        nbytes = t.untyped_storage().nbytes()
+        if nbytes > size:
+            raise BoundsError(
+                f"{path}: entry {p!r} declares {nbytes} bytes of data, more than the "
+                f"file's {size} (truncated or forged)"
+            )
+
+
+def load_torch_file(path: Path) -> Any:
+    """``torch.load`` a ``.pt`` file memory-mapped and without running code.
+
+    Raises:
+        BoundsError: naming the file and what it is, when it is not a safe checkpoint.
+    """
+    kind = sniff(path)
+    if kind == "safetensors":
+        raise BoundsError(f"{path}: this is a safetensors file; name it .safetensors")
+    if kind == "pickle":
+        raise BoundsError(
+            f"{path}: a plain pickle, not a file written by torch.save; refused "
+            "(unpickling arbitrary objects can run code)"
+        )
+    if kind in ("empty", "text", "unknown"):
+        what = {"empty": "an empty file", "text": "a text file", "unknown": "unknown format"}
+        raise BoundsError(f"{path}: not a PyTorch checkpoint ({what[kind]})")
+    if kind == "zip":
+        _check_archive(path)
+    try:
+        data = _load(path, mmap=kind == "zip")
+    except pickle.UnpicklingError as err:
+        raise _refusal(path, err) from None
+    except (MemoryError, RecursionError) as err:
+        detail = type(err).__name__
+        raise BoundsError(f"{path}: too large or too deeply nested ({detail})") from None
+    except Exception as err:  # truncated, forged, or not a PyTorch file at all
+        if "weights_only" in str(err) or "Unsupported" in str(err):
+            raise _refusal(path, err) from None
+        raise BoundsError(
+            f"{path}: not a readable PyTorch checkpoint ({_first_line(err)})"
+        ) from None
+    _check_storages(path, data)
+    return data

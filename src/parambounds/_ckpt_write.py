@@ -1,0 +1,104 @@
+"""Writing a file so that a crash, a kill or a full disk never leaves a damaged one.
+
+The new contents go to a temporary file in the target's folder, named
+``.<target>.parambounds-<pid>.tmp``, which is renamed over the target once complete and
+synced. An interrupted run (even ``kill -9``) leaves at most that temporary file, which
+no user would take for the checkpoint; the next write to the same target removes the
+ones whose process is gone. The target's mode is kept; a symlink is written through (the
+link stays, its target changes); a file with several hard links is refused, since the
+other links would keep the old contents.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Callable
+from pathlib import Path
+
+from .errors import BoundsError
+
+__all__ = ["atomic_write", "resolve_target", "stale_temp_files"]
+
+_TAG = ".parambounds-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def stale_temp_files(target: Path) -> list[Path]:
+    """Temporary files of earlier writes to ``target`` whose process is gone."""
+    prefix = f".{target.name}{_TAG}"
+    found = []
+    try:
+        names = os.listdir(target.parent)
+    except OSError:
+        return []
+    for name in names:
+        if name.startswith(prefix) and name.endswith(".tmp"):
+            pid = name[len(prefix) : -len(".tmp")]
+            if pid.isdigit() and not _alive(int(pid)):
+                found.append(target.parent / name)
+    return found
+
+
+def resolve_target(target: Path) -> Path:
+    """The file to replace: through symlinks; refused for a file with several hard links.
+
+    Raises:
+        BoundsError: for an empty path, a directory, a missing folder, or hard links.
+    """
+    if str(target) == "":
+        raise BoundsError("the output path is empty")
+    real = Path(os.path.realpath(target))
+    if real.is_dir() and (real / ".metadata").is_file():
+        return real  # a sharded (DCP) checkpoint: checkpoints_dcp.save_dcp replaces it whole
+    if real.is_dir():
+        raise BoundsError(f"{target}: is a directory")
+    if not real.parent.is_dir():
+        raise BoundsError(f"{target}: folder {real.parent} does not exist")
+    if real.exists():
+        if not real.is_file():
+            raise BoundsError(f"{target}: not a regular file")
+        links = real.stat().st_nlink
+        if links > 1:
+            raise BoundsError(
+                f"{target}: has {links} hard links; replacing it would leave the other "
+                "links with the old contents (write the copy elsewhere with -o)"
+            )
+    return real
+
+
+def atomic_write(target: Path, write: Callable[[Path], None], mode_from: Path | None) -> None:
+    """Write ``target`` through a temporary file in its folder, then rename it into place.
+
+    Raises:
+        BoundsError: naming the target when the write fails (a full disk, ...).
+    """
+    for old in stale_temp_files(target):
+        old.unlink(missing_ok=True)
+    tmp = target.parent / f".{target.name}{_TAG}{os.getpid()}.tmp"
+    try:
+        write(tmp)
+        if mode_from is not None and mode_from.exists():
+            os.chmod(tmp, stat.S_IMODE(mode_from.stat().st_mode))
+        else:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException as err:
+        tmp.unlink(missing_ok=True)
+        if isinstance(err, (OSError, RuntimeError)):
+            detail = getattr(err, "strerror", None) or str(err).strip().splitlines()[0]
+            raise BoundsError(f"{target}: cannot write: {detail}") from None
+        raise

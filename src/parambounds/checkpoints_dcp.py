@@ -1,0 +1,273 @@
+"""Sharded checkpoints: ``torch.distributed.checkpoint`` (DCP) directories.
+
+A DCP directory (what ``dcp.save`` writes, one ``.distcp`` file per rank) holds a
+``.metadata`` file, which is a pickle. It is read with a restricted unpickler that builds
+only the plain record types of ``torch.distributed.checkpoint`` (``Metadata``,
+``TensorStorageMetadata``, ``_StorageInfo``...), ``torch.Size``, dtypes and layouts,
+and refuses any other global, so a checkpoint can never run code. Tensors are read one
+at a time through ``dcp.load`` (shards are assembled into the full tensor, one tensor in
+memory at a time for :func:`report_dcp`); non-tensor entries are kept as their raw
+bytes and never unpickled. :func:`save_dcp` writes a new directory that ``dcp.load``
+reads back, next to the target, then moves it into place.
+
+The library never imports this module.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import shutil
+import tempfile
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .checkpoints import Checkpoint, CheckpointError
+from .report import Report
+
+__all__ = ["is_dcp", "load_dcp", "read_metadata", "report_dcp", "save_dcp", "tensor_names"]
+
+_METADATA = ".metadata"
+_DCP_MODULES = (
+    "torch.distributed.checkpoint.metadata",
+    "torch.distributed.checkpoint.planner",
+    "torch.distributed.checkpoint.storage",
+)
+_OTHER_GLOBALS = {
+    ("torch", "Size"),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch.serialization", "_get_layout"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "WindowsPath"),
+    ("pathlib", "PurePosixPath"),
+    ("pathlib", "PureWindowsPath"),
+    ("collections", "OrderedDict"),
+}
+
+
+def is_dcp(path: str | Path) -> bool:
+    """Whether ``path`` is a DCP checkpoint directory (it holds a ``.metadata`` file)."""
+    path = Path(path)
+    return path.is_dir() and (path / _METADATA).is_file()
+
+
+class _Refused(pickle.UnpicklingError):
+    """A global outside the allowlist."""
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Builds DCP's metadata records and nothing else: no code can run."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module in _DCP_MODULES and not name.startswith("__"):
+            import importlib
+
+            obj = getattr(importlib.import_module(module), name, None)
+            if isinstance(obj, type):  # dataclasses and enums: built field by field
+                return obj
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        if (module, name) in _OTHER_GLOBALS:
+            import importlib
+
+            return getattr(importlib.import_module(module), name)
+        raise _Refused(f"global '{module}.{name}' is not allowed")
+
+
+def read_metadata(path: str | Path) -> Any:
+    """The ``Metadata`` of a DCP directory, read without running code from it.
+
+    Raises:
+        CheckpointError: when it is not a DCP directory, or the metadata needs anything
+            but DCP's own record types.
+    """
+    path = Path(path)
+    if not is_dcp(path):
+        raise CheckpointError(f"{path}: not a torch.distributed.checkpoint directory")
+    try:
+        with open(path / _METADATA, "rb") as f:
+            meta = _RestrictedUnpickler(f).load()
+    except _Refused as err:
+        raise CheckpointError(
+            f"{path / _METADATA}: refused: it needs more than DCP's metadata records to "
+            f"unpickle, which could run code ({err})"
+        ) from None
+    except Exception as err:  # truncated or not a pickle
+        raise CheckpointError(f"{path / _METADATA}: unreadable DCP metadata ({err})") from None
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    if not isinstance(meta, Metadata):
+        raise CheckpointError(f"{path / _METADATA}: not DCP metadata")
+    return meta
+
+
+def _reader(path: Path) -> Any:
+    from torch.distributed.checkpoint import FileSystemReader
+
+    class SafeReader(FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:  # noqa: ARG002
+            from torch.distributed.checkpoint.metadata import StorageMeta
+
+            meta = read_metadata(path)
+            if getattr(meta, "storage_meta", None) is None:
+                meta.storage_meta = StorageMeta()
+            meta.storage_meta.load_id = self.load_id
+            return meta
+
+    return SafeReader(str(path))
+
+
+class _Raw:
+    """A non-tensor entry, kept as the bytes DCP stored (never unpickled)."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+
+def _planners() -> tuple[Any, Any]:
+    from torch.distributed.checkpoint import DefaultLoadPlanner, DefaultSavePlanner
+
+    class RawLoadPlanner(DefaultLoadPlanner):
+        raw: dict[str, _Raw]
+
+        def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
+            self.raw[read_item.dest_index.fqn] = _Raw(value.getvalue())
+
+    class RawSavePlanner(DefaultSavePlanner):
+        def transform_object(self, write_item: Any, object: Any) -> Any:  # noqa: A002
+            if isinstance(object, _Raw):
+                return io.BytesIO(object.data)
+            return super().transform_object(write_item, object)
+
+    return RawLoadPlanner, RawSavePlanner
+
+
+def _load(path: Path, names: list[str], meta: Any) -> dict[str, Any]:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    state: dict[str, Any] = {}
+    for name in names:
+        md = meta.state_dict_metadata[name]
+        if isinstance(md, TensorStorageMetadata):
+            state[name] = torch.empty(md.size, dtype=md.properties.dtype)
+        else:
+            state[name] = None  # filled with the raw bytes
+    load_planner, _ = _planners()
+    planner = load_planner(flatten_state_dict=False)
+    planner.raw = {}
+    try:
+        with warnings.catch_warnings():  # "no process group: loading in one process"
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(state, storage_reader=_reader(path), planner=planner, no_dist=True)
+        state.update(planner.raw)
+    except Exception as err:
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path}: cannot read the DCP checkpoint ({detail})") from None
+    return state
+
+
+def tensor_names(path: str | Path) -> list[str]:
+    """The names of the floating-point tensors of a DCP directory."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    meta = read_metadata(path)
+    return [
+        name
+        for name, md in meta.state_dict_metadata.items()
+        if isinstance(md, TensorStorageMetadata) and md.properties.dtype.is_floating_point
+    ]
+
+
+def iter_tensors(path: str | Path) -> Iterator[tuple[str, Tensor]]:
+    """Yield ``(name, full tensor)`` of each floating-point tensor, one at a time."""
+    path = Path(path)
+    meta = read_metadata(path)
+    for name in tensor_names(path):
+        yield name, _load(path, [name], meta)[name]
+
+
+def report_dcp(path: str | Path, bounds: Any) -> Report:
+    """The :class:`~parambounds.Report` of a DCP directory, reading one tensor at a time.
+
+    Args:
+        path: the checkpoint directory.
+        bounds: a :class:`~parambounds.Bounds`; every pattern must match some tensor.
+
+    Raises:
+        CheckpointError: for an unreadable checkpoint.
+        BoundsError: for a pattern that matches no tensor, or invalid bounds.
+    """
+    resolved = bounds._match(tuple(tensor_names(path)))  # unmatched patterns: as elsewhere
+    entries = []
+    for name, t in iter_tensors(path):
+        lo, hi = resolved.lower[name], resolved.upper[name]
+        if lo is not None or hi is not None:
+            one = type(bounds).from_trees({name: lo}, {name: hi}, penalty=bounds.penalty)
+            entries.extend(one.report({name: t}).entries)
+        del t  # one tensor in memory at a time
+    return Report(tuple(entries))
+
+
+def load_dcp(path: str | Path) -> Checkpoint:
+    """Read every entry of a DCP directory: tensors as tensors, the rest as raw bytes.
+
+    Raises:
+        CheckpointError: for an unreadable checkpoint or unsafe metadata.
+    """
+    path = Path(path)
+    meta = read_metadata(path)
+    state = _load(path, list(meta.state_dict_metadata), meta)
+    tensors = {k: v for k, v in state.items() if isinstance(v, Tensor) and v.is_floating_point()}
+    return Checkpoint(path, "dcp", tensors, state)
+
+
+def save_dcp(ckpt: Checkpoint, target: str | Path) -> None:
+    """Write ``ckpt`` as a new DCP directory at ``target`` (replacing a DCP directory there).
+
+    Raises:
+        CheckpointError: when ``target`` exists and is not a DCP directory, or its folder
+            does not exist.
+    """
+    import torch.distributed.checkpoint as dcp
+
+    target = Path(target)
+    if not target.parent.is_dir():
+        raise CheckpointError(f"{target}: folder {target.parent} does not exist")
+    if target.exists() and not is_dcp(target):
+        raise CheckpointError(
+            f"{target}: exists and is not a DCP checkpoint directory; refusing to replace it"
+        )
+    state = dict(ckpt.data)
+    state.update(ckpt.tensors)
+    _, save_planner = _planners()
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+    old = None
+    try:
+        with warnings.catch_warnings():  # "no process group: saving in one process"
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.save(
+                state,
+                storage_writer=dcp.FileSystemWriter(str(tmp)),
+                planner=save_planner(flatten_state_dict=False),
+                no_dist=True,
+            )
+        if target.exists():
+            old = Path(
+                tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".old")
+            )
+            old.rmdir()
+            target.rename(old)
+        tmp.rename(target)
+    except BaseException:
+        if old is not None and not target.exists():
+            old.rename(target)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
