@@ -13,6 +13,20 @@ parameter tree is built once outside the timed region, for both. ``exp pass`` is
 ``torch.exp`` over the same tensors. Extra peak memory is read from ``VmHWM`` in a fresh
 process per case and implementation (after resetting it with ``/proc/self/clear_refs``),
 as a multiple of the bounded parameters' bytes; the gradients themselves are 1.0x.
+
+``ours`` is the default (``auto``: the native CPU kernel, built ahead of time here with
+``parambounds build-kernels``); ``eager`` never compiles. Further tables, on the ``many``
+case:
+
+- the floor, measured component by component: the autograd engine (a do-nothing
+  ``autograd.Function`` over the 250 tensors whose backward returns 250 ready-made
+  gradients sharing one storage), one read+write pass over the tensors (copied into one
+  buffer), and the front end (flattening the tree and finding the plan);
+- the spec API against hand-written equivalents over the same tensors:
+  ``Bounds.cost(model)`` against ``bounds_cost(dict, lower, upper)`` (forward +
+  backward), ``Bounds.project_`` against ``torch._foreach_clamp_min_``/``_max_``,
+  ``Bounds.report`` against one ``bounds_cost`` forward + backward;
+- time to the first step in a fresh process (imports done) against a later step.
 """
 
 from __future__ import annotations
@@ -149,12 +163,10 @@ def measure_memory(case: str, impl: str, quick: bool) -> float:
     # Warm up (and compile) on the tiny variant of the case, so that neither imports nor
     # the compiler count, and the full-size step starts from fresh memory.
     small, s_lower, s_upper, _ = build(case, True, "cpu")
-    if impl == "auto":  # compile the kernel the full-size step will use
-        from parambounds import _kernels
+    if impl == "auto":  # load the native kernel the full-size step will use
+        from parambounds import _native
 
-        _kernels.set_kernel("compiled")
-        step(fn, small, s_lower, s_upper, all_tensors(small))
-        _kernels.set_kernel("auto")
+        _native.build(verbose=False)
     step(fn, small, s_lower, s_upper, all_tensors(small))
     del small
     params, lower, upper, bounded = build(case, quick, "cpu")
@@ -241,15 +253,181 @@ def table(rows: list[dict[str, Any]], impls: tuple[str, ...]) -> str:
     return "\n".join(lines)
 
 
+class _Nothing(torch.autograd.Function):
+    """The engine's floor: a do-nothing Function handing back ready-made gradients."""
+
+    @staticmethod
+    def forward(ctx: Any, grads: list[torch.Tensor], *xs: torch.Tensor) -> torch.Tensor:
+        ctx.grads = grads
+        return xs[0].new_zeros(())
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> Any:  # noqa: ARG004
+        return (None, *ctx.grads)
+
+
+def shared_grads(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Plain tensors (not views) sharing one fresh storage, shaped like ``tensors``."""
+    buf = torch.empty(sum(t.numel() for t in tensors), dtype=tensors[0].dtype)
+    out, offset = [], 0
+    for t in tensors:
+        out.append(torch.empty(0, dtype=t.dtype).set_(buf.untyped_storage(), offset, t.shape))
+        offset += t.numel()
+    return out
+
+
+def floor_rows(quick: bool) -> list[tuple[str, float]]:
+    """The floor of one step on ``many``, component by component, and ours beside it."""
+    from parambounds import _kernels, bounds_cost
+    from parambounds._plan import get_plan
+    from parambounds.trees import as_tree, flatten
+
+    reps = 5 if quick else 31
+    params, lower, upper, _ = build("many", quick, "cpu")
+    tensors = list(params.values())
+    flat = [t.detach().reshape(-1) for t in tensors]
+    buf = torch.empty(sum(t.numel() for t in tensors))
+
+    def engine() -> None:
+        for p in tensors:
+            p.grad = None
+        _Nothing.apply(shared_grads(tensors), *tensors).backward()
+
+    def front_end() -> None:
+        tree = as_tree(params)
+        treedef, leaves = flatten(tree)
+        get_plan(tree, treedef, leaves, lower, upper)
+
+    _kernels.set_kernel("auto")
+    rows = [
+        ("engine: do-nothing Function, 250 storage-sharing grads", median_ms(engine, "cpu", reps)),
+        (
+            "one read+write pass (copy into one buffer)",
+            median_ms(lambda: torch.cat(flat, out=buf), "cpu", reps),
+        ),
+        ("front end (flatten + plan lookup)", median_ms(front_end, "cpu", reps)),
+    ]
+    rows.append(("floor (sum of the above)", sum(ms for _, ms in rows)))
+    ours = median_ms(lambda: step(bounds_cost, params, lower, upper, tensors), "cpu", reps)
+    rows.append(("ours: bounds_cost forward + backward", ours))
+    return rows
+
+
+def as_module(params: dict[str, torch.Tensor]) -> torch.nn.Module:
+    module = torch.nn.Module()
+    for name, p in params.items():
+        module.register_parameter(name, torch.nn.Parameter(p.detach().clone()))
+    return module
+
+
+def spec_rows(quick: bool) -> list[tuple[str, float, str, float]]:
+    """The spec API against the hand-written equivalent over the same tensors."""
+    from parambounds import Bounds, _kernels, bounds_cost
+
+    reps = 5 if quick else 31
+    _kernels.set_kernel("auto")
+    params, lower, upper, _ = build("many", quick, "cpu")
+    model = as_module(params)
+    tensors = list(model.parameters())
+    named = dict(model.named_parameters())
+    bounds = Bounds({"*": (-2.0, 2.0)})
+
+    def spec_cost() -> None:
+        for p in tensors:
+            p.grad = None
+        bounds.cost(model).backward()
+
+    def functional_cost() -> None:
+        step(bounds_cost, named, lower, upper, tensors)
+
+    @torch.no_grad()
+    def foreach_clamp() -> None:
+        torch._foreach_clamp_min_(tensors, -2.0)
+        torch._foreach_clamp_max_(tensors, 2.0)
+
+    return [
+        (
+            "Bounds.cost + backward",
+            median_ms(spec_cost, "cpu", reps),
+            "bounds_cost + backward",
+            median_ms(functional_cost, "cpu", reps),
+        ),
+        (
+            "Bounds.project_",
+            median_ms(lambda: bounds.project_(model), "cpu", reps),
+            "_foreach_clamp_min_/_max_",
+            median_ms(foreach_clamp, "cpu", reps),
+        ),
+        (
+            "Bounds.report",
+            median_ms(lambda: bounds.report(model), "cpu", reps),
+            "bounds_cost + backward",
+            median_ms(functional_cost, "cpu", reps),
+        ),
+    ]
+
+
+def first_step(case: str, quick: bool) -> tuple[float, float]:
+    """In this (fresh) process: the first step and a later one, in ms (imports done)."""
+    from parambounds import bounds_cost
+
+    params, lower, upper, _ = build(case, quick, "cpu")
+    tensors = all_tensors(params)
+    t0 = time.perf_counter()
+    step(bounds_cost, params, lower, upper, tensors)
+    first = 1e3 * (time.perf_counter() - t0)
+    later = median_ms(lambda: step(bounds_cost, params, lower, upper, tensors), "cpu", 7)
+    return first, later
+
+
+def first_step_in_fresh_process(case: str, quick: bool) -> tuple[float, float] | None:
+    args = [sys.executable, __file__, "--first-step-probe", case] + (["--quick"] if quick else [])
+    out = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    if out.returncode != 0:
+        print(out.stderr, file=sys.stderr)
+        return None
+    first, later = out.stdout.strip().splitlines()[-1].split()
+    return float(first), float(later)
+
+
+def extra_tables(quick: bool) -> str:
+    lines = ["", "Floor of one step on `many` (CPU), component by component, in one run:", ""]
+    lines += ["| component | ms |", "|---|---|"]
+    floor = floor_rows(quick)
+    lines += [f"| {name} | {ms:.3f} |" for name, ms in floor]
+    lines.append(f"| ours / floor | {floor[-1][1] / floor[-2][1]:.2f}x |")
+    lines += ["", "Spec API against hand-written equivalents (`many`, CPU):", ""]
+    lines += ["| spec API | ms | hand-written | ms | ratio |", "|---|---|---|---|---|"]
+    for name, ms, ref_name, ref_ms in spec_rows(quick):
+        lines.append(f"| {name} | {ms:.3f} | {ref_name} | {ref_ms:.3f} | {ms / ref_ms:.2f}x |")
+    lines += ["", "Time to the first step (fresh process, imports done, kernel built):", ""]
+    lines += ["| case | first step ms | later step ms | ratio |", "|---|---|---|---|"]
+    for case in ("snn", "many", "large"):
+        got = first_step_in_fresh_process(case, quick)
+        if got is not None:
+            lines.append(f"| {case} | {got[0]:.2f} | {got[1]:.2f} | {got[0] / got[1]:.2f}x |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes, seconds (CI smoke test)")
     parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     parser.add_argument("--memory-probe", nargs=2, metavar=("CASE", "IMPL"), help=argparse.SUPPRESS)
+    parser.add_argument("--first-step-probe", metavar="CASE", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_probe:
         print(measure_memory(*args.memory_probe, quick=args.quick))
         return
+    if args.first_step_probe:
+        print(*first_step(args.first_step_probe, args.quick))
+        return
+    from parambounds import _native
+
+    try:  # ahead of time, as `parambounds build-kernels` does: no step waits for it
+        _native.build(verbose=False)
+    except RuntimeError as err:
+        print(f"native kernel unavailable ({err}); 'ours' is eager", file=sys.stderr)
     impls = IMPLS
     rows = run(args.quick, "cpu", impls)
     if torch.cuda.is_available():
@@ -259,6 +437,7 @@ def main() -> None:
         print("these numbers are not a measurement. Run without --quick for the benchmark.")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(table(rows, impls))
+    print(extra_tables(args.quick))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"torch": torch.__version__, "rows": rows}, f, indent=2)

@@ -213,3 +213,32 @@ def test_no_compiler_warns_once_and_stays_eager(fresh_native, monkeypatch):
         bounds_cost({"p": p}, {"p": -1.0}, {"p": 1.0})
     with pytest.raises(RuntimeError, match="cannot build the native kernel: RuntimeError: Ninja"):
         _native.build(verbose=False)
+
+
+def test_report_statistics(native):
+    """The native statistics equal plain Python, NaN and infinities included."""
+    del native
+    from parambounds import Bounds
+
+    inf, nan = math.inf, math.nan
+    values = [inf, -inf, nan, 0.5, -3.0, 2.5, 1.0, -1.0]
+    model = {
+        "a": torch.tensor(values, dtype=torch.float64),
+        "b": torch.tensor(values, dtype=torch.float32).reshape(2, 4),
+        "c": torch.tensor(values),  # one-sided
+        "h": torch.tensor(values).half(),  # not for the native kernel
+    }
+    bounds = Bounds({"[abh]": (-1.0, 1.0), "c": (None, 1.0)})
+    report = bounds.report(model)
+    for e in report.entries:
+        lo = None if e.name == "c" else -1.0
+        below = sum(1 for v in values if lo is not None and v < lo)
+        above = sum(1 for v in values if v > 1.0)
+        dtype = model[e.name].dtype
+        big = torch.finfo(dtype).max
+        excess = max(
+            [min(v - 1.0, big) for v in values if v > 1.0]
+            + [min(lo - v, big) for v in values if lo is not None and v < lo]
+        )
+        assert (e.below, e.above, e.nan) == (below, above, 1), e.name
+        assert e.max_excess == pytest.approx(excess, rel=1e-6), e.name

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from . import _native
 from ._kernels import clamp_args, signed_excess
 from ._plan import Plan, get_plan
 from ._rounding import compute_dtype
@@ -265,6 +266,28 @@ def _stats(x: Tensor, lower: Any, upper: Any) -> Tensor:
     return torch.stack([below, above, excess, nan])
 
 
+def _native_stats(plan: Plan, leaves: list[Tensor]) -> dict[int, list[float]]:
+    """The statistics of plain CPU leaves in groups, one native call per group.
+
+    Empty while the native kernel is not built; groups it does not take (other dtypes,
+    non-contiguous tensors) are left to :func:`_stats`.
+    """
+    module = _native.get()
+    if module is None:
+        return {}
+    out: dict[int, list[float]] = {}
+    for g in plan.groups:
+        idx = [i for i in g.indices if i not in plan.dtensors]
+        if not idx or leaves[idx[0]].device.type != "cpu":
+            continue
+        try:
+            rows = module.stats([leaves[i] for i in idx], g.lower, g.upper).tolist()
+        except RuntimeError:  # float16, integers, non-contiguous: the general path
+            continue
+        out.update(zip(idx, rows))
+    return out
+
+
 @torch.no_grad()
 def compute_report(plan: Plan, leaves: list[Tensor], names: list[str]) -> Report:
     """Compute the :class:`Report` of the bounded leaves of ``plan``.
@@ -276,11 +299,11 @@ def compute_report(plan: Plan, leaves: list[Tensor], names: list[str]) -> Report
     # Compared with the bounds rounded inward to each dtype: exact, as in float64.
     exact = plan.bounded_items(exact=True)
     by_device: dict[torch.device, list[tuple[int, Tensor]]] = {}
+    values: list[list[float]] = [[] for _ in items]
     for pos, (i, lo, hi) in enumerate(exact):
         lo, hi = plan.local_bounds(i, lo, hi, leaves[i])
         stats = _stats(to_local(leaves[i]), lo, hi)
         by_device.setdefault(stats.device, []).append((pos, stats))
-    values: list[list[float]] = [[] for _ in items]
     for rows in by_device.values():
         stacked = torch.stack([s for _, s in rows])
         # DTensor shards: one collective for the whole report, the same result everywhere.

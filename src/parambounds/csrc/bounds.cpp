@@ -25,6 +25,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <vector>
 
 namespace {
@@ -205,10 +206,71 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> value_and_grad(
   return {at::scalar_tensor(sum, options), buffer, std::move(grads)};
 }
 
+// The report's statistics of one tensor: elements below and above, the largest excess
+// (NaN skipped; infinity shown as the dtype's largest value, as torch.nan_to_num does),
+// and NaN elements. Branch-free, so that the compiler vectorizes it.
+template <typename scalar_t, bool HasLo, bool HasHi>
+void stats_one(const scalar_t* x, int64_t n, scalar_t lo, scalar_t hi, double* out) {
+  int64_t below = 0, above = 0, nan = 0;
+  scalar_t most = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const scalar_t v = x[i];
+    const bool is_above = HasHi && v > hi;
+    const bool is_below = HasLo && v < lo;
+    above += is_above;
+    below += is_below;
+    nan += v != v;
+    const scalar_t e = is_above ? v - hi : (is_below ? lo - v : scalar_t(0));
+    most = e > most ? e : most;
+  }
+  const scalar_t big = std::numeric_limits<scalar_t>::max();
+  out[0] = static_cast<double>(below);
+  out[1] = static_cast<double>(above);
+  out[2] = static_cast<double>(most > big ? big : most);
+  out[3] = static_cast<double>(nan);
+}
+
+// Returns a (len(xs), 4) float64 tensor: [below, above, max_excess, nan] per tensor.
+at::Tensor stats(const std::vector<at::Tensor>& xs, std::optional<double> lower,
+                 std::optional<double> upper) {
+  for (const auto& x : xs) {
+    TORCH_CHECK(x.device().is_cpu() && x.is_contiguous() &&
+                    (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble),
+                "parambounds native kernel: contiguous float32/float64 CPU tensors only");
+  }
+  const int64_t count = static_cast<int64_t>(xs.size());
+  at::Tensor out = at::empty({count, 4}, at::TensorOptions().dtype(at::kDouble));
+  double* rows = out.data_ptr<double>();
+  const bool has_lo = lower.has_value(), has_hi = upper.has_value();
+  at::parallel_for(0, count, 1, [&](int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; ++j) {
+      const auto& x = xs[j];
+      AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "parambounds_stats", [&] {
+        const auto l = static_cast<scalar_t>(lower.value_or(0.0));
+        const auto h = static_cast<scalar_t>(upper.value_or(0.0));
+        const scalar_t* p = x.data_ptr<scalar_t>();
+        double* r = rows + 4 * j;
+        if (has_lo && has_hi) {
+          stats_one<scalar_t, true, true>(p, x.numel(), l, h, r);
+        } else if (has_lo) {
+          stats_one<scalar_t, true, false>(p, x.numel(), l, h, r);
+        } else if (has_hi) {
+          stats_one<scalar_t, false, true>(p, x.numel(), l, h, r);
+        } else {
+          stats_one<scalar_t, false, false>(p, x.numel(), l, h, r);
+        }
+      });
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("value_and_grad", &value_and_grad, "cost and gradients of a group of tensors",
         py::arg("xs"), py::arg("lower"), py::arg("upper"), py::arg("penalty"),
         py::arg("threshold"), py::call_guard<py::gil_scoped_release>());
+  m.def("stats", &stats, "the report's statistics of each tensor", py::arg("xs"),
+        py::arg("lower"), py::arg("upper"), py::call_guard<py::gil_scoped_release>());
 }
