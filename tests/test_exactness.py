@@ -206,6 +206,11 @@ def test_empty_report_prints_serialises_and_summarises():
 finite = st.floats(-1e3, 1e3, allow_nan=False, width=64)
 
 
+def _above(b):
+    """An upper bound with a value of every dtype between it and ``b`` (bfloat16 keeps 8 bits)."""
+    return b + 1.0 + 0.01 * abs(b)
+
+
 @st.composite
 def bounded_case(draw):
     """A dtype, values (some far outside), and scalar or per-element, one- or two-sided bounds."""
@@ -225,9 +230,9 @@ def bounded_case(draw):
     lo, hi = side(kind != "upper"), side(kind != "lower")
     if lo is not None and hi is not None:  # order them, with room for a dtype value
         lo, hi = (
-            ([min(a, b) for a, b in zip(lo, hi)], [max(a, b) + 1.0 for a, b in zip(lo, hi)])
+            ([min(a, b) for a, b in zip(lo, hi)], [_above(max(a, b)) for a, b in zip(lo, hi)])
             if per_element
-            else (min(lo, hi), max(lo, hi) + 1.0)
+            else (min(lo, hi), _above(max(lo, hi)))
         )
     as_bound = (
         (lambda b: None if b is None else torch.tensor(b, dtype=torch.float64))
