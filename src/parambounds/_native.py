@@ -3,7 +3,13 @@
 ``csrc/bounds.cpp`` is compiled with :func:`torch.utils.cpp_extension.load` (a C++
 compiler and ninja are needed; nothing is downloaded) for the vector instructions of
 the machine it runs on (AVX-512, AVX2, or the portable scalar code of ``at::vec``), and
-cached by PyTorch (``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``).
+cached in ``parambounds/<torch version>/`` under PyTorch's extension folder
+(``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``).
+
+A build is serialised between processes by an ``flock`` that the system releases when
+its holder dies, so a build killed half-way never blocks the next one: PyTorch's own
+``lock`` file, which it would wait on forever, is removed as stale while that ``flock``
+is held.
 
 No training step waits for the compiler: :func:`get` starts the build in a background
 thread and returns ``None`` until the module is ready, and the callers use the eager
@@ -14,14 +20,17 @@ and the eager kernel stays in use.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import threading
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["PENALTY_IDS", "build", "get", "module_name", "state"]
+__all__ = ["PENALTY_IDS", "build", "build_directory", "get", "module_name", "state"]
 
 SOURCE = Path(__file__).parent / "csrc" / "bounds.cpp"
 #: Penalty names the native kernel implements, and their ids in ``bounds.cpp``.
@@ -59,16 +68,49 @@ def module_name() -> str:
     return f"parambounds_native_{_capability().lower()}"
 
 
+def build_directory() -> Path:
+    """Where the extension is built and cached (created if missing)."""
+    from torch.utils import cpp_extension
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
+    version = torch.__version__.replace("+", "_")
+    path = Path(root) / "parambounds" / f"torch{version}" / module_name()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@contextlib.contextmanager
+def _exclusive(directory: Path) -> Iterator[None]:
+    """Hold the build of ``directory`` for this process; clear a dead build's lock file."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX: PyTorch's own lock file only
+        yield
+        return
+    with open(directory / "parambounds.flock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # released by the system if this process dies
+        try:
+            # Every build of this folder holds the flock, so a lock file left now is
+            # from a build that was killed; PyTorch would wait for it forever.
+            (directory / "lock").unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def _load(verbose: bool = False) -> Any:
     from torch.utils import cpp_extension
 
     cap = _capability()
-    return cpp_extension.load(
-        name=module_name(),
-        sources=[str(SOURCE)],
-        extra_cflags=["-O3", *_FLAGS.get(cap, [])],
-        verbose=verbose,
-    )
+    directory = build_directory()
+    with _exclusive(directory):
+        return cpp_extension.load(
+            name=module_name(),
+            sources=[str(SOURCE)],
+            extra_cflags=["-O3", *_FLAGS.get(cap, [])],
+            build_directory=str(directory),
+            verbose=verbose,
+        )
 
 
 def _build_now(verbose: bool) -> None:
