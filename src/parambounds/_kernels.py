@@ -245,7 +245,7 @@ def _compiled_ready(x: Tensor, lower: Any, upper: Any, penalty: Penalty) -> bool
                     finally:
                         done.set()
 
-                threading.Thread(target=work, name="parambounds-compile", daemon=True).start()
+                threading.Thread(target=work, name="parambounds-compile").start()
     return done.is_set() and not _compile_failed
 
 

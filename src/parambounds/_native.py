@@ -15,7 +15,9 @@ No training step waits for the compiler: :func:`get` starts the build in a backg
 thread and returns ``None`` until the module is ready, and the callers use the eager
 kernel meanwhile. ``parambounds build-kernels`` (:func:`build`) builds ahead of time, so
 that even the first step finds the kernel ready. Without a compiler, one warning says so
-and the eager kernel stays in use.
+and the eager kernel stays in use. The build thread is not a daemon: a short script
+that exits while the kernel is being built waits for the build to finish (instead of
+being killed inside it, which aborts the interpreter); build ahead of time to avoid it.
 """
 
 from __future__ import annotations
@@ -127,9 +129,7 @@ def _start() -> None:
     global _thread
     with _lock:
         if _thread is None and not _done.is_set():
-            _thread = threading.Thread(
-                target=_build_now, args=(False,), name="parambounds-build", daemon=True
-            )
+            _thread = threading.Thread(target=_build_now, args=(False,), name="parambounds-build")
             _thread.start()
 
 
