@@ -244,12 +244,6 @@ def _effective_parameters(model: torch.nn.Module) -> dict[str, Tensor]:
 # ---------------------------------------------------------------- the report's numbers
 
 
-def _show_bound(b: Any) -> float | str | None:
-    if b is None or isinstance(b, float):
-        return b
-    return f"tensor{tuple(b.shape)}"
-
-
 def _stats(x: Tensor, lower: Any, upper: Any) -> Tensor:
     """``[below, above, max_excess, nan]`` of one tensor, as float64 on its device."""
     x = x.detach()
@@ -312,16 +306,7 @@ def compute_report(plan: Plan, leaves: list[Tensor], names: list[str]) -> Report
         for (pos, _), v in zip(rows, host):
             values[pos] = v
     entries = tuple(
-        ParamReport(
-            name=names[i],
-            numel=leaves[i].numel(),
-            below=int(v[0]),
-            above=int(v[1]),
-            max_excess=float(v[2]),
-            nan=int(v[3]),
-            lower=_show_bound(lo),
-            upper=_show_bound(hi),
-        )
+        ParamReport.from_stats(names[i], leaves[i].numel(), v, lo, hi)
         for (i, lo, hi), v in zip(items, values)
     )
     return Report(entries)

@@ -41,6 +41,11 @@ def _clamp_(x: Tensor, lo: Any, hi: Any) -> None:
         x.clamp_(*clamp_args(lo, hi))
 
 
+def _refuse_bool(x: Tensor, names: list[str] | None, i: int) -> None:
+    if x.dtype == torch.bool and x.is_leaf:
+        raise BoundsError(f"cannot project {_where(names, i)}: it is a bool tensor")
+
+
 @torch.no_grad()
 def project_plan_(plan: Plan, leaves: list[Tensor], names: list[str] | None = None) -> None:
     """Clamp the bounded leaves of ``plan`` in place: one multi-tensor op per group.
@@ -53,16 +58,23 @@ def project_plan_(plan: Plan, leaves: list[Tensor], names: list[str] | None = No
     Raises:
         BoundsError: for a bool tensor, or a computed tensor outside its bounds, naming it.
     """
-    computed = []
-    for i, lo, hi in plan.bounded_items(exact=True):
-        x = leaves[i]
-        if not x.is_leaf:
-            computed.append((i, lo, hi))
-        elif x.dtype == torch.bool:
-            raise BoundsError(f"cannot project {_where(names, i)}: it is a bool tensor")
-    for g in plan.groups:
+    computed = []  # checked last: a bool tensor is refused before anything is written
+    for lb in plan.tensor_leaves:
+        _refuse_bool(leaves[lb.index], names, lb.index)
+    groups = []
+    for g in plan.groups:  # a group's leaves share one dtype
+        if leaves[g.indices[0]].dtype == torch.bool:
+            for i in g.indices:
+                _refuse_bool(leaves[i], names, i)
+        own = []
+        for i in g.indices:
+            if leaves[i].is_leaf:
+                own.append(leaves[i])
+            else:
+                computed.append((i, g.exact_lower, g.exact_upper))
+        groups.append((g, own))
+    for g, own in groups:
         # DTensors (FSDP2, tensor parallel): clamp the local shard in place.
-        own = [leaves[i] for i in g.indices if leaves[i].is_leaf]
         for x in own:
             if is_partial(x):  # addends, not values: clamped exactly, one by one
                 clamp_(x, g.exact_lower, g.exact_upper)
@@ -79,12 +91,14 @@ def project_plan_(plan: Plan, leaves: list[Tensor], names: list[str] | None = No
             torch._foreach_clamp_max_(xs, g.exact_upper)
     for lb in plan.tensor_leaves:
         x = leaves[lb.index]
-        if x.is_leaf:
-            lo, hi = plan.local_bounds(lb.index, lb.exact_lower, lb.exact_upper, x)
-            if is_partial(x):
-                clamp_(x, *clamp_args(lo, hi))
-            else:
-                _clamp_(to_local(x), lo, hi)
+        if not x.is_leaf:
+            computed.append((lb.index, lb.exact_lower, lb.exact_upper))
+            continue
+        lo, hi = plan.local_bounds(lb.index, lb.exact_lower, lb.exact_upper, x)
+        if is_partial(x):
+            clamp_(x, *clamp_args(lo, hi))
+        else:
+            _clamp_(to_local(x), lo, hi)
     for i, lo, hi in computed:
         x = to_local(leaves[i]).detach()
         if not x.is_floating_point() or x.itemsize == 1:
@@ -167,23 +181,26 @@ class BoundedParametrization(torch.nn.Module):
         lo: Any = None if self.lower is None else self.lower.to(wide)
         hi: Any = None if self.upper is None else self.upper.to(wide)
         zw = z.to(wide)
-        if not self.mixed:
-            out = self._map(zw, lo, hi)
-        else:
-            has_lo, has_hi = _finite(lo, zw), _finite(hi, zw)
-            # open sides replaced by 0 where unused: no inf - inf, no NaN gradient
-            lo0 = torch.where(has_lo, lo, 0.0) if lo is not None else torch.zeros((), dtype=wide)
-            hi0 = torch.where(has_hi, hi, 0.0) if hi is not None else torch.zeros((), dtype=wide)
-            out = torch.where(
-                has_lo & has_hi,
-                self._map(zw, lo0, hi0),
-                torch.where(
-                    has_lo,
-                    self._map(zw, lo0, None),
-                    torch.where(has_hi, self._map(zw, None, hi0), zw),
-                ),
-            )
+        out = self._each(self._map, zw, lo, hi)
         return torch.clamp(out.to(z.dtype), *clamp_args(self.lower, self.upper))
+
+    def _each(self, f: Any, v: Tensor, lo: Any, hi: Any) -> Tensor:
+        """``f(v, lo, hi)``, each element with the form that fits its own bounds.
+
+        With per-element bounds open on some elements, ``f`` is evaluated two-sided,
+        lower-only and upper-only, and each element takes the one that fits (or stays).
+        """
+        if not self.mixed:
+            return f(v, lo, hi)  # type: ignore[no-any-return]
+        has_lo, has_hi = _finite(lo, v), _finite(hi, v)
+        # open sides replaced by 0 where unused: no inf - inf, no NaN gradient
+        zero = torch.zeros((), dtype=v.dtype)
+        lo0 = torch.where(has_lo, lo, 0.0) if lo is not None else zero
+        hi0 = torch.where(has_hi, hi, 0.0) if hi is not None else zero
+        one_sided = torch.where(has_hi, f(v, None, hi0), v)
+        return torch.where(
+            has_lo & has_hi, f(v, lo0, hi0), torch.where(has_lo, f(v, lo0, None), one_sided)
+        )
 
     def _inverse(self, x: Tensor, lo: Any, hi: Any) -> Tensor:
         """The unconstrained value of ``x`` (float64) under finite bounds."""
@@ -202,21 +219,7 @@ class BoundedParametrization(torch.nn.Module):
         lo: Any = None if self.lower is None else self.lower.to(f64)
         hi: Any = None if self.upper is None else self.upper.to(f64)
         x64 = x.detach().to(f64)
-        if not self.mixed:
-            z = self._inverse(x64, lo, hi)
-        else:
-            has_lo, has_hi = _finite(lo, x64), _finite(hi, x64)
-            lo0 = torch.where(has_lo, lo, 0.0) if lo is not None else torch.zeros((), dtype=f64)
-            hi0 = torch.where(has_hi, hi, 0.0) if hi is not None else torch.zeros((), dtype=f64)
-            z = torch.where(
-                has_lo & has_hi,
-                self._inverse(x64, lo0, hi0),
-                torch.where(
-                    has_lo,
-                    self._inverse(x64, lo0, None),
-                    torch.where(has_hi, self._inverse(x64, None, hi0), x64),
-                ),
-            )
+        z = self._each(self._inverse, x64, lo, hi)
         big = torch.finfo(x.dtype).max
         return z.clamp(-big, big).to(x.dtype)  # finite in the dtype
 

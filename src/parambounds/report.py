@@ -30,6 +30,24 @@ class ParamReport:
         """Whether any element is below, above, or NaN."""
         return bool(self.below or self.above or self.nan)
 
+    @classmethod
+    def from_stats(
+        cls, name: str, numel: int, stats: Any, lower: Any, upper: Any, kind: str = "tensor"
+    ) -> ParamReport:
+        """Build from a backend's ``[below, above, max_excess, nan]`` row and its bounds.
+
+        A bound is shown as its number, ``None`` when open, or ``"<kind>(shape)"`` for a
+        per-element bound (``kind``: what the framework calls an array).
+        """
+
+        def show(b: Any) -> float | str | None:
+            return b if b is None or isinstance(b, float) else f"{kind}{tuple(b.shape)}"
+
+        below, above, excess, nan = stats
+        return cls(
+            name, numel, int(below), int(above), float(excess), int(nan), show(lower), show(upper)
+        )
+
 
 @dataclass(frozen=True)
 class Report:

@@ -103,12 +103,6 @@ def constrain(bounds: Bounds, tree: Any) -> Any:
     return _map_bounded(bounds, tree, _math.constrain)
 
 
-def _show_bound(b: Any) -> float | str | None:
-    if b is None or isinstance(b, float):
-        return b
-    return f"array{tuple(b.shape)}"
-
-
 def report(bounds: Bounds, tree: Any) -> Report:
     """The :class:`~parambounds.Report` of ``tree``: one transfer to the host.
 
@@ -128,16 +122,7 @@ def report(bounds: Bounds, tree: Any) -> Report:
         values = []
     return Report(
         tuple(
-            ParamReport(
-                name=names[i],
-                numel=int(np.size(leaves[i])),
-                below=int(v[0]),
-                above=int(v[1]),
-                max_excess=float(v[2]),
-                nan=int(v[3]),
-                lower=_show_bound(lo),
-                upper=_show_bound(hi),
-            )
+            ParamReport.from_stats(names[i], int(np.size(leaves[i])), v, lo, hi, "array")
             for (i, lo, hi), v in zip(bounded, values)
         )
     )
