@@ -66,34 +66,25 @@ Vec exp_of(const Vec& x) {
   }
 }
 
+// The lanes of one vector: a mask of those inside (all ones; false for NaN, which is never
+// inside), and the cost and gradient of those outside (0 inside).
 template <typename scalar_t, int64_t P, bool HasLo, bool HasHi>
-double segment(const scalar_t* x, scalar_t* g, int64_t n, scalar_t lo, scalar_t hi,
-               scalar_t thr) {
+struct Lanes {
   using Vec = at::vec::Vectorized<scalar_t>;
-  constexpr int64_t W = Vec::size();
-  const Vec zero(0), one(1), minus_one(-1), two(2);
-  const Vec vlo(lo), vhi(hi), vthr(thr);
-  Vec acc(0);
-  double total = 0;
-  int64_t i = 0;
-  for (; i < n; i += W) {
-    const int64_t count = std::min<int64_t>(W, n - i);
-    const Vec vx = count == W ? Vec::loadu(x + i) : Vec::loadu(x + i, count);
-    // Inside: lanes all ones (false for NaN, which is never inside). Most vectors of a
-    // trained model are inside on every lane: no exp, a zero gradient, nothing to add.
-    Vec inside = vx == vx;
-    if constexpr (HasHi) inside = inside & (vx <= vhi);
-    if constexpr (HasLo) inside = inside & (vx >= vlo);
-    if (inside.zero_mask() == 0) {
-      if (count == W) {
-        zero.store(g + i);
-      } else {
-        zero.store(g + i, count);
-      }
-      continue;
-    }
-    // Lanes not inside are above, below or NaN. There e is the excess (> 0, +inf beyond
-    // a finite bound, NaN for NaN); lanes inside are set to 0 at the end, whatever e is.
+  Vec zero{0}, one{1}, minus_one{-1}, two{2}, vlo, vhi, vthr;
+
+  Lanes(scalar_t lo, scalar_t hi, scalar_t thr) : vlo(lo), vhi(hi), vthr(thr) {}
+
+  Vec inside(const Vec& vx) const {
+    Vec in = vx == vx;
+    if constexpr (HasHi) in = in & (vx <= vhi);
+    if constexpr (HasLo) in = in & (vx >= vlo);
+    return in;
+  }
+
+  // Lanes not inside are above, below or NaN. There e is the excess (> 0, +inf beyond a
+  // finite bound, NaN for NaN); lanes inside are set to 0 at the end, whatever e is.
+  void outside(const Vec& vx, const Vec& in, Vec& value, Vec& grad) const {
     Vec e, sign;
     if constexpr (HasHi && HasLo) {
       e = at::vec::clamp_min(vx - vhi, vlo - vx);  // max, NaN if vx is NaN
@@ -108,7 +99,7 @@ double segment(const scalar_t* x, scalar_t* g, int64_t n, scalar_t lo, scalar_t 
       e = vx;  // only NaN is outside
       sign = one;
     }
-    Vec value, slope;
+    Vec slope;
     if constexpr (P == kExp || P == kExpm1) {
       // clamp_min/clamp_max keep a NaN of their first argument.
       const Vec capped = at::vec::clamp_max(at::vec::clamp_min(e, zero), vthr);
@@ -126,21 +117,50 @@ double segment(const scalar_t* x, scalar_t* g, int64_t n, scalar_t lo, scalar_t 
       value = e;
       slope = Vec::blendv(one, e, e.isnan());
     }
-    value = Vec::blendv(value, zero, inside);
-    const Vec grad = Vec::blendv(sign * slope, zero, inside);
-    if (count == W) {
-      grad.store(g + i);
-      acc = acc + value;
-    } else {
-      grad.store(g + i, count);
-      scalar_t lanes[W];
-      value.store(lanes);
-      for (int64_t k = 0; k < count; ++k) total += lanes[k];
-    }
+    value = Vec::blendv(value, zero, in);
+    grad = Vec::blendv(sign * slope, zero, in);
   }
-  scalar_t lanes[W];
-  acc.store(lanes);
-  for (int64_t k = 0; k < W; ++k) total += lanes[k];
+};
+
+// The cost of x[0, n) (n <= kBlock) and its gradient into g, in two sweeps. The first
+// writes a zero gradient everywhere and lists the vectors with a lane outside, without a
+// branch; the second computes those, from the cache. One branch per vector ("any lane
+// outside?") would be mispredicted whenever a few lanes in ten are outside at random.
+template <typename scalar_t, int64_t P, bool HasLo, bool HasHi>
+double segment(const scalar_t* x, scalar_t* g, int64_t n, scalar_t lo, scalar_t hi,
+               scalar_t thr) {
+  using Vec = at::vec::Vectorized<scalar_t>;
+  constexpr int64_t W = Vec::size();
+  const Lanes<scalar_t, P, HasLo, HasHi> lanes(lo, hi, thr);
+  int32_t listed[kBlock / W];
+  int64_t count = 0;
+  const int64_t full = n - n % W;
+  for (int64_t i = 0; i < full; i += W) {
+    const Vec vx = Vec::loadu(x + i);
+    lanes.zero.store(g + i);
+    listed[count] = static_cast<int32_t>(i);
+    count += lanes.inside(vx).zero_mask() != 0;
+  }
+  Vec acc(0), value, grad;
+  for (int64_t k = 0; k < count; ++k) {
+    const int64_t i = listed[k];
+    const Vec vx = Vec::loadu(x + i);
+    lanes.outside(vx, lanes.inside(vx), value, grad);
+    grad.store(g + i);
+    acc = acc + value;
+  }
+  scalar_t sums[W];
+  acc.store(sums);
+  double total = 0;
+  for (int64_t k = 0; k < W; ++k) total += sums[k];
+  if (full < n) {  // the tail: fewer than W lanes
+    const int64_t rest = n - full;
+    const Vec vx = Vec::loadu(x + full, rest);
+    lanes.outside(vx, lanes.inside(vx), value, grad);
+    grad.store(g + full, rest);
+    value.store(sums);
+    for (int64_t k = 0; k < rest; ++k) total += sums[k];
+  }
   return total;
 }
 
