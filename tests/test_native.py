@@ -155,6 +155,7 @@ def fresh_native(monkeypatch):
     monkeypatch.setattr(_native, "_error", None)
     monkeypatch.setattr(_native, "_warned", False)
     monkeypatch.setattr(_native, "_done", threading.Event())
+    monkeypatch.setattr(_native, "_load_if_built", lambda: None)  # as if not built yet
     before = K.get_kernel()
     K.set_kernel("auto")
     yield
@@ -330,3 +331,24 @@ def test_another_source_gets_another_library(monkeypatch, tmp_path):
         monkeypatch.undo()
         _native.module_name.cache_clear()
     assert _native.module_name() == name
+
+
+def test_a_built_library_serves_the_very_first_step(fresh_native, monkeypatch):
+    """Built already (any run after the first): imported in the first step's thread."""
+    del fresh_native
+    _native.build(verbose=False)  # make sure it is built (no-op when it is)
+    monkeypatch.setattr(_native, "_module", None)
+    monkeypatch.setattr(_native, "_thread", None)
+    monkeypatch.setattr(_native, "_done", threading.Event())
+    monkeypatch.setattr(_native, "_load_if_built", _load_if_built_real)
+    started = []
+    monkeypatch.setattr(threading.Thread, "start", lambda self: started.append(self))
+    p = torch.tensor([3.0, 0.0], requires_grad=True)
+    cost = bounds_cost({"p": p}, {"p": -1.0}, {"p": 1.0})
+    (grad,) = torch.autograd.grad(cost, [p])
+    assert _native.state() == "ready" and not started
+    assert not grad._is_view()  # the native kernel's plain tensors, in the first step
+    assert grad.tolist() == pytest.approx([math.exp(2.0), 0.0])
+
+
+_load_if_built_real = _native._load_if_built
