@@ -539,6 +539,39 @@ def scenario_errors(mesh):
     print(f"rank {rank}: errors ok", flush=True)
 
 
+def scenario_diverge(_mesh):
+    """A plan cache that differs between ranks: an error on every rank, in bounded time.
+
+    Plans of DTensors are kept alike on every rank (work on plain tensors by one rank
+    cannot evict them); here rank 0's are dropped behind the library's back, so rank 0
+    builds (an exchange) while rank 1 goes straight to the cost's all-reduce.
+    """
+    from torch.distributed.device_mesh import DeviceMesh
+
+    from parambounds import _plan
+
+    os.environ["PARAMBOUNDS_DIST_TIMEOUT"] = "4"
+    group = dist.new_group(backend="gloo")  # broken below: not the default group
+    mesh = DeviceMesh.from_group(group, "cpu")
+    w = distribute_tensor(torch.linspace(-3, 3, 7), mesh, [Shard(0)], src_data_rank=None)
+    hi = torch.full((7,), 1.0)
+    torch.testing.assert_close(
+        bounds_cost({"w": w}, {"w": -1.0}, {"w": hi}),
+        bounds_cost({"w": w.full_tensor()}, {"w": -1.0}, {"w": hi}),
+    )
+    if dist.get_rank() == 0:
+        _plan._DIST_PLANS.clear()
+    start = time.monotonic()
+    msg = expect_bounds_error(
+        lambda: bounds_cost({"w": w}, {"w": -1.0}, {"w": hi}),
+        r"is collective over the ranks \[0, 1\], but not all of them took part",
+    )
+    assert time.monotonic() - start < 60
+    print(f"rank {dist.get_rank()}: {msg} after {time.monotonic() - start:.1f} s", flush=True)
+    print(f"rank {dist.get_rank()}: diverge ok", flush=True)
+    return "broken"
+
+
 def scenario_alone(mesh):
     """Only rank 0 calls ``check``: it raises after the timeout instead of hanging."""
     os.environ["PARAMBOUNDS_DIST_TIMEOUT"] = "3"
@@ -557,7 +590,8 @@ def scenario_alone(mesh):
 
 def main():
     # generous: compiling on a loaded machine can keep one rank away for a minute
-    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=240))
+    pg_timeout = float(os.environ.get("PB_PG_TIMEOUT", "240"))
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=pg_timeout))
     try:
         mesh = (
             init_device_mesh("cpu", (dist.get_world_size(),))
