@@ -465,15 +465,29 @@ def scenario_dcp(mesh):
         ckpt = load_checkpoint(root / "in")
         bounds.project_(ckpt.tensors)
         save_checkpoint(ckpt, root / "out")
+        # the command line: tensor by tensor (tests/test_checkpoints_dcp.py counts them)
+        from parambounds.cli import main
+
+        toml = root / "b.toml"
+        toml.write_text(
+            '[bounds]\n"tau" = [0.005, 0.04]\n"inp.weight" = [-0.2, 0.2]\n'
+            '"out.bias" = { upper = 0.05 }\n'
+        )
+        assert (
+            main(["clamp", str(root / "in"), "--bounds", str(toml), "-o", str(root / "cli")]) == 0
+        )
     dist.barrier()
-    back = Net().double()
-    fully_shard(back.inp, mesh=mesh)
-    fully_shard(back, mesh=mesh)
-    state = back.state_dict()
-    dcp.load(state, checkpoint_id=str(root / "out"))  # read back by every rank, sharded
-    bounds.project_(ref)
-    for name, rp in ref.state_dict().items():
-        torch.testing.assert_close(state[name].full_tensor(), rp, msg=name)
+    cli_bounds = Bounds({**SPEC, "out.bias": (None, 0.05)})
+    for out, spec in (("out", bounds), ("cli", cli_bounds)):
+        back = Net().double()
+        fully_shard(back.inp, mesh=mesh)
+        fully_shard(back, mesh=mesh)
+        state = back.state_dict()
+        dcp.load(state, checkpoint_id=str(root / out))  # read back by every rank, sharded
+        want = Net().double()
+        spec.project_(want)
+        for name, rp in want.state_dict().items():
+            torch.testing.assert_close(state[name].full_tensor(), rp, msg=f"{out} {name}")
     print(f"rank {dist.get_rank()}: dcp ok", flush=True)
 
 
@@ -537,6 +551,92 @@ def scenario_errors(mesh):
     other = {"w": (-1.0, 1.0 + rank)}
     expect_bounds_error(lambda: Bounds(other).check({"w": x}), r"rank\(s\) \[1\] differ")
     print(f"rank {rank}: errors ok", flush=True)
+
+
+def scenario_attack(mesh):
+    """Layouts and bounds a training run meets that the other scenarios do not."""
+    g = torch.Generator().manual_seed(7)
+    # a learnable (requires_grad) bound on a sharded parameter: its gradient is the sum
+    # over every shard, the same on every rank, as for the unsharded parameter
+    full = torch.randn(5, 3, generator=g, dtype=torch.float64) * 2
+    for hi_full in (torch.tensor(0.5, dtype=torch.float64), torch.full((5, 3), 0.5).double()):
+        x = distribute_tensor(full, mesh, [Shard(0)], src_data_rank=None).requires_grad_()
+        rx = full.clone().requires_grad_()
+        hi, rhi = hi_full.clone().requires_grad_(), hi_full.clone().requires_grad_()
+        cost = bounds_cost({"w": x}, {"w": -0.5}, {"w": hi})
+        expected = bounds_cost({"w": rx}, {"w": -0.5}, {"w": rhi})
+        torch.testing.assert_close(cost, expected)
+        gx, ghi = torch.autograd.grad(cost, [x, hi])
+        rgx, rghi = torch.autograd.grad(expected, [rx, rhi])
+        torch.testing.assert_close(gx.full_tensor(), rgx)
+        torch.testing.assert_close(ghi, rghi, msg=f"bound gradient {tuple(hi.shape)}")
+    # parameters of several dtypes on one mesh, and a parameter smaller than the mesh
+    params = {
+        "f32": torch.randn(7, generator=g) * 2,
+        "f64": torch.randn(3, 4, generator=g, dtype=torch.float64) * 2,
+        "bf16": (torch.randn(6, generator=g) * 2).bfloat16(),
+        "one": torch.randn(1, 4, generator=g, dtype=torch.float64) * 2,  # rank 1: empty
+    }
+    sharded = {
+        k: distribute_tensor(v, mesh, [Shard(0)], src_data_rank=None) for k, v in params.items()
+    }
+    hi_one = torch.linspace(0.1, 0.4, 4, dtype=torch.float64)[None]
+    lower = {"f32": -1.0, "f64": -1.0, "bf16": -1.0, "one": -0.1}
+    upper = {"f32": 1.0, "f64": 1.0, "bf16": 1.0, "one": hi_one}
+    upper_d = {**upper, "one": distribute_tensor(hi_one, mesh, [Shard(1)], src_data_rank=None)}
+    want = bounds_cost(
+        {k: v.double() for k, v in params.items()}, lower, upper, penalty="quadratic"
+    )
+    for up in (upper, upper_d):
+        got = bounds_cost(sharded, lower, up, penalty="quadratic")
+        assert got.dtype == torch.float64, got.dtype
+        torch.testing.assert_close(got, want)
+        spec = Bounds({k: (lower[k], up[k]) for k in params})
+        ref_spec = Bounds({k: (lower[k], upper[k]) for k in params})
+        assert spec.report(sharded).to_dict() == ref_spec.report(params).to_dict()
+        y = {k: v.clone() for k, v in sharded.items()}
+        spec.project_(y)
+        ref = {k: v.clone() for k, v in params.items()}
+        ref_spec.project_(ref)
+        for k in params:
+            assert torch.equal(y[k].full_tensor(), ref[k]), k
+    print(f"rank {dist.get_rank()}: attack ok", flush=True)
+
+
+def scenario_hsdp(_mesh):
+    """HSDP: FSDP2 on a 2-D (replicate, shard) mesh, trained a few steps with ``attach``."""
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("rep", "shard"))
+    ref = Net().double()
+    model = Net().double()
+    fully_shard(model.inp, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    kinds = {tuple(map(type, p.placements)) for p in model.parameters()}
+    assert kinds == {(Replicate, Shard)}, kinds
+    bounds = Bounds(SPEC)
+    cost, expected = bounds.cost(model), bounds.cost(ref)
+    torch.testing.assert_close(cost, expected)
+    cost.backward()
+    expected.backward()
+    for (name, p), (_, rp) in zip(model.named_parameters(), ref.named_parameters()):
+        if rp.grad is not None:
+            torch.testing.assert_close(p.grad.full_tensor(), rp.grad, msg=name)
+    assert bounds.report(model).to_dict() == bounds.report(ref).to_dict()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    bounds.attach(opt, model)
+    g = torch.Generator().manual_seed(dist.get_rank())
+    for _ in range(3):
+        opt.zero_grad()
+        x = torch.randn(8, 4, generator=g, dtype=torch.float64)
+        (model(x).square().mean() + bounds.cost(model)).backward()
+        opt.step()
+        report = bounds.report(model)
+        assert report.ok, str(report)
+        assert all_equal(report.to_dict())
+        full = {n: p.full_tensor() for n, p in model.named_parameters()}
+        assert Bounds(SPEC).report(full).ok
+    print(f"rank {dist.get_rank()}: hsdp ok", flush=True)
 
 
 def scenario_diverge(_mesh):

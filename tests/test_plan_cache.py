@@ -38,7 +38,7 @@ def test_an_updated_bound_replaces_its_older_plan(monkeypatch):
     lo = torch.tensor([0.0, 0.0])
     w = torch.tensor([-1.0, 1.0])
     before = len(_plan._PLANS)
-    for step in range(3):
+    for _ in range(3):
         lo.sub_(1.0)  # a new version: a new plan, the old one forgotten
         _plan._SEEN.clear()
         got = bounds_cost({"w": w}, {"w": lo}, {"w": None}, penalty="linear").item()
