@@ -171,6 +171,26 @@ def _integer_bound(b: Any, side: str, dtype: Any, name: str) -> Any:
     return np.asarray(min(max(v, info[0]), info[1]), dtype=dtype)
 
 
+def _check_range(b: Any, side: str, dtype: Any, name: str) -> None:
+    """Reject a concrete array bound that no value of ``dtype`` can meet."""
+    if not _concrete(b):
+        return
+    info = jnp.finfo(dtype) if jnp.issubdtype(dtype, jnp.floating) else None
+    if dtype == jnp.bool_:
+        low, high = 0.0, 1.0
+    else:
+        info = info or jnp.iinfo(dtype)
+        low, high = float(info.min), float(info.max)
+    host = np.asarray(b, dtype=np.float64)
+    bad = np.argwhere(host > high) if side == "lower" else np.argwhere(host < low)
+    if len(bad):
+        idx = tuple(int(i) for i in bad[0])
+        raise BoundsError(
+            f"{side} bound for '{_show(name)}' is {host[idx]} at index {idx}, beyond the "
+            f"range of {jnp.dtype(dtype)}: no value can satisfy it"
+        )
+
+
 def clip_bound(b: Any, side: str, dtype: Any, name: str) -> Any:
     """A normalised bound as values of ``dtype`` on the inside of the bound.
 
@@ -183,7 +203,8 @@ def clip_bound(b: Any, side: str, dtype: Any, name: str) -> Any:
     if not jnp.issubdtype(dtype, jnp.floating):
         if isinstance(b, float):
             return _integer_bound(b, side, dtype, name)
-        return b  # integer arrays are compared as they are
+        _check_range(b, side, dtype, name)
+        return _math.inward_integer(b, side, dtype)
     if isinstance(b, float):
         c = _inward_scalar(b, side, dtype)
         if (side == "lower" and c == np.inf) or (side == "upper" and c == -np.inf):
@@ -191,7 +212,32 @@ def clip_bound(b: Any, side: str, dtype: Any, name: str) -> Any:
                 f"{side} bound for '{_show(name)}' is {b}, beyond the range of {dtype}"
             )
         return c
+    _check_range(b, side, dtype, name)
     return _math.inward(b, side, dtype)
+
+
+def _inner(x: Any, lo: Any, hi: Any, name: str) -> tuple[Any, Any]:
+    """Both bounds of ``x`` rounded inward to its dtype, checked to leave a value between.
+
+    Raises:
+        BoundsError: where no value of the dtype lies between concrete bounds.
+    """
+    dtype = jnp.dtype(jnp.result_type(x))
+    lo_in, hi_in = clip_bound(lo, "lower", dtype, name), clip_bound(hi, "upper", dtype, name)
+    if lo_in is None or hi_in is None or not (_concrete(lo_in) and _concrete(hi_in)):
+        return lo_in, hi_in
+    lo_h = np.asarray(jnp.asarray(lo_in).astype(jnp.float32), np.float64)
+    hi_h = np.asarray(jnp.asarray(hi_in).astype(jnp.float32), np.float64)
+    lo_h, hi_h = np.broadcast_arrays(lo_h, hi_h)
+    bad = np.argwhere(lo_h > hi_h)
+    if len(bad):
+        idx = tuple(int(i) for i in bad[0])
+        at = f" at index {idx}" if lo_h.ndim else ""
+        raise BoundsError(
+            f"no value of {dtype} lies between the bounds of '{_show(name)}'{at}: "
+            f"rounded inward they are {lo_h[idx]} > {hi_h[idx]}"
+        )
+    return lo_in, hi_in
 
 
 # ----------------------------------------------------------------------- the plan
@@ -272,13 +318,7 @@ class Plan:
         self.treedef = treedef
         self.names = names
         self.bounded: list[tuple[int, Any, Any]] = bounded
-        self.inner = [
-            (
-                clip_bound(lo, "lower", jnp.result_type(leaves[i]), names[i]),
-                clip_bound(hi, "upper", jnp.result_type(leaves[i]), names[i]),
-            )
-            for i, lo, hi in bounded
-        ]
+        self.inner = [_inner(leaves[i], lo, hi, names[i]) for i, lo, hi in bounded]
         self._dtype = jnp.dtype(_result_dtype(leaves))
         scalars: list[float] = []
         self._arrays: list[Any] = []
