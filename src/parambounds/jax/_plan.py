@@ -293,6 +293,16 @@ def _cost_kernel(static: _Static, xs: list[Any], scalars: Any, arrays: list[Any]
     return total
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _map_leaf(fn: Any, x: Any, args: tuple[Any, Any, Any]) -> Any:
+    return fn(x, *args)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _map_kernel(fn: Any, xs: list[Any], args: list[Any]) -> list[Any]:
+    return [_map_leaf(fn, x, a) for x, a in zip(xs, args)]
+
+
 def _result_dtype(leaves: list[Any]) -> Any:
     floats = [jnp.result_type(x) for x in leaves if is_array(x)]
     floats = [d for d in floats if jnp.issubdtype(d, jnp.floating)]
@@ -347,10 +357,15 @@ class Plan:
         return _cost_kernel(static, xs, self._scalars, self._arrays)
 
     def map(self, leaves: list[Any], fn: Any) -> Any:
-        """The tree with ``fn(x, lower, upper, inner)`` in place of each bounded leaf."""
+        """The tree with ``fn(x, lower, upper, inner)`` in place of each bounded leaf.
+
+        One jitted call (``fn`` is static; the bounds are arguments).
+        """
         out = list(leaves)
-        for (i, lo, hi), inner in zip(self.bounded, self.inner):
-            out[i] = fn(leaves[i], lo, hi, inner)
+        xs = [leaves[i] for i, _, _ in self.bounded]
+        args = [(lo, hi, inner) for (_, lo, hi), inner in zip(self.bounded, self.inner)]
+        for (i, _, _), y in zip(self.bounded, _map_kernel(fn, xs, args)):
+            out[i] = y
         return jax.tree_util.tree_unflatten(self.treedef, out)
 
 
