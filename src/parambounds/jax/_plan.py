@@ -175,11 +175,10 @@ def _check_range(b: Any, side: str, dtype: Any, name: str) -> None:
     """Reject a concrete array bound that no value of ``dtype`` can meet."""
     if not _concrete(b):
         return
-    info = jnp.finfo(dtype) if jnp.issubdtype(dtype, jnp.floating) else None
     if dtype == jnp.bool_:
         low, high = 0.0, 1.0
     else:
-        info = info or jnp.iinfo(dtype)
+        info: Any = jnp.finfo(dtype) if jnp.issubdtype(dtype, jnp.floating) else jnp.iinfo(dtype)
         low, high = float(info.min), float(info.max)
     host = np.asarray(b, dtype=np.float64)
     bad = np.argwhere(host > high) if side == "lower" else np.argwhere(host < low)
