@@ -225,3 +225,30 @@ def test_jit_with_donated_buffers_and_grad_through_constrain():
     sig = 1 / (1 + np.exp(-np.asarray(z, np.float64)))
     ref = 2 * sig * sig * (1 - sig)  # d/dz sigmoid(z)**2; the cost is 0 inside
     np.testing.assert_allclose(np.asarray(jax.grad(loss)(z)), ref, rtol=1e-5)
+
+
+@pytest.mark.parametrize("bound", ["scalar", "full", "row"])
+def test_large_arrays_summed_in_chunks_match_a_float64_reference(bound):
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(3, 100_003)) * 2  # 4.6 chunks of 2**16: a loop and a tail
+    lo = {
+        "scalar": -2.0,
+        "full": rng.uniform(-3, -1, x.shape),
+        "row": rng.uniform(-3, -1, 100_003),
+    }[bound]
+    e = np.maximum(x - 2.0, np.broadcast_to(lo, x.shape) - x)
+    ref = np.where(e > 0, np.exp(np.where(e > 0, e, 0)), 0).sum()
+    lo_j = lo if bound == "scalar" else jnp.asarray(lo, jnp.float32)
+    fn = lambda p: bounds_cost({"w": p}, {"w": lo_j}, {"w": 2.0})  # noqa: E731
+    xj = jnp.asarray(x, jnp.float32)
+    assert float(fn(xj)) == pytest.approx(ref, rel=1e-5)
+    assert float(jax.jit(fn)(xj)) == pytest.approx(ref, rel=1e-5)
+    batched = jax.vmap(fn)(jnp.stack([xj, xj + 100]))
+    assert float(batched[0]) == pytest.approx(ref, rel=1e-5)
+    assert float(jax.grad(fn)(xj).sum()) == pytest.approx(
+        np.where(x > 2, np.exp(x - 2), 0).sum()
+        - np.where(np.broadcast_to(lo, x.shape) - x > 0, np.exp(e), 0).sum(),
+        rel=1e-4,
+    )
+    nan = xj.at[2, 100_000].set(jnp.nan)  # in the tail
+    assert math.isnan(float(fn(nan))) and math.isnan(float(fn(xj.at[0, 5].set(jnp.nan))))
