@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ._plan import Plan, get_plan
 from ._torch_report import compute_report
-from .constraints import project_plan_, reparametrize_plan_
+from .constraints import project_plan_, projection, reparametrize_plan_, run_projection_
 from .cost import tree_cost
 from .errors import BoundsError
 from .report import Report
@@ -94,7 +94,11 @@ def resolve(bounds: Bounds, model: Model) -> tuple[_Resolved, dict[str, Tensor]]
 def plan(bounds: Bounds, model: Model) -> tuple[Plan, list[Tensor], _Resolved]:
     """The cached plan of ``model`` under ``bounds``, its leaves and the resolved spec."""
     resolved, params = resolve(bounds, model)
-    treedef, leaves = flatten(params)
+    seen = _PARAMS.get(model) if isinstance(model, torch.nn.Module) else None
+    if seen is not None and seen[1] is params:  # unchanged: flattened once
+        treedef, leaves = seen[3]
+    else:
+        treedef, leaves = flatten(params)
     try:
         got = get_plan(params, treedef, leaves, resolved.lower, resolved.upper)
     except BoundsError as err:
@@ -120,7 +124,18 @@ def cost(bounds: Bounds, model: Model) -> Tensor:
 def project_(bounds: Bounds, model: Model) -> None:
     """Clamp every bounded parameter into its bounds, in place."""
     got, leaves, resolved = plan(bounds, model)
-    project_plan_(got, leaves, list(resolved.names))
+    seen = _PARAMS.get(model) if isinstance(model, torch.nn.Module) else None
+    if seen is None or seen[3][1] is not leaves:  # a state_dict, or parametrized values
+        project_plan_(got, leaves, list(resolved.names))
+        return
+    steps = seen[4].get(id(got), (None, None))
+    if steps[0] is not got:  # worked out once per plan of these very leaves
+        seen[4].clear()  # only the latest plan's
+        steps = seen[4][id(got)] = (got, projection(got, leaves))
+    if steps[1] is None:
+        project_plan_(got, leaves, list(resolved.names))
+    else:
+        run_projection_(steps[1])
 
 
 def attach(bounds: Bounds, optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> Any:
@@ -208,7 +223,8 @@ def _parameters(model: torch.nn.Module) -> dict[str, Tensor]:
         if owner._parameters.get(attr) is not p:  # computed by a parametrization
             return params
         slots.append((owner._parameters, attr, p))
-    _PARAMS[model] = (generation, params, slots)
+    # (generation, params, their slots, flatten(params), projections by plan)
+    _PARAMS[model] = (generation, params, slots, flatten(params), {})
     return params
 
 
