@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from ._ckpt_reparam import Reparametrized
-from ._torch_spec import _stats
+from ._torch_report import tensor_stats
 from .errors import BoundsError
 from .report import ParamReport
 
@@ -170,7 +170,7 @@ def check_target(t: Target) -> ParamReport:
         if _inside(chunk, t.lower, t.upper):
             continue
         for c in chunks(chunk, PIECE):
-            b, a, e, n = _stats(c, t.lower, t.upper).tolist()
+            b, a, e, n = tensor_stats(c, t.lower, t.upper).tolist()
             below, above, nan = below + int(b), above + int(a), nan + int(n)
             excess = max(excess, e)
     return ParamReport(
