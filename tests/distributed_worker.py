@@ -722,8 +722,11 @@ def main():
             broken = globals()[f"scenario_{name}"](mesh) == "broken" or broken
             sys.stdout.flush()
         gc.collect()  # free DDP/FSDP state before the process group goes away
-        if not broken:
-            dist.barrier()
+        if broken:  # a group has unfinished collectives: tearing it down can wait on them
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
