@@ -20,8 +20,10 @@ case:
 
 - the floor, measured component by component: the autograd engine (a do-nothing
   ``autograd.Function`` over the 250 tensors whose backward returns 250 ready-made
-  gradients sharing one storage), one read+write pass over the tensors (copied into one
-  buffer), and the front end (flattening the tree and finding the plan);
+  gradients sharing one storage, made outside the timed region, and holds no reference
+  to them: autograd adopts them as ``.grad``), one read+write pass over the tensors
+  (copied into one buffer), and the front end (flattening the tree and finding the
+  plan); beside it, our native kernel's call alone and our whole step;
 - the spec API against hand-written equivalents over the same tensors:
   ``Bounds.cost(model)`` against ``bounds_cost(dict, lower, upper)`` (forward +
   backward), ``Bounds.project_`` against ``torch._foreach_clamp_min_``/``_max_``,
@@ -43,8 +45,8 @@ from typing import Any
 
 import torch
 
-# "auto" is parambounds' default (the compiled kernel for tensors of at least 256K elements,
-# eager below); "eager" never compiles.
+# "auto" is parambounds' default (the native CPU kernel, built ahead of time in main());
+# "eager" never compiles.
 IMPLS = ("rockpool", "auto", "eager")
 NAMES = {"rockpool": "Rockpool 3.1.0", "auto": "ours", "eager": "ours, eager only"}
 

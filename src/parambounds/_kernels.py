@@ -10,9 +10,10 @@ Three kernels evaluate :func:`value_and_grad`:
 
 - native (``csrc/bounds.cpp``, :mod:`parambounds._native`): one C++ call per group of
   float32/float64 contiguous CPU tensors with scalar bounds, reading them in place,
-  vectorized and split over threads, writing all gradients into one buffer that they
-  share. Built in the background on first use (or ahead of time with ``parambounds
-  build-kernels``); the eager kernel runs until it is ready.
+  vectorized and split over threads, writing the gradients into a few buffers (of at
+  most 16 MiB) that they share. Imported in the first step when built already;
+  otherwise built in the background on first use (or ahead of time with ``parambounds
+  build-kernels``) and the eager kernel runs until it is ready.
 - eager: plain PyTorch ops over chunks of :data:`CHUNK` elements, so the temporaries
   stay in cache and extra memory stays at the gradient itself plus a chunk. Needs no
   compiler; computes everything the others do not (other dtypes, tensor bounds, a
