@@ -11,6 +11,7 @@ import re
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -247,7 +248,39 @@ def test_existing_output_needs_force(tmp, capsys):
     assert o.read_bytes() == b"precious"
     code, _, _ = run(capsys, "clamp", m, "--bounds", b, "-o", o, "--force")
     assert code == 0
-    assert torch.equal(torch.load(o)["lif.tau_mem"], torch.tensor([0.005, 0.02, 0.04]))
+    lo, hi = inward_f32(0.005, "lower"), inward_f32(0.04, "upper")
+    assert torch.load(o)["lif.tau_mem"].tolist() == [lo, np.float32(0.02), hi]
+
+
+def inward_f32(b: float, side: str) -> float:
+    """The float32 value nearest to ``b`` on the inside (plain numpy, for reference)."""
+    f = np.float32(b)
+    if side == "lower" and float(f) < b:
+        f = np.nextafter(f, np.float32(np.inf))
+    if side == "upper" and float(f) > b:
+        f = np.nextafter(f, np.float32(-np.inf))
+    return float(f)
+
+
+def test_inside_means_inside_when_compared_exactly(tmp, capsys):
+    # float32(0.1) is 0.10000000149...: above an upper bound of 0.1, as the library says
+    # (Bounds.report); check said "inside" and clamp wrote the same value back.
+    p, b = tmp / "tenth.pt", tmp / "tenth.toml"
+    torch.save({"w": torch.tensor([0.1, 0.05, -0.2], dtype=torch.float32)}, p)
+    b.write_text('[bounds]\n"w" = [0.0, 0.1]\n')
+    code, rep = _check_json(capsys, p, b)
+    assert code == 1 and rep["report"]["w"]["above"] == 1 and rep["report"]["w"]["below"] == 1
+    code, _, err = run(capsys, "clamp", p, "--bounds", b, "-o", tmp / "o.pt")
+    assert code == 0, err
+    out = torch.load(tmp / "o.pt")["w"].double()
+    assert out.tolist() == [inward_f32(0.1, "upper"), float(np.float32(0.05)), 0.0]
+    assert bool((out <= 0.1).all() and (out >= 0.0).all())
+    code, _ = _check_json(capsys, tmp / "o.pt", b)
+    assert code == 0
+    # bounds closer than float32's resolution: no value is inside, said plainly
+    b.write_text('[bounds]\n"w" = [0.1, 0.1]\n')
+    code, _, err = run(capsys, "check", p, "--bounds", b)
+    assert code == 2 and re.search(r"no float32 value lies within the bounds of 'w'", one_line(err))
 
 
 # ------------------------------------------------------------------ silent answers

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from ._ckpt_reparam import Reparametrized
+from ._rounding import inward
 from ._torch_spec import _stats
 from .errors import BoundsError
 from .report import ParamReport
@@ -45,6 +46,10 @@ class Target:
     lower: float | None
     upper: float | None
     spec: tuple[Any, Any]  # the bounds as the spec gave them
+    #: The bounds rounded inward to the dtype (:mod:`._rounding`): compared and clamped
+    #: with, so that "inside" means inside when compared exactly, as the library does.
+    lo: float | None = None
+    hi: float | None = None
 
 
 def _scalar(b: Any, side: str, name: str) -> float | None:
@@ -115,7 +120,13 @@ def make_targets(
             continue
         if nlo is not None and nhi is not None and nlo > nhi:
             raise BoundsError(f"lower bound for '{name}' exceeds its upper bound ({nlo} > {nhi})")
-        out.append(Target(name, t, d, nlo, nhi, (lo, hi)))
+        xlo, xhi = inward(nlo, "lower", dtype), inward(nhi, "upper", dtype)
+        if xlo is not None and xhi is not None and xlo > xhi:
+            raise BoundsError(
+                f"no {str(dtype).replace('torch.', '')} value lies within the bounds of "
+                f"'{name}' ([{nlo:g}, {nhi:g}]): they are closer than the dtype's resolution"
+            )
+        out.append(Target(name, t, d, nlo, nhi, (lo, hi), xlo, xhi))
     return out
 
 
@@ -167,10 +178,10 @@ def check_target(t: Target) -> ParamReport:
     below = above = nan = 0
     excess = 0.0
     for chunk in chunks(x):
-        if _inside(chunk, t.lower, t.upper):
+        if _inside(chunk, t.lo, t.hi):
             continue
         for c in chunks(chunk, PIECE):
-            b, a, e, n = _stats(c, t.lower, t.upper).tolist()
+            b, a, e, n = _stats(c, t.lo, t.hi).tolist()
             below, above, nan = below + int(b), above + int(a), nan + int(n)
             excess = max(excess, e)
     return ParamReport(
@@ -193,7 +204,7 @@ def clamp_target_(t: Target) -> bool:
         BoundsError: for a tensor whose elements overlap in memory.
     """
     if t.derived is not None:
-        return t.derived.clamp_(t.name, t.lower, t.upper) > 0
+        return t.derived.clamp_(t.name, t.lo, t.hi) > 0
     assert t.tensor is not None
     x, _ = _reduce(t.tensor)
     if torch._debug_has_internal_overlap(x) == 1:
@@ -202,12 +213,12 @@ def clamp_target_(t: Target) -> bool:
         )
     changed = False
     for chunk in chunks(x):
-        if _inside(chunk, t.lower, t.upper):
+        if _inside(chunk, t.lo, t.hi):
             continue
         for c in chunks(chunk, PIECE):
-            if not _inside(c, t.lower, t.upper):
+            if not _inside(c, t.lo, t.hi):
                 before = c.clone()
-                c.clamp_(t.lower, t.upper)
+                c.clamp_(t.lo, t.hi)
                 changed = changed or not torch.equal(before.nan_to_num(), c.nan_to_num())
     return changed
 
