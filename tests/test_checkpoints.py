@@ -120,7 +120,7 @@ def test_chunked_counts_match_a_plain_reference(monkeypatch):
     base = torch.randn(6, 1, 11, generator=g, dtype=torch.float64)
     base[0, 0, :3] = math.nan
     x = base.expand(6, 4, 11)  # a stride-0 dimension
-    t = apply.Target("w", x, None, -0.5, 0.7, (-0.5, 0.7))
+    t = apply.Target("w", x, None, -0.5, 0.7, (-0.5, 0.7), -0.5, 0.7)
     r = apply.check_target(t)
     values = [v for v in x.flatten().tolist()]
     assert r.below == sum(v < -0.5 for v in values)

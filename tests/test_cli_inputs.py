@@ -17,6 +17,8 @@ import torch
 
 from parambounds.cli import main
 
+from .conftest import inward_f32
+
 TOML = '[bounds]\n"*.tau_mem" = [0.005, 0.04]\n'
 
 
@@ -250,16 +252,6 @@ def test_existing_output_needs_force(tmp, capsys):
     assert code == 0
     lo, hi = inward_f32(0.005, "lower"), inward_f32(0.04, "upper")
     assert torch.load(o)["lif.tau_mem"].tolist() == [lo, np.float32(0.02), hi]
-
-
-def inward_f32(b: float, side: str) -> float:
-    """The float32 value nearest to ``b`` on the inside (plain numpy, for reference)."""
-    f = np.float32(b)
-    if side == "lower" and float(f) < b:
-        f = np.nextafter(f, np.float32(np.inf))
-    if side == "upper" and float(f) > b:
-        f = np.nextafter(f, np.float32(-np.inf))
-    return float(f)
 
 
 def test_inside_means_inside_when_compared_exactly(tmp, capsys):

@@ -48,8 +48,8 @@ class Target:
     spec: tuple[Any, Any]  # the bounds as the spec gave them
     #: The bounds rounded inward to the dtype (:mod:`._rounding`): compared and clamped
     #: with, so that "inside" means inside when compared exactly, as the library does.
-    lo: float | None = None
-    hi: float | None = None
+    lo: float | None
+    hi: float | None
 
 
 def _scalar(b: Any, side: str, name: str) -> float | None:
