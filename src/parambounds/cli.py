@@ -16,16 +16,20 @@ import warnings
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import __version__
-from ._ckpt_apply import Target, _scalar, aliases, check_target, clamp_target_, make_targets
-from ._ckpt_write import resolve_target
-from .checkpoints import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
-from .demo import STEPS
 from .errors import BoundsError
 from .report import Report
 from .spec import Bounds
+
+if TYPE_CHECKING:
+    from ._ckpt_apply import Target
+    from .checkpoints import Checkpoint
+
+# torch is imported by the commands that need it, not here: ``--help`` and ``--version``
+# answer at once, and ``check`` imports only what reading a checkpoint takes (not the
+# training-time machinery: torch.compile, DTensor), which halves its start-up.
 
 __all__ = ["main"]
 
@@ -56,13 +60,15 @@ _BOUNDS_HELP = "TOML bounds file (see examples/bounds.toml)"
 
 def _load_bounds(args: argparse.Namespace) -> Bounds:
     """The bounds file, with the mistakes that are the file's own blamed on it."""
+    from ._ckpt_apply import scalar
+
     path = Path(args.bounds)
     bounds = Bounds.from_toml(path, strict=not args.allow_unmatched)
     if not bounds.spec:
         raise BoundsError(f"{path}: nothing is bounded: the [bounds] table is empty")
     if all(
-        (lo is None or _scalar(lo, "lower", p) == -math.inf)
-        and (hi is None or _scalar(hi, "upper", p) == math.inf)
+        (lo is None or scalar(lo, "lower", p) == -math.inf)
+        and (hi is None or scalar(hi, "upper", p) == math.inf)
         for p, (lo, hi) in bounds.spec.items()
     ):
         raise BoundsError(f"{path}: nothing is bounded: every bound in it is open")
@@ -79,13 +85,16 @@ class _Loaded:
 
 def _inspect(args: argparse.Namespace) -> _Loaded:
     """Load the bounds and the checkpoint, and resolve which tensors are bounded."""
+    from ._ckpt_apply import make_targets
+    from .checkpoints import load_checkpoint
+
     bounds = _load_bounds(args)
     ckpt = load_checkpoint(args.checkpoint)
     names = ckpt.parameter_names()
-    stand_in = {n: ckpt.derived[n].original for n in ckpt.derived} | ckpt.tensors
     try:
-        lower, upper = bounds.bounds_of(stand_in)
-        targets = make_targets(lower, upper, ckpt.tensors, ckpt.derived)
+        # names only: plain Python, no torch backend (nor its import) needed
+        resolved = bounds._match(tuple([*ckpt.derived, *ckpt.tensors]))
+        targets = make_targets(resolved.lower, resolved.upper, ckpt.tensors, ckpt.derived)
     except BoundsError as err:
         raise BoundsError(_with_file(err, ckpt.path)) from None
     unmatched = [p for p in bounds.spec if not any(fnmatchcase(n, p) for n in names)]
@@ -104,9 +113,11 @@ def _with_file(err: BoundsError, path: Path) -> str:
 
 def cmd_check(args: argparse.Namespace) -> int:
     """Print the report of a checkpoint against a bounds file."""
+    from ._ckpt_apply import aliases, scan_targets
+
     loaded = _inspect(args)
     try:
-        report = Report(tuple(check_target(t) for t in loaded.targets))
+        report = Report(tuple(scan_targets(loaded.targets)))
     except BoundsError as err:
         raise BoundsError(_with_file(err, loaded.ckpt.path)) from None
     if args.json:
@@ -136,6 +147,8 @@ def _output(args: argparse.Namespace) -> Path:
         raise BoundsError("give -o OUT for the clamped copy, or --in-place to overwrite the input")
     if args.output is not None and args.in_place:
         raise BoundsError("give -o OUT or --in-place, not both")
+    from ._ckpt_write import resolve_target
+
     if args.in_place:
         return resolve_target(source)
     if args.output == "":
@@ -155,6 +168,8 @@ def _output(args: argparse.Namespace) -> Path:
 
 
 def _refuse_conflicting_aliases(loaded: _Loaded) -> None:
+    from ._ckpt_apply import aliases
+
     bounds = {t.name: (t.lower, t.upper) for t in loaded.targets}
     for a, b in aliases(loaded.ckpt.all_tensors()):
         ba, bb = bounds.get(a, (None, None)), bounds.get(b, (None, None))
@@ -172,14 +187,17 @@ def _refuse_conflicting_aliases(loaded: _Loaded) -> None:
 
 def cmd_clamp(args: argparse.Namespace) -> int:
     """Write a copy of a checkpoint with every bounded tensor clamped into its bounds."""
+    from ._ckpt_apply import scan_targets
+    from .checkpoints import save_checkpoint
+
     target = _output(args)
     loaded = _inspect(args)
     _refuse_conflicting_aliases(loaded)
     ckpt = loaded.ckpt
     try:
-        before = [check_target(t) for t in loaded.targets]
-        for t in loaded.targets:
-            if clamp_target_(t):
+        before = scan_targets(loaded.targets, clamp=True)  # the counts before clamping
+        for t, e in zip(loaded.targets, before):
+            if e.below or e.above:
                 ckpt.changed.add(t.derived.source if t.derived is not None else t.name)
     except BoundsError as err:
         raise BoundsError(_with_file(err, ckpt.path)) from None
@@ -196,11 +214,12 @@ def cmd_clamp(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Train a small spiking network with and without bounds, and plot its time constants."""
-    if args.steps < 1:
-        raise BoundsError(f"--steps must be at least 1, got {args.steps}")
-    from .demo import run_demo
+    from .demo import STEPS, run_demo
 
-    run_demo(Path(args.out), steps=args.steps, progress=not args.no_progress)
+    steps = STEPS if args.steps is None else args.steps
+    if steps < 1:
+        raise BoundsError(f"--steps must be at least 1, got {steps}")
+    run_demo(Path(args.out), steps=steps, progress=not args.no_progress)
     return EXIT_OK
 
 
@@ -264,9 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--steps",
         type=int,
-        default=STEPS,
+        default=None,
         metavar="N",
-        help="training steps per run (default: %(default)s)",
+        help="training steps per run (default: 80)",
     )
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
     command(
@@ -291,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # one line on stderr, never torch's notes
             return int(args.func(args))
-    except (BoundsError, CheckpointError) as err:
+    except BoundsError as err:  # CheckpointError too
         print(f"parambounds: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except OSError as err:  # e.g. permission denied while writing
