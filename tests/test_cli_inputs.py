@@ -588,3 +588,61 @@ def test_safetensors_clamped_lazily_and_byte_exact_elsewhere(tmp, capsys):
         assert f.metadata() == {"note": "kept"}
         assert f.get_tensor("lif.tau_mem").tolist() == pytest.approx([0.005, 0.02, 0.04])
         assert torch.equal(f.get_tensor("w"), sd["w"]) and torch.equal(f.get_tensor("n"), sd["n"])
+
+
+def _stored(path: Path):
+    """name -> (data offset, size, CRC) of each member, read by zipfile (the reference)."""
+    import struct
+
+    out = {}
+    raw = path.read_bytes()
+    with zipfile.ZipFile(path) as z:
+        for i in z.infolist():
+            n, m = struct.unpack("<HH", raw[i.header_offset + 26 : i.header_offset + 30])
+            out[i.filename] = (i.header_offset + 30 + n + m, i.file_size, i.CRC)
+    return out
+
+
+@pytest.mark.parametrize("patchable", [True, False])
+def test_clamped_pt_is_the_original_with_only_the_clamped_bytes_changed(
+    tmp, capsys, monkeypatch, patchable
+):
+    import parambounds._ckpt_patch as patch
+
+    if not patchable:  # the mapping cannot be found: torch.save writes the copy
+        monkeypatch.setattr(patch, "_mappings", lambda _path: [])
+    g = torch.Generator().manual_seed(5)
+    w = torch.rand(300, 7, generator=g) * 0.1
+    sd = {
+        "model": {"lif.tau_mem": w, "tied.tau_mem": w, "x.tau_mem": torch.full((4,), 0.01)},
+        "epoch": 9,
+        "optimizer": {"state": {0: {"step": torch.tensor(3.0)}}, "param_groups": [{"lr": 0.1}]},
+    }
+    src, out = tmp / "p.pt", tmp / "q.pt"
+    torch.save(sd, src)
+    code, stdout, err = run(capsys, "clamp", src, "--bounds", tmp / "b.toml", "-o", out)
+    assert code == 0, err
+    n_out = sum(v > 0.04 or v < 0.005 for v in w.flatten().tolist())
+    assert f"clamped {n_out} values in 1 of 3 bounded tensors" in stdout
+    with zipfile.ZipFile(out) as z:
+        assert z.testzip() is None  # every CRC-32 matches its data
+    new = torch.load(out, weights_only=True)
+    ref = w.clamp(inward_f32(0.005, "lower"), inward_f32(0.04, "upper"))
+    assert torch.equal(new["model"]["lif.tau_mem"], ref)
+    assert new["model"]["tied.tau_mem"].data_ptr() == new["model"]["lif.tau_mem"].data_ptr()
+    assert torch.equal(new["model"]["x.tau_mem"], torch.full((4,), 0.01))
+    assert new["epoch"] == 9 and new["optimizer"]["state"][0]["step"].item() == 3.0
+    if patchable:  # byte for byte the original, but in the clamped member and its CRCs
+        a, b = src.read_bytes(), out.read_bytes()
+        assert len(a) == len(b)
+        members = _stored(src)
+        (name,) = [k for k, (o, s, _) in members.items() if s == w.numel() * 4]
+        start, size, crc = members[name]
+        diff = [i for i in range(len(a)) if a[i] != b[i]]
+        inside = [i for i in diff if start <= i < start + size]
+        assert len(inside) > 0 and _stored(out)[name][2] != crc
+        old = crc.to_bytes(4, "little")
+        rest = [i for i in diff if not start <= i < start + size]
+        # the rest: the member's CRC fields only (4 bytes each, at most three of them)
+        assert all(any(a[j : j + 4] == old for j in range(i - 3, i + 1)) for i in rest)
+        assert len(rest) <= 12

@@ -214,12 +214,13 @@ def _batch(tasks: list[tuple[int, Tensor, float | None, float | None]], clamp: b
 
 
 def _batches(
-    targets: list[Target], clamp: bool
+    targets: list[Target], which: list[int], clamp: bool
 ) -> Iterator[list[tuple[int, Tensor, float | None, float | None]]]:
-    """The pieces of every tensor target, in batches of about :data:`BATCH` elements."""
+    """The pieces of the tensor targets ``which``, in batches of about :data:`BATCH` elements."""
     batch: list[tuple[int, Tensor, float | None, float | None]] = []
     size = 0
-    for i, t in enumerate(targets):
+    for i in which:
+        t = targets[i]
         if t.tensor is None:
             continue
         x, _ = _reduce(t.tensor)
@@ -245,18 +246,32 @@ def scan_targets(targets: list[Target], clamp: bool = False) -> list[ParamReport
     written, so the untouched pages of a memory-mapped file stay shared). The pieces are
     scanned by a pool of ``torch.get_num_threads()`` Python threads, each running torch
     on one thread: the pieces are small, and an intra-op thread pool would spend more
-    time waking its threads than scanning.
+    time waking its threads than scanning. Clamping tensors that share memory (tied
+    weights, with the same bounds) is done one after the other, in file order: the
+    first counts and clamps, the next find it clamped.
     """
     totals: list[list[float]] = [[0, 0, 0, 0.0] for _ in targets]
     workers = previous = torch.get_num_threads()
+    users: dict[int, int] = {}
+    for t in targets:
+        if t.tensor is not None:
+            ptr = t.tensor.untyped_storage().data_ptr()
+            users[ptr] = users.get(ptr, 0) + 1
+    shared = [
+        i
+        for i, t in enumerate(targets)
+        if clamp and t.tensor is not None and users[t.tensor.untyped_storage().data_ptr()] > 1
+    ]
+    alone = sorted(set(range(len(targets))) - set(shared))
     torch.set_num_threads(1)
     try:
-        batches = _batches(targets, clamp)
+        batches = _batches(targets, alone, clamp)
         if workers > 1:
             with ThreadPoolExecutor(workers, thread_name_prefix="parambounds-scan") as pool:
                 done = list(pool.map(lambda b: _batch(b, clamp), batches))
         else:
             done = [_batch(b, clamp) for b in batches]
+        done += [_batch(b, clamp) for b in _batches(targets, shared, clamp)]
     finally:
         torch.set_num_threads(previous)
     for results in done:
