@@ -10,6 +10,7 @@ def test_wrapped_state_dict_and_other_entries(tmp_path):
     ckpt = load_checkpoint(path)
     assert list(ckpt.tensors) == ["w"]  # floating tensors only, named inside the wrapper
     ckpt.tensors["w"].fill_(5.0)
+    ckpt.changed.add("w")  # what is written back: the changed tensors
     out = tmp_path / "d.pth"
     save_checkpoint(ckpt, out)
     data = torch.load(out, weights_only=True)
@@ -35,7 +36,10 @@ def test_output_format_and_folder_are_checked(tmp_path):
         save_checkpoint(ckpt, tmp_path / "missing" / "c.pt")
 
 
-def test_a_failed_write_leaves_no_file(tmp_path, monkeypatch):
+@pytest.mark.parametrize("writer", ["torch.save", "patch"])
+def test_a_failed_write_leaves_no_file(tmp_path, monkeypatch, writer):
+    import parambounds._ckpt_patch as patch
+
     path = tmp_path / "c.pt"
     torch.save({"w": torch.ones(1)}, path)
     ckpt = load_checkpoint(path)
@@ -43,7 +47,11 @@ def test_a_failed_write_leaves_no_file(tmp_path, monkeypatch):
     def boom(*_args, **_kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(torch, "save", boom)
+    if writer == "torch.save":
+        monkeypatch.setattr(patch, "_mappings", lambda _path: [])
+        monkeypatch.setattr(torch, "save", boom)
+    else:
+        monkeypatch.setattr(patch.shutil, "copyfile", boom)
     with pytest.raises(CheckpointError, match=r"out\.pt: cannot write: disk full"):
         save_checkpoint(ckpt, tmp_path / "out.pt")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt"]

@@ -148,6 +148,10 @@ def _changed_tensor(ckpt: Checkpoint, name: str) -> Tensor:
 def save_checkpoint(ckpt: Checkpoint, target: str | Path) -> None:
     """Write ``ckpt`` (with its possibly clamped tensors) to ``target``, atomically.
 
+    A ``.pt`` or Rockpool file gets the tensors named in ``ckpt.changed`` written back
+    (a ``.pt`` is copied and those storages patched); a change to any other tensor is
+    not written.
+
     ``target`` is written as given: resolve symlinks and check hard links first with
     :func:`._ckpt_write.resolve_target`.
 
