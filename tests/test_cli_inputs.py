@@ -174,6 +174,17 @@ def _bad_inputs(t: Path):
         suffix=".json",
     )
 
+    ckpt(
+        "sparse",
+        lambda p: torch.save({"lif.tau_mem": torch.tensor([[0.0, 0.5]]).to_sparse()}, p),
+        r"'lif\.tau_mem' is a sparse_coo tensor, which parambounds does not check or clamp",
+    )
+    ckpt(
+        "meta",
+        lambda p: torch.save({"lif.tau_mem": torch.empty(3, device="meta")}, p),
+        r"'lif\.tau_mem' is a meta tensor \(the file holds no values for it\)",
+    )
+
     class Evil:
         def __reduce__(self):
             return (os.system, ("true",))
@@ -646,3 +657,28 @@ def test_clamped_pt_is_the_original_with_only_the_clamped_bytes_changed(
         # the rest: the member's CRC fields only (4 bytes each, at most three of them)
         assert all(any(a[j : j + 4] == old for j in range(i - 3, i + 1)) for i in rest)
         assert len(rest) <= 12
+
+
+def test_parameters_and_unbounded_sparse_or_meta_entries(tmp, capsys):
+    # torch.nn.Parameter (saved by torch.save(model.state_dict(keep_vars=True))) is
+    # clamped in place; sparse and meta entries that nothing bounds are kept as they were.
+    p, o = tmp / "odd.pt", tmp / "odd.o.pt"
+    sparse = torch.tensor([[0.0, 7.0]]).to_sparse()
+    torch.save(
+        {
+            "lif.tau_mem": torch.nn.Parameter(torch.tensor([0.5, 0.01])),
+            "emb.weight": sparse,
+            "lazy.weight": torch.empty(2, device="meta"),
+        },
+        p,
+    )
+    code, rep = _check_json(capsys, p, tmp / "b.toml")
+    assert code == 1 and rep["report"]["lif.tau_mem"]["above"] == 1
+    assert rep["aliases"] == []
+    code, _, err = run(capsys, "clamp", p, "--bounds", tmp / "b.toml", "-o", o)
+    assert code == 0, err
+    new = torch.load(o, weights_only=True)
+    hi = inward_f32(0.04, "upper")
+    assert new["lif.tau_mem"].tolist() == [hi, float(np.float32(0.01))]
+    assert torch.equal(new["emb.weight"].to_dense(), sparse.to_dense())
+    assert new["lazy.weight"].device.type == "meta" and new["lazy.weight"].shape == (2,)

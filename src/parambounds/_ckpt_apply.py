@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from ._ckpt_reparam import Reparametrized
+from ._ckpt_tree import in_memory
 from ._rounding import inward
 from .errors import BoundsError
 from .report import ParamReport
@@ -112,6 +113,14 @@ def make_targets(
             continue
         d = derived.get(name)
         t = tensors.get(name)
+        if t is not None and not in_memory(t):
+            what = "a meta tensor (the file holds no values for it)"
+            if t.layout != torch.strided:
+                what = f"a {str(t.layout).replace('torch.', '')} tensor"
+            raise BoundsError(
+                f"'{name}' is {what}, which parambounds does not check or clamp; "
+                "leave it unbounded (narrow the pattern)"
+            )
         dtype = d.original.dtype if d is not None else t.dtype  # type: ignore[union-attr]
         if dtype.itemsize == 1:
             raise BoundsError(
@@ -209,6 +218,7 @@ def _add(total: list[float], r: list[float]) -> None:
     total[3] = max(total[3], r[3])
 
 
+@torch.no_grad()  # grad mode is per thread: a saved nn.Parameter is clamped in place
 def _batch(tasks: list[tuple[int, Tensor, float | None, float | None]], clamp: bool) -> list[Any]:
     return [(i, _piece(c, lo, hi, clamp)) for i, c, lo, hi in tasks]
 
@@ -307,7 +317,7 @@ def scan_targets(targets: list[Target], clamp: bool = False) -> list[ParamReport
 
 def _span(t: Tensor) -> tuple[int, int, int] | None:
     """``(storage id, first byte, last byte + 1)`` of the memory ``t`` can touch."""
-    if t.numel() == 0:
+    if t.numel() == 0 or not in_memory(t):
         return None
     st = t.untyped_storage()
     if st.nbytes() == 0:

@@ -29,6 +29,8 @@ from typing import Any, BinaryIO
 import torch
 from torch import Tensor
 
+from ._ckpt_tree import in_memory
+
 __all__ = ["Patch", "plan_patch"]
 
 _LOCAL, _CENTRAL, _DESCRIPTOR = b"PK\x03\x04", b"PK\x01\x02", b"PK\x07\x08"
@@ -150,6 +152,8 @@ def plan_patch(path: Path, tensors: list[Tensor]) -> Patch | None:
         return None
     storages: dict[int, tuple[_Member, Tensor]] = {}
     for t in tensors:
+        if not in_memory(t) or t.device.type != "cpu":
+            return None
         st = t.untyped_storage()
         if st.nbytes() == 0:
             continue
