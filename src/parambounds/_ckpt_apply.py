@@ -15,6 +15,7 @@ ranges in a common storage; clamping refuses them unless every alias gets the sa
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from collections.abc import Iterator
@@ -95,6 +96,11 @@ def normalise(b: Any, side: str, name: str, dtype: torch.dtype) -> float | None:
     return v
 
 
+@functools.cache  # a checkpoint of 50 000 tensors has a few distinct bounds and dtypes
+def _inward(b: float | None, side: str, dtype: torch.dtype) -> float | None:
+    return inward(b, side, dtype)  # type: ignore[no-any-return]
+
+
 def make_targets(
     lower: dict[str, Any],
     upper: dict[str, Any],
@@ -132,7 +138,7 @@ def make_targets(
             continue
         if nlo is not None and nhi is not None and nlo > nhi:
             raise BoundsError(f"lower bound for '{name}' exceeds its upper bound ({nlo} > {nhi})")
-        xlo, xhi = inward(nlo, "lower", dtype), inward(nhi, "upper", dtype)
+        xlo, xhi = _inward(nlo, "lower", dtype), _inward(nhi, "upper", dtype)
         if xlo is not None and xhi is not None and xlo > xhi:
             raise BoundsError(
                 f"no {str(dtype).replace('torch.', '')} value lies within the bounds of "
