@@ -202,3 +202,32 @@ def test_piecewise_counts_and_clamp_match_a_plain_reference(dtype, threads, monk
         clamped = [v if math.isnan(v) else min(max(v, lo), hi) for v in values]
         got = [float(v) for v in x.flatten().tolist()]
         assert all(a == b or (math.isnan(a) and math.isnan(b)) for a, b in zip(got, clamped))
+
+
+def test_an_interrupted_scan_stops_without_scanning_the_rest(monkeypatch):
+    import threading
+
+    import parambounds._ckpt_apply as apply
+    from parambounds.errors import BoundsError
+
+    monkeypatch.setattr(apply, "PIECE", 10)
+    monkeypatch.setattr(apply, "BATCH", 10)
+    calls = []
+    lock = threading.Lock()
+
+    def interrupted(*_args):
+        with lock:
+            calls.append(1)
+        raise BoundsError("interrupted")
+
+    monkeypatch.setattr(apply, "_piece", interrupted)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    x = torch.zeros(10_000)  # 1000 pieces, 1000 batches
+    try:
+        with pytest.raises(BoundsError, match="interrupted"):
+            apply.scan_targets([apply.Target("w", x, None, 0.0, 1.0, (0.0, 1.0), 0.0, 1.0)])
+    finally:
+        torch.set_num_threads(before)
+    assert torch.get_num_threads() == before
+    assert len(calls) < 100  # the queued batches were cancelled, not run

@@ -18,8 +18,9 @@ from __future__ import annotations
 import functools
 import math
 import numbers
+from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -254,6 +255,27 @@ def _batches(
         yield batch
 
 
+def _in_pool(workers: int, batches: Iterator[Any], clamp: bool) -> list[Any]:
+    """Run the batches on ``workers`` threads, a few at a time, results in order.
+
+    At most two batches per worker are queued, so that an error, Ctrl-C or a kill stops
+    the scan at once instead of after the rest of the file.
+    """
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="parambounds-scan")
+    pending: deque[Future[list[Any]]] = deque()
+    done = []
+    try:
+        for b in batches:
+            pending.append(pool.submit(_batch, b, clamp))
+            if len(pending) >= 2 * workers:
+                done.append(pending.popleft().result())
+        while pending:
+            done.append(pending.popleft().result())
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    return done
+
+
 @torch.no_grad()
 def scan_targets(targets: list[Target], clamp: bool = False) -> list[ParamReport]:
     """Count the elements of each target below, above, NaN, and the largest excess.
@@ -283,8 +305,7 @@ def scan_targets(targets: list[Target], clamp: bool = False) -> list[ParamReport
     try:
         batches = _batches(targets, alone, clamp)
         if workers > 1:
-            with ThreadPoolExecutor(workers, thread_name_prefix="parambounds-scan") as pool:
-                done = list(pool.map(lambda b: _batch(b, clamp), batches))
+            done = _in_pool(workers, batches, clamp)
         else:
             done = [_batch(b, clamp) for b in batches]
         done += [_batch(b, clamp) for b in _batches(targets, shared, clamp)]
