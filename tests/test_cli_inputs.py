@@ -682,3 +682,23 @@ def test_parameters_and_unbounded_sparse_or_meta_entries(tmp, capsys):
     assert new["lif.tau_mem"].tolist() == [hi, float(np.float32(0.01))]
     assert torch.equal(new["emb.weight"].to_dense(), sparse.to_dense())
     assert new["lazy.weight"].device.type == "meta" and new["lazy.weight"].shape == (2,)
+
+
+@pytest.mark.parametrize(
+    ("args", "pattern"),
+    [
+        ([], r"the following arguments are required: COMMAND"),
+        (["check", "m.pt"], r"check: the following arguments are required: --bounds"),
+        (["clamp", "m.pt", "--bounds", "b.toml", "--bogus"], r"unrecognized arguments: --bogus"),
+        (["demo", "--steps", "x"], r"demo: argument --steps: invalid int value: 'x'"),
+        (["frobnicate"], r"invalid choice: 'frobnicate'"),
+    ],
+)
+def test_usage_errors_are_one_line_and_exit_2(tmp, capsys, args, pattern):
+    before = _snapshot(tmp)
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code == 2
+    line = one_line(capsys.readouterr().err)
+    assert re.search(pattern, line) and line.endswith("--help')"), line
+    assert _snapshot(tmp) == before

@@ -16,7 +16,7 @@ import warnings
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from . import __version__
 from .errors import BoundsError
@@ -236,9 +236,21 @@ def cmd_build_kernels(args: argparse.Namespace) -> int:  # noqa: ARG001
     return EXIT_OK
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line on stderr, like every other bad input, and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        command = self.prog.partition(" ")[2]
+        where = f"{command}: " if command else ""
+        self.exit(
+            EXIT_BAD_INPUT,
+            f"parambounds: error: {where}{message} (see '{self.prog} --help')\n",
+        )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser, with an example in every command's ``--help``."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="parambounds",
         description="Check and clamp checkpoints against parameter bounds; a demo.",
         epilog="run 'parambounds COMMAND --help' for a command's options and an example",
