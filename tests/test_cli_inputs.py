@@ -561,6 +561,24 @@ def test_in_place_on_a_hard_linked_file_is_refused(tmp, capsys):
     assert other.read_bytes() == before
 
 
+def test_a_read_only_file_is_never_replaced(tmp, capsys):
+    m, o = tmp / "m.pt", tmp / "o.pt"
+    o.write_bytes(b"kept")
+    for p in (m, o):
+        p.chmod(0o444)
+    before = _snapshot(tmp)
+    for extra, shown in ((["--in-place"], "m.pt"), (["-o", o, "--force"], "o.pt")):
+        code, _, err = run(capsys, "clamp", m, "--bounds", tmp / "b.toml", *extra)
+        assert code == 2, err
+        assert re.search(
+            rf"{shown}: is read-only \(mode 444\); refusing to replace it", one_line(err)
+        )
+        assert _snapshot(tmp) == before
+    code, _, err = run(capsys, "clamp", m, "--bounds", tmp / "b.toml", "-o", tmp / "new.pt")
+    assert code == 0, err  # a copy of a read-only file: fine
+    assert oct((tmp / "new.pt").stat().st_mode & 0o777) == oct(0o444)  # the input's mode
+
+
 def test_temp_file_of_a_killed_run_is_recognisable_and_cleaned(tmp, capsys):
     import subprocess
     import sys
