@@ -720,3 +720,22 @@ def test_usage_errors_are_one_line_and_exit_2(tmp, capsys, args, pattern):
     line = one_line(capsys.readouterr().err)
     assert re.search(pattern, line) and line.endswith("--help')"), line
     assert _snapshot(tmp) == before
+
+
+def test_bounds_file_with_a_byte_order_mark_and_names_with_brackets(tmp, capsys):
+    # Windows editors write a UTF-8 BOM; a parameter name with '[' is not a literal pattern.
+    (tmp / "bom.toml").write_bytes(b"\xef\xbb\xbf" + TOML.encode())
+    code, rep = _check_json(capsys, tmp / "m.pt", tmp / "bom.toml")
+    assert code == 1 and rep["report"]["lif.tau_mem"]["above"] == 1
+    p = tmp / "br.pt"
+    torch.save({"x[1]": torch.tensor([2.0])}, p)
+    (tmp / "br.toml").write_text('[bounds]\n"x[1]" = [0, 1]\n')
+    code, _, err = run(capsys, "check", p, "--bounds", tmp / "br.toml")
+    assert code == 2 and re.search(
+        r"'x\[1\]' is the name of a parameter, but '\[' starts a character class in a "
+        r"pattern: write 'x\[\[\]1\]' to match it literally",
+        one_line(err),
+    )
+    (tmp / "br.toml").write_text('[bounds]\n"x[[]1]" = [0, 1]\n')
+    code, rep = _check_json(capsys, p, tmp / "br.toml")
+    assert code == 1 and rep["report"]["x[1]"]["above"] == 1
