@@ -6,7 +6,9 @@ Formats, by file name (the contents are checked too: a file is named for what it
   ``torch.load(..., mmap=True, weights_only=True)`` (:mod:`._ckpt_torch`): nothing in the
   file can run, and tensors stay in the file's pages. The parameters are the
   floating-point tensors of the state_dict; optimizer, scheduler and scaler state are
-  never parameters (:mod:`._ckpt_tree`). Everything else is written back as it was.
+  never parameters (:mod:`._ckpt_tree`). Everything else is written back as it was:
+  the clamped copy is the original file with the changed storages patched
+  (:mod:`._ckpt_patch`).
 - ``.safetensors``: mapped lazily (:mod:`._ckpt_safetensors`); metadata kept.
 - ``.json``: Rockpool's parameter files (:mod:`._ckpt_json`).
 
