@@ -5,7 +5,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test lint docs bench example
+.PHONY: setup demo test test-kernels lint docs bench example
 
 $(VENV)/.torch:
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -31,9 +31,20 @@ lint: $(VENV)/.installed-test
 docs: $(VENV)/.installed-test
 	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir site
 
+# The tests that pin the per-step semantics, once per kernel (the whole suite runs with
+# "auto"; "native" here waits for its build, "compiled" compiles every variant).
+KERNEL_TESTS := tests/test_cost.py tests/test_numerics.py tests/test_rockpool_parity.py
+KERNEL_TESTS_MORE := tests/test_exactness.py tests/test_penalties.py tests/test_integration.py
+
 test: lint docs
 	$(PY) -m pytest
+	$(MAKE) test-kernels
 	$(PY) benchmarks/bench_bounds.py --quick
+
+test-kernels: $(VENV)/.installed-test
+	$(PY) -m pytest -q --kernel native $(KERNEL_TESTS) $(KERNEL_TESTS_MORE)
+	$(PY) -m pytest -q --kernel eager $(KERNEL_TESTS) $(KERNEL_TESTS_MORE)
+	$(PY) -m pytest -q --kernel compiled $(KERNEL_TESTS)
 
 demo: $(VENV)/.installed-demo
 	$(VENV)/bin/parambounds demo --out demo-out

@@ -9,12 +9,16 @@ Run ``python benchmarks/bench_jax.py`` (``--quick`` for tiny sizes). Workloads a
 Rows: ``jit v&g`` is ``jax.jit(jax.value_and_grad(cost))`` (the training step's bounds
 term); ``eager`` is the plain call, un-jitted (value only); ``eager v&g`` is
 ``jax.value_and_grad`` un-jitted. Medians of repeated calls, each waited for with
-``block_until_ready``; compilation is excluded (one warm-up call).
+``block_until_ready``; compilation is excluded (one warm-up call). ``compile`` is the
+time to trace, lower and compile ``jit v&g`` (``jax.jit(...).lower(params).compile()``),
+once, on a fresh function, after both sides have compiled a one-leaf tree (so that
+neither pays JAX's own first-use costs).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -53,13 +57,24 @@ def timeit(fn: Callable[[], Any], reps: int) -> float:
     return statistics.median(times)
 
 
+def compile_time(fn: Callable[[Any], Any], params: Any) -> float:
+    tiny = {"w": jnp.zeros(3)}
+    jax.jit(jax.value_and_grad(lambda p: fn(p, {"w": -1.0}, {"w": 1.0}))).lower(tiny).compile()
+    bounds = dict.fromkeys(params, -2.0), dict.fromkeys(params, 2.0)
+    t0 = time.perf_counter()
+    jax.jit(jax.value_and_grad(lambda p: fn(p, *bounds))).lower(params).compile()
+    return time.perf_counter() - t0
+
+
 def run(case: str, quick: bool, reps: int) -> list[tuple[str, float, float]]:
     params, lower, upper = workload(case, quick)
     ours = lambda p: bounds_cost(p, lower, upper)  # noqa: E731
     theirs = lambda p: jax_loss.bounds_cost(p, lower, upper)  # noqa: E731
+    rows = [
+        ("compile", compile_time(bounds_cost, params), compile_time(jax_loss.bounds_cost, params))
+    ]
     v_ours, v_theirs = float(ours(params)), float(theirs(params))
     assert np.isclose(v_ours, v_theirs, rtol=1e-5), (v_ours, v_theirs)
-    rows = []
     for label, wrap in (
         ("jit v&g", lambda f: jax.jit(jax.value_and_grad(f))),
         ("eager", lambda f: f),
@@ -75,13 +90,15 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for CI")
     parser.add_argument("--reps", type=int, default=0, help="repetitions (default 20, large 5)")
     args = parser.parse_args()
-    print(f"jax {jax.__version__} on {jax.devices()[0].platform}")
+    cpus = os.cpu_count()
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"jax {jax.__version__} on {jax.devices()[0].platform}, {cpus} CPUs, load {load:.1f}")
     print("| case | call | parambounds.jax (ms) | Rockpool jax_loss (ms) | speed-up |")
     print("|---|---|---:|---:|---:|")
     for case in ("many", "large"):
         reps = args.reps or (5 if case == "large" and not args.quick else 20)
         for label, ours, theirs in run(case, args.quick, reps):
-            cells = f"{ours * 1e3:.2f} | {theirs * 1e3:.2f} | {theirs / ours:.1f}x"
+            cells = f"{ours * 1e3:.1f} | {theirs * 1e3:.1f} | {theirs / ours:.1f}x"
             print(f"| {case} | {label} | {cells} |", flush=True)
 
 

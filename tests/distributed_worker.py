@@ -465,15 +465,29 @@ def scenario_dcp(mesh):
         ckpt = load_checkpoint(root / "in")
         bounds.project_(ckpt.tensors)
         save_checkpoint(ckpt, root / "out")
+        # the command line: tensor by tensor (tests/test_checkpoints_dcp.py counts them)
+        from parambounds.cli import main
+
+        toml = root / "b.toml"
+        toml.write_text(
+            '[bounds]\n"tau" = [0.005, 0.04]\n"inp.weight" = [-0.2, 0.2]\n'
+            '"out.bias" = { upper = 0.05 }\n'
+        )
+        assert (
+            main(["clamp", str(root / "in"), "--bounds", str(toml), "-o", str(root / "cli")]) == 0
+        )
     dist.barrier()
-    back = Net().double()
-    fully_shard(back.inp, mesh=mesh)
-    fully_shard(back, mesh=mesh)
-    state = back.state_dict()
-    dcp.load(state, checkpoint_id=str(root / "out"))  # read back by every rank, sharded
-    bounds.project_(ref)
-    for name, rp in ref.state_dict().items():
-        torch.testing.assert_close(state[name].full_tensor(), rp, msg=name)
+    cli_bounds = Bounds({**SPEC, "out.bias": (None, 0.05)})
+    for out, spec in (("out", bounds), ("cli", cli_bounds)):
+        back = Net().double()
+        fully_shard(back.inp, mesh=mesh)
+        fully_shard(back, mesh=mesh)
+        state = back.state_dict()
+        dcp.load(state, checkpoint_id=str(root / out))  # read back by every rank, sharded
+        want = Net().double()
+        spec.project_(want)
+        for name, rp in want.state_dict().items():
+            torch.testing.assert_close(state[name].full_tensor(), rp, msg=f"{out} {name}")
     print(f"rank {dist.get_rank()}: dcp ok", flush=True)
 
 
@@ -539,6 +553,125 @@ def scenario_errors(mesh):
     print(f"rank {rank}: errors ok", flush=True)
 
 
+def scenario_attack(mesh):
+    """Layouts and bounds a training run meets that the other scenarios do not."""
+    g = torch.Generator().manual_seed(7)
+    # a learnable (requires_grad) bound on a sharded parameter: its gradient is the sum
+    # over every shard, the same on every rank, as for the unsharded parameter
+    full = torch.randn(5, 3, generator=g, dtype=torch.float64) * 2
+    for hi_full in (torch.tensor(0.5, dtype=torch.float64), torch.full((5, 3), 0.5).double()):
+        x = distribute_tensor(full, mesh, [Shard(0)], src_data_rank=None).requires_grad_()
+        rx = full.clone().requires_grad_()
+        hi, rhi = hi_full.clone().requires_grad_(), hi_full.clone().requires_grad_()
+        cost = bounds_cost({"w": x}, {"w": -0.5}, {"w": hi})
+        expected = bounds_cost({"w": rx}, {"w": -0.5}, {"w": rhi})
+        torch.testing.assert_close(cost, expected)
+        gx, ghi = torch.autograd.grad(cost, [x, hi])
+        rgx, rghi = torch.autograd.grad(expected, [rx, rhi])
+        torch.testing.assert_close(gx.full_tensor(), rgx)
+        torch.testing.assert_close(ghi, rghi, msg=f"bound gradient {tuple(hi.shape)}")
+    # parameters of several dtypes on one mesh, and a parameter smaller than the mesh
+    params = {
+        "f32": torch.randn(7, generator=g) * 2,
+        "f64": torch.randn(3, 4, generator=g, dtype=torch.float64) * 2,
+        "bf16": (torch.randn(6, generator=g) * 2).bfloat16(),
+        "one": torch.randn(1, 4, generator=g, dtype=torch.float64) * 2,  # rank 1: empty
+    }
+    sharded = {
+        k: distribute_tensor(v, mesh, [Shard(0)], src_data_rank=None) for k, v in params.items()
+    }
+    hi_one = torch.linspace(0.1, 0.4, 4, dtype=torch.float64)[None]
+    lower = {"f32": -1.0, "f64": -1.0, "bf16": -1.0, "one": -0.1}
+    upper = {"f32": 1.0, "f64": 1.0, "bf16": 1.0, "one": hi_one}
+    upper_d = {**upper, "one": distribute_tensor(hi_one, mesh, [Shard(1)], src_data_rank=None)}
+    want = bounds_cost(
+        {k: v.double() for k, v in params.items()}, lower, upper, penalty="quadratic"
+    )
+    for up in (upper, upper_d):
+        got = bounds_cost(sharded, lower, up, penalty="quadratic")
+        assert got.dtype == torch.float64, got.dtype
+        torch.testing.assert_close(got, want)
+        spec = Bounds({k: (lower[k], up[k]) for k in params})
+        ref_spec = Bounds({k: (lower[k], upper[k]) for k in params})
+        assert spec.report(sharded).to_dict() == ref_spec.report(params).to_dict()
+        y = {k: v.clone() for k, v in sharded.items()}
+        spec.project_(y)
+        ref = {k: v.clone() for k, v in params.items()}
+        ref_spec.project_(ref)
+        for k in params:
+            assert torch.equal(y[k].full_tensor(), ref[k]), k
+    print(f"rank {dist.get_rank()}: attack ok", flush=True)
+
+
+def scenario_hsdp(_mesh):
+    """HSDP: FSDP2 on a 2-D (replicate, shard) mesh, trained a few steps with ``attach``."""
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("rep", "shard"))
+    ref = Net().double()
+    model = Net().double()
+    fully_shard(model.inp, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    kinds = {tuple(map(type, p.placements)) for p in model.parameters()}
+    assert kinds == {(Replicate, Shard)}, kinds
+    bounds = Bounds(SPEC)
+    cost, expected = bounds.cost(model), bounds.cost(ref)
+    torch.testing.assert_close(cost, expected)
+    cost.backward()
+    expected.backward()
+    for (name, p), (_, rp) in zip(model.named_parameters(), ref.named_parameters()):
+        if rp.grad is not None:
+            torch.testing.assert_close(p.grad.full_tensor(), rp.grad, msg=name)
+    assert bounds.report(model).to_dict() == bounds.report(ref).to_dict()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    bounds.attach(opt, model)
+    g = torch.Generator().manual_seed(dist.get_rank())
+    for _ in range(3):
+        opt.zero_grad()
+        x = torch.randn(8, 4, generator=g, dtype=torch.float64)
+        (model(x).square().mean() + bounds.cost(model)).backward()
+        opt.step()
+        report = bounds.report(model)
+        assert report.ok, str(report)
+        assert all_equal(report.to_dict())
+        full = {n: p.full_tensor() for n, p in model.named_parameters()}
+        assert Bounds(SPEC).report(full).ok
+    print(f"rank {dist.get_rank()}: hsdp ok", flush=True)
+
+
+def scenario_diverge(_mesh):
+    """A plan cache that differs between ranks: an error on every rank, in bounded time.
+
+    Plans of DTensors are kept alike on every rank (work on plain tensors by one rank
+    cannot evict them); here rank 0's are dropped behind the library's back, so rank 0
+    builds (an exchange) while rank 1 goes straight to the cost's all-reduce.
+    """
+    from torch.distributed.device_mesh import DeviceMesh
+
+    from parambounds import _plan
+
+    os.environ["PARAMBOUNDS_DIST_TIMEOUT"] = "4"
+    group = dist.new_group(backend="gloo")  # broken below: not the default group
+    mesh = DeviceMesh.from_group(group, "cpu")
+    w = distribute_tensor(torch.linspace(-3, 3, 7), mesh, [Shard(0)], src_data_rank=None)
+    hi = torch.full((7,), 1.0)
+    torch.testing.assert_close(
+        bounds_cost({"w": w}, {"w": -1.0}, {"w": hi}),
+        bounds_cost({"w": w.full_tensor()}, {"w": -1.0}, {"w": hi}),
+    )
+    if dist.get_rank() == 0:
+        _plan._DIST_PLANS.clear()
+    start = time.monotonic()
+    msg = expect_bounds_error(
+        lambda: bounds_cost({"w": w}, {"w": -1.0}, {"w": hi}),
+        r"is collective over the ranks \[0, 1\], but not all of them took part",
+    )
+    assert time.monotonic() - start < 60
+    print(f"rank {dist.get_rank()}: {msg} after {time.monotonic() - start:.1f} s", flush=True)
+    print(f"rank {dist.get_rank()}: diverge ok", flush=True)
+    return "broken"
+
+
 def scenario_alone(mesh):
     """Only rank 0 calls ``check``: it raises after the timeout instead of hanging."""
     os.environ["PARAMBOUNDS_DIST_TIMEOUT"] = "3"
@@ -557,7 +690,8 @@ def scenario_alone(mesh):
 
 def main():
     # generous: compiling on a loaded machine can keep one rank away for a minute
-    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=240))
+    pg_timeout = float(os.environ.get("PB_PG_TIMEOUT", "240"))
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=pg_timeout))
     try:
         mesh = (
             init_device_mesh("cpu", (dist.get_world_size(),))

@@ -128,3 +128,61 @@ def test_command_line_check_and_clamp_in_place(tmp_path):
     assert torch.equal(load(tmp_path / "ck")["w"], sd["w"].clamp(-0.5, 0.5))
     out = subprocess.run(check, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and "inside their bounds" in out.stdout, out.stdout + out.stderr
+
+
+def test_command_line_holds_one_tensor_at_a_time(tmp_path, monkeypatch, capsys):
+    """check and clamp on a DCP directory read tensor by tensor: however many tensors the
+    checkpoint has, at most one read earlier is still in memory when the next is read."""
+    import json
+    import weakref
+
+    from parambounds import checkpoints_dcp
+    from parambounds.cli import main
+
+    g = torch.Generator().manual_seed(6)
+    sd = {f"layer{i}.w": torch.randn(50, 40, generator=g) * 2 for i in range(8)}
+    sd |= {"n": torch.arange(5), "step": 3}
+    save(tmp_path / "ck", sd)
+    (tmp_path / "b.toml").write_text('[bounds]\n"layer*" = [-1.5, 1.5]\n')
+    read, alive_at_read = [], []
+    original = checkpoints_dcp._load
+
+    def counting(path, names, meta):
+        alive_at_read.append(sum(r() is not None for r in read))
+        got = original(path, names, meta)
+        read.extend(weakref.ref(v) for v in got.values() if isinstance(v, torch.Tensor))
+        return got
+
+    monkeypatch.setattr(checkpoints_dcp, "_load", counting)
+    assert (
+        main(["check", str(tmp_path / "ck"), "--bounds", str(tmp_path / "b.toml"), "--json"]) == 1
+    )
+    got = json.loads(capsys.readouterr().out)["report"]
+    tensors = {k: v for k, v in sd.items() if k.startswith("layer")}
+    spec = Bounds({"layer*": (-1.5, 1.5)})
+    assert got == spec.report(tensors).to_dict()
+    assert len(read) == 8 and max(alive_at_read) <= 1, alive_at_read
+    read.clear()
+    alive_at_read.clear()
+    out = tmp_path / "out"
+    assert (
+        main(["clamp", str(tmp_path / "ck"), "--bounds", str(tmp_path / "b.toml"), "-o", str(out)])
+        == 0
+    )
+    assert "clamped" in capsys.readouterr().out
+    assert len(read) == 9 and max(alive_at_read) <= 1, alive_at_read
+    monkeypatch.undo()
+    back = load_all(out, sd)
+    for k, v in sd.items():
+        if k.startswith("layer"):
+            assert torch.equal(back[k], v.clamp(-1.5, 1.5)), k
+    assert torch.equal(back["n"], sd["n"]) and back["step"] == 3
+    assert spec.report({k: back[k] for k in tensors}).ok
+
+
+def load_all(path, like):
+    sd = {k: torch.zeros_like(v) if isinstance(v, torch.Tensor) else 0 for k, v in like.items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.load(sd, checkpoint_id=str(path), no_dist=True)
+    return sd

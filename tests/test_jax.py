@@ -230,6 +230,46 @@ def test_any_pytree_equinox_and_custom_nodes():
     assert float(clipped["cells"][0].gain) == 2.0
 
 
+def test_flax_frozen_dict_and_linen_params():
+    import flax.linen as nn
+    from flax.core import FrozenDict
+
+    from parambounds.jax import Bounds
+
+    model = nn.Sequential([nn.Dense(4), nn.relu, nn.Dense(2)])
+    params = model.init(jax.random.PRNGKey(0), jnp.ones((1, 3)))
+    params = jax.tree_util.tree_map(lambda x: 4 * x, FrozenDict(params))
+    assert isinstance(params, FrozenDict)
+    bounds = Bounds({"params.layers_0.kernel": (-0.5, 0.5), "*.bias": {"lower": 0.1}})
+    assert [r.name for r in bounds.report(params).entries] == [
+        "params.layers_0.bias",
+        "params.layers_0.kernel",
+        "params.layers_2.bias",
+    ]
+    k = np.asarray(params["params"]["layers_0"]["kernel"], np.float64).ravel().tolist()
+    b0 = np.asarray(params["params"]["layers_0"]["bias"], np.float64).ravel().tolist()
+    b2 = np.asarray(params["params"]["layers_2"]["bias"], np.float64).ravel().tolist()
+    ref = ref_cost(k, -0.5, 0.5) + ref_cost(b0, 0.1, None) + ref_cost(b2, 0.1, None)
+    assert float(bounds.cost(params)) == pytest.approx(ref, rel=1e-5)
+    projected = bounds.project(params)
+    assert isinstance(projected, FrozenDict)
+    assert bounds.report(projected).ok  # every bounded parameter inside
+    z = bounds.unconstrain(projected)
+    assert isinstance(z, FrozenDict)
+    back = bounds.constrain(z)
+    np.testing.assert_allclose(
+        np.asarray(back["params"]["layers_0"]["kernel"]),
+        np.asarray(projected["params"]["layers_0"]["kernel"]),
+        atol=2e-6,
+    )
+    lower, upper = make_bounds(params)  # Rockpool's helpers on the same tree
+    assert isinstance(lower, FrozenDict)
+    lower = lower.copy({"params": {**lower["params"], "layers_2": {"bias": 0.1, "kernel": None}}})
+    assert float(bounds_cost(params, lower, upper)) == pytest.approx(
+        ref_cost(b2, 0.1, None), rel=1e-5
+    )
+
+
 def test_bounds_clip_exact_keeps_nan_dtype_and_unbounded_leaves():
     p = {"h": jnp.array([0.05, 0.5, math.nan], dtype=jnp.float16), "free": np.arange(3)}
     out = bounds_clip(p, {"h": 0.1, "free": None}, {"h": None, "free": math.inf})

@@ -155,6 +155,7 @@ def fresh_native(monkeypatch):
     monkeypatch.setattr(_native, "_error", None)
     monkeypatch.setattr(_native, "_warned", False)
     monkeypatch.setattr(_native, "_done", threading.Event())
+    monkeypatch.setattr(_native, "_load_if_built", lambda: None)  # as if not built yet
     before = K.get_kernel()
     K.set_kernel("auto")
     yield
@@ -257,3 +258,97 @@ def test_a_killed_build_does_not_block_the_next(native):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
     assert not stale.exists()
+
+
+def test_float32_exp_within_two_ulp_of_float64(native):
+    """The inline float32 exp over the whole range of excesses [0, T], and past T."""
+    del native
+    t = overflow_threshold(torch.float32)
+    excess = torch.cat([torch.linspace(0, t, 200_001), torch.tensor([t * 1.5, t * 3])])
+    x = (1.0 + excess).float().requires_grad_()  # upper bound 1: excess x - 1, in float32
+    cost = bounds_cost({"x": x}, {"x": None}, {"x": 1.0})
+    (grad,) = torch.autograd.grad(cost, [x])
+    e = x.detach().double() - 1.0  # the float32 excess, exactly
+    t32 = torch.tensor(t, dtype=torch.float32).item()  # the kernel's threshold
+    want = torch.where(e > 0, torch.exp(e.clamp(max=t32)), 0.0)
+    assert grad[0] == 0 and (e[1:] > 0).all()
+    ulp = torch.finfo(torch.float32).eps  # relative spacing of float32
+    assert ((grad.double() - want).abs() / want)[1:].max().item() <= 2 * ulp
+    values = want * (1 + (e - t32).clamp(min=0))
+    assert cost.item() == pytest.approx(values.sum().item(), rel=1e-6)
+
+
+def test_gradients_of_large_groups_scale_and_come_back_from_the_heap(native):
+    """Tensors over 16 MiB get their own gradient buffers (fresh pages from the system on
+    every step otherwise); small ones share one. Scaled by the incoming gradient too."""
+    del native
+    g = torch.Generator().manual_seed(6)
+    params = {
+        "big0": (torch.randn(4_500_000, generator=g) * 2).requires_grad_(),  # 18 MB each
+        "big1": (torch.randn(4_500_000, generator=g) * 2).requires_grad_(),
+        "s0": (torch.randn(1000, generator=g) * 2).requires_grad_(),
+        "s1": (torch.randn(10, 100, generator=g) * 2).requires_grad_(),
+    }
+    cost = bounds_cost(params, dict.fromkeys(params, -1.0), dict.fromkeys(params, 1.0))
+    (3 * cost).backward()
+    storages = {k: p.grad.untyped_storage().data_ptr() for k, p in params.items()}
+    assert storages["s0"] == storages["s1"]  # adopted as .grad without a copy
+    assert len({storages["big0"], storages["big1"], storages["s0"]}) == 3
+    for p in params.values():
+        x = p.detach().double()
+        d = x - x.clamp(-1.0, 1.0)
+        want = 3 * torch.sign(d) * torch.exp(d.abs())
+        torch.testing.assert_close(p.grad.double(), want, rtol=1e-6, atol=0)
+
+
+def test_a_built_library_is_imported_without_the_build_tools(native, monkeypatch):
+    """A process that finds this source's library built imports it: no ninja, no checks."""
+    del native
+    from torch.utils import cpp_extension
+
+    def no_build(*args, **kwargs):
+        del args, kwargs
+        raise AssertionError("cpp_extension.load called for a library already built")
+
+    monkeypatch.setattr(cpp_extension, "load", no_build)
+    module = _native._load()
+    x = torch.tensor([2.0, 0.0])
+    value, _, (grad,) = module.value_and_grad([x], -1.0, 1.0, 0, 80.0)
+    assert value.item() == pytest.approx(math.e) and grad.tolist() == pytest.approx([math.e, 0])
+
+
+def test_another_source_gets_another_library(monkeypatch, tmp_path):
+    """The name carries a digest of the source: an edited source never loads an old build."""
+    name = _native.module_name()
+    edited = tmp_path / "bounds.cpp"
+    edited.write_bytes(_native.SOURCE.read_bytes() + b"\n// edited\n")
+    monkeypatch.setattr(_native, "SOURCE", edited)
+    _native.module_name.cache_clear()
+    try:
+        assert _native.module_name() != name
+        assert _native.module_name().startswith("parambounds_native_")
+    finally:
+        monkeypatch.undo()
+        _native.module_name.cache_clear()
+    assert _native.module_name() == name
+
+
+def test_a_built_library_serves_the_very_first_step(fresh_native, monkeypatch):
+    """Built already (any run after the first): imported in the first step's thread."""
+    del fresh_native
+    _native.build(verbose=False)  # make sure it is built (no-op when it is)
+    monkeypatch.setattr(_native, "_module", None)
+    monkeypatch.setattr(_native, "_thread", None)
+    monkeypatch.setattr(_native, "_done", threading.Event())
+    monkeypatch.setattr(_native, "_load_if_built", _load_if_built_real)
+    started = []
+    monkeypatch.setattr(threading.Thread, "start", lambda self: started.append(self))
+    p = torch.tensor([3.0, 0.0], requires_grad=True)
+    cost = bounds_cost({"p": p}, {"p": -1.0}, {"p": 1.0})
+    (grad,) = torch.autograd.grad(cost, [p])
+    assert _native.state() == "ready" and not started
+    assert not grad._is_view()  # the native kernel's plain tensors, in the first step
+    assert grad.tolist() == pytest.approx([math.exp(2.0), 0.0])
+
+
+_load_if_built_real = _native._load_if_built

@@ -1,8 +1,8 @@
 """Collectives over a ``DeviceMesh`` that end in time and notice ranks that disagree.
 
-Every collective parambounds makes outside the cost's own all-reduce goes through
-:func:`gather_rows`: an ``all_gather`` of one fixed-layout row per rank, over the mesh
-the parameters live on (one mesh dimension after the other, so a submesh is reduced
+The cost's all-reduce goes through :func:`sum_over`; every other collective goes
+through :func:`gather_rows`: an ``all_gather`` of one fixed-layout row per rank, over the
+mesh the parameters live on (one mesh dimension after the other, so a submesh is reduced
 over its own group only), waited for at most :func:`timeout` seconds. Each row starts
 with a header (which call, a fingerprint of the plan) so that ranks doing different
 things, or bounding different parameters, are named in a :class:`BoundsError` instead
@@ -22,7 +22,15 @@ from torch import Tensor
 
 from .errors import BoundsError
 
-__all__ = ["Exchange", "fingerprint", "gather_rows", "mesh_ranks", "settle", "timeout"]
+__all__ = [
+    "Exchange",
+    "fingerprint",
+    "gather_rows",
+    "mesh_ranks",
+    "settle",
+    "sum_over",
+    "timeout",
+]
 
 _HEADER = struct.Struct("<8sQqqqI")  # call, fingerprint, leaves, error leaf, error index, len
 _ROW = 512  # bytes per rank: the header, then the error message (UTF-8, cut to fit)
@@ -72,13 +80,43 @@ def gather_rows(row: Tensor, mesh: Any, what: str) -> Tensor:
             assert work is not None
             work.wait(timeout=wait)
         except RuntimeError as err:
-            raise BoundsError(
-                f"{what} is collective over the ranks {mesh_ranks(mesh)}, but not all of them "
-                f"took part within {wait.total_seconds():g} s ({str(err).splitlines()[0]}); "
-                "call it on every rank of the mesh, with the same parameters and bounds"
-            ) from None
+            raise _missing(what, mesh, err) from None
         cur = torch.stack(out)
     return cur.reshape(mesh.size(), row.numel()).to(row.device)
+
+
+def sum_over(value: Tensor, mesh: Any, what: str) -> Tensor:
+    """``value`` summed over every rank of ``mesh``: one all-reduce per mesh dimension.
+
+    On the CPU (gloo) each all-reduce is waited for at most :func:`timeout` seconds. On
+    an accelerator the wait is left to the device's stream, as for any collective of the
+    training step: bounding it would stop the host until the result is there (a host
+    synchronisation every step), so there the process group's own timeout applies
+    (``init_process_group(timeout=...)``).
+
+    Raises:
+        BoundsError: when a rank of the mesh does not join in time (or the group fails).
+    """
+    import torch.distributed as dist
+
+    out = value.detach().clone()
+    bounded = out.device.type == "cpu"
+    for dim in range(mesh.ndim):
+        try:
+            work = dist.all_reduce(out, group=mesh.get_group(dim), async_op=True)
+            assert work is not None
+            work.wait(timeout=datetime.timedelta(seconds=timeout())) if bounded else work.wait()
+        except RuntimeError as err:
+            raise _missing(what, mesh, err) from None
+    return out
+
+
+def _missing(what: str, mesh: Any, err: RuntimeError) -> BoundsError:
+    return BoundsError(
+        f"{what} is collective over the ranks {mesh_ranks(mesh)}, but not all of them "
+        f"took part within {timeout():g} s ({str(err).splitlines()[0]}); call it on every "
+        "rank of the mesh, with the same parameters and bounds"
+    )
 
 
 def fingerprint(items: list[Any]) -> int:

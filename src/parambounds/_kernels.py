@@ -10,9 +10,10 @@ Three kernels evaluate :func:`value_and_grad`:
 
 - native (``csrc/bounds.cpp``, :mod:`parambounds._native`): one C++ call per group of
   float32/float64 contiguous CPU tensors with scalar bounds, reading them in place,
-  vectorized and split over threads, writing all gradients into one buffer that they
-  share. Built in the background on first use (or ahead of time with ``parambounds
-  build-kernels``); the eager kernel runs until it is ready.
+  vectorized and split over threads, writing the gradients into a few buffers (of at
+  most 16 MiB) that they share. Imported in the first step when built already;
+  otherwise built in the background on first use (or ahead of time with ``parambounds
+  build-kernels``) and the eager kernel runs until it is ready.
 - eager: plain PyTorch ops over chunks of :data:`CHUNK` elements, so the temporaries
   stay in cache and extra memory stays at the gradient itself plus a chunk. Needs no
   compiler; computes everything the others do not (other dtypes, tensor bounds, a
@@ -291,10 +292,8 @@ class _GroupCost(torch.autograd.Function):
         if grads is None:  # a second backward with retain_graph=True: compute again
             _, grads, flat = ctx.compute(ctx.saved_tensors)
         if grad_out.device.type != "cpu" or grad_out.item() != 1.0:
-            if flat is not None:
-                flat.mul_(grad_out)
-            else:
-                torch._foreach_mul_(list(grads), grad_out)
+            # Scale the buffers the gradients share (fewer than the gradients), in place.
+            torch._foreach_mul_(list(flat if flat is not None else grads), grad_out)
         return (None, *(g if need else None for g, need in zip(grads, needs)))
 
 
@@ -335,12 +334,14 @@ def _native_penalty(penalty: Penalty) -> int | None:
 
 def _group_runner(
     lower: Bound, upper: Bound, penalty: Penalty, shapes: list[torch.Size]
-) -> Callable[[Sequence[Tensor]], tuple[Tensor, list[Tensor], Tensor | None]]:
+) -> Callable[[Sequence[Tensor]], tuple[Tensor, list[Tensor], list[Tensor] | None]]:
     """Runner for leaves sharing scalar bounds, a dtype and a device (``shapes``: theirs).
 
-    The native kernel (when built) reads every leaf in place and writes all gradients
-    into one buffer. Otherwise leaves under :data:`SMALL` elements are concatenated
-    (their gradients are views of one buffer) and larger ones computed one by one.
+    The runner returns the value, the gradients and the buffers that hold them all (or
+    ``None``). The native kernel (when built) reads every leaf in place and writes the
+    gradients into a few buffers that they share. Otherwise leaves under :data:`SMALL`
+    elements are concatenated (their gradients are views of one buffer) and larger ones
+    computed one by one.
     """
     mode = _kernel
     native = _native_penalty(penalty) if mode in ("auto", "native") else None
@@ -384,7 +385,9 @@ def _group_runner(
             buf = scratch.buf = torch.empty(total, dtype=xs[0].dtype, device=xs[0].device)
         return torch.cat([x.reshape(-1) for x in xs], out=buf)
 
-    def native_run(xs: Sequence[Tensor]) -> tuple[Tensor, list[Tensor], Tensor | None] | None:
+    def native_run(
+        xs: Sequence[Tensor],
+    ) -> tuple[Tensor, list[Tensor], list[Tensor] | None] | None:
         assert native is not None
         x0 = xs[0]
         if x0.device.type != "cpu" or x0.dtype not in _NATIVE_DTYPES:
@@ -396,12 +399,12 @@ def _group_runner(
         if thr is None:
             thr = thresholds[x0.dtype] = overflow_threshold(x0.dtype)
         try:
-            value, flat, grads = module.value_and_grad(xs, lower, upper, native, thr)
+            value, buffers, grads = module.value_and_grad(xs, lower, upper, native, thr)
         except RuntimeError:  # non-contiguous, mixed, or wrapped (torch.func) tensors
             return None
-        return value, grads, flat
+        return value, grads, buffers
 
-    def run(xs: Sequence[Tensor]) -> tuple[Tensor, list[Tensor], Tensor | None]:
+    def run(xs: Sequence[Tensor]) -> tuple[Tensor, list[Tensor], list[Tensor] | None]:
         with torch.no_grad():
             if native is not None:
                 got = native_run(xs)
@@ -421,8 +424,8 @@ def _group_runner(
                 values.append(v)
                 grads[k] = g.view(x.shape)
             value = torch.stack(values).sum() if len(values) > 1 else values[0]
-            # With leaves of both sizes the gradients are in several buffers: no ``flat``.
-            return value, grads, flat if not big else None
+            # With leaves of both sizes the gradients are in several buffers: none listed.
+            return value, grads, [flat] if flat is not None and not big else None
 
     run.bounds = (lower, upper, penalty)  # type: ignore[attr-defined]
     return run

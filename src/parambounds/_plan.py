@@ -20,6 +20,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor
 
+from ._plan_cache import PlanCache, reap, serials, tensor_key
 from ._rounding import compute_dtype, inward
 from .distributed import agree, full_bound, is_dtensor, local_bound, order_violation
 from .errors import BoundsError
@@ -72,8 +73,8 @@ class Plan:
     #: Some bound is a tensor that requires grad (a learnable bound): the cost must
     #: then be differentiable in the bounds too, so it takes the plain autograd path.
     grad_bounds: bool = False
-    #: Weak references to the bound tensors of the key: their callbacks drop the plan.
-    watchers: list[Any] = field(default_factory=list)
+    #: Kept in the distributed store: found (or built, collectively) alike on every rank.
+    distributed: bool = False
     _local: dict[Any, tuple[Any, Any]] = field(default_factory=dict)
 
     def bounded_items(self, exact: bool = False) -> list[tuple[int, Any, Any]]:
@@ -108,7 +109,7 @@ def _bound_key(b: Any) -> Any:
     if b is None or type(b) is float:
         return b
     if isinstance(b, Tensor):
-        return ("t", id(b), b._version, b.requires_grad)
+        return tensor_key(b)
     if isinstance(b, float):
         return b
     if isinstance(b, numbers.Real) and not isinstance(b, bool):
@@ -259,6 +260,10 @@ def _exact_bounds(path: str, p: Tensor, lo: Any, hi: Any, lo_n: Any, hi_n: Any) 
     return lo_x, hi_x
 
 
+def _has_dtensor(xs: list[Any]) -> bool:
+    return any(map(is_dtensor, xs))
+
+
 def _layout(p: Any) -> tuple[Any, ...]:
     if not isinstance(p, Tensor):
         return (type(p),)
@@ -299,31 +304,12 @@ def _build(named: list[tuple[str, Any]], lowers: list[Any], uppers: list[Any]) -
     return plan
 
 
-_PLANS: OrderedDict[Any, Plan] = OrderedDict()
-# The cache is shared by every thread: lookups and updates hold this lock.
+#: Plans of plain tensors, and plans with DTensors (parameters or bounds): these must
+#: be found, or built, alike on every rank (see :mod:`._plan_cache`).
+_PLANS: PlanCache[Plan] = PlanCache(_CACHE_SIZE, deterministic=False)
+_DIST_PLANS: PlanCache[Plan] = PlanCache(_CACHE_SIZE, deterministic=True)
+# The caches are shared by every thread: lookups and updates hold this lock.
 _LOCK = threading.Lock()
-# Ids of bound tensors in each cached key. The cache does not keep bound tensors alive
-# (fresh bounds every step would pile up): a plan is dropped when one of its bound
-# tensors dies (before its id can be reused: ``_dead`` is emptied before any lookup),
-# and when a new version of one of them gets a plan.
-_TENSOR_IDS: dict[Any, frozenset[int]] = {}
-_dead: list[Any] = []
-
-
-def _forget(key: Any) -> None:
-    _PLANS.pop(key, None)
-    _TENSOR_IDS.pop(key, None)
-
-
-def _watch(key: Any, tensors: list[Tensor]) -> None:
-    """Drop ``key`` from the cache when any of ``tensors`` dies, or gets a newer plan."""
-    ids = frozenset(id(t) for t in tensors)
-    for other, other_ids in list(_TENSOR_IDS.items()):
-        if other_ids & ids:  # an older version of one of these bounds
-            _forget(other)
-    _TENSOR_IDS[key] = ids
-    # The callbacks live as long as the plan; appending to a list is atomic.
-    _PLANS[key].watchers = [weakref.ref(t, lambda _, k=key: _dead.append(k)) for t in tensors]  # type: ignore[misc]
 
 
 @dataclass
@@ -406,7 +392,7 @@ def _seen_plan(key: Any, treedef: Any, leaves: list[Any], lower: Any, upper: Any
 def _remember(
     key: Any, treedef: Any, leaves: list[Any], lower: Any, upper: Any, plan: Plan
 ) -> None:
-    if plan.dtensors:  # their layout includes placements: always the full check
+    if plan.distributed:  # found in the distributed store on every call, by every rank
         return
     lo, hi = _snapshot(lower), _snapshot(upper)
     tensors = [*_snapshot_leaves(lower), *_snapshot_leaves(upper)]
@@ -453,20 +439,13 @@ def _keyed_plan(
 ) -> Plan:
     ldef, lleaves = flatten(lower)
     udef, uleaves = flatten(upper)
-    key = (
-        root_name,
-        treedef,
-        ldef,
-        udef,
-        tuple([_bound_key(b) for b in lleaves]),
-        tuple([_bound_key(b) for b in uleaves]),
-    )
+    distributed = _has_dtensor(leaves) or _has_dtensor(lleaves) or _has_dtensor(uleaves)
+    cache = _DIST_PLANS if distributed else _PLANS
     with _LOCK:
-        while _dead:
-            _forget(_dead.pop())
-        base = _PLANS.get(key)
-        if base is not None:
-            _PLANS.move_to_end(key)
+        reap([_PLANS, _DIST_PLANS])
+        lkey, ukey = tuple(map(_bound_key, lleaves)), tuple(map(_bound_key, uleaves))
+        key = (root_name, treedef, ldef, udef, lkey, ukey)
+        base = cache.get(key)
     if base is None:
         named = named_leaves(tree, root_name)
         if ldef == treedef and udef == treedef:
@@ -477,13 +456,10 @@ def _keyed_plan(
         base = _build(named, lowers, uppers)
         tensors = [b for b in (*lleaves, *uleaves) if isinstance(b, Tensor)]
         base.grad_bounds = any(b.requires_grad for b in tensors)
+        base.distributed = distributed
         base.layouts[tuple([_layout(leaves[i]) for i in base.bounded])] = base
         with _LOCK:
-            _PLANS[key] = base
-            if tensors:
-                _watch(key, tensors)
-            if len(_PLANS) > _CACHE_SIZE:
-                _forget(next(iter(_PLANS)))
+            cache.put(key, base, serials(lkey + ukey))
         return base
     layout = tuple([_layout(leaves[i]) for i in base.bounded])
     plan = base.layouts.get(layout)
@@ -492,7 +468,7 @@ def _keyed_plan(
         lowers = align(tree, lower, "lower_bounds")
         uppers = align(tree, upper, "upper_bounds")
         plan = _build(named, lowers, uppers)
-        plan.grad_bounds = base.grad_bounds
+        plan.grad_bounds, plan.distributed = base.grad_bounds, distributed
         base.layouts[layout] = plan
     return plan
 

@@ -30,7 +30,15 @@ from torch import Tensor
 from .checkpoints import Checkpoint, CheckpointError
 from .report import Report
 
-__all__ = ["is_dcp", "load_dcp", "read_metadata", "report_dcp", "save_dcp", "tensor_names"]
+__all__ = [
+    "is_dcp",
+    "load_dcp",
+    "read_metadata",
+    "read_tensor",
+    "report_dcp",
+    "save_dcp",
+    "tensor_names",
+]
 
 _METADATA = ".metadata"
 _DCP_MODULES = (
@@ -106,14 +114,14 @@ def read_metadata(path: str | Path) -> Any:
     return meta
 
 
-def _reader(path: Path) -> Any:
+def _reader(path: Path, known: Any = None) -> Any:
     from torch.distributed.checkpoint import FileSystemReader
 
     class SafeReader(FileSystemReader):
         def read_metadata(self, *args: Any, **kwargs: Any) -> Any:  # noqa: ARG002
             from torch.distributed.checkpoint.metadata import StorageMeta
 
-            meta = read_metadata(path)
+            meta = known if known is not None else read_metadata(path)
             if getattr(meta, "storage_meta", None) is None:
                 meta.storage_meta = StorageMeta()
             meta.storage_meta.load_id = self.load_id
@@ -139,10 +147,18 @@ def _planners() -> tuple[Any, Any]:
             self.raw[read_item.dest_index.fqn] = _Raw(value.getvalue())
 
     class RawSavePlanner(DefaultSavePlanner):
+        fill: Any = None  # name -> the tensor to write, asked for when it is written
+
         def transform_object(self, write_item: Any, object: Any) -> Any:  # noqa: A002
             if isinstance(object, _Raw):
                 return io.BytesIO(object.data)
             return super().transform_object(write_item, object)
+
+        def resolve_data(self, write_item: Any) -> Any:
+            name = write_item.index.fqn
+            if self.fill is not None and isinstance(self.state_dict.get(name), _Lazy):
+                return self.fill(name)  # a whole plain tensor: one write item each
+            return super().resolve_data(write_item)
 
     return RawLoadPlanner, RawSavePlanner
 
@@ -164,7 +180,7 @@ def _load(path: Path, names: list[str], meta: Any) -> dict[str, Any]:
     try:
         with warnings.catch_warnings():  # "no process group: loading in one process"
             warnings.simplefilter("ignore", UserWarning)
-            dcp.load(state, storage_reader=_reader(path), planner=planner, no_dist=True)
+            dcp.load(state, storage_reader=_reader(path, meta), planner=planner, no_dist=True)
         state.update(planner.raw)
     except Exception as err:
         detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -214,21 +230,61 @@ def report_dcp(path: str | Path, bounds: Any) -> Report:
     return Report(tuple(entries))
 
 
-def load_dcp(path: str | Path) -> Checkpoint:
+def load_dcp(path: str | Path, *, lazy: bool = False) -> Checkpoint:
     """Read every entry of a DCP directory: tensors as tensors, the rest as raw bytes.
+
+    Args:
+        path: the checkpoint directory.
+        lazy: read no tensor now: ``tensors`` then holds stand-ins of the right shape and
+            dtype that take no memory (never compute with them), and each tensor is read
+            when asked for, by :func:`read_tensor` or when :func:`save_dcp` writes it.
+            What the command line does, so that a checkpoint larger than memory can be
+            checked and clamped.
 
     Raises:
         CheckpointError: for an unreadable checkpoint or unsafe metadata.
     """
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
     path = Path(path)
     meta = read_metadata(path)
-    state = _load(path, list(meta.state_dict_metadata), meta)
+    if lazy:
+        entries = meta.state_dict_metadata
+        others = [n for n, md in entries.items() if not isinstance(md, TensorStorageMetadata)]
+        state = _load(path, others, meta) if others else {}  # raw bytes: small
+        state = {n: state[n] if n in state else _Lazy.like(md) for n, md in entries.items()}
+    else:
+        state = _load(path, list(meta.state_dict_metadata), meta)
     tensors = {k: v for k, v in state.items() if isinstance(v, Tensor) and v.is_floating_point()}
-    return Checkpoint(path, "dcp", tensors, state)
+    return Checkpoint(path, "dcp", tensors, state, handle=meta)
 
 
-def save_dcp(ckpt: Checkpoint, target: str | Path) -> None:
+class _Lazy(Tensor):
+    """The stand-in of a tensor not read yet: its shape and dtype, no memory."""
+
+    @staticmethod
+    def like(md: Any) -> Tensor:
+        stand_in = torch.empty((), dtype=md.properties.dtype).expand(md.size)
+        return stand_in.as_subclass(_Lazy)
+
+
+def read_tensor(ckpt: Checkpoint, name: str) -> Tensor:
+    """The tensor ``name`` of a DCP checkpoint: the one in memory, or read from disk now.
+
+    Raises:
+        CheckpointError: for an unreadable checkpoint.
+    """
+    t = ckpt.data[name]
+    if not isinstance(t, _Lazy):
+        return t  # type: ignore[no-any-return]
+    return _load(ckpt.path, [name], ckpt.handle)[name]  # type: ignore[no-any-return]
+
+
+def save_dcp(ckpt: Checkpoint, target: str | Path, fill: Any = None) -> None:
     """Write ``ckpt`` as a new DCP directory at ``target`` (replacing a DCP directory there).
+
+    Tensors of a lazy checkpoint (:func:`load_dcp`) are read one at a time as they are
+    written: ``fill(name)`` (by default :func:`read_tensor`) gives each.
 
     Raises:
         CheckpointError: when ``target`` exists and is not a DCP directory, or its folder
@@ -246,6 +302,17 @@ def save_dcp(ckpt: Checkpoint, target: str | Path) -> None:
     state = dict(ckpt.data)
     state.update(ckpt.tensors)
     _, save_planner = _planners()
+    planner = save_planner(flatten_state_dict=False)
+    failed: list[BaseException] = []  # dcp.save wraps what fill raises: re-raised as is
+
+    def fill_or_note(name: str) -> Tensor:
+        try:
+            return fill(name) if fill is not None else read_tensor(ckpt, name)  # type: ignore[no-any-return]
+        except BaseException as err:
+            failed.append(err)
+            raise
+
+    planner.fill = fill_or_note
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
     old = None
     try:
@@ -254,7 +321,7 @@ def save_dcp(ckpt: Checkpoint, target: str | Path) -> None:
             dcp.save(
                 state,
                 storage_writer=dcp.FileSystemWriter(str(tmp)),
-                planner=save_planner(flatten_state_dict=False),
+                planner=planner,
                 no_dist=True,
             )
         if target.exists():
@@ -268,6 +335,8 @@ def save_dcp(ckpt: Checkpoint, target: str | Path) -> None:
         if old is not None and not target.exists():
             old.rename(target)
         shutil.rmtree(tmp, ignore_errors=True)
+        if failed:
+            raise failed[0] from None
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

@@ -13,14 +13,14 @@ import math
 import signal
 import sys
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from . import __version__
 from .errors import BoundsError
-from .report import Report
+from .report import ParamReport, Report
 from .spec import Bounds
 
 if TYPE_CHECKING:
@@ -86,10 +86,9 @@ class _Loaded:
 def _inspect(args: argparse.Namespace) -> _Loaded:
     """Load the bounds and the checkpoint, and resolve which tensors are bounded."""
     from ._ckpt_apply import make_targets
-    from .checkpoints import load_checkpoint
 
     bounds = _load_bounds(args)
-    ckpt = load_checkpoint(args.checkpoint)
+    ckpt = _load_checkpoint(Path(args.checkpoint))
     names = ckpt.parameter_names()
     try:
         # names only: plain Python, no torch backend (nor its import) needed
@@ -106,6 +105,26 @@ def _inspect(args: argparse.Namespace) -> _Loaded:
     return _Loaded(bounds, ckpt, targets, unmatched)
 
 
+def _load_checkpoint(path: Path) -> Checkpoint:
+    """The checkpoint; a DCP directory lazily: its tensors are read one at a time."""
+    if path.is_dir() and (path / ".metadata").is_file():
+        from .checkpoints_dcp import load_dcp
+
+        return load_dcp(path, lazy=True)
+    from .checkpoints import load_checkpoint
+
+    return load_checkpoint(path)
+
+
+def _in_memory(ckpt: Checkpoint, t: Target) -> Target:
+    """``t`` with its tensor in memory (read now from a lazy DCP checkpoint)."""
+    if ckpt.format != "dcp" or t.derived is not None:
+        return t
+    from .checkpoints_dcp import read_tensor
+
+    return replace(t, tensor=read_tensor(ckpt, t.name))
+
+
 def _with_file(err: BoundsError, path: Path) -> str:
     msg = str(err)
     return msg if msg.startswith(str(path)) else f"{path}: {msg}"
@@ -117,7 +136,11 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     loaded = _inspect(args)
     try:
-        report = Report(tuple(scan_targets(loaded.targets)))
+        if loaded.ckpt.format == "dcp":  # one tensor in memory at a time
+            entries = [scan_targets([_in_memory(loaded.ckpt, t)])[0] for t in loaded.targets]
+        else:
+            entries = scan_targets(loaded.targets)
+        report = Report(tuple(entries))
     except BoundsError as err:
         raise BoundsError(_with_file(err, loaded.ckpt.path)) from None
     if args.json:
@@ -195,13 +218,17 @@ def cmd_clamp(args: argparse.Namespace) -> int:
     _refuse_conflicting_aliases(loaded)
     ckpt = loaded.ckpt
     try:
-        before = scan_targets(loaded.targets, clamp=True)  # the counts before clamping
-        for t, e in zip(loaded.targets, before):
-            if e.below or e.above:
-                ckpt.changed.add(t.derived.source if t.derived is not None else t.name)
+        if ckpt.format == "dcp":  # read, checked, clamped and written one tensor at a time
+            before = _clamp_dcp(loaded, target)
+        else:
+            before = scan_targets(loaded.targets, clamp=True)  # the counts before clamping
+            for t, e in zip(loaded.targets, before):
+                if e.below or e.above:
+                    ckpt.changed.add(t.derived.source if t.derived is not None else t.name)
     except BoundsError as err:
         raise BoundsError(_with_file(err, ckpt.path)) from None
-    save_checkpoint(ckpt, target)
+    if ckpt.format != "dcp":
+        save_checkpoint(ckpt, target)
     moved = sum(e.below + e.above for e in before)
     nan = sum(e.nan for e in before)
     touched = sum(1 for e in before if e.below or e.above)
@@ -210,6 +237,27 @@ def cmd_clamp(args: argparse.Namespace) -> int:
     if nan:
         print(f"warning: {nan} NaN values left as they are (clamping keeps NaN)", file=sys.stderr)
     return EXIT_OK
+
+
+def _clamp_dcp(loaded: _Loaded, target: Path) -> list[ParamReport]:
+    """Write the clamped copy of a lazy DCP checkpoint; the reports before clamping."""
+    from ._ckpt_apply import scan_targets
+    from .checkpoints_dcp import read_tensor, save_dcp
+
+    ckpt = loaded.ckpt
+    targets = {t.name: t for t in loaded.targets}
+    before: dict[str, ParamReport] = {}
+
+    def fill(name: str) -> Any:
+        x = read_tensor(ckpt, name)
+        if name in targets:
+            (before[name],) = scan_targets([replace(targets[name], tensor=x)], clamp=True)
+            if before[name].below or before[name].above:
+                ckpt.changed.add(name)
+        return x
+
+    save_dcp(ckpt, target, fill)
+    return [before[name] for name in targets]
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

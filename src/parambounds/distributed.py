@@ -25,12 +25,13 @@ Under ``DistributedDataParallel`` parameters are plain tensors and nothing here 
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ._collectives import Exchange, fingerprint, gather_rows, mesh_ranks, settle
+from ._collectives import Exchange, fingerprint, gather_rows, mesh_ranks, settle, sum_over
 from .errors import BoundsError
 
 __all__ = [
@@ -240,16 +241,53 @@ def shard_cost(fn: Any, x: Any, lo: Any, hi: Any, *args: Any) -> Any:
 
 
 def combine(parts: list[Any]) -> list[Tensor]:
-    """Turn DTensor partial costs into plain tensors: one reduction per mesh."""
-    by_mesh: dict[Any, Any] = {}
-    plain = []
+    """Turn DTensor partial costs into plain tensors: one reduction per mesh.
+
+    In eager mode, :func:`~parambounds._collectives.sum_over` (bounded in time on the
+    CPU); traced by ``torch.compile`` or a ``torch.func`` transform, DTensor's own
+    ``full_tensor()``.
+    """
+    plain = [part for part in parts if not is_dtensor(part)]
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        by_mesh: dict[Any, Any] = {}
+        for part in parts:
+            if is_dtensor(part):
+                mesh = part.device_mesh
+                by_mesh[mesh] = part if mesh not in by_mesh else by_mesh[mesh] + part
+        return plain + [total.full_tensor() for total in by_mesh.values()]
+    groups: dict[Any, tuple[list[bool], list[Tensor]]] = {}
     for part in parts:
         if is_dtensor(part):
-            mesh = part.device_mesh
-            by_mesh[mesh] = part if mesh not in by_mesh else by_mesh[mesh] + part
-        else:
-            plain.append(part)
-    return plain + [total.full_tensor() for total in by_mesh.values()]
+            counted, local = groups.setdefault(part.device_mesh, ([], []))
+            coord = part.device_mesh.get_coordinate()
+            # Replicated dimensions hold the same sum on every rank: the first one counts.
+            counted.append(all(c == 0 for c, p in zip(coord, part.placements) if p.is_replicate()))
+            local.append(part.to_local())
+    return plain + [
+        _SumAcross.apply(mesh, tuple(counted), *local) for mesh, (counted, local) in groups.items()
+    ]
+
+
+class _SumAcross(torch.autograd.Function):
+    """The partial costs of one mesh, summed over its ranks (each counted once).
+
+    The gradient of the total with respect to each rank's partial cost is one, so the
+    backward pass needs no communication: each rank passes the incoming gradient on.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, mesh: Any, counted: tuple[bool, ...], *local: Tensor) -> Tensor:
+        ctx.dtypes = [t.dtype for t in local]
+        dtype = functools.reduce(torch.promote_types, ctx.dtypes)
+        total = torch.zeros((), dtype=dtype, device=local[0].device)
+        for c, t in zip(counted, local):
+            if c:  # not multiplied by 0: a NaN or inf cost on a replica would remain
+                total = total + t.detach()
+        return sum_over(total, mesh, "the cost")
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Any, ...]:
+        return (None, None, *(grad.to(dtype) for dtype in ctx.dtypes))
 
 
 @torch.no_grad()

@@ -10,6 +10,7 @@ leave the bounds (:meth:`Bounds.reparametrize_`), and a report (:meth:`Bounds.re
 
 from __future__ import annotations
 
+import collections
 import difflib
 import functools
 import math
@@ -223,6 +224,8 @@ class Bounds:
         self._entries: list[tuple[str, Any, Any]] = entries
         # Resolved matches by model (torch modules), kept as long as the model lives.
         self._cache: weakref.WeakKeyDictionary[Any, _Resolved] = weakref.WeakKeyDictionary()
+        # Checked plans for JAX pytrees, by structure, shapes and dtypes (an LRU).
+        self._jax_plans: collections.OrderedDict[Any, Any] = collections.OrderedDict()
 
     @classmethod
     def from_trees(cls, lower: Any, upper: Any, *, penalty: str | Penalty = "exp") -> Bounds:

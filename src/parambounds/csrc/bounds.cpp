@@ -10,9 +10,9 @@
 // threshold T, exp and expm1 continue linearly with the slope at T). A parameter of
 // +/-inf on an open side is inside (d = 0); beyond a finite bound, d = +/-inf.
 //
-// The gradients of all tensors are written into one fresh buffer, and returned as plain
-// tensors that share its storage (not views: autograd adopts them as .grad without a
-// copy). The work is split over ATen's threads by element count, in fixed blocks, so the
+// The gradients are written into a few fresh buffers (consecutive tensors share one, up to
+// 16 MiB), and returned as plain tensors that share their storage (not views: autograd
+// adopts them as .grad without a copy). The work is split over ATen's threads by element count, in fixed blocks, so the
 // value does not depend on the number of threads. Nothing is shared between calls.
 //
 // Vectorized with at::vec: the build defines CPU_CAPABILITY_AVX512 or CPU_CAPABILITY_AVX2
@@ -26,7 +26,12 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
+
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
 
 namespace {
 
@@ -34,54 +39,76 @@ enum PenaltyId : int64_t { kExp = 0, kExpm1 = 1, kQuadratic = 2, kLinear = 3 };
 
 constexpr int64_t kBlock = 1 << 13;  // elements per unit of work
 
+// exp(x) for 0 <= x <= T (T < 88.7 for float32; NaN gives NaN), inline: Cody-Waite range
+// reduction x = n ln2 + r, |r| <= ln2/2, and Cephes' degree-7 polynomial for exp(r)
+// (within 2 ulp of float32's exp; tests compare it with float64). An out-of-line call per
+// vector (SLEEF's, what Vectorized::exp is) costs more than the rest of the pass. float64
+// keeps Vectorized::exp.
+template <typename Vec>
+Vec exp_of(const Vec& x) {
+  using scalar_t = typename Vec::value_type;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    const Vec n = (x * Vec(1.44269504088896341f)).round();
+    Vec r = at::vec::fmadd(n, Vec(-0.693359375f), x);
+    r = at::vec::fmadd(n, Vec(2.12194440e-4f), r);
+    Vec p(1.9875691500e-4f);
+    p = at::vec::fmadd(p, r, Vec(1.3981999507e-3f));
+    p = at::vec::fmadd(p, r, Vec(8.3334519073e-3f));
+    p = at::vec::fmadd(p, r, Vec(4.1665795894e-2f));
+    p = at::vec::fmadd(p, r, Vec(1.6666665459e-1f));
+    p = at::vec::fmadd(p, r, Vec(5.0000001201e-1f));
+    p = at::vec::fmadd(p, r * r, r + Vec(1.0f));
+    // 2^n from its bits: (n + 127) << 23, made exactly in float (0 <= n <= 128).
+    const auto bits = at::vec::convert_to_int_of_same_size((n + Vec(127.0f)) * Vec(8388608.0f));
+    return p * at::vec::cast<float>(bits);
+  } else {
+    return x.exp();
+  }
+}
+
+// The lanes of one vector: a mask of those inside (all ones; false for NaN, which is never
+// inside), and the cost and gradient of those outside (0 inside).
 template <typename scalar_t, int64_t P, bool HasLo, bool HasHi>
-double segment(const scalar_t* x, scalar_t* g, int64_t n, scalar_t lo, scalar_t hi,
-               scalar_t thr) {
+struct Lanes {
   using Vec = at::vec::Vectorized<scalar_t>;
-  constexpr int64_t W = Vec::size();
-  const Vec zero(0), one(1), minus_one(-1), two(2);
-  const Vec vlo(lo), vhi(hi), vthr(thr);
-  constexpr int all_zero = (1 << W) - 1;
-  Vec acc(0);
-  double total = 0;
-  int64_t i = 0;
-  for (; i < n; i += W) {
-    const int64_t count = std::min<int64_t>(W, n - i);
-    const Vec vx = count == W ? Vec::loadu(x + i) : Vec::loadu(x + i, count);
-    Vec d = zero;
-    Vec out = vx.isnan();
-    if constexpr (HasHi) {
-      const Vec m = vx > vhi;
-      d = Vec::blendv(d, vx - vhi, m);
-      out = out | m;
+  Vec zero{0}, one{1}, minus_one{-1}, two{2}, vlo, vhi, vthr;
+
+  Lanes(scalar_t lo, scalar_t hi, scalar_t thr) : vlo(lo), vhi(hi), vthr(thr) {}
+
+  Vec inside(const Vec& vx) const {
+    Vec in = vx == vx;
+    if constexpr (HasHi) in = in & (vx <= vhi);
+    if constexpr (HasLo) in = in & (vx >= vlo);
+    return in;
+  }
+
+  // Lanes not inside are above, below or NaN. There e is the excess (> 0, +inf beyond a
+  // finite bound, NaN for NaN); lanes inside are set to 0 at the end, whatever e is.
+  void outside(const Vec& vx, const Vec& in, Vec& value, Vec& grad) const {
+    Vec e, sign;
+    if constexpr (HasHi && HasLo) {
+      e = at::vec::clamp_min(vx - vhi, vlo - vx);  // max, NaN if vx is NaN
+      sign = Vec::blendv(minus_one, one, vx > vhi);
+    } else if constexpr (HasHi) {
+      e = vx - vhi;
+      sign = one;
+    } else if constexpr (HasLo) {
+      e = vlo - vx;
+      sign = minus_one;
+    } else {
+      e = vx;  // only NaN is outside
+      sign = one;
     }
-    if constexpr (HasLo) {
-      const Vec m = vx < vlo;
-      d = Vec::blendv(d, vx - vlo, m);
-      out = out | m;
-    }
-    if (out.zero_mask() == all_zero) {  // all inside: no exp, zero gradient
-      if (count == W) {
-        zero.store(g + i);
-      } else {
-        zero.store(g + i, count);
-      }
-      continue;
-    }
-    d = Vec::blendv(d, vx, vx.isnan());
-    const Vec e = d.abs();
-    Vec sign = Vec::blendv(zero, one, d > zero);
-    sign = Vec::blendv(sign, minus_one, d < zero);
-    Vec value, slope;
+    Vec slope;
     if constexpr (P == kExp || P == kExpm1) {
-      const Vec capped = at::vec::minimum(e, vthr);
-      slope = capped.exp();
-      const Vec linear = slope * at::vec::clamp_min(e - vthr, zero);
+      // clamp_min/clamp_max keep a NaN of their first argument.
+      const Vec capped = at::vec::clamp_max(at::vec::clamp_min(e, zero), vthr);
+      slope = exp_of(capped);
+      const Vec linear = at::vec::clamp_min(e - vthr, zero);  // past T: linear, slope at T
       if constexpr (P == kExp) {
-        // f(0) = 1: count only the elements outside (d != 0 is true for NaN).
-        value = Vec::blendv(zero, slope + linear, d != zero);
+        value = at::vec::fmadd(slope, linear, slope);
       } else {
-        value = capped.expm1() + linear;
+        value = at::vec::fmadd(slope, linear, capped.expm1());
       }
     } else if constexpr (P == kQuadratic) {
       value = e * e;
@@ -90,20 +117,50 @@ double segment(const scalar_t* x, scalar_t* g, int64_t n, scalar_t lo, scalar_t 
       value = e;
       slope = Vec::blendv(one, e, e.isnan());
     }
-    const Vec grad = sign * slope;
-    if (count == W) {
-      grad.store(g + i);
-      acc = acc + value;
-    } else {
-      grad.store(g + i, count);
-      scalar_t lanes[W];
-      value.store(lanes);
-      for (int64_t k = 0; k < count; ++k) total += lanes[k];
-    }
+    value = Vec::blendv(value, zero, in);
+    grad = Vec::blendv(sign * slope, zero, in);
   }
-  scalar_t lanes[W];
-  acc.store(lanes);
-  for (int64_t k = 0; k < W; ++k) total += lanes[k];
+};
+
+// The cost of x[0, n) (n <= kBlock) and its gradient into g, in two sweeps. The first
+// writes a zero gradient everywhere and lists the vectors with a lane outside, without a
+// branch; the second computes those, from the cache. One branch per vector ("any lane
+// outside?") would be mispredicted whenever a few lanes in ten are outside at random.
+template <typename scalar_t, int64_t P, bool HasLo, bool HasHi>
+double segment(const scalar_t* x, scalar_t* g, int64_t n, scalar_t lo, scalar_t hi,
+               scalar_t thr) {
+  using Vec = at::vec::Vectorized<scalar_t>;
+  constexpr int64_t W = Vec::size();
+  const Lanes<scalar_t, P, HasLo, HasHi> lanes(lo, hi, thr);
+  int32_t listed[kBlock / W];
+  int64_t count = 0;
+  const int64_t full = n - n % W;
+  for (int64_t i = 0; i < full; i += W) {
+    const Vec vx = Vec::loadu(x + i);
+    lanes.zero.store(g + i);
+    listed[count] = static_cast<int32_t>(i);
+    count += lanes.inside(vx).zero_mask() != 0;
+  }
+  Vec acc(0), value, grad;
+  for (int64_t k = 0; k < count; ++k) {
+    const int64_t i = listed[k];
+    const Vec vx = Vec::loadu(x + i);
+    lanes.outside(vx, lanes.inside(vx), value, grad);
+    grad.store(g + i);
+    acc = acc + value;
+  }
+  scalar_t sums[W];
+  acc.store(sums);
+  double total = 0;
+  for (int64_t k = 0; k < W; ++k) total += sums[k];
+  if (full < n) {  // the tail: fewer than W lanes
+    const int64_t rest = n - full;
+    const Vec vx = Vec::loadu(x + full, rest);
+    lanes.outside(vx, lanes.inside(vx), value, grad);
+    grad.store(g + full, rest);
+    value.store(sums);
+    for (int64_t k = 0; k < rest; ++k) total += sums[k];
+  }
   return total;
 }
 
@@ -120,7 +177,7 @@ SegmentFn<scalar_t, P> pick(bool has_lo, bool has_hi) {
 
 template <typename scalar_t, int64_t P>
 double run(const std::vector<at::Tensor>& xs, const std::vector<int64_t>& offsets,
-           scalar_t* out, bool has_lo, bool has_hi, scalar_t lo, scalar_t hi,
+           const std::vector<void*>& outs, bool has_lo, bool has_hi, scalar_t lo, scalar_t hi,
            scalar_t thr) {
   const auto fn = pick<scalar_t, P>(has_lo, has_hi);
   const int64_t total = offsets.back();
@@ -139,7 +196,8 @@ double run(const std::vector<at::Tensor>& xs, const std::vector<int64_t>& offset
         const int64_t end = std::min(stop, offsets[j + 1]);
         if (end > pos) {
           const int64_t local = pos - offsets[j];
-          sum += fn(data[j] + local, out + pos, end - pos, lo, hi, thr);
+          sum += fn(data[j] + local, static_cast<scalar_t*>(outs[j]) + local, end - pos, lo,
+                    hi, thr);
         }
         pos = std::max(pos, end);
       }
@@ -153,27 +211,51 @@ double run(const std::vector<at::Tensor>& xs, const std::vector<int64_t>& offset
 
 template <typename scalar_t>
 double dispatch(int64_t penalty, const std::vector<at::Tensor>& xs,
-                const std::vector<int64_t>& offsets, scalar_t* out, bool has_lo, bool has_hi,
+                const std::vector<int64_t>& offsets, const std::vector<void*>& outs,
+                bool has_lo, bool has_hi,
                 double lo, double hi, double thr) {
   const auto l = static_cast<scalar_t>(lo), h = static_cast<scalar_t>(hi),
              t = static_cast<scalar_t>(thr);
   switch (penalty) {
     case kExp:
-      return run<scalar_t, kExp>(xs, offsets, out, has_lo, has_hi, l, h, t);
+      return run<scalar_t, kExp>(xs, offsets, outs, has_lo, has_hi, l, h, t);
     case kExpm1:
-      return run<scalar_t, kExpm1>(xs, offsets, out, has_lo, has_hi, l, h, t);
+      return run<scalar_t, kExpm1>(xs, offsets, outs, has_lo, has_hi, l, h, t);
     case kQuadratic:
-      return run<scalar_t, kQuadratic>(xs, offsets, out, has_lo, has_hi, l, h, t);
+      return run<scalar_t, kQuadratic>(xs, offsets, outs, has_lo, has_hi, l, h, t);
     case kLinear:
-      return run<scalar_t, kLinear>(xs, offsets, out, has_lo, has_hi, l, h, t);
+      return run<scalar_t, kLinear>(xs, offsets, outs, has_lo, has_hi, l, h, t);
     default:
       TORCH_CHECK(false, "parambounds native kernel: unknown penalty id ", penalty);
   }
 }
 
-// Returns (cost, buffer, gradients): a 0-d tensor, the flat gradient buffer, and one plain
-// tensor per input sharing the buffer's storage.
-std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> value_and_grad(
+// Gradient buffers: consecutive tensors share one of at most kPackBytes, a larger tensor
+// has its own. Buffers of this size come back from the C library's heap step after step
+// (glibc serves requests under 32 MiB from memory it keeps after a free), where one buffer
+// for a whole large group would be fresh pages from the system on every step: a page
+// fault per 4 KiB, which on a virtual machine costs as much as the pass itself.
+constexpr int64_t kPackBytes = int64_t{16} << 20;
+// A buffer this large is mapped fresh on every step: ask for huge pages (2 MiB), one fault
+// instead of 512. Best effort, Linux only; nothing else changes.
+constexpr int64_t kHugeBytes = int64_t{32} << 20;
+
+void advise_huge_pages(void* data, int64_t bytes) {
+#ifdef __linux__
+  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
+  const auto start = reinterpret_cast<uintptr_t>(data);
+  const uintptr_t first = (start + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t last = (start + static_cast<uintptr_t>(bytes)) & ~(kHuge - 1);
+  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+#else
+  (void)data;
+  (void)bytes;
+#endif
+}
+
+// Returns (cost, buffers, gradients): a 0-d tensor, the gradient buffers, and one plain
+// tensor per input (not a view) sharing the storage of one buffer.
+std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> value_and_grad(
     const std::vector<at::Tensor>& xs, std::optional<double> lower,
     std::optional<double> upper, int64_t penalty, double threshold) {
   TORCH_CHECK(!xs.empty(), "parambounds native kernel: no tensors");
@@ -188,22 +270,35 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> value_and_grad(
     offsets.push_back(offsets.back() + x.numel());
   }
   const auto options = xs[0].options().requires_grad(false);
-  at::Tensor buffer = at::empty({offsets.back()}, options);
+  const int64_t item = static_cast<int64_t>(xs[0].element_size());
+  std::vector<at::Tensor> buffers;
+  std::vector<at::Tensor> grads;
+  std::vector<void*> outs(xs.size());
+  grads.reserve(xs.size());
+  for (size_t first = 0; first < xs.size();) {
+    size_t last = first + 1;  // tensors [first, last) share a buffer
+    while (last < xs.size() && (offsets[last + 1] - offsets[first]) * item <= kPackBytes) ++last;
+    const int64_t size = offsets[last] - offsets[first];
+    at::Tensor buffer = at::empty({size}, options);
+    if (size * item >= kHugeBytes) advise_huge_pages(buffer.data_ptr(), size * item);
+    const auto storage = buffer.storage();
+    char* base = static_cast<char*>(buffer.data_ptr());
+    for (size_t j = first; j < last; ++j) {
+      const int64_t at = offsets[j] - offsets[first];
+      outs[j] = base + at * item;
+      at::Tensor g = at::empty({0}, options);
+      g.set_(storage, at, xs[j].sizes(), xs[j].strides());
+      grads.push_back(std::move(g));
+    }
+    buffers.push_back(std::move(buffer));
+    first = last;
+  }
   double sum = 0;
   AT_DISPATCH_FLOATING_TYPES(dtype, "parambounds_value_and_grad", [&] {
-    sum = dispatch<scalar_t>(penalty, xs, offsets, buffer.data_ptr<scalar_t>(),
-                             lower.has_value(), upper.has_value(), lower.value_or(0.0),
-                             upper.value_or(0.0), threshold);
+    sum = dispatch<scalar_t>(penalty, xs, offsets, outs, lower.has_value(), upper.has_value(),
+                             lower.value_or(0.0), upper.value_or(0.0), threshold);
   });
-  std::vector<at::Tensor> grads;
-  grads.reserve(xs.size());
-  const auto storage = buffer.storage();
-  for (size_t j = 0; j < xs.size(); ++j) {
-    at::Tensor g = at::empty({0}, options);
-    g.set_(storage, offsets[j], xs[j].sizes(), xs[j].strides());
-    grads.push_back(std::move(g));
-  }
-  return {at::scalar_tensor(sum, options), buffer, std::move(grads)};
+  return {at::scalar_tensor(sum, options), std::move(buffers), std::move(grads)};
 }
 
 // The report's statistics of one tensor: elements below and above, the largest excess

@@ -10,13 +10,15 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from ..errors import BoundsError
 from ..report import ParamReport, Report
 from ..spec import match_indices
 from . import _math
-from ._cost import bounded_leaves, clip_leaf, is_array, total_cost
+from ._cost import clip_leaf
+from ._plan import Plan, bounded_leaves, cached, clip_bound, is_array, tree_key
 from ._trees import named_leaves
 
 if TYPE_CHECKING:
@@ -52,20 +54,39 @@ def resolve(bounds: Bounds, tree: Any) -> tuple[Any, dict[str, Any]]:
     return bounds._match(tuple(params), match_indices), params
 
 
-def _bounded(bounds: Bounds, tree: Any) -> tuple[list[Any], Any, list[tuple[int, Any, Any]], Any]:
-    names, leaves, treedef = named_leaves(tree)
-    keep = [i for i, x in enumerate(leaves) if is_array(x)]
-    resolved = bounds._match(tuple(names[i] for i in keep), match_indices)
-    lowers: list[Any] = [None] * len(leaves)
-    uppers: list[Any] = [None] * len(leaves)
-    for i in keep:
-        lowers[i] = resolved.lower[names[i]]
-        uppers[i] = resolved.upper[names[i]]
-    try:
-        bounded = bounded_leaves(names, leaves, lowers, uppers)
-    except BoundsError as err:
-        raise bounds._with_pattern(err, resolved) from None
-    return leaves, treedef, bounded, names
+def _concrete(x: Any) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+def _cacheable(bounds: Bounds) -> bool:
+    """Whether a plan of ``bounds`` may be cached: no mutable (NumPy) or traced array."""
+    return all(
+        b is None or isinstance(b, (int, float)) or (isinstance(b, jax.Array) and _concrete(b))
+        for _, lo, hi in bounds._entries
+        for b in (lo, hi)
+    )
+
+
+def _plan(bounds: Bounds, tree: Any) -> tuple[Plan, list[Any]]:
+    """The checked plan of ``tree`` under ``bounds`` (cached on ``bounds``), and its leaves."""
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+
+    def build() -> Plan:
+        names, _, _ = named_leaves(tree)
+        keep = [i for i, x in enumerate(leaves) if is_array(x)]
+        resolved = bounds._match(tuple(names[i] for i in keep), match_indices)
+        lowers: list[Any] = [None] * len(leaves)
+        uppers: list[Any] = [None] * len(leaves)
+        for i in keep:
+            lowers[i] = resolved.lower[names[i]]
+            uppers[i] = resolved.upper[names[i]]
+        try:
+            return Plan(treedef, names, leaves, bounded_leaves(names, leaves, lowers, uppers))
+        except BoundsError as err:
+            raise bounds._with_pattern(err, resolved) from None
+
+    key = tree_key(leaves, treedef) if _cacheable(bounds) else None
+    return cached(bounds._jax_plans, key, [], build), leaves
 
 
 def bounds_of(bounds: Bounds, tree: Any) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -76,31 +97,37 @@ def bounds_of(bounds: Bounds, tree: Any) -> tuple[dict[str, Any], dict[str, Any]
 
 def cost(bounds: Bounds, tree: Any) -> Any:
     """The penalty of every bounded leaf, a 0-d array (traceable)."""
-    leaves, _, bounded, _ = _bounded(bounds, tree)
-    return total_cost(leaves, bounded, bounds.penalty)
-
-
-def _map_bounded(bounds: Bounds, tree: Any, fn: Any) -> Any:
-    leaves, treedef, bounded, _ = _bounded(bounds, tree)
-    out = list(leaves)
-    for i, lo, hi in bounded:
-        out[i] = fn(leaves[i], lo, hi)
-    return jax.tree_util.tree_unflatten(treedef, out)
+    plan, leaves = _plan(bounds, tree)
+    return plan.cost(leaves, bounds.penalty)
 
 
 def project(bounds: Bounds, tree: Any) -> Any:
     """A new pytree with every bounded leaf clipped into its bounds (traceable)."""
-    return _map_bounded(bounds, tree, clip_leaf)
+    plan, leaves = _plan(bounds, tree)
+    return plan.map(leaves, clip_leaf)
+
+
+def _unconstrain_leaf(x: Any, lo: Any, hi: Any, inner: Any) -> Any:  # noqa: ARG001
+    return _math.unconstrain(x, lo, hi)
+
+
+def _constrain_leaf(z: Any, lo: Any, hi: Any, inner: Any) -> Any:
+    dtype = _math.float_dtype(z)
+    if dtype != jnp.result_type(z):  # integer z: the result is float, so are its bounds
+        inner = (clip_bound(lo, "lower", dtype, ""), clip_bound(hi, "upper", dtype, ""))
+    return _math.constrain(z, lo, hi, inner)
 
 
 def unconstrain(bounds: Bounds, tree: Any) -> Any:
     """The unconstrained pytree whose :func:`constrain` is ``tree`` (traceable)."""
-    return _map_bounded(bounds, tree, _math.unconstrain)
+    plan, leaves = _plan(bounds, tree)
+    return plan.map(leaves, _unconstrain_leaf)
 
 
 def constrain(bounds: Bounds, tree: Any) -> Any:
     """Map an unconstrained pytree into the bounds (traceable, differentiable)."""
-    return _map_bounded(bounds, tree, _math.constrain)
+    plan, leaves = _plan(bounds, tree)
+    return plan.map(leaves, _constrain_leaf)
 
 
 def report(bounds: Bounds, tree: Any) -> Report:
@@ -109,7 +136,8 @@ def report(bounds: Bounds, tree: Any) -> Report:
     Raises:
         BoundsError: inside ``jax.jit`` (a report is host data; call it between steps).
     """
-    leaves, _, bounded, names = _bounded(bounds, tree)
+    plan, leaves = _plan(bounds, tree)
+    bounded, names = plan.bounded, plan.names
     if any(isinstance(leaves[i], jax.core.Tracer) for i, _, _ in bounded):
         raise BoundsError(
             "report() reads values on the host and cannot run inside jax.jit or another "

@@ -1,0 +1,427 @@
+r"""Validate once, apply cheaply: the checked bounds of one pytree structure, cached.
+
+A :class:`Plan` is what checking a pytree against its bounds found: which leaves are
+bounded, their bounds normalised (``None``, a finite float or an array), the same bounds
+rounded inward to each leaf's dtype (for the hard constraints), and the arguments of one
+jitted cost kernel, so that an eager :func:`~parambounds.jax.bounds_cost` is one dispatch.
+
+Plans are cached by tree structure, leaf shapes and dtypes, and bounds: numbers by type
+and value, JAX arrays by identity (they are immutable, and the plan holds them, so their
+``id`` is never reused while cached). NumPy arrays (mutable) and traced bounds are checked
+again on every call. Bounds are checked in Python: shapes always, values when they are
+concrete (not traced arguments of a ``jax.jit``-compiled function); inside ``jax.jit``
+the checks run once, at trace time.
+
+The cost kernel takes the scalar bounds as one array (no retracing when they change)
+and knows statically which leaf has which kind of bound; it is shared by every plan of
+the same structure.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import math
+import numbers
+import threading
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..errors import BoundsError
+from ..penalties import Penalty
+from . import _math
+
+__all__ = [
+    "Plan",
+    "bounded_leaves",
+    "bounds_key",
+    "cached",
+    "clip_bound",
+    "is_array",
+    "normalise",
+    "tree_key",
+]
+
+_MAX_PLANS = 64
+
+
+def is_array(x: Any) -> bool:
+    """Whether ``x`` is an array leaf (a JAX array, a tracer or a NumPy array)."""
+    return isinstance(x, (jax.Array, np.ndarray, np.generic))
+
+
+def _concrete(x: Any) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+def _show(name: str) -> str:
+    return name or "<root>"
+
+
+def normalise(b: Any, side: str, name: str, x: Any) -> Any:
+    """Check one bound against its parameter: ``None``, a finite float, or an array.
+
+    Raises:
+        BoundsError: naming the parameter, for a bound that is not a number, ``None`` or
+            an array, NaN, infinite on the wrong side, or an array that does not broadcast.
+    """
+    where = f"{side} bound for '{_show(name)}'"
+    if b is None:
+        return None
+    if isinstance(b, bool) or not (isinstance(b, numbers.Real) or is_array(b)):
+        raise BoundsError(f"{where} must be a number, None or an array, got {type(b).__name__}")
+    if isinstance(b, numbers.Real):
+        v = float(b)
+        if math.isnan(v):
+            raise BoundsError(f"{where} is NaN")
+        if (side == "lower" and v == math.inf) or (side == "upper" and v == -math.inf):
+            raise BoundsError(f"{where} is {v}, which no value can satisfy")
+        return None if math.isinf(v) else v
+    shape = tuple(np.shape(x))
+    try:
+        ok = jnp.broadcast_shapes(tuple(b.shape), shape) == shape
+    except ValueError:
+        ok = False
+    if not ok:
+        raise BoundsError(
+            f"{where} has shape {tuple(b.shape)}, which does not broadcast to the "
+            f"parameter's shape {shape}"
+        )
+    if not jnp.issubdtype(b.dtype, jnp.floating) and not jnp.issubdtype(b.dtype, jnp.integer):
+        raise BoundsError(f"{where} must be a real array, got dtype {b.dtype}")
+    if _concrete(b):
+        host = np.asarray(b, dtype=np.float64)
+        if np.isnan(host).any():
+            raise BoundsError(f"{where} contains NaN")
+        bad = math.inf if side == "lower" else -math.inf
+        if (host == bad).any():
+            raise BoundsError(f"{where} contains {bad}, which no value can satisfy")
+        if np.isinf(host).all():
+            return None
+    return b
+
+
+def _check_order(lo: Any, hi: Any, name: str) -> None:
+    if lo is None or hi is None:
+        return
+    if isinstance(lo, float) and isinstance(hi, float):
+        if lo > hi:
+            raise BoundsError(
+                f"lower bound for '{_show(name)}' exceeds its upper bound ({lo} > {hi})"
+            )
+        return
+    if not (_concrete(lo) and _concrete(hi)):
+        return
+    lo_h, hi_h = np.broadcast_arrays(np.asarray(lo, np.float64), np.asarray(hi, np.float64))
+    bad = np.argwhere(lo_h > hi_h)
+    if len(bad):
+        idx = tuple(int(i) for i in bad[0])
+        raise BoundsError(
+            f"lower bound for '{_show(name)}' exceeds its upper bound at index {idx} "
+            f"({lo_h[idx]} > {hi_h[idx]})"
+        )
+
+
+def bounded_leaves(
+    names: list[str], leaves: list[Any], lowers: list[Any], uppers: list[Any]
+) -> list[tuple[int, Any, Any]]:
+    """``(index, lower, upper)`` of every bounded leaf, checked and normalised."""
+    out = []
+    for i, (name, x, lo, hi) in enumerate(zip(names, leaves, lowers, uppers)):
+        if lo is None and hi is None:
+            continue
+        if not (is_array(x) or isinstance(x, (int, float))) or isinstance(x, bool):
+            raise BoundsError(f"parameter '{_show(name)}' must be an array, got {type(x).__name__}")
+        if jnp.issubdtype(jnp.result_type(x), jnp.complexfloating):
+            raise BoundsError(f"parameter '{_show(name)}' is complex; bounds need real values")
+        lo_n = normalise(lo, "lower", name, x)
+        hi_n = normalise(hi, "upper", name, x)
+        _check_order(lo_n, hi_n, name)
+        if lo_n is not None or hi_n is not None:
+            out.append((i, lo_n, hi_n))
+    return out
+
+
+# ----------------------------------------------------------------- rounding inward
+
+
+@functools.lru_cache(maxsize=1024)
+def _inward_scalar(v: float, side: str, dtype: Any) -> Any:
+    """The value of float ``dtype`` nearest ``v`` on the inside of the bound (exact)."""
+    c = np.asarray(v, dtype=dtype)
+    if side == "lower" and float(c) < v:
+        c = np.nextafter(c, np.asarray(np.inf, dtype=dtype))
+    if side == "upper" and float(c) > v:
+        c = np.nextafter(c, np.asarray(-np.inf, dtype=dtype))
+    return c
+
+
+def _integer_bound(b: Any, side: str, dtype: Any, name: str) -> Any:
+    """A number bound as the integers (or booleans) of ``dtype`` inside it."""
+    v = math.ceil(b) if side == "lower" else math.floor(b)
+    info = (0, 1) if dtype == np.bool_ else (int(jnp.iinfo(dtype).min), int(jnp.iinfo(dtype).max))
+    if (side == "lower" and v > info[1]) or (side == "upper" and v < info[0]):
+        raise BoundsError(
+            f"{side} bound for '{_show(name)}' is {b}, which no value of {jnp.dtype(dtype)} "
+            "can satisfy"
+        )
+    return np.asarray(min(max(v, info[0]), info[1]), dtype=dtype)
+
+
+def _check_range(b: Any, side: str, dtype: Any, name: str) -> None:
+    """Reject a concrete array bound that no value of ``dtype`` can meet."""
+    if not _concrete(b):
+        return
+    if dtype == jnp.bool_:
+        low, high = 0.0, 1.0
+    else:
+        info: Any = jnp.finfo(dtype) if jnp.issubdtype(dtype, jnp.floating) else jnp.iinfo(dtype)
+        low, high = float(info.min), float(info.max)
+    host = np.asarray(b, dtype=np.float64)
+    bad = np.argwhere(host > high) if side == "lower" else np.argwhere(host < low)
+    if len(bad):
+        idx = tuple(int(i) for i in bad[0])
+        raise BoundsError(
+            f"{side} bound for '{_show(name)}' is {host[idx]} at index {idx}, beyond the "
+            f"range of {jnp.dtype(dtype)}: no value can satisfy it"
+        )
+
+
+def clip_bound(b: Any, side: str, dtype: Any, name: str) -> Any:
+    """A normalised bound as values of ``dtype`` on the inside of the bound.
+
+    Raises:
+        BoundsError: for a number beyond the dtype's range on the side no value can meet.
+    """
+    if b is None:
+        return None
+    dtype = jnp.dtype(dtype)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        if isinstance(b, float):
+            return _integer_bound(b, side, dtype, name)
+        _check_range(b, side, dtype, name)
+        return _math.inward_integer(b, side, dtype)
+    if isinstance(b, float):
+        c = _inward_scalar(b, side, dtype)
+        if (side == "lower" and c == np.inf) or (side == "upper" and c == -np.inf):
+            raise BoundsError(
+                f"{side} bound for '{_show(name)}' is {b}, beyond the range of {dtype}"
+            )
+        return c
+    _check_range(b, side, dtype, name)
+    return _math.inward(b, side, dtype)
+
+
+def _inner(x: Any, lo: Any, hi: Any, name: str) -> tuple[Any, Any]:
+    """Both bounds of ``x`` rounded inward to its dtype, checked to leave a value between.
+
+    Raises:
+        BoundsError: where no value of the dtype lies between concrete bounds.
+    """
+    dtype = jnp.dtype(jnp.result_type(x))
+    lo_in, hi_in = clip_bound(lo, "lower", dtype, name), clip_bound(hi, "upper", dtype, name)
+    if lo_in is None or hi_in is None or not (_concrete(lo_in) and _concrete(hi_in)):
+        return lo_in, hi_in
+    lo_h = np.asarray(jnp.asarray(lo_in).astype(jnp.float32), np.float64)
+    hi_h = np.asarray(jnp.asarray(hi_in).astype(jnp.float32), np.float64)
+    lo_h, hi_h = np.broadcast_arrays(lo_h, hi_h)
+    bad = np.argwhere(lo_h > hi_h)
+    if len(bad):
+        idx = tuple(int(i) for i in bad[0])
+        at = f" at index {idx}" if lo_h.ndim else ""
+        raise BoundsError(
+            f"no value of {dtype} lies between the bounds of '{_show(name)}'{at}: "
+            f"rounded inward they are {lo_h[idx]} > {hi_h[idx]}"
+        )
+    return lo_in, hi_in
+
+
+# ----------------------------------------------------------------------- the plan
+
+
+class _Static:
+    """The static half of a cost kernel's arguments, hashed once."""
+
+    __slots__ = ("_hash", "key")
+
+    def __init__(self, key: tuple[Any, ...]) -> None:
+        self.key = key
+        self._hash = hash(key)
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Static) and other.key == self.key
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _leaf_kernel(penalty: Penalty, dtype: Any, lo_kind: Any, hi_kind: Any, *args: Any) -> Any:
+    """One leaf's cost in ``dtype``.
+
+    A jitted function of its own, so that leaves of one shape, dtype and kind of bounds
+    share one trace (and its derivatives): tracing and compiling stay fast with
+    hundreds of leaves.
+    """
+    x, lo, hi = args
+    if lo_kind == "s":  # as a Python float would be: in the leaf's float dtype, finite
+        lo = _math.Finite(lo.astype(_math.float_dtype(x)))
+    if hi_kind == "s":
+        hi = _math.Finite(hi.astype(_math.float_dtype(x)))
+    return _math.leaf_cost(x, lo, hi, penalty).astype(dtype)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _cost_kernel(static: _Static, xs: list[Any], scalars: Any, arrays: list[Any]) -> Any:
+    penalty, dtype, kinds = static.key
+
+    def bound(kind: Any) -> Any:
+        if kind is None:
+            return None
+        if kind[0] == "a":
+            return arrays[kind[1]]
+        return jax.lax.index_in_dim(scalars, kind[1], keepdims=False)
+
+    total = jnp.zeros((), dtype)
+    for x, (lo, hi) in zip(xs, kinds):
+        kind = (None if lo is None else lo[0], None if hi is None else hi[0])
+        total = total + _leaf_kernel(penalty, dtype, *kind, x, bound(lo), bound(hi))
+    return total
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _map_leaf(fn: Any, x: Any, args: tuple[Any, Any, Any]) -> Any:
+    return fn(x, *args)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _map_kernel(fn: Any, xs: list[Any], args: list[Any]) -> list[Any]:
+    return [_map_leaf(fn, x, a) for x, a in zip(xs, args)]
+
+
+def _result_dtype(leaves: list[Any]) -> Any:
+    floats = [jnp.result_type(x) for x in leaves if is_array(x)]
+    floats = [d for d in floats if jnp.issubdtype(d, jnp.floating)]
+    return jnp.result_type(*floats) if floats else jnp.result_type(float)
+
+
+class Plan:
+    """The checked bounds of one pytree structure.
+
+    Attributes:
+        treedef: the parameters' tree structure.
+        names: every leaf's dotted key path.
+        bounded: ``(index, lower, upper)`` of the bounded leaves, normalised.
+        inner: ``(lower, upper)`` of each bounded leaf rounded inward to its dtype.
+    """
+
+    def __init__(self, treedef: Any, names: list[str], leaves: list[Any], bounded: Any) -> None:
+        # Concrete bounds are prepared now, even under a trace: a cached plan holds no tracer.
+        with jax.ensure_compile_time_eval():
+            self._build(treedef, names, leaves, bounded)
+
+    def _build(self, treedef: Any, names: list[str], leaves: list[Any], bounded: Any) -> None:
+        self.treedef = treedef
+        self.names = names
+        self.bounded: list[tuple[int, Any, Any]] = bounded
+        self.inner = [_inner(leaves[i], lo, hi, names[i]) for i, lo, hi in bounded]
+        self._dtype = jnp.dtype(_result_dtype(leaves))
+        scalars: list[float] = []
+        self._arrays: list[Any] = []
+
+        def kind(b: Any) -> Any:
+            if b is None:
+                return None
+            if isinstance(b, float):
+                scalars.append(b)
+                return ("s", len(scalars) - 1)
+            self._arrays.append(b)
+            return ("a", len(self._arrays) - 1)
+
+        self._kinds = tuple((kind(lo), kind(hi)) for _, lo, hi in bounded)
+        wide = np.float64 if self._dtype == jnp.float64 else np.float32
+        self._scalars = jnp.asarray(np.asarray(scalars, dtype=wide))
+        self._statics: dict[Penalty, _Static] = {}
+
+    def cost(self, leaves: list[Any], penalty: Penalty) -> Any:
+        """The 0-d cost of the bounded leaves: one jitted call."""
+        static = self._statics.get(penalty)
+        if static is None:
+            _math.penalty_value(penalty)  # a clear error now, not from inside jit
+            static = self._statics[penalty] = _Static((penalty, self._dtype, self._kinds))
+        xs = [leaves[i] for i, _, _ in self.bounded]
+        return _cost_kernel(static, xs, self._scalars, self._arrays)
+
+    def map(self, leaves: list[Any], fn: Any) -> Any:
+        """The tree with ``fn(x, lower, upper, inner)`` in place of each bounded leaf.
+
+        One jitted call (``fn`` is static; the bounds are arguments).
+        """
+        out = list(leaves)
+        xs = [leaves[i] for i, _, _ in self.bounded]
+        args = [(lo, hi, inner) for (_, lo, hi), inner in zip(self.bounded, self.inner)]
+        for (i, _, _), y in zip(self.bounded, _map_kernel(fn, xs, args)):
+            out[i] = y
+        return jax.tree_util.tree_unflatten(self.treedef, out)
+
+
+# ---------------------------------------------------------------------- the cache
+
+
+def _leaf_key(x: Any) -> Any:
+    if isinstance(x, (jax.Array, np.ndarray, np.generic)):
+        return (x.shape, x.dtype, getattr(x, "weak_type", False))
+    return type(x)
+
+
+def tree_key(leaves: list[Any], treedef: Any) -> tuple[Any, ...]:
+    """The parameters' part of a plan's key: structure, shapes and dtypes."""
+    return (treedef, tuple(_leaf_key(x) for x in leaves))
+
+
+def _bound_key(b: Any, keep: list[Any]) -> Any:
+    if isinstance(b, jax.Array) and _concrete(b):
+        keep.append(b)
+        return ("array", id(b))
+    if isinstance(b, (float, int)):  # bool included: its type keeps True apart from 1
+        return (type(b), b)
+    raise TypeError  # mutable or traced: not cacheable
+
+
+def bounds_key(trees: tuple[Any, ...], keep: list[Any]) -> tuple[Any, ...] | None:
+    """The bounds' part of a plan's key, or ``None`` when they cannot be cached."""
+    out = []
+    for tree in trees:
+        leaves, treedef = jax.tree_util.tree_flatten(tree)
+        try:
+            out.append((treedef, tuple(_bound_key(b, keep) for b in leaves)))
+        except TypeError:
+            return None
+    return tuple(out)
+
+
+_lock = threading.Lock()
+
+
+def cached(cache: collections.OrderedDict[Any, Any], key: Any, keep: list[Any], build: Any) -> Plan:
+    """The plan under ``key`` in ``cache`` (an LRU), built by ``build()`` when missing.
+
+    ``key`` ``None`` means: build, do not cache. ``keep`` holds the objects the key
+    names by identity; the cache keeps them alive beside the plan.
+    """
+    if key is None:
+        return build()  # type: ignore[no-any-return]
+    with _lock:
+        hit = cache.get(key)
+        if hit is not None:
+            cache.move_to_end(key)
+            return hit[0]  # type: ignore[no-any-return]
+    plan = build()
+    with _lock:
+        cache[key] = (plan, keep)
+        while len(cache) > _MAX_PLANS:
+            cache.popitem(last=False)
+    return plan  # type: ignore[no-any-return]
