@@ -116,3 +116,38 @@ def test_reparametrize_needs_a_real_parameter():
     plan, _, _ = b._plan(m)
     with pytest.raises(BoundsError, match=r"'other' is not a parameter that can be reparametrized"):
         reparametrize_plan_(m, plan, ["other", "bias"])
+
+
+def test_repeated_project_follows_changes_to_the_model_and_bounds():
+    """project_ works its clamps out once per plan; each change is still honoured."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    hi = torch.full((4,), 0.5)
+    bounds = Bounds({"0.weight": (-0.1, 0.1), "0.bias": (None, hi), "1.*": (-0.2, 0.3)})
+
+    def inside(name, lo, up):
+        x = dict(model.named_parameters())[name].detach().double()
+        lo_ok = lo is None or bool((x >= torch.as_tensor(lo, dtype=torch.float64)).all())
+        return lo_ok and bool((x <= torch.as_tensor(up, dtype=torch.float64)).all())
+
+    for _ in range(2):  # the second time from the cache
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_(0, 3)
+        bounds.project_(model)
+        assert inside("0.weight", -0.1, 0.1) and inside("0.bias", None, hi)
+        assert inside("1.weight", -0.2, 0.3) and inside("1.bias", -0.2, 0.3)
+    hi.fill_(-1.0)  # a tensor bound changed in place
+    bounds.project_(model)
+    assert inside("0.bias", None, -1.0)
+    model.half()  # a new dtype: bounds rounded inward to float16
+    with torch.no_grad():
+        model[0].weight.fill_(1.0)
+    bounds.project_(model)
+    assert inside("0.weight", -0.1, 0.1) and model[0].weight.dtype == torch.float16
+    model[1].weight = torch.nn.Parameter(torch.full((2, 4), 5.0))  # replaced
+    bounds.project_(model)
+    assert inside("1.weight", -0.2, 0.3)
+    model[1].weight.data = torch.full((3, 4), -5.0)  # resized in place of the data
+    bounds.project_(model)
+    assert inside("1.weight", -0.2, 0.3) and model[1].weight.shape == (3, 4)

@@ -60,6 +60,7 @@ def test_two_processes(tmp_path, monkeypatch):
             "matrix": "matrix ok (12 layouts x bounds)",
             "fsdp_noreshard": "fsdp2 noreshard ok",
             "errors": "errors ok",
+            "attack": "attack ok",
             "dcp": "dcp ok",  # rank-0-only work on plain tensors sharing SPEC's bound tensor
             "compiled_kernel": "compiled kernel ok",
             # after everything else: rank 0's plan cache once lost the FSDP2 plan to the
@@ -74,7 +75,14 @@ def test_two_processes(tmp_path, monkeypatch):
 
 def test_four_processes():
     """A 2 x 2 (dp, tp) mesh: 2-D layouts, submeshes, FSDP2 over tensor parallelism."""
-    check_launch(4, {"matrix": "matrix ok (22 layouts x bounds)", "fsdp_tp": "fsdp2 over tp ok"})
+    check_launch(
+        4,
+        {
+            "matrix": "matrix ok (22 layouts x bounds)",
+            "fsdp_tp": "fsdp2 over tp ok",
+            "hsdp": "hsdp ok",
+        },
+    )
 
 
 def test_plain_tensors_are_not_dtensors():

@@ -9,6 +9,7 @@ shared scalar bounds. The per-step path then only looks the plan up and applies 
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import threading
@@ -70,6 +71,8 @@ class Plan:
     dtensors: frozenset[int] = frozenset()
     layouts: dict[tuple[Any, ...], Plan] = field(default_factory=dict)
     runners: dict[Any, Any] = field(default_factory=dict)
+    #: What the report and the projection work out once per plan (see their modules).
+    cache: dict[Any, Any] = field(default_factory=dict)
     #: Some bound is a tensor that requires grad (a learnable bound): the cost must
     #: then be differentiable in the bounds too, so it takes the plain autograd path.
     grad_bounds: bool = False
@@ -260,6 +263,44 @@ def _exact_bounds(path: str, p: Tensor, lo: Any, hi: Any, lo_n: Any, hi_n: Any) 
     return lo_x, hi_x
 
 
+#: Bound types checked once per value and dtype (see :func:`_number_bounds`).
+_NUMBERS = (float, int)
+
+
+def _number_key(b: Any) -> Any:
+    """``b`` as a cache key: ``-0.0`` and ``0.0`` (equal, same hash) kept apart."""
+    return b if b is None or type(b) is int else (b, math.copysign(1.0, b))
+
+
+@functools.lru_cache(maxsize=4096)
+def _number_bounds_cached(lo: Any, hi: Any, dtype: torch.dtype) -> tuple[Any, Any, Any, Any] | None:
+    like = torch.empty((), dtype=dtype, device="meta")
+    lo_v = lo if lo is None or type(lo) is int else lo[0]
+    hi_v = hi if hi is None or type(hi) is int else hi[0]
+    try:
+        lo_n, hi_n = _resolve("", like, lo_v, hi_v)
+        return (lo_n, hi_n, *_exact_bounds("", like, lo_v, hi_v, lo_n, hi_n))
+    except BoundsError:  # the caller's full check names the parameter
+        return None
+
+
+def _number_bounds(p: Any, lo: Any, hi: Any) -> tuple[Any, Any, Any, Any] | None:
+    """The normalised and exact bounds of a plain tensor bounded by two numbers, cached.
+
+    Checking and rounding two numbers for a dtype costs tensor operations; models
+    repeat the same few pairs over hundreds of parameters, so each pair is worked out
+    once per dtype. ``None`` when this does not apply (tensor bounds, DTensors,
+    non-tensors) or the bounds are invalid: the caller then runs the full check.
+    """
+    if (lo is not None and type(lo) not in _NUMBERS) or (
+        hi is not None and type(hi) not in _NUMBERS
+    ):
+        return None
+    if not isinstance(p, Tensor) or is_dtensor(p) or p.is_complex():
+        return None
+    return _number_bounds_cached(_number_key(lo), _number_key(hi), p.dtype)
+
+
 def _has_dtensor(xs: list[Any]) -> bool:
     return any(map(is_dtensor, xs))
 
@@ -279,17 +320,24 @@ def _build(named: list[tuple[str, Any]], lowers: list[Any], uppers: list[Any]) -
     bounded: list[int] = []
     errors: dict[int, BoundsError] = {}  # of DTensor leaves: raised on every rank, by agree()
     for i, ((path, p), lo, hi) in enumerate(zip(named, lowers, uppers)):
-        try:
-            lo_n, hi_n = _resolve(path, p, lo, hi)
-        except BoundsError as err:
-            if not is_dtensor(p):
-                raise
-            errors[i] = err
-            continue
-        if lo_n is None and hi_n is None:
-            continue
-        bounded.append(i)
-        lo_x, hi_x = _exact_bounds(path, p, lo, hi, lo_n, hi_n)
+        known = _number_bounds(p, lo, hi)
+        if known is not None:
+            lo_n, hi_n, lo_x, hi_x = known
+            if lo_n is None and hi_n is None:
+                continue
+            bounded.append(i)
+        else:
+            try:
+                lo_n, hi_n = _resolve(path, p, lo, hi)
+            except BoundsError as err:
+                if not is_dtensor(p):
+                    raise
+                errors[i] = err
+                continue
+            if lo_n is None and hi_n is None:
+                continue
+            bounded.append(i)
+            lo_x, hi_x = _exact_bounds(path, p, lo, hi, lo_n, hi_n)
         if isinstance(lo_n, Tensor) or isinstance(hi_n, Tensor):
             tensor_leaves.append(LeafBounds(i, path, lo_n, hi_n, lo_x, hi_x))
         else:

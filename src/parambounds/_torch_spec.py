@@ -13,15 +13,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from . import _native
-from ._kernels import clamp_args, signed_excess
 from ._plan import Plan, get_plan
-from ._rounding import compute_dtype
-from .constraints import project_plan_, reparametrize_plan_
+from ._torch_report import compute_report
+from .constraints import project_plan_, projection, reparametrize_plan_, run_projection_
 from .cost import tree_cost
-from .distributed import reduce_stats, to_local
 from .errors import BoundsError
-from .report import ParamReport, Report
+from .report import Report
 from .spec import match_indices
 from .trees import flatten
 
@@ -97,7 +94,11 @@ def resolve(bounds: Bounds, model: Model) -> tuple[_Resolved, dict[str, Tensor]]
 def plan(bounds: Bounds, model: Model) -> tuple[Plan, list[Tensor], _Resolved]:
     """The cached plan of ``model`` under ``bounds``, its leaves and the resolved spec."""
     resolved, params = resolve(bounds, model)
-    treedef, leaves = flatten(params)
+    seen = _PARAMS.get(model) if isinstance(model, torch.nn.Module) else None
+    if seen is not None and seen[1] is params:  # unchanged: flattened once
+        treedef, leaves = seen[3]
+    else:
+        treedef, leaves = flatten(params)
     try:
         got = get_plan(params, treedef, leaves, resolved.lower, resolved.upper)
     except BoundsError as err:
@@ -123,7 +124,18 @@ def cost(bounds: Bounds, model: Model) -> Tensor:
 def project_(bounds: Bounds, model: Model) -> None:
     """Clamp every bounded parameter into its bounds, in place."""
     got, leaves, resolved = plan(bounds, model)
-    project_plan_(got, leaves, list(resolved.names))
+    seen = _PARAMS.get(model) if isinstance(model, torch.nn.Module) else None
+    if seen is None or seen[3][1] is not leaves:  # a state_dict, or parametrized values
+        project_plan_(got, leaves, list(resolved.names))
+        return
+    steps = seen[4].get(id(got), (None, None))
+    if steps[0] is not got:  # worked out once per plan of these very leaves
+        seen[4].clear()  # only the latest plan's
+        steps = seen[4][id(got)] = (got, projection(got, leaves))
+    if steps[1] is None:
+        project_plan_(got, leaves, list(resolved.names))
+    else:
+        run_projection_(steps[1])
 
 
 def attach(bounds: Bounds, optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> Any:
@@ -211,7 +223,8 @@ def _parameters(model: torch.nn.Module) -> dict[str, Tensor]:
         if owner._parameters.get(attr) is not p:  # computed by a parametrization
             return params
         slots.append((owner._parameters, attr, p))
-    _PARAMS[model] = (generation, params, slots)
+    # (generation, params, their slots, flatten(params), projections by plan)
+    _PARAMS[model] = (generation, params, slots, flatten(params), {})
     return params
 
 
@@ -239,74 +252,3 @@ def _effective_parameters(model: torch.nn.Module) -> dict[str, Tensor]:
         owner = model.get_submodule(owner_path) if owner_path else model
         out[owner_path + ("." if owner_path else "") + attr] = getattr(owner, attr)
     return out
-
-
-# ---------------------------------------------------------------- the report's numbers
-
-
-def _stats(x: Tensor, lower: Any, upper: Any) -> Tensor:
-    """``[below, above, max_excess, nan]`` of one tensor, as float64 on its device."""
-    x = x.detach()
-    if not x.is_floating_point() or x.itemsize == 1:  # integers exactly, float8 in float32
-        x = x.to(torch.float64 if not x.is_floating_point() else compute_dtype(x.dtype))
-        lower, upper = (b.to(x.dtype) if isinstance(b, Tensor) else b for b in (lower, upper))
-    lo, hi = clamp_args(lower, upper)
-    d = signed_excess(x, lo, hi)  # > 0 above, < 0 below, NaN for NaN
-    zero = torch.zeros((), dtype=torch.float64, device=x.device)
-    above = (d > 0).sum().to(torch.float64)
-    below = (d < 0).sum().to(torch.float64)
-    nan = torch.isnan(x).sum().to(torch.float64)
-    excess = torch.nan_to_num(d.abs(), nan=0.0).amax().to(torch.float64) if x.numel() else zero
-    return torch.stack([below, above, excess, nan])
-
-
-def _native_stats(plan: Plan, leaves: list[Tensor]) -> dict[int, list[float]]:
-    """The statistics of plain CPU leaves in groups, one native call per group.
-
-    Empty while the native kernel is not built; groups it does not take (other dtypes,
-    non-contiguous tensors) are left to :func:`_stats`.
-    """
-    module = _native.get()
-    if module is None:
-        return {}
-    out: dict[int, list[float]] = {}
-    for g in plan.groups:
-        idx = [i for i in g.indices if i not in plan.dtensors]
-        if not idx or leaves[idx[0]].device.type != "cpu":
-            continue
-        try:
-            rows = module.stats([leaves[i] for i in idx], g.lower, g.upper).tolist()
-        except RuntimeError:  # float16, integers, non-contiguous: the general path
-            continue
-        out.update(zip(idx, rows))
-    return out
-
-
-@torch.no_grad()
-def compute_report(plan: Plan, leaves: list[Tensor], names: list[str]) -> Report:
-    """Compute the :class:`Report` of the bounded leaves of ``plan``.
-
-    All statistics are computed where the parameters live and copied to the host once,
-    at the end (one transfer per device), not once per parameter.
-    """
-    items = plan.bounded_items()
-    # Compared with the bounds rounded inward to each dtype: exact, as in float64.
-    exact = plan.bounded_items(exact=True)
-    by_device: dict[torch.device, list[tuple[int, Tensor]]] = {}
-    values: list[list[float]] = [[] for _ in items]
-    for pos, (i, lo, hi) in enumerate(exact):
-        lo, hi = plan.local_bounds(i, lo, hi, leaves[i])
-        stats = _stats(to_local(leaves[i]), lo, hi)
-        by_device.setdefault(stats.device, []).append((pos, stats))
-    for rows in by_device.values():
-        stacked = torch.stack([s for _, s in rows])
-        # DTensor shards: one collective for the whole report, the same result everywhere.
-        stacked = reduce_stats(stacked, [leaves[items[pos][0]] for pos, _ in rows])
-        host = stacked.tolist()  # the one transfer per device
-        for (pos, _), v in zip(rows, host):
-            values[pos] = v
-    entries = tuple(
-        ParamReport.from_stats(names[i], leaves[i].numel(), v, lo, hi)
-        for (i, lo, hi), v in zip(items, values)
-    )
-    return Report(entries)

@@ -26,7 +26,13 @@ from ._rounding import compute_dtype
 from .distributed import clamp_, is_dtensor, is_partial, to_local
 from .errors import BoundsError
 
-__all__ = ["BoundedParametrization", "project_plan_", "reparametrize_plan_"]
+__all__ = [
+    "BoundedParametrization",
+    "project_plan_",
+    "projection",
+    "reparametrize_plan_",
+    "run_projection_",
+]
 
 
 def _where(names: list[str] | None, i: int) -> str:
@@ -44,6 +50,51 @@ def _clamp_(x: Tensor, lo: Any, hi: Any) -> None:
 def _refuse_bool(x: Tensor, names: list[str] | None, i: int) -> None:
     if x.dtype == torch.bool and x.is_leaf:
         raise BoundsError(f"cannot project {_where(names, i)}: it is a bool tensor")
+
+
+def projection(plan: Plan, leaves: list[Tensor]) -> list[tuple[list[Tensor], Any, Any]] | None:
+    """:func:`project_plan_` worked out once: ``(tensors, lower, upper)`` to clamp.
+
+    Each entry is clamped with one multi-tensor op (scalar bounds) or one ``clamp_``
+    (a tensor with per-element bounds). Valid while ``plan`` is the plan of the very
+    same ``leaves``. ``None`` when some bounded leaf needs the care of
+    :func:`project_plan_` (DTensors, computed tensors, bool and float8 tensors).
+    """
+
+    def plain(x: Any) -> bool:
+        return (
+            isinstance(x, Tensor)
+            and x.is_leaf
+            and not is_dtensor(x)
+            and x.dtype != torch.bool
+            and not (x.is_floating_point() and x.itemsize == 1)
+        )
+
+    steps: list[tuple[list[Tensor], Any, Any]] = []
+    for g in plan.groups:
+        xs = [leaves[i] for i in g.indices]
+        if not all(map(plain, xs)):
+            return None
+        steps.append((xs, g.exact_lower, g.exact_upper))
+    for lb in plan.tensor_leaves:
+        x = leaves[lb.index]
+        if not plain(x):
+            return None
+        steps.append(([x], *clamp_args(lb.exact_lower, lb.exact_upper)))
+    return steps
+
+
+@torch.no_grad()
+def run_projection_(steps: list[tuple[list[Tensor], Any, Any]]) -> None:
+    """Clamp in place as worked out by :func:`projection`."""
+    for xs, lo, hi in steps:
+        if isinstance(lo, Tensor) or isinstance(hi, Tensor):
+            xs[0].clamp_(lo, hi)
+            continue
+        if lo is not None:
+            torch._foreach_clamp_min_(xs, lo)
+        if hi is not None:
+            torch._foreach_clamp_max_(xs, hi)
 
 
 @torch.no_grad()

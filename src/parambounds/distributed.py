@@ -121,17 +121,66 @@ def local_bound(b: Any, x: Any) -> Any:
     from torch.distributed.tensor import distribute_tensor
 
     placements = _reduced_placements(x)
+    if b.requires_grad and torch.is_grad_enabled() and not is_dtensor(b):
+        return _learnable_local_bound(b, x)
     if is_dtensor(b):
         d: Any = _reduce(b)
-        if d.shape != x.shape:
-            d = d.full_tensor()  # a broadcasting DTensor bound: gather it (it is small)
+        if d.shape != x.shape or d.device_mesh != x.device_mesh:
+            # broadcasting (small), or on another mesh (DTensor cannot move it between
+            # meshes): gathered over its own mesh, then sliced like x
+            d = d.full_tensor()
         else:
-            if d.device_mesh != x.device_mesh or tuple(d.placements) != placements:
+            if tuple(d.placements) != placements:
                 d = d.redistribute(x.device_mesh, placements)
             return d.to_local()
         b = d
     full = b.expand(x.shape).contiguous()
     return distribute_tensor(full, x.device_mesh, placements, src_data_rank=None).to_local()
+
+
+def _local_positions(x: Any) -> Tensor:
+    """The global flat index of each of this rank's values of ``x`` (no communication)."""
+    from torch.distributed.tensor import distribute_tensor
+
+    positions = torch.arange(x.numel(), device=x.device).view(x.shape)
+    return distribute_tensor(
+        positions, x.device_mesh, _reduced_placements(x), src_data_rank=None
+    ).to_local()
+
+
+def _learnable_local_bound(b: Tensor, x: Any) -> Tensor:
+    """A bound that requires grad, restricted to ``x``'s local values, differentiably.
+
+    Its gradient is summed over the ranks of ``x``'s mesh in the backward pass (each
+    element once), so that every rank holds the gradient of the whole cost, as for an
+    unsharded parameter.
+
+    Raises:
+        BoundsError: under ``torch.compile`` (the backward pass is a collective).
+    """
+    if torch.compiler.is_compiling():
+        raise BoundsError(
+            "a bound that requires grad on a DTensor parameter cannot be compiled: its "
+            "gradient is summed over the ranks in the backward pass; compute the cost "
+            "outside torch.compile, or detach the bound"
+        )
+    shared = _SumGradAcross.apply(b, x.device_mesh, _counts_here(x))
+    flat = shared.expand(x.shape).reshape(-1)
+    return flat[_local_positions(x).to(flat.device)]
+
+
+class _SumGradAcross(torch.autograd.Function):
+    """The identity; its backward pass sums the gradient over the ranks of a mesh."""
+
+    @staticmethod
+    def forward(ctx: Any, b: Tensor, mesh: Any, counted: bool) -> Tensor:
+        ctx.mesh, ctx.counted = mesh, counted
+        return b.view_as(b)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Any, ...]:
+        mine = grad if ctx.counted else torch.zeros_like(grad)  # replicas: counted once
+        return sum_over(mine, ctx.mesh, "the gradient of a learnable bound"), None, None
 
 
 def full_bound(b: Any) -> Any:
@@ -148,18 +197,13 @@ def order_violation(lo: Any, hi: Any, x: Any) -> tuple[int, tuple[int, ...], flo
 
     Returns ``(global flat index, global index, lower, upper)``, or ``None``.
     """
-    from torch.distributed.tensor import distribute_tensor
-
-    lo_l, hi_l = local_bound(lo, x), local_bound(hi, x)
+    with torch.no_grad():
+        lo_l, hi_l = local_bound(lo, x), local_bound(hi, x)
     shape = x.to_local().shape  # the same for Partial: addends have the values' shape
     bad = (torch.as_tensor(lo_l) > torch.as_tensor(hi_l)).expand(shape)
     if not bool(bad.any()):
         return None
-    # Global positions of this rank's elements: slicing needs no communication.
-    positions = torch.arange(x.numel()).view(x.shape)
-    local_pos = distribute_tensor(
-        positions, x.device_mesh, _reduced_placements(x), src_data_rank=None
-    ).to_local()
+    local_pos = _local_positions(x).to(bad.device)  # slicing needs no communication
     flat = int(local_pos[bad].min())
     where = tuple(int(i) for i in (local_pos == flat).nonzero()[0])
     lo_v = torch.as_tensor(lo_l).expand(shape)[where].item()
@@ -205,7 +249,7 @@ def _describe(x: Any) -> tuple[Any, ...]:
 
 def _bound(b: Any) -> Any:
     if isinstance(b, Tensor):
-        return ("tensor", tuple(b.shape)) if b.dim() else float(b)
+        return ("tensor", tuple(b.shape)) if b.dim() else float(b.detach())
     return b
 
 
