@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -43,3 +44,13 @@ def rockpool_net(dtype=torch.float32):
 
     net = Sequential(LinearTorch((3, 5)), LIFTorch(5), LinearTorch((5, 2)), LIFTorch(2))
     return net.to(dtype)
+
+
+def inward_f32(b: float, side: str) -> float:
+    """The float32 value nearest to ``b`` on the inside (plain numpy, for reference)."""
+    f = np.float32(b)
+    if side == "lower" and float(f) < b:
+        f = np.nextafter(f, np.float32(np.inf))
+    if side == "upper" and float(f) > b:
+        f = np.nextafter(f, np.float32(-np.inf))
+    return float(f)

@@ -6,8 +6,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+
+from .conftest import inward_f32
 
 SCRIPT = str(Path(sys.executable).parent / "parambounds")
 
@@ -18,6 +21,10 @@ penalty = "exp"
 "*.threshold" = { lower = 0.5 }
 "readout.weight" = { lower = -1.0, upper = 1.0 }
 """
+
+#: [0.001, 0.02, 0.08] clamped into [0.005, 0.04]: the float32 values nearest the bounds
+#: on the inside (float32(0.005) is below 0.005).
+TAU_CLAMPED = [inward_f32(0.005, "lower"), float(np.float32(0.02)), inward_f32(0.04, "upper")]
 
 
 def run(*args, cwd=None):
@@ -139,7 +146,7 @@ def test_clamp_writes_a_clamped_copy_and_keeps_everything_else(files):
     assert ckpt.read_bytes() == original  # the input is untouched
     new = torch.load(out_path, weights_only=True)
     sd = new["state_dict"]
-    assert torch.equal(sd["lif.tau_mem"], torch.tensor([0.005, 0.02, 0.04]))
+    assert sd["lif.tau_mem"].tolist() == TAU_CLAMPED
     assert torch.equal(sd["lif.threshold"], torch.tensor([1.0, 0.5]))
     assert torch.equal(sd["readout.weight"], torch.tensor([[0.5, -1.0], [0.1, 0.2]]))
     assert torch.equal(sd["readout.bias"], torch.tensor([7.0]))
@@ -192,7 +199,7 @@ def test_safetensors_read_and_written(tmp_path, files):
     out = run("clamp", src, "--bounds", bounds, "-o", dst)
     assert out.returncode == 0, out.stderr
     sd = load_file(str(dst))
-    assert torch.equal(sd["lif.tau_mem"], torch.tensor([0.005, 0.02, 0.04]))
+    assert sd["lif.tau_mem"].tolist() == TAU_CLAMPED
     assert torch.equal(sd["lif.steps"], torch.tensor([3, 4]))
     with safe_open(str(dst), framework="pt") as f:
         assert f.metadata() == {"note": "kept"}

@@ -11,10 +11,13 @@ import re
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from parambounds.cli import main
+
+from .conftest import inward_f32
 
 TOML = '[bounds]\n"*.tau_mem" = [0.005, 0.04]\n'
 
@@ -171,6 +174,17 @@ def _bad_inputs(t: Path):
         suffix=".json",
     )
 
+    ckpt(
+        "sparse",
+        lambda p: torch.save({"lif.tau_mem": torch.tensor([[0.0, 0.5]]).to_sparse()}, p),
+        r"'lif\.tau_mem' is a sparse_coo tensor, which parambounds does not check or clamp",
+    )
+    ckpt(
+        "meta",
+        lambda p: torch.save({"lif.tau_mem": torch.empty(3, device="meta")}, p),
+        r"'lif\.tau_mem' is a meta tensor \(the file holds no values for it\)",
+    )
+
     class Evil:
         def __reduce__(self):
             return (os.system, ("true",))
@@ -247,7 +261,29 @@ def test_existing_output_needs_force(tmp, capsys):
     assert o.read_bytes() == b"precious"
     code, _, _ = run(capsys, "clamp", m, "--bounds", b, "-o", o, "--force")
     assert code == 0
-    assert torch.equal(torch.load(o)["lif.tau_mem"], torch.tensor([0.005, 0.02, 0.04]))
+    lo, hi = inward_f32(0.005, "lower"), inward_f32(0.04, "upper")
+    assert torch.load(o)["lif.tau_mem"].tolist() == [lo, np.float32(0.02), hi]
+
+
+def test_inside_means_inside_when_compared_exactly(tmp, capsys):
+    # float32(0.1) is 0.10000000149...: above an upper bound of 0.1, as the library says
+    # (Bounds.report); check said "inside" and clamp wrote the same value back.
+    p, b = tmp / "tenth.pt", tmp / "tenth.toml"
+    torch.save({"w": torch.tensor([0.1, 0.05, -0.2], dtype=torch.float32)}, p)
+    b.write_text('[bounds]\n"w" = [0.0, 0.1]\n')
+    code, rep = _check_json(capsys, p, b)
+    assert code == 1 and rep["report"]["w"]["above"] == 1 and rep["report"]["w"]["below"] == 1
+    code, _, err = run(capsys, "clamp", p, "--bounds", b, "-o", tmp / "o.pt")
+    assert code == 0, err
+    out = torch.load(tmp / "o.pt")["w"].double()
+    assert out.tolist() == [inward_f32(0.1, "upper"), float(np.float32(0.05)), 0.0]
+    assert bool((out <= 0.1).all() and (out >= 0.0).all())
+    code, _ = _check_json(capsys, tmp / "o.pt", b)
+    assert code == 0
+    # bounds closer than float32's resolution: no value is inside, said plainly
+    b.write_text('[bounds]\n"w" = [0.1, 0.1]\n')
+    code, _, err = run(capsys, "check", p, "--bounds", b)
+    assert code == 2 and re.search(r"no float32 value lies within the bounds of 'w'", one_line(err))
 
 
 # ------------------------------------------------------------------ silent answers
@@ -525,6 +561,24 @@ def test_in_place_on_a_hard_linked_file_is_refused(tmp, capsys):
     assert other.read_bytes() == before
 
 
+def test_a_read_only_file_is_never_replaced(tmp, capsys):
+    m, o = tmp / "m.pt", tmp / "o.pt"
+    o.write_bytes(b"kept")
+    for p in (m, o):
+        p.chmod(0o444)
+    before = _snapshot(tmp)
+    for extra, shown in ((["--in-place"], "m.pt"), (["-o", o, "--force"], "o.pt")):
+        code, _, err = run(capsys, "clamp", m, "--bounds", tmp / "b.toml", *extra)
+        assert code == 2, err
+        assert re.search(
+            rf"{shown}: is read-only \(mode 444\); refusing to replace it", one_line(err)
+        )
+        assert _snapshot(tmp) == before
+    code, _, err = run(capsys, "clamp", m, "--bounds", tmp / "b.toml", "-o", tmp / "new.pt")
+    assert code == 0, err  # a copy of a read-only file: fine
+    assert oct((tmp / "new.pt").stat().st_mode & 0o777) == oct(0o444)  # the input's mode
+
+
 def test_temp_file_of_a_killed_run_is_recognisable_and_cleaned(tmp, capsys):
     import subprocess
     import sys
@@ -563,3 +617,125 @@ def test_safetensors_clamped_lazily_and_byte_exact_elsewhere(tmp, capsys):
         assert f.metadata() == {"note": "kept"}
         assert f.get_tensor("lif.tau_mem").tolist() == pytest.approx([0.005, 0.02, 0.04])
         assert torch.equal(f.get_tensor("w"), sd["w"]) and torch.equal(f.get_tensor("n"), sd["n"])
+
+
+def _stored(path: Path):
+    """name -> (data offset, size, CRC) of each member, read by zipfile (the reference)."""
+    import struct
+
+    out = {}
+    raw = path.read_bytes()
+    with zipfile.ZipFile(path) as z:
+        for i in z.infolist():
+            n, m = struct.unpack("<HH", raw[i.header_offset + 26 : i.header_offset + 30])
+            out[i.filename] = (i.header_offset + 30 + n + m, i.file_size, i.CRC)
+    return out
+
+
+@pytest.mark.parametrize("patchable", [True, False])
+def test_clamped_pt_is_the_original_with_only_the_clamped_bytes_changed(
+    tmp, capsys, monkeypatch, patchable
+):
+    import parambounds._ckpt_patch as patch
+
+    if not patchable:  # the mapping cannot be found: torch.save writes the copy
+        monkeypatch.setattr(patch, "_mappings", lambda _path: [])
+    g = torch.Generator().manual_seed(5)
+    w = torch.rand(300, 7, generator=g) * 0.1
+    sd = {
+        "model": {"lif.tau_mem": w, "tied.tau_mem": w, "x.tau_mem": torch.full((4,), 0.01)},
+        "epoch": 9,
+        "optimizer": {"state": {0: {"step": torch.tensor(3.0)}}, "param_groups": [{"lr": 0.1}]},
+    }
+    src, out = tmp / "p.pt", tmp / "q.pt"
+    torch.save(sd, src)
+    code, stdout, err = run(capsys, "clamp", src, "--bounds", tmp / "b.toml", "-o", out)
+    assert code == 0, err
+    n_out = sum(v > 0.04 or v < 0.005 for v in w.flatten().tolist())
+    assert f"clamped {n_out} values in 1 of 3 bounded tensors" in stdout
+    with zipfile.ZipFile(out) as z:
+        assert z.testzip() is None  # every CRC-32 matches its data
+    new = torch.load(out, weights_only=True)
+    ref = w.clamp(inward_f32(0.005, "lower"), inward_f32(0.04, "upper"))
+    assert torch.equal(new["model"]["lif.tau_mem"], ref)
+    assert new["model"]["tied.tau_mem"].data_ptr() == new["model"]["lif.tau_mem"].data_ptr()
+    assert torch.equal(new["model"]["x.tau_mem"], torch.full((4,), 0.01))
+    assert new["epoch"] == 9 and new["optimizer"]["state"][0]["step"].item() == 3.0
+    if patchable:  # byte for byte the original, but in the clamped member and its CRCs
+        a, b = src.read_bytes(), out.read_bytes()
+        assert len(a) == len(b)
+        members = _stored(src)
+        (name,) = [k for k, (o, s, _) in members.items() if s == w.numel() * 4]
+        start, size, crc = members[name]
+        diff = [i for i in range(len(a)) if a[i] != b[i]]
+        inside = [i for i in diff if start <= i < start + size]
+        assert len(inside) > 0 and _stored(out)[name][2] != crc
+        old = crc.to_bytes(4, "little")
+        rest = [i for i in diff if not start <= i < start + size]
+        # the rest: the member's CRC fields only (4 bytes each, at most three of them)
+        assert all(any(a[j : j + 4] == old for j in range(i - 3, i + 1)) for i in rest)
+        assert len(rest) <= 12
+
+
+def test_parameters_and_unbounded_sparse_or_meta_entries(tmp, capsys):
+    # torch.nn.Parameter (saved by torch.save(model.state_dict(keep_vars=True))) is
+    # clamped in place; sparse and meta entries that nothing bounds are kept as they were.
+    p, o = tmp / "odd.pt", tmp / "odd.o.pt"
+    sparse = torch.tensor([[0.0, 7.0]]).to_sparse()
+    torch.save(
+        {
+            "lif.tau_mem": torch.nn.Parameter(torch.tensor([0.5, 0.01])),
+            "emb.weight": sparse,
+            "lazy.weight": torch.empty(2, device="meta"),
+        },
+        p,
+    )
+    code, rep = _check_json(capsys, p, tmp / "b.toml")
+    assert code == 1 and rep["report"]["lif.tau_mem"]["above"] == 1
+    assert rep["aliases"] == []
+    code, _, err = run(capsys, "clamp", p, "--bounds", tmp / "b.toml", "-o", o)
+    assert code == 0, err
+    new = torch.load(o, weights_only=True)
+    hi = inward_f32(0.04, "upper")
+    assert new["lif.tau_mem"].tolist() == [hi, float(np.float32(0.01))]
+    assert torch.equal(new["emb.weight"].to_dense(), sparse.to_dense())
+    assert new["lazy.weight"].device.type == "meta" and new["lazy.weight"].shape == (2,)
+
+
+@pytest.mark.parametrize(
+    ("args", "pattern"),
+    [
+        ([], r"the following arguments are required: COMMAND"),
+        (["check", "m.pt"], r"check: the following arguments are required: --bounds"),
+        (["clamp", "m.pt", "--bounds", "b.toml", "--bogus"], r"unrecognized arguments: --bogus"),
+        (["demo", "--steps", "x"], r"demo: argument --steps: invalid int value: 'x'"),
+        (["frobnicate"], r"invalid choice: 'frobnicate'"),
+    ],
+)
+def test_usage_errors_are_one_line_and_exit_2(tmp, capsys, args, pattern):
+    before = _snapshot(tmp)
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code == 2
+    line = one_line(capsys.readouterr().err)
+    assert re.search(pattern, line) and line.endswith("--help')"), line
+    assert _snapshot(tmp) == before
+
+
+def test_bounds_file_with_a_byte_order_mark_and_names_with_brackets(tmp, capsys):
+    # Windows editors write a UTF-8 BOM; a parameter name with '[' is not a literal pattern.
+    (tmp / "bom.toml").write_bytes(b"\xef\xbb\xbf" + TOML.encode())
+    code, rep = _check_json(capsys, tmp / "m.pt", tmp / "bom.toml")
+    assert code == 1 and rep["report"]["lif.tau_mem"]["above"] == 1
+    p = tmp / "br.pt"
+    torch.save({"x[1]": torch.tensor([2.0])}, p)
+    (tmp / "br.toml").write_text('[bounds]\n"x[1]" = [0, 1]\n')
+    code, _, err = run(capsys, "check", p, "--bounds", tmp / "br.toml")
+    assert code == 2 and re.search(
+        r"'x\[1\]' is the name of a parameter, but '\[' starts a character class in a "
+        r"pattern: write 'x\[\[\]1\]' to match it literally",
+        one_line(err),
+    )
+    (tmp / "br.toml").write_text('[bounds]\n"x[[]1]" = [0, 1]\n')
+    code, rep = _check_json(capsys, p, tmp / "br.toml")
+    assert code == 1 and rep["report"]["x[1]"]["above"] == 1

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from .constraints import BoundedParametrization
 from .errors import BoundsError
+
+if TYPE_CHECKING:
+    from .constraints import BoundedParametrization
 
 __all__ = ["Reparametrized", "find_reparametrized"]
 
@@ -32,6 +35,8 @@ class Reparametrized:
     upper: Tensor | None
 
     def _module(self) -> BoundedParametrization:
+        from .constraints import BoundedParametrization  # only when a file holds one
+
         return BoundedParametrization(self.lower, self.upper, self.original)
 
     @torch.no_grad()

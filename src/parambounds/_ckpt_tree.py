@@ -13,11 +13,12 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from .errors import BoundsError
 
-__all__ = ["WRAPPERS", "Named", "name_tensors", "where", "walk_tensors"]
+__all__ = ["WRAPPERS", "Named", "in_memory", "name_tensors", "walk_tensors", "where"]
 
 #: Keys under which a checkpoint commonly holds the model's state_dict (first wins).
 WRAPPERS = ("state_dict", "model_state_dict", "model", "module")
@@ -51,6 +52,11 @@ _NOT_PARAMETERS = frozenset(
 )
 
 Path_ = tuple[Any, ...]
+
+
+def in_memory(t: Tensor) -> bool:
+    """Whether ``t`` is a strided tensor with values: not sparse, not meta (no values)."""
+    return t.layout == torch.strided and t.device.type != "meta"
 
 
 def where(path: Path_) -> str:

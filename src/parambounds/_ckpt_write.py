@@ -6,7 +6,7 @@ synced. An interrupted run (even ``kill -9``) leaves at most that temporary file
 no user would take for the checkpoint; the next write to the same target removes the
 ones whose process is gone. The target's mode is kept; a symlink is written through (the
 link stays, its target changes); a file with several hard links is refused, since the
-other links would keep the old contents.
+other links would keep the old contents, and so is a read-only file.
 """
 
 from __future__ import annotations
@@ -50,10 +50,11 @@ def stale_temp_files(target: Path) -> list[Path]:
 
 
 def resolve_target(target: Path) -> Path:
-    """The file to replace: through symlinks; refused for a file with several hard links.
+    """The file to replace: through symlinks; refused with several hard links, or read-only.
 
     Raises:
-        BoundsError: for an empty path, a directory, a missing folder, or hard links.
+        BoundsError: for an empty path, a directory, a missing folder, hard links, or a
+            read-only file.
     """
     if str(target) == "":
         raise BoundsError("the output path is empty")
@@ -67,7 +68,13 @@ def resolve_target(target: Path) -> Path:
     if real.exists():
         if not real.is_file():
             raise BoundsError(f"{target}: not a regular file")
-        links = real.stat().st_nlink
+        info = real.stat()
+        if not info.st_mode & 0o222:  # like rm and cp, a write-protected file is kept
+            raise BoundsError(
+                f"{target}: is read-only (mode {stat.S_IMODE(info.st_mode):o}); refusing to "
+                "replace it (make it writable first, or write the copy elsewhere with -o)"
+            )
+        links = info.st_nlink
         if links > 1:
             raise BoundsError(
                 f"{target}: has {links} hard links; replacing it would leave the other "

@@ -6,7 +6,9 @@ Formats, by file name (the contents are checked too: a file is named for what it
   ``torch.load(..., mmap=True, weights_only=True)`` (:mod:`._ckpt_torch`): nothing in the
   file can run, and tensors stay in the file's pages. The parameters are the
   floating-point tensors of the state_dict; optimizer, scheduler and scaler state are
-  never parameters (:mod:`._ckpt_tree`). Everything else is written back as it was.
+  never parameters (:mod:`._ckpt_tree`). Everything else is written back as it was:
+  the clamped copy is the original file with the changed storages patched
+  (:mod:`._ckpt_patch`).
 - ``.safetensors``: mapped lazily (:mod:`._ckpt_safetensors`); metadata kept.
 - ``.json``: Rockpool's parameter files (:mod:`._ckpt_json`).
 
@@ -25,6 +27,7 @@ import torch
 from torch import Tensor
 
 from ._ckpt_json import JsonFile, load_json_file
+from ._ckpt_patch import plan_patch
 from ._ckpt_reparam import Reparametrized, find_reparametrized
 from ._ckpt_safetensors import SafetensorsFile, open_safetensors
 from ._ckpt_torch import load_torch_file
@@ -137,8 +140,19 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         raise CheckpointError(str(err)) from None
 
 
+def _changed_tensor(ckpt: Checkpoint, name: str) -> Tensor:
+    """The tensor in the file behind a changed name (a reparametrized one's ``original``)."""
+    if name in ckpt.tensors:
+        return ckpt.tensors[name]
+    return next(d.original for d in ckpt.derived.values() if d.source == name)
+
+
 def save_checkpoint(ckpt: Checkpoint, target: str | Path) -> None:
     """Write ``ckpt`` (with its possibly clamped tensors) to ``target``, atomically.
+
+    A ``.pt`` or Rockpool file gets the tensors named in ``ckpt.changed`` written back
+    (a ``.pt`` is copied and those storages patched); a change to any other tensor is
+    not written.
 
     ``target`` is written as given: resolve symlinks and check hard links first with
     :func:`._ckpt_write.resolve_target`.
@@ -175,7 +189,13 @@ def save_checkpoint(ckpt: Checkpoint, target: str | Path) -> None:
             with open(tmp, "w") as f:
                 json.dump(ckpt.data, f)
 
-    else:
+    elif (patch := plan_patch(ckpt.path, [t for _, t in walk_tensors(ckpt.data)])) is not None:
+        changed = [_changed_tensor(ckpt, name) for name in ckpt.changed]
+
+        def write(tmp: Path) -> None:
+            patch.write(tmp, changed)  # the original's bytes, the changed storages patched
+
+    else:  # not memory-mapped (an old-format file), or laid out unlike torch.save's
 
         def write(tmp: Path) -> None:
             torch.save(ckpt.data, tmp)

@@ -16,16 +16,20 @@ import warnings
 from dataclasses import dataclass, replace
 from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from . import __version__
-from ._ckpt_apply import Target, _scalar, aliases, check_target, clamp_target_, make_targets
-from ._ckpt_write import resolve_target
-from .checkpoints import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
-from .demo import STEPS
 from .errors import BoundsError
 from .report import ParamReport, Report
 from .spec import Bounds
+
+if TYPE_CHECKING:
+    from ._ckpt_apply import Target
+    from .checkpoints import Checkpoint
+
+# torch is imported by the commands that need it, not here: ``--help`` and ``--version``
+# answer at once, and ``check`` imports only what reading a checkpoint takes (not the
+# training-time machinery: torch.compile, DTensor), which halves its start-up.
 
 __all__ = ["main"]
 
@@ -56,13 +60,15 @@ _BOUNDS_HELP = "TOML bounds file (see examples/bounds.toml)"
 
 def _load_bounds(args: argparse.Namespace) -> Bounds:
     """The bounds file, with the mistakes that are the file's own blamed on it."""
+    from ._ckpt_apply import scalar
+
     path = Path(args.bounds)
     bounds = Bounds.from_toml(path, strict=not args.allow_unmatched)
     if not bounds.spec:
         raise BoundsError(f"{path}: nothing is bounded: the [bounds] table is empty")
     if all(
-        (lo is None or _scalar(lo, "lower", p) == -math.inf)
-        and (hi is None or _scalar(hi, "upper", p) == math.inf)
+        (lo is None or scalar(lo, "lower", p) == -math.inf)
+        and (hi is None or scalar(hi, "upper", p) == math.inf)
         for p, (lo, hi) in bounds.spec.items()
     ):
         raise BoundsError(f"{path}: nothing is bounded: every bound in it is open")
@@ -79,13 +85,15 @@ class _Loaded:
 
 def _inspect(args: argparse.Namespace) -> _Loaded:
     """Load the bounds and the checkpoint, and resolve which tensors are bounded."""
+    from ._ckpt_apply import make_targets
+
     bounds = _load_bounds(args)
     ckpt = _load_checkpoint(Path(args.checkpoint))
     names = ckpt.parameter_names()
-    stand_in = {n: ckpt.derived[n].original for n in ckpt.derived} | ckpt.tensors
     try:
-        lower, upper = bounds.bounds_of(stand_in)
-        targets = make_targets(lower, upper, ckpt.tensors, ckpt.derived)
+        # names only: plain Python, no torch backend (nor its import) needed
+        resolved = bounds._match(tuple([*ckpt.derived, *ckpt.tensors]))
+        targets = make_targets(resolved.lower, resolved.upper, ckpt.tensors, ckpt.derived)
     except BoundsError as err:
         raise BoundsError(_with_file(err, ckpt.path)) from None
     unmatched = [p for p in bounds.spec if not any(fnmatchcase(n, p) for n in names)]
@@ -103,6 +111,8 @@ def _load_checkpoint(path: Path) -> Checkpoint:
         from .checkpoints_dcp import load_dcp
 
         return load_dcp(path, lazy=True)
+    from .checkpoints import load_checkpoint
+
     return load_checkpoint(path)
 
 
@@ -122,9 +132,15 @@ def _with_file(err: BoundsError, path: Path) -> str:
 
 def cmd_check(args: argparse.Namespace) -> int:
     """Print the report of a checkpoint against a bounds file."""
+    from ._ckpt_apply import aliases, scan_targets
+
     loaded = _inspect(args)
     try:
-        report = Report(tuple(check_target(_in_memory(loaded.ckpt, t)) for t in loaded.targets))
+        if loaded.ckpt.format == "dcp":  # one tensor in memory at a time
+            entries = [scan_targets([_in_memory(loaded.ckpt, t)])[0] for t in loaded.targets]
+        else:
+            entries = scan_targets(loaded.targets)
+        report = Report(tuple(entries))
     except BoundsError as err:
         raise BoundsError(_with_file(err, loaded.ckpt.path)) from None
     if args.json:
@@ -154,6 +170,8 @@ def _output(args: argparse.Namespace) -> Path:
         raise BoundsError("give -o OUT for the clamped copy, or --in-place to overwrite the input")
     if args.output is not None and args.in_place:
         raise BoundsError("give -o OUT or --in-place, not both")
+    from ._ckpt_write import resolve_target
+
     if args.in_place:
         return resolve_target(source)
     if args.output == "":
@@ -173,6 +191,8 @@ def _output(args: argparse.Namespace) -> Path:
 
 
 def _refuse_conflicting_aliases(loaded: _Loaded) -> None:
+    from ._ckpt_apply import aliases
+
     bounds = {t.name: (t.lower, t.upper) for t in loaded.targets}
     for a, b in aliases(loaded.ckpt.all_tensors()):
         ba, bb = bounds.get(a, (None, None)), bounds.get(b, (None, None))
@@ -190,6 +210,9 @@ def _refuse_conflicting_aliases(loaded: _Loaded) -> None:
 
 def cmd_clamp(args: argparse.Namespace) -> int:
     """Write a copy of a checkpoint with every bounded tensor clamped into its bounds."""
+    from ._ckpt_apply import scan_targets
+    from .checkpoints import save_checkpoint
+
     target = _output(args)
     loaded = _inspect(args)
     _refuse_conflicting_aliases(loaded)
@@ -198,9 +221,9 @@ def cmd_clamp(args: argparse.Namespace) -> int:
         if ckpt.format == "dcp":  # read, checked, clamped and written one tensor at a time
             before = _clamp_dcp(loaded, target)
         else:
-            before = [check_target(t) for t in loaded.targets]
-            for t in loaded.targets:
-                if clamp_target_(t):
+            before = scan_targets(loaded.targets, clamp=True)  # the counts before clamping
+            for t, e in zip(loaded.targets, before):
+                if e.below or e.above:
                     ckpt.changed.add(t.derived.source if t.derived is not None else t.name)
     except BoundsError as err:
         raise BoundsError(_with_file(err, ckpt.path)) from None
@@ -218,6 +241,7 @@ def cmd_clamp(args: argparse.Namespace) -> int:
 
 def _clamp_dcp(loaded: _Loaded, target: Path) -> list[ParamReport]:
     """Write the clamped copy of a lazy DCP checkpoint; the reports before clamping."""
+    from ._ckpt_apply import scan_targets
     from .checkpoints_dcp import read_tensor, save_dcp
 
     ckpt = loaded.ckpt
@@ -227,9 +251,8 @@ def _clamp_dcp(loaded: _Loaded, target: Path) -> list[ParamReport]:
     def fill(name: str) -> Any:
         x = read_tensor(ckpt, name)
         if name in targets:
-            t = replace(targets[name], tensor=x)
-            before[name] = check_target(t)
-            if clamp_target_(t):
+            (before[name],) = scan_targets([replace(targets[name], tensor=x)], clamp=True)
+            if before[name].below or before[name].above:
                 ckpt.changed.add(name)
         return x
 
@@ -239,11 +262,12 @@ def _clamp_dcp(loaded: _Loaded, target: Path) -> list[ParamReport]:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Train a small spiking network with and without bounds, and plot its time constants."""
-    if args.steps < 1:
-        raise BoundsError(f"--steps must be at least 1, got {args.steps}")
-    from .demo import run_demo
+    from .demo import STEPS, run_demo
 
-    run_demo(Path(args.out), steps=args.steps, progress=not args.no_progress)
+    steps = STEPS if args.steps is None else args.steps
+    if steps < 1:
+        raise BoundsError(f"--steps must be at least 1, got {steps}")
+    run_demo(Path(args.out), steps=steps, progress=not args.no_progress)
     return EXIT_OK
 
 
@@ -260,9 +284,21 @@ def cmd_build_kernels(args: argparse.Namespace) -> int:  # noqa: ARG001
     return EXIT_OK
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line on stderr, like every other bad input, and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        command = self.prog.partition(" ")[2]
+        where = f"{command}: " if command else ""
+        self.exit(
+            EXIT_BAD_INPUT,
+            f"parambounds: error: {where}{message} (see '{self.prog} --help')\n",
+        )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser, with an example in every command's ``--help``."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="parambounds",
         description="Check and clamp checkpoints against parameter bounds; a demo.",
         epilog="run 'parambounds COMMAND --help' for a command's options and an example",
@@ -307,9 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--steps",
         type=int,
-        default=STEPS,
+        default=None,
         metavar="N",
-        help="training steps per run (default: %(default)s)",
+        help="training steps per run (default: 80)",
     )
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
     command(
@@ -334,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # one line on stderr, never torch's notes
             return int(args.func(args))
-    except (BoundsError, CheckpointError) as err:
+    except BoundsError as err:  # CheckpointError too
         print(f"parambounds: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except OSError as err:  # e.g. permission denied while writing

@@ -151,6 +151,13 @@ def _unused_message(unused: list[str], names: tuple[str, ...], winners: dict[str
         )
         hints = []
         for pattern in missing:
+            if pattern in names:  # a literal name with '[': a character class in fnmatch
+                literal = "".join(f"[{c}]" if c in "*?[" else c for c in pattern)
+                hints.append(
+                    f"'{pattern}' is the name of a parameter, but '[' starts a character "
+                    f"class in a pattern: write '{literal}' to match it literally"
+                )
+                continue
             close = difflib.get_close_matches(pattern, names, n=3, cutoff=0.5)
             if close:
                 hints.append(f"'{pattern}' is closest to {_quoted(close)}")
@@ -270,7 +277,7 @@ class Bounds:
                 raise BoundsError(f"{path}: not a regular file")
             if path.exists() and path.stat().st_size > _MAX_TOML_BYTES:
                 raise BoundsError(f"{path}: too large for a bounds file")
-            data = tomllib.loads(path.read_bytes().decode("utf-8"))
+            data = tomllib.loads(path.read_bytes().decode("utf-8-sig"))  # BOM or not
         except tomllib.TOMLDecodeError as err:
             raise BoundsError(f"{path}: malformed TOML: {err}") from None
         except UnicodeDecodeError as err:

@@ -1,0 +1,166 @@
+"""Writing a clamped ``.pt`` file as a copy of the original with the changed bytes patched.
+
+Clamping changes values, never shapes, dtypes or layout, so the clamped checkpoint is
+the original file with the bytes of the changed storages replaced and their CRC-32
+updated (in the zip's central directory, the data descriptor after the data and the
+local header, wherever the original has one). Copying a file is a kernel copy
+(``copy_file_range``; a reflink where the filesystem has them), several times faster
+than ``torch.save`` serialising every tensor again, and every byte of the file that no
+clamp changed stays as it was, the pickle included.
+
+The file offset of each storage is found from the process's own mapping of the file
+(``/proc/self/maps``: the memory map ``torch.load(..., mmap=True)`` made) and checked
+against the zip's own record of that member (its name, offset and size); a file where
+anything does not line up (another platform, an old-format file, a storage that is not
+a whole member, a member written differently) is written by ``torch.save`` instead.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import struct
+import zipfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import torch
+from torch import Tensor
+
+from ._ckpt_tree import in_memory
+
+__all__ = ["Patch", "plan_patch"]
+
+_LOCAL, _CENTRAL, _DESCRIPTOR = b"PK\x03\x04", b"PK\x01\x02", b"PK\x07\x08"
+_STEP = 64 * 2**20
+
+
+@dataclass
+class _Member:
+    offset: int  # of the data in the file
+    size: int
+    crc: int
+    local: int  # offset of the local header
+    central: int  # offset of the central directory entry
+
+
+@dataclass
+class Patch:
+    """How to write a clamped copy of ``source``: the storages to patch, by file offset."""
+
+    source: Path
+    storages: dict[int, tuple[_Member, Tensor]]  # storage address -> its member, its bytes
+
+    def write(self, tmp: Path, changed: list[Tensor]) -> None:
+        """Write the copy to ``tmp``: the original, with the storages of ``changed`` patched.
+
+        Raises:
+            OSError: when the copy fails (a full disk, ...).
+        """
+        shutil.copyfile(self.source, tmp)
+        with open(tmp, "r+b") as f:
+            for ptr in dict.fromkeys(t.untyped_storage().data_ptr() for t in changed):
+                member, data = self.storages[ptr]
+                _patch(f, member, data)
+
+
+def _patch(f: BinaryIO, m: _Member, data: Tensor) -> None:
+    crc = 0
+    f.seek(m.offset)
+    for pos in range(0, m.size, _STEP):
+        piece = data[pos : pos + _STEP].numpy()
+        f.write(piece.data)
+        crc = zlib.crc32(piece.data, crc)
+    new = struct.pack("<I", crc)
+    old = struct.pack("<I", m.crc)
+    f.seek(m.central + 16)
+    f.write(new)
+    f.seek(m.offset + m.size)
+    after = f.read(8)
+    if after[:4] == _DESCRIPTOR and after[4:8] == old:
+        f.seek(m.offset + m.size + 4)
+        f.write(new)
+    elif after[:4] == old:
+        f.seek(m.offset + m.size)
+        f.write(new)
+    f.seek(m.local + 14)
+    if f.read(4) == old:
+        f.seek(m.local + 14)
+        f.write(new)
+
+
+def _mappings(path: Path) -> list[tuple[int, int, int]]:
+    """``(start, end, file offset)`` of this process's mappings of ``path``."""
+    real = os.path.realpath(path)
+    out = []
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                parts = line.split(maxsplit=5)
+                if len(parts) == 6 and parts[5].rstrip("\n") == real:
+                    start, end = (int(v, 16) for v in parts[0].split("-"))
+                    out.append((start, end, int(parts[2], 16)))
+    except OSError:
+        return []
+    return out
+
+
+def _offset_of(ptr: int, maps: list[tuple[int, int, int]]) -> int | None:
+    for start, end, pgoff in maps:
+        if start <= ptr < end:
+            return ptr - start + pgoff
+    return None
+
+
+def _members(path: Path) -> dict[int, _Member] | None:
+    """The stored members of the archive by the file offset of their data."""
+    out = {}
+    with zipfile.ZipFile(path) as z, open(path, "rb") as f:
+        central = z.start_dir  # type: ignore[attr-defined]
+        for info in z.infolist():
+            f.seek(central)
+            head = f.read(46)
+            if head[:4] != _CENTRAL:
+                return None
+            n, m, k = struct.unpack("<HHH", head[28:34])
+            f.seek(info.header_offset)
+            local = f.read(30)
+            if local[:4] != _LOCAL or info.compress_type != zipfile.ZIP_STORED:
+                return None
+            ln, lm = struct.unpack("<HH", local[26:30])
+            offset = info.header_offset + 30 + ln + lm
+            out[offset] = _Member(offset, info.file_size, info.CRC, info.header_offset, central)
+            central += 46 + n + m + k
+    return out
+
+
+def plan_patch(path: Path, tensors: list[Tensor]) -> Patch | None:
+    """How to write a clamped copy of ``path`` by patching, or ``None`` when it cannot.
+
+    ``tensors`` are every tensor loaded from the file (memory-mapped).
+    """
+    maps = _mappings(path)
+    if not maps:
+        return None
+    try:
+        members = _members(path)
+    except (OSError, zipfile.BadZipFile, struct.error):
+        return None
+    if members is None:
+        return None
+    storages: dict[int, tuple[_Member, Tensor]] = {}
+    for t in tensors:
+        if not in_memory(t) or t.device.type != "cpu":
+            return None
+        st = t.untyped_storage()
+        if st.nbytes() == 0:
+            continue
+        offset = _offset_of(st.data_ptr(), maps)
+        member = members.get(offset) if offset is not None else None
+        if member is None or member.size != st.nbytes():
+            return None  # not a whole member of this file: let torch.save write it
+        data: Any = torch.empty(0, dtype=torch.uint8).set_(st)
+        storages[st.data_ptr()] = (member, data)
+    return Patch(path, storages)
