@@ -1,6 +1,7 @@
 """The native CPU kernel: semantics against a plain float64 reference, what it hands back
 to the eager path, thread safety, and its background build (no step waits for it)."""
 
+import gc
 import math
 import threading
 
@@ -299,6 +300,84 @@ def test_gradients_of_large_groups_scale_and_come_back_from_the_heap(native):
         d = x - x.clamp(-1.0, 1.0)
         want = 3 * torch.sign(d) * torch.exp(d.abs())
         torch.testing.assert_close(p.grad.double(), want, rtol=1e-6, atol=0)
+
+
+def _grad_storages(params):
+    return {k: p.grad.untyped_storage().data_ptr() for k, p in params.items()}
+
+
+def test_gradient_memory_is_reused_step_after_step_and_bounded(native):
+    """The pool hands the buffers .grad freed (zero_grad) to the next step, so no step
+    after the first writes into fresh pages; it keeps no more than it ever handed out at
+    once; a resize_ of a gradient works; empty_cache frees what it keeps."""
+    gc.collect()
+    native.empty_cache()
+    g = torch.Generator().manual_seed(7)
+    params = {
+        "big": (torch.randn(4_500_000, generator=g) * 2).requires_grad_(),  # its own buffer
+        "a": (torch.randn(1000, generator=g) * 2).requires_grad_(),
+        "b": (torch.randn(10, 100, generator=g) * 2).requires_grad_(),
+    }
+    bounds = dict.fromkeys(params, -1.0), dict.fromkeys(params, 1.0)
+    opt = torch.optim.SGD(params.values(), lr=0.0)
+    nbytes = sum(p.numel() * 4 for p in params.values())
+    seen = []
+    for _ in range(3):
+        opt.zero_grad(set_to_none=True)
+        bounds_cost(params, *bounds).backward()
+        seen.append(_grad_storages(params))
+        live, cached, _ = native.pool_usage()
+        assert live >= nbytes and cached == 0  # every buffer handed out, none idle
+        for p in params.values():  # the values are this step's, not a reused buffer's
+            d = p.detach().double() - p.detach().double().clamp(-1.0, 1.0)
+            want = torch.sign(d) * torch.exp(d.abs())
+            torch.testing.assert_close(p.grad.double(), want, rtol=1e-6, atol=0)
+        with torch.no_grad():
+            for p in params.values():
+                p.mul_(1.01)
+    assert seen[1] == seen[0] and seen[2] == seen[0]
+    # Accumulating into kept gradients: the step's buffers come back at once.
+    bounds_cost(params, *bounds).backward()
+    live, cached, _ = native.pool_usage()
+    assert live >= nbytes and 0 < cached <= live
+    # A model of other sizes takes the place of the last: idle never above the most in use.
+    opt.zero_grad(set_to_none=True)
+    other = {"c": (torch.randn(3_000_000, generator=g) * 2).requires_grad_()}
+    for _ in range(3):
+        other["c"].grad = None
+        bounds_cost(other, {"c": -1.0}, {"c": 1.0}).backward()
+        live, cached, high = native.pool_usage()
+        assert live == 12_000_000 and live + cached <= high
+    grad = other["c"].grad
+    grad.resize_(5_000_000)  # a storage that the pool allocated grows as any other
+    grad[-1] = 1.0
+    assert grad.shape == (5_000_000,) and grad[-1].item() == 1.0
+    other["c"].grad = None
+    del grad
+    assert native.pool_usage()[1] > 0
+    native.empty_cache()
+    assert native.pool_usage() == (0, 0, 0)
+
+
+def test_gradients_freed_in_other_threads_return_to_the_pool(native):
+    """Buffers freed by other threads (a data loader, a logger) come back safely."""
+    gc.collect()
+    native.empty_cache()
+    xs = [torch.randn(1000) for _ in range(4)]
+
+    def work() -> None:
+        for _ in range(200):
+            value, buffers, grads = native.value_and_grad(xs, -1.0, 1.0, 0, 80.0)
+            del value, buffers, grads
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    live, cached, high = native.pool_usage()
+    assert live == 0 and 0 < cached <= high <= 4 * 4 * 4000
+    native.empty_cache()
 
 
 def test_a_built_library_is_imported_without_the_build_tools(native, monkeypatch):
