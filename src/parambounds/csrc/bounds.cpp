@@ -34,9 +34,6 @@
 #include <unordered_map>
 #include <vector>
 
-#ifdef __linux__
-#include <sys/mman.h>
-#endif
 
 namespace {
 
@@ -76,7 +73,7 @@ Vec exp_of(const Vec& x) {
 template <typename scalar_t, int64_t P, bool HasLo, bool HasHi>
 struct Lanes {
   using Vec = at::vec::Vectorized<scalar_t>;
-  Vec zero{0}, one{1}, minus_one{-1}, two{2}, vlo, vhi, vthr;
+  Vec zero{0}, one{1}, two{2}, vlo, vhi, vthr;
 
   Lanes(scalar_t lo, scalar_t hi, scalar_t thr) : vlo(lo), vhi(hi), vthr(thr) {}
 
@@ -87,22 +84,27 @@ struct Lanes {
     return in;
   }
 
-  // Lanes not inside are above, below or NaN. There e is the excess (> 0, +inf beyond a
-  // finite bound, NaN for NaN); lanes inside are set to 0 at the end, whatever e is.
-  void outside(const Vec& vx, const Vec& in, Vec& value, Vec& grad) const {
-    Vec e, sign;
+  // The cost and gradient of each lane (0 inside). Lanes not inside are above, below or
+  // NaN: there e is the excess (> 0, +inf beyond a finite bound, NaN for NaN). With a
+  // bound, a lane is inside exactly where e <= 0 (NaN compares false; an infinite x on
+  // an open side gives e = -inf); the gradient takes its sign from x - upper (negative
+  // below, as lower <= upper) or the side, as a sign bit on the slope (>= 0 or NaN).
+  void outside(const Vec& vx, Vec& value, Vec& grad) const {
+    Vec e, in;
+    const Vec sign_bit(scalar_t(-0.0));
     if constexpr (HasHi && HasLo) {
       e = at::vec::clamp_min(vx - vhi, vlo - vx);  // max, NaN if vx is NaN
-      sign = Vec::blendv(minus_one, one, vx > vhi);
     } else if constexpr (HasHi) {
       e = vx - vhi;
-      sign = one;
     } else if constexpr (HasLo) {
       e = vlo - vx;
-      sign = minus_one;
     } else {
       e = vx;  // only NaN is outside
-      sign = one;
+    }
+    if constexpr (HasHi || HasLo) {
+      in = e <= zero;
+    } else {
+      in = vx == vx;
     }
     Vec slope;
     if constexpr (P == kExp || P == kExpm1) {
@@ -122,8 +124,16 @@ struct Lanes {
       value = e;
       slope = Vec::blendv(one, e, e.isnan());
     }
+    Vec signed_slope;
+    if constexpr (HasHi && HasLo) {
+      signed_slope = slope | ((vx - vhi) & sign_bit);
+    } else if constexpr (HasLo) {
+      signed_slope = slope ^ sign_bit;
+    } else {
+      signed_slope = slope;
+    }
     value = Vec::blendv(value, zero, in);
-    grad = Vec::blendv(sign * slope, zero, in);
+    grad = Vec::blendv(signed_slope, zero, in);
   }
 };
 
@@ -165,7 +175,7 @@ double segment(const scalar_t* x, scalar_t* g, int64_t n, scalar_t lo, scalar_t 
     }
     const int64_t i = listed[k];
     const Vec vx = Vec::loadu(x + i);
-    lanes.outside(vx, lanes.inside(vx), value, grad);
+    lanes.outside(vx, value, grad);
     grad.store(g + i);
     acc = acc + value;
   }
@@ -176,7 +186,7 @@ double segment(const scalar_t* x, scalar_t* g, int64_t n, scalar_t lo, scalar_t 
   if (full < n) {  // the tail: fewer than W lanes
     const int64_t rest = n - full;
     const Vec vx = Vec::loadu(x + full, rest);
-    lanes.outside(vx, lanes.inside(vx), value, grad);
+    lanes.outside(vx, value, grad);
     grad.store(g + full, rest);
     value.store(sums);
     for (int64_t k = 0; k < rest; ++k) total += sums[k];
@@ -267,9 +277,9 @@ constexpr int64_t kPackBytes = int64_t{16} << 20;
 // high-water mark: one step's gradients), and a request it cannot serve from a block of
 // that size first frees cached blocks of other sizes until what is in use plus what is
 // cached plus the request fits under that mark, so a model of other sizes takes the
-// place of the last one. empty_cache() frees every cached block. Blocks of 2 MiB or more
-// are aligned to 2 MiB and asked to be backed by huge pages (Linux, best effort): one
-// fault per 2 MiB when they are fresh.
+// place of the last one. empty_cache() frees every cached block. (Asking for huge pages,
+// MADV_HUGEPAGE, made the first step on `large` 1.6-2x slower here: the kernel compacts
+// memory to find them.)
 class GradientPool final : public c10::Allocator {
  public:
   c10::DataPtr allocate(size_t nbytes) override {
@@ -303,8 +313,6 @@ class GradientPool final : public c10::Allocator {
   }
 
  private:
-  static constexpr size_t kHuge = size_t{2} << 20;
-
   static size_t rounded(size_t nbytes) { return (nbytes + 63) & ~size_t{63}; }
 
   void* take(size_t nbytes) {
@@ -335,18 +343,14 @@ class GradientPool final : public c10::Allocator {
   }
 
   static void* fresh(size_t size) {
-    const size_t align = size >= kHuge ? kHuge : 64;
     void* data = nullptr;
 #ifdef _WIN32
-    data = _aligned_malloc(size, align);
+    data = _aligned_malloc(size, 64);
 #else
-    if (posix_memalign(&data, align, size) != 0) data = nullptr;
+    if (posix_memalign(&data, 64, size) != 0) data = nullptr;
 #endif
     TORCH_CHECK(data != nullptr, "parambounds native kernel: out of memory (", size,
                 " bytes for gradients)");
-#ifdef __linux__
-    if (size >= kHuge) madvise(data, size, MADV_HUGEPAGE);
-#endif
     return data;
   }
 
