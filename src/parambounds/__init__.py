@@ -20,6 +20,7 @@ from .spec import Bounds
 
 if TYPE_CHECKING:
     from ._kernels import get_kernel, set_kernel
+    from ._native import empty_cache
     from .constraints import BoundedParametrization
     from .cost import bounds_cost
     from .loss import ParameterBoundaryRegularizer, summed_exp_boundary_loss
@@ -38,6 +39,7 @@ _LAZY = {
     "ParameterBoundaryRegularizer": ".loss",
     "Penalty": ".penalties",
     "bounds_cost": ".cost",
+    "empty_cache": "._native",
     "get_kernel": "._kernels",
     "make_bounds": ".trees",
     "overflow_threshold": ".penalties",
@@ -71,6 +73,7 @@ __all__ = [
     "Report",
     "__version__",
     "bounds_cost",
+    "empty_cache",
     "get_kernel",
     "make_bounds",
     "overflow_threshold",

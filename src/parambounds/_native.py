@@ -39,7 +39,15 @@ from typing import Any
 
 import torch
 
-__all__ = ["PENALTY_IDS", "build", "build_directory", "get", "module_name", "state"]
+__all__ = [
+    "PENALTY_IDS",
+    "build",
+    "build_directory",
+    "empty_cache",
+    "get",
+    "module_name",
+    "state",
+]
 
 SOURCE = Path(__file__).parent / "csrc" / "bounds.cpp"
 #: Penalty names the native kernel implements, and their ids in ``bounds.cpp``.
@@ -260,6 +268,25 @@ def build(verbose: bool = True) -> Any:
     if _module is None:
         raise RuntimeError(f"cannot build the native kernel: {_error}")
     return _module
+
+
+def empty_cache() -> None:
+    """Free the gradient memory that the native kernel keeps for the next step.
+
+    The native kernel's gradient buffers come from a pool of their own: the buffers that
+    ``.grad`` frees (``zero_grad()``, or after accumulating into kept gradients) are kept
+    and serve the next step, so that no step after the first writes into fresh pages
+    (a page fault per 4 KiB, which costs as much as the pass itself on some machines).
+    The pool never keeps more than the most gradient memory it ever had handed out at once
+    (about one step's gradients of the bounded parameters), and a model of other sizes
+    takes the place of the last. Call this after training to give that memory back.
+
+    Examples:
+        >>> import parambounds
+        >>> parambounds.empty_cache()
+    """
+    if _module is not None:
+        _module.empty_cache()
 
 
 def state() -> str:

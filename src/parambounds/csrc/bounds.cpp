@@ -10,10 +10,12 @@
 // threshold T, exp and expm1 continue linearly with the slope at T). A parameter of
 // +/-inf on an open side is inside (d = 0); beyond a finite bound, d = +/-inf.
 //
-// The gradients are written into a few fresh buffers (consecutive tensors share one, up to
-// 16 MiB), and returned as plain tensors that share their storage (not views: autograd
-// adopts them as .grad without a copy). The work is split over ATen's threads by element count, in fixed blocks, so the
-// value does not depend on the number of threads. Nothing is shared between calls.
+// The gradients are written into a few buffers (consecutive tensors share one, up to
+// 16 MiB) that come from a pool of their own (GradientPool: the buffers .grad freed in the
+// last step), and returned as plain tensors that share their storage (not views: autograd
+// adopts them as .grad without a copy). The work is split over ATen's threads by element
+// count, in fixed blocks, so the value does not depend on the number of threads. Calls
+// share nothing but the pool (locked).
 //
 // Vectorized with at::vec: the build defines CPU_CAPABILITY_AVX512 or CPU_CAPABILITY_AVX2
 // for the machine it runs on (see _native.py); without either it is the scalar fallback.
