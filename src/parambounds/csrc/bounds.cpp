@@ -41,7 +41,10 @@ namespace {
 
 enum PenaltyId : int64_t { kExp = 0, kExpm1 = 1, kQuadratic = 2, kLinear = 3 };
 
-constexpr int64_t kBlock = 1 << 13;  // elements per unit of work
+// Elements per unit of work: small enough that the second sweep finds the block's values
+// and gradients in L1 (4-8 KiB each). Measured on the benchmark's cases against 8192:
+// 1.42x -> 1.15x a plain copy on `many`, 93 -> 62 ms on `large`.
+constexpr int64_t kBlock = 1 << 10;
 
 // exp(x) for 0 <= x <= T (T < 88.7 for float32; NaN gives NaN), inline: Cody-Waite range
 // reduction x = n ln2 + r, |r| <= ln2/2, and Cephes' degree-7 polynomial for exp(r)
