@@ -432,3 +432,83 @@ def test_a_built_library_serves_the_very_first_step(fresh_native, monkeypatch):
 
 
 _load_if_built_real = _native._load_if_built
+
+
+def _fresh_pair(seed):
+    g = torch.Generator().manual_seed(seed)
+    base = {
+        "a": torch.randn(300, generator=g, dtype=torch.float64) * 2,
+        "b": torch.randn(7, 11, generator=g, dtype=torch.float64) * 2,
+        "c": torch.randn(50, generator=g, dtype=torch.float64) * 2,
+    }
+    return (
+        {k: v.clone().requires_grad_(k != "c") for k, v in base.items()},
+        {k: v.clone().requires_grad_(k != "c") for k, v in base.items()},
+    )
+
+
+def test_native_autograd_node_matches_the_python_function(native):
+    """The native kernel's own autograd node against the Python Function (eager kernel):
+    scaled backward, retain_graph twice, autograd.grad, a parameter without grad, hooks,
+    and create_graph (a Hessian-vector product)."""
+    del native
+    lower, upper = dict.fromkeys("abc", -1.0), dict.fromkeys("abc", 1.5)
+
+    def run(params, kernel):
+        K.set_kernel(kernel)
+        seen = []
+        params["a"].register_hook(lambda grad: seen.append(grad.clone()))
+        cost = bounds_cost(params, lower, upper)
+        assert cost.grad_fn is not None
+        (2.5 * cost).backward(retain_graph=True)
+        cost.backward()
+        grads = {k: p.grad for k, p in params.items()}
+        only = torch.autograd.grad(bounds_cost(params, lower, upper), [params["b"]])[0]
+        cost = bounds_cost(params, lower, upper)
+        (ga,) = torch.autograd.grad(cost, [params["a"]], create_graph=True)
+        v = torch.linspace(-1, 1, 300, dtype=torch.float64)
+        (hv,) = torch.autograd.grad((ga * v).sum(), [params["a"]])
+        return cost.detach(), grads, only, hv, seen
+
+    native_params, eager_params = _fresh_pair(8)
+    got = run(native_params, "native")
+    want = run(eager_params, "eager")
+    assert type(got[0]) is torch.Tensor and got[0].item() == pytest.approx(want[0].item())
+    for k in "ab":
+        torch.testing.assert_close(got[1][k], want[1][k])
+    assert got[1]["c"] is None and want[1]["c"] is None
+    torch.testing.assert_close(got[2], want[2])
+    torch.testing.assert_close(got[3], want[3])
+    assert len(got[4]) == len(want[4]) >= 2  # both backward calls, then the autograd.grads
+    for g, w in zip(got[4], want[4]):
+        torch.testing.assert_close(g, w)
+    # A plain float64 reference for the accumulated gradient of "a": (2.5 + 1) * f'.
+    x = eager_params["a"].detach()
+    d = x - x.clamp(-1.0, 1.5)
+    torch.testing.assert_close(got[1]["a"], 3.5 * torch.sign(d) * torch.exp(d.abs()))
+    # The second derivative of exp is exp: the Hessian-vector product is v * f'' outside.
+    v = torch.linspace(-1, 1, 300, dtype=torch.float64)
+    torch.testing.assert_close(got[3], v * torch.exp(d.abs()) * (d != 0))
+    K.set_kernel("native")
+
+
+def test_native_autograd_node_refuses_what_autograd_refuses(native):
+    """A second backward without retain_graph, and a parameter changed in place before a
+    backward that has to read it, fail loudly, as with autograd's own saved variables."""
+    del native
+    p = (torch.arange(-5.0, 5.0)).requires_grad_()
+    cost = bounds_cost({"p": p}, {"p": -1.0}, {"p": 1.0})
+    cost.backward()
+    with pytest.raises(RuntimeError, match="second time"):
+        cost.backward()
+    cost = bounds_cost({"p": p}, {"p": -1.0}, {"p": 1.0})
+    cost.backward(retain_graph=True)  # the gradients computed in the forward
+    with torch.no_grad():
+        p.mul_(2.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        cost.backward()  # has to compute them again from p
+    cost = bounds_cost({"p": p}, {"p": -1.0}, {"p": 1.0})
+    with torch.no_grad():
+        p.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(cost, [p], create_graph=True)

@@ -327,6 +327,17 @@ def _differentiable_grads(
     Hessians, Hessian-vector products and gradient penalties see the second derivative.
     """
     lower, upper, penalty = run.bounds
+    return _slopes(xs, needs, grad_out, lower, upper, penalty)
+
+
+def _slopes(
+    xs: Sequence[Tensor],
+    needs: Sequence[bool],
+    grad_out: Tensor,
+    lower: Bound,
+    upper: Bound,
+    penalty: Penalty,
+) -> list[Tensor | None]:
     lower, upper = clamp_args(lower, upper)
     out: list[Tensor | None] = []
     for x, need in zip(xs, needs):
@@ -336,6 +347,32 @@ def _differentiable_grads(
         d = signed_excess(x, lower, upper)
         out.append(torch.sign(d) * penalty.slope(d.abs()) * grad_out)
     return out
+
+
+_PENALTY_OF_ID = {i: name for name, i in _native.PENALTY_IDS.items()}
+
+
+def _native_slopes(
+    xs: list[Tensor],
+    needs: list[bool],
+    grad_out: Tensor,
+    lower: float | None,
+    upper: float | None,
+    penalty: int,
+) -> list[Tensor | None]:
+    """The native node's backward under ``create_graph=True`` (called from C++)."""
+    return _slopes(xs, needs, grad_out, lower, upper, PENALTIES[_PENALTY_OF_ID[penalty]])
+
+
+_prepared: set[int] = set()
+
+
+def _prepared_native(module: Any) -> Any:
+    """``module``, with its create_graph backward set (once)."""
+    if id(module) not in _prepared:
+        module.set_differentiable(_native_slopes)
+        _prepared.add(id(module))
+    return module
 
 
 def _auto_compiles(x: Tensor) -> bool:
@@ -425,6 +462,22 @@ def _group_runner(
             return None
         return value, grads, buffers
 
+    def fast(xs: Sequence[Tensor]) -> Tensor | None:
+        """The cost through the native kernel's own autograd node, or ``None``."""
+        x0 = xs[0]
+        if x0.device.type != "cpu" or x0.dtype not in _NATIVE_DTYPES:
+            return None
+        module = _native.get(wait=mode == "native")
+        if module is None:
+            return None
+        thr = thresholds.get(x0.dtype)
+        if thr is None:
+            thr = thresholds[x0.dtype] = overflow_threshold(x0.dtype)
+        try:
+            return _prepared_native(module).cost(xs, lower, upper, native, thr)
+        except RuntimeError:  # non-contiguous, mixed, or wrapped (torch.func) tensors
+            return None
+
     def run(xs: Sequence[Tensor]) -> tuple[Tensor, list[Tensor], list[Tensor] | None]:
         with torch.no_grad():
             if native is not None:
@@ -449,6 +502,7 @@ def _group_runner(
             return value, grads, [flat] if flat is not None and not big else None
 
     run.bounds = (lower, upper, penalty)  # type: ignore[attr-defined]
+    run.fast = fast if native is not None else None  # type: ignore[attr-defined]
     return run
 
 
@@ -463,6 +517,7 @@ def _tensor_runner(
         return value, [grad], None
 
     run.bounds = (lower, upper, penalty)  # type: ignore[attr-defined]
+    run.fast = None  # type: ignore[attr-defined]
     return run
 
 
@@ -484,6 +539,12 @@ def apply(plan: Plan, leaves: list[Any], penalty: Penalty) -> list[Tensor]:
             continue
         if not xs[0].is_floating_point() or xs[0].itemsize == 1:  # integers, bool, float8
             xs = [x.to(compute_dtype(x.dtype)) for x in xs]
+        fast = run.fast
+        if fast is not None:  # the native kernel's own autograd node: no Python inside
+            value = fast(xs)
+            if value is not None:
+                parts.append(value)
+                continue
         parts.append(_apply_group(run, *xs))
     # One DTensor per layout; ``distributed.combine`` reduces them across ranks.
     parts += [partial_cost(total, layout) for layout, total in sharded_sums.items()]
