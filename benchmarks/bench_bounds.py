@@ -9,7 +9,10 @@ write the figures). Cases:
 - ``large``: 24 tensors of (2048, 2048) float32, all in [-2, 2].
 
 Times are medians of repeated steps, gradients reset to ``None`` before each step; the
-parameter tree is built once outside the timed region, for both. ``exp pass`` is one
+parameter tree is built once outside the timed region, for both. What is compared is
+timed in turns (each round runs every implementation, and the ``exp`` pass, once), so
+that the load of a shared machine, which drifts by 2x over minutes here, falls on all
+alike. ``exp pass`` is one
 ``torch.exp`` over the same tensors. Extra peak memory is read from ``VmHWM`` in a fresh
 process per case and implementation (after resetting it with ``/proc/self/clear_refs``),
 as a multiple of the bounded parameters' bytes; the gradients themselves are 1.0x.
@@ -100,8 +103,11 @@ def cost_fn(impl: str) -> Callable[..., torch.Tensor]:
         return bounds_cost
     from parambounds import _kernels, bounds_cost
 
-    _kernels.set_kernel(impl)
-    return bounds_cost
+    def cost(*args: Any) -> torch.Tensor:
+        _kernels.set_kernel(impl)  # per call: the implementations are timed in turns
+        return bounds_cost(*args)
+
+    return cost
 
 
 def step(
@@ -134,6 +140,32 @@ def median_ms(
         sync(device)
         times.append(time.perf_counter() - t0)
     return 1e3 * statistics.median(times)
+
+
+def interleaved_ms(
+    fns: dict[str, tuple[Callable[[], Any], Callable[[], Any] | None]], device: str, reps: int
+) -> dict[str, float]:
+    """Median time of each ``fn`` in ms, timed in turns: each round runs every one once
+    (the order rotating from round to round; ``setup``, untimed, before each call), so
+    that a shared machine's load, which drifts by 2x over minutes here, falls on all alike.
+    """
+    names = list(fns)
+    for fn, setup in fns.values():  # warm up (and compile)
+        if setup is not None:
+            setup()
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(reps):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            fn, setup = fns[name]
+            if setup is not None:
+                setup()
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
 
 
 def all_tensors(params: Any) -> list[torch.Tensor]:
@@ -209,13 +241,20 @@ def run_case(case: str, quick: bool, device: str, impls: tuple[str, ...]) -> dic
     def one_step(fn: Callable[..., torch.Tensor]) -> None:
         step(fn, params, lower, upper, tensors)
 
+    fns: dict[str, tuple[Callable[[], Any], None]] = {}
     for impl in impls:
         fn = cost_fn(impl)
-        row[f"{impl}_ms"] = median_ms(lambda fn=fn: one_step(fn), device, reps)
-        if device == "cuda":
-            row[f"{impl}_syncs"] = count_syncs(lambda fn=fn: one_step(fn))
+        fns[impl] = (lambda fn=fn: one_step(fn), None)
     if case == "large":
-        row["exp_ms"] = median_ms(lambda: [torch.exp(t.detach()) for t in bounded], device, reps)
+        fns["exp"] = (lambda: [torch.exp(t.detach()) for t in bounded], None)
+    for name, ms in interleaved_ms(fns, device, reps).items():
+        row[f"{name}_ms"] = ms
+    if device == "cuda":
+        for impl in impls:
+            row[f"{impl}_syncs"] = count_syncs(fns[impl][0])
+    from parambounds import _kernels
+
+    _kernels.set_kernel("auto")
     return row
 
 
@@ -320,30 +359,28 @@ def floor_rows(quick: bool) -> list[tuple[str, float]]:
         get_plan(tree, treedef, leaves, lower, upper)
 
     _kernels.set_kernel("auto")
-    rows = [
-        (
-            "engine: do-nothing Function, 250 storage-sharing grads (made untimed)",
-            median_ms(engine, "cpu", reps, setup=make_grads),
-        ),
-        (
-            "one read+write pass (copy into one buffer)",
-            median_ms(lambda: torch.cat(flat, out=buf), "cpu", reps),
-        ),
-        ("front end (flatten + plan lookup)", median_ms(front_end, "cpu", reps)),
-    ]
-    rows.append(("floor (sum of the above)", sum(ms for _, ms in rows)))
     module = _native.get()
+    xs = [t.detach() for t in tensors]
+    thr = overflow_threshold(torch.float32)
+    names = {
+        "engine": "engine: do-nothing Function, 250 storage-sharing grads (made untimed)",
+        "copy": "one read+write pass (copy into one buffer)",
+        "front": "front end (flatten + plan lookup)",
+        "kernel": "ours, kernel alone: value + 250 grads (one C++ call)",
+        "ours": "ours: bounds_cost forward + backward",
+    }
+    fns: dict[str, tuple[Callable[[], Any], Callable[[], Any] | None]] = {
+        "engine": (engine, make_grads),
+        "copy": (lambda: torch.cat(flat, out=buf), None),
+        "front": (front_end, None),
+        "ours": (lambda: step(bounds_cost, params, lower, upper, tensors), None),
+    }
     if module is not None:  # ours, piece by piece
-        xs = [t.detach() for t in tensors]
-        thr = overflow_threshold(torch.float32)
-        rows.append(
-            (
-                "ours, kernel alone: value + 250 grads (one C++ call)",
-                median_ms(lambda: module.value_and_grad(xs, -2.0, 2.0, 0, thr), "cpu", reps),
-            )
-        )
-    ours = median_ms(lambda: step(bounds_cost, params, lower, upper, tensors), "cpu", reps)
-    rows.append(("ours: bounds_cost forward + backward", ours))
+        fns["kernel"] = (lambda: module.value_and_grad(xs, -2.0, 2.0, 0, thr), None)
+    ms = interleaved_ms(fns, "cpu", reps)
+    rows = [(names[k], ms[k]) for k in ("engine", "copy", "front")]
+    rows.append(("floor (sum of the above)", sum(v for _, v in rows)))
+    rows += [(names[k], ms[k]) for k in ("kernel", "ours") if k in ms]
     return rows
 
 
