@@ -8,13 +8,14 @@ write the figures). Cases:
 - ``many``: 200 tensors of (256,) and 50 of (256, 256), all in [-2, 2];
 - ``large``: 24 tensors of (2048, 2048) float32, all in [-2, 2].
 
-Times are medians of repeated steps, gradients reset to ``None`` before each step; the
-parameter tree is built once outside the timed region, for both. What is compared is
-timed in turns (each round runs every implementation, and the ``exp`` pass, once), so
-that the load of a shared machine, which drifts by 2x over minutes here, falls on all
-alike. ``exp pass`` is one
-``torch.exp`` over the same tensors. Extra peak memory is read from ``VmHWM`` in a fresh
-process per case and implementation (after resetting it with ``/proc/self/clear_refs``),
+Times are medians of repeated steps, gradients reset to ``None`` before each step
+(untimed: in turns, the gradients left are another implementation's); the parameter
+tree is built once outside the timed region, for both. What is compared is timed in
+turns (each round runs every implementation, and the ``exp`` pass, once), so that the
+load of a shared machine, which drifts by 2x over minutes here, falls on all alike.
+``exp pass`` is one ``torch.exp`` over the same tensors, into outputs made once. Extra
+peak memory is read from ``VmHWM`` in a fresh process per case and implementation
+(after resetting it with ``/proc/self/clear_refs``),
 as a multiple of the bounded parameters' bytes; the gradients themselves are 1.0x.
 
 ``ours`` is the default (``auto``: the native CPU kernel, built ahead of time here with
@@ -238,15 +239,23 @@ def run_case(case: str, quick: bool, device: str, impls: tuple[str, ...]) -> dic
     tensors = all_tensors(params)
     row: dict[str, Any] = {"case": case, "device": device}
 
-    def one_step(fn: Callable[..., torch.Tensor]) -> None:
-        step(fn, params, lower, upper, tensors)
+    def clear() -> None:  # untimed: the last step's gradients may be another's to free
+        for p in tensors:
+            p.grad = None
 
-    fns: dict[str, tuple[Callable[[], Any], None]] = {}
+    fns: dict[str, tuple[Callable[[], Any], Callable[[], Any] | None]] = {}
     for impl in impls:
         fn = cost_fn(impl)
-        fns[impl] = (lambda fn=fn: one_step(fn), None)
+        fns[impl] = (lambda fn=fn: fn(params, lower, upper).backward(), clear)
     if case == "large":
-        fns["exp"] = (lambda: [torch.exp(t.detach()) for t in bounded], None)
+        # Into outputs made once: a pass over memory already mapped, as our step's
+        # gradients are (from the native kernel's pool); torch.exp's own fresh outputs
+        # page-faulted in some rounds and not in others (0.25-3x this pass).
+        outs = [torch.empty_like(t) for t in bounded]
+        fns["exp"] = (
+            lambda: [torch.exp(t.detach(), out=o) for t, o in zip(bounded, outs)],
+            None,
+        )
     for name, ms in interleaved_ms(fns, device, reps).items():
         row[f"{name}_ms"] = ms
     if device == "cuda":
@@ -353,6 +362,10 @@ def floor_rows(quick: bool) -> list[tuple[str, float]]:
     def engine() -> None:
         _Nothing.apply(ready.pop(), *tensors).backward()
 
+    def clear() -> None:  # untimed, as for the engine: another's gradients to free
+        for p in tensors:
+            p.grad = None
+
     def front_end() -> None:
         tree = as_tree(params)
         treedef, leaves = flatten(tree)
@@ -373,7 +386,7 @@ def floor_rows(quick: bool) -> list[tuple[str, float]]:
         "engine": (engine, make_grads),
         "copy": (lambda: torch.cat(flat, out=buf), None),
         "front": (front_end, None),
-        "ours": (lambda: step(bounds_cost, params, lower, upper, tensors), None),
+        "ours": (lambda: bounds_cost(params, lower, upper).backward(), clear),
     }
     if module is not None:  # ours, piece by piece
         fns["kernel"] = (lambda: module.value_and_grad(xs, -2.0, 2.0, 0, thr), None)
