@@ -198,3 +198,21 @@ def test_invalid_number_bounds_still_name_the_parameter(spec, dtype, message):
     for _ in range(2):  # the second time from the cache
         with pytest.raises(BoundsError, match=message):
             bounds_cost(params, lower, upper)
+
+
+@pytest.mark.usefixtures("path")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_large_tensors_across_pieces_against_plain_python(dtype):
+    """Tensors larger than the native kernel's pieces (65536 values), small ones between
+    them, specials at the piece boundaries and in the vector tails."""
+    g = torch.Generator().manual_seed(3)
+    sizes = {"a": 70_001, "b": 3, "c": 131_077, "d": 1, "e": 65_536}
+    params = {k: torch.randn(n, generator=g, dtype=torch.float64) * 2 for k, n in sizes.items()}
+    specials = [math.nan, math.inf, -math.inf, 1e30, -1e30]
+    for x in params.values():
+        for i, where in enumerate([0, 65_535, 65_536, x.numel() - 1, x.numel() // 2]):
+            if where < x.numel():
+                x[where] = specials[i]
+    params = {k: v.to(dtype) for k, v in params.items()}
+    for lo, hi in [(-1.5, 2.0), (None, 2.0), (-1.5, None)]:
+        check(Bounds({"*": (lo, hi)}).report(params), params, lo, hi, dtype)

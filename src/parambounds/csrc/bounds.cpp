@@ -562,62 +562,138 @@ at::Tensor group_cost(const std::vector<at::Tensor>& xs, std::optional<double> l
   return GroupCost::apply(at::TensorList(xs), lower, upper, penalty, threshold);
 }
 
-// The report's statistics of one tensor: elements below and above, the largest excess
-// (NaN skipped; infinity shown as the dtype's largest value, as torch.nan_to_num does),
-// and NaN elements. Branch-free, so that the compiler vectorizes it.
+// The report's statistics of x[0, n): elements below and above, the largest excess (NaN
+// skipped; infinity shown as the dtype's largest value, as torch.nan_to_num does, when
+// the rows are finished), and NaN elements, into out[0..4). Counted in the lanes of a
+// vector (exact: n <= kStatsBlock, so a lane counts at most 2^16 / W < 2^24).
+constexpr int64_t kStatsBlock = 1 << 16;
+
 template <typename scalar_t, bool HasLo, bool HasHi>
-void stats_one(const scalar_t* x, int64_t n, scalar_t lo, scalar_t hi, double* out) {
-  int64_t below = 0, above = 0, nan = 0;
-  scalar_t most = 0;
-  for (int64_t i = 0; i < n; ++i) {
+void stats_piece(const scalar_t* x, int64_t n, scalar_t lo, scalar_t hi, double* out) {
+  using Vec = at::vec::Vectorized<scalar_t>;
+  constexpr int64_t W = Vec::size();
+  const Vec vlo(lo), vhi(hi), zero(0), one(1);
+  Vec below(0), above(0), nan(0), most(0);
+  const int64_t full = n - n % W;
+  for (int64_t i = 0; i < full; i += W) {
+    const Vec vx = Vec::loadu(x + i);
+    Vec e = zero;  // 0 inside and for NaN (every comparison with NaN is false)
+    if constexpr (HasHi) {
+      const Vec up = vx > vhi;
+      above = above + (up & one);
+      e = Vec::blendv(e, vx - vhi, up);
+    }
+    if constexpr (HasLo) {
+      const Vec down = vx < vlo;
+      below = below + (down & one);
+      e = Vec::blendv(e, vlo - vx, down);
+    }
+    nan = nan + ((vx != vx) & one);
+    most = Vec::blendv(most, e, e > most);
+  }
+  scalar_t lanes[4][W];
+  below.store(lanes[0]);
+  above.store(lanes[1]);
+  most.store(lanes[2]);
+  nan.store(lanes[3]);
+  double counts[3] = {0, 0, 0};
+  scalar_t top = 0;
+  for (int64_t k = 0; k < W; ++k) {
+    counts[0] += lanes[0][k];
+    counts[1] += lanes[1][k];
+    counts[2] += lanes[3][k];
+    top = lanes[2][k] > top ? lanes[2][k] : top;
+  }
+  for (int64_t i = full; i < n; ++i) {  // the tail: fewer than W values
     const scalar_t v = x[i];
     const bool is_above = HasHi && v > hi;
     const bool is_below = HasLo && v < lo;
-    above += is_above;
-    below += is_below;
-    nan += v != v;
+    counts[1] += is_above;
+    counts[0] += is_below;
+    counts[2] += v != v;
     const scalar_t e = is_above ? v - hi : (is_below ? lo - v : scalar_t(0));
-    most = e > most ? e : most;
+    top = e > top ? e : top;
   }
-  const scalar_t big = std::numeric_limits<scalar_t>::max();
-  out[0] = static_cast<double>(below);
-  out[1] = static_cast<double>(above);
-  out[2] = static_cast<double>(most > big ? big : most);
-  out[3] = static_cast<double>(nan);
+  out[0] = counts[0];
+  out[1] = counts[1];
+  out[2] = static_cast<double>(top);
+  out[3] = counts[2];
 }
 
-// Returns a (len(xs), 4) float64 tensor: [below, above, max_excess, nan] per tensor.
+// Returns a (len(xs), 4) float64 tensor: [below, above, max_excess, nan] per tensor. The
+// tensors are split into pieces by element count, as the cost is (a few large tensors
+// and many small ones keep every thread busy), and the pieces' rows summed per tensor.
 at::Tensor stats(const std::vector<at::Tensor>& xs, std::optional<double> lower,
                  std::optional<double> upper) {
+  std::vector<int64_t> offsets{0};
+  offsets.reserve(xs.size() + 1);
   for (const auto& x : xs) {
     TORCH_CHECK(x.device().is_cpu() && x.is_contiguous() &&
                     (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble),
                 "parambounds native kernel: contiguous float32/float64 CPU tensors only");
+    offsets.push_back(offsets.back() + x.numel());
   }
   const int64_t count = static_cast<int64_t>(xs.size());
-  at::Tensor out = at::empty({count, 4}, at::TensorOptions().dtype(at::kDouble));
-  double* rows = out.data_ptr<double>();
+  const int64_t total = offsets.back();
+  const int64_t blocks = (total + kStatsBlock - 1) / kStatsBlock;
+  // The pieces of each block: (tensor, start, stop) within the tensor, in order.
+  struct Piece {
+    int64_t j, start, stop;
+  };
+  std::vector<Piece> pieces;
+  std::vector<int64_t> first{0};  // pieces of block b: [first[b], first[b + 1])
+  pieces.reserve(static_cast<size_t>(blocks + count));
+  first.reserve(static_cast<size_t>(blocks + 1));
+  int64_t j = 0;
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t start = b * kStatsBlock, stop = std::min(total, start + kStatsBlock);
+    while (offsets[j + 1] <= start) ++j;
+    for (int64_t k = j; k < count && offsets[k] < stop; ++k) {
+      const int64_t lo = std::max(start, offsets[k]), hi = std::min(stop, offsets[k + 1]);
+      if (hi > lo) pieces.push_back({k, lo - offsets[k], hi - offsets[k]});
+    }
+    first.push_back(static_cast<int64_t>(pieces.size()));
+  }
+  std::vector<double> rows_of(pieces.size() * 4, 0.0);
   const bool has_lo = lower.has_value(), has_hi = upper.has_value();
-  at::parallel_for(0, count, 1, [&](int64_t j0, int64_t j1) {
-    for (int64_t j = j0; j < j1; ++j) {
-      const auto& x = xs[j];
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t p = first[b0]; p < first[b1]; ++p) {
+      const Piece& piece = pieces[static_cast<size_t>(p)];
+      const auto& x = xs[static_cast<size_t>(piece.j)];
       AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "parambounds_stats", [&] {
         const auto l = static_cast<scalar_t>(lower.value_or(0.0));
         const auto h = static_cast<scalar_t>(upper.value_or(0.0));
-        const scalar_t* p = x.data_ptr<scalar_t>();
-        double* r = rows + 4 * j;
+        const scalar_t* data = x.data_ptr<scalar_t>() + piece.start;
+        const int64_t n = piece.stop - piece.start;
+        double* r = rows_of.data() + 4 * p;
         if (has_lo && has_hi) {
-          stats_one<scalar_t, true, true>(p, x.numel(), l, h, r);
+          stats_piece<scalar_t, true, true>(data, n, l, h, r);
         } else if (has_lo) {
-          stats_one<scalar_t, true, false>(p, x.numel(), l, h, r);
+          stats_piece<scalar_t, true, false>(data, n, l, h, r);
         } else if (has_hi) {
-          stats_one<scalar_t, false, true>(p, x.numel(), l, h, r);
+          stats_piece<scalar_t, false, true>(data, n, l, h, r);
         } else {
-          stats_one<scalar_t, false, false>(p, x.numel(), l, h, r);
+          stats_piece<scalar_t, false, false>(data, n, l, h, r);
         }
       });
     }
   });
+  at::Tensor out = at::zeros({count, 4}, at::TensorOptions().dtype(at::kDouble));
+  double* rows = out.data_ptr<double>();
+  for (size_t p = 0; p < pieces.size(); ++p) {
+    double* r = rows + 4 * pieces[p].j;
+    const double* got = rows_of.data() + 4 * p;
+    r[0] += got[0];
+    r[1] += got[1];
+    r[2] = std::max(r[2], got[2]);
+    r[3] += got[3];
+  }
+  for (int64_t k = 0; k < count; ++k) {  // an infinite excess: the dtype's largest value
+    const double big = xs[static_cast<size_t>(k)].scalar_type() == at::kFloat
+                           ? static_cast<double>(std::numeric_limits<float>::max())
+                           : std::numeric_limits<double>::max();
+    rows[4 * k + 2] = std::min(rows[4 * k + 2], big);
+  }
   return out;
 }
 
