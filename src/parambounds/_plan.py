@@ -24,7 +24,7 @@ from torch import Tensor
 from ._plan_cache import PlanCache, reap, serials, tensor_key
 from ._rounding import compute_dtype, inward
 from .distributed import agree, full_bound, is_dtensor, local_bound, order_violation
-from .errors import BoundsError
+from .errors import BoundsError, order_error
 from .trees import align, flatten, named_leaves
 
 __all__ = ["Bound", "Group", "LeafBounds", "Plan", "get_plan", "traced_bounds"]
@@ -196,10 +196,7 @@ def _check_order(lo: Any, hi: Any, path: str, traced: bool = False, param: Any =
         found = order_violation(lo, hi, param)  # this rank's part, named by global index
         if found is not None:
             flat, idx, lo_v, hi_v = found
-            err = BoundsError(
-                f"lower bound for '{path or '<root>'}' exceeds its upper bound at index "
-                f"{idx} ({lo_v} > {hi_v})"
-            )
+            err = order_error(path or "<root>", lo_v, hi_v, idx)
             err.flat_index = flat  # type: ignore[attr-defined]
             raise err
         return
@@ -207,19 +204,14 @@ def _check_order(lo: Any, hi: Any, path: str, traced: bool = False, param: Any =
         return
     if isinstance(lo, float) and isinstance(hi, float):
         if lo > hi:
-            raise BoundsError(
-                f"lower bound for '{path or '<root>'}' exceeds its upper bound ({lo} > {hi})"
-            )
+            raise order_error(path or "<root>", lo, hi)
         return
     bad = torch.as_tensor(lo) > torch.as_tensor(hi)
     if bool(bad.any()):
         idx = tuple(int(i) for i in bad.nonzero()[0])
         lo_v = torch.as_tensor(lo).expand(bad.shape)[idx].item()
         hi_v = torch.as_tensor(hi).expand(bad.shape)[idx].item()
-        raise BoundsError(
-            f"lower bound for '{path or '<root>'}' exceeds its upper bound at index "
-            f"{idx} ({lo_v} > {hi_v})"
-        )
+        raise order_error(path or "<root>", lo_v, hi_v, idx)
 
 
 def _resolve(path: str, p: Any, lo: Any, hi: Any, traced: bool = False) -> tuple[Any, Any]:

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..errors import BoundsError
+from ..errors import BoundsError, order_error
 from ..penalties import Penalty
 from . import _math
 
@@ -109,9 +109,7 @@ def _check_order(lo: Any, hi: Any, name: str) -> None:
         return
     if isinstance(lo, float) and isinstance(hi, float):
         if lo > hi:
-            raise BoundsError(
-                f"lower bound for '{_show(name)}' exceeds its upper bound ({lo} > {hi})"
-            )
+            raise order_error(_show(name), lo, hi)
         return
     if not (_concrete(lo) and _concrete(hi)):
         return
@@ -119,10 +117,7 @@ def _check_order(lo: Any, hi: Any, name: str) -> None:
     bad = np.argwhere(lo_h > hi_h)
     if len(bad):
         idx = tuple(int(i) for i in bad[0])
-        raise BoundsError(
-            f"lower bound for '{_show(name)}' exceeds its upper bound at index {idx} "
-            f"({lo_h[idx]} > {hi_h[idx]})"
-        )
+        raise order_error(_show(name), lo_h[idx], hi_h[idx], idx)
 
 
 def bounded_leaves(
