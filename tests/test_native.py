@@ -512,3 +512,13 @@ def test_native_autograd_node_refuses_what_autograd_refuses(native):
         p.add_(1.0)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         torch.autograd.grad(cost, [p], create_graph=True)
+
+
+def test_inference_tensors_take_the_native_node(native):
+    """Tensors made under inference_mode (no version counter) get the native kernel's
+    value, not a fallback, and the same number as a plain float64 reference."""
+    with torch.inference_mode():
+        x = torch.tensor([-3.0, 0.0, 3.0, 1.5])
+    value = native.cost([x], -1.0, 1.0, 0, 80.0)
+    assert value.item() == pytest.approx(2 * math.exp(2.0) + math.exp(0.5))
+    assert bounds_cost({"x": x}, {"x": -1.0}, {"x": 1.0}).item() == pytest.approx(value.item())

@@ -478,7 +478,8 @@ struct GroupCost : public torch::autograd::Function<GroupCost> {
     // as saved variables, packing and unpacking 250 of them cost ~0.1 ms a step.
     std::vector<int64_t> versions;
     versions.reserve(xs.size());
-    for (const auto& x : xs) versions.push_back(x._version());
+    // (Inference tensors have no version, and never need a backward: -1.)
+    for (const auto& x : xs) versions.push_back(x.is_inference() ? -1 : x._version());
     ctx->saved_data["xs"] = xs.vec();
     // One saved variable, which autograd frees after a backward without retain_graph:
     // a second backward then fails with autograd's own message.
@@ -503,7 +504,7 @@ struct GroupCost : public torch::autograd::Function<GroupCost> {
       std::vector<at::Tensor> xs = ctx->saved_data["xs"].toTensorVector();
       const auto versions = ctx->saved_data["versions"].toIntVector();
       for (size_t i = 0; i < n; ++i) {
-        TORCH_CHECK(xs[i]._version() == versions[i],
+        TORCH_CHECK(versions[i] < 0 || xs[i]._version() == versions[i],
                     "parambounds: one of the parameters needed to compute the bounds cost's "
                     "gradient has been modified by an inplace operation (tensor ", i,
                     " of its group is at version ", xs[i]._version(), "; expected version ",
