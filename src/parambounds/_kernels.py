@@ -1,17 +1,20 @@
 r"""The per-step computation: apply a plan to the leaves of a tree.
 
-Each group of leaves goes through one :class:`_GroupCost` autograd function that
-computes the value *and* the gradient in the same pass over the parameters
-(:func:`value_and_grad`), so ``backward`` has no elementwise math left to do: it only
-scales the stored gradient by the incoming one (skipped on the CPU when that is exactly
-1). No boolean-mask indexing, no data-dependent shapes, no host synchronisation.
+Each group of leaves goes through one autograd node that computes the value *and* the
+gradient in the same pass over the parameters (:func:`value_and_grad`), so ``backward``
+has no elementwise math left to do: it only scales the stored gradient by the incoming
+one (skipped on the CPU when that is exactly 1). With the native kernel that node is
+C++ (``GroupCost`` in ``csrc/bounds.cpp``: no Python in the forward or the backward);
+otherwise it is :class:`_GroupCost`. No boolean-mask indexing, no data-dependent
+shapes, no host synchronisation.
 
 Three kernels evaluate :func:`value_and_grad`:
 
 - native (``csrc/bounds.cpp``, :mod:`parambounds._native`): one C++ call per group of
   float32/float64 contiguous CPU tensors with scalar bounds, reading them in place,
   vectorized and split over threads, writing the gradients into a few buffers (of at
-  most 16 MiB) that they share. Imported in the first step when built already;
+  most 16 MiB, from a pool of their own: see :func:`parambounds.empty_cache`) that they
+  share. Imported in the first step when built already;
   otherwise built in the background on first use (or ahead of time with ``parambounds
   build-kernels``) and the eager kernel runs until it is ready.
 - eager: plain PyTorch ops over chunks of :data:`CHUNK` elements, so the temporaries
