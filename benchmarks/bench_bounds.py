@@ -130,19 +130,7 @@ def median_ms(
     fn: Callable[[], Any], device: str, reps: int, setup: Callable[[], Any] | None = None
 ) -> float:
     """Median time of ``fn`` in ms; ``setup`` (untimed) runs before each call."""
-    if setup is not None:
-        setup()
-    fn()  # warm up (and compile)
-    times = []
-    for _ in range(reps):
-        if setup is not None:
-            setup()
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
+    return interleaved_ms({"fn": (fn, setup)}, device, reps)["fn"]
 
 
 def interleaved_ms(
@@ -447,16 +435,9 @@ def spec_rows(quick: bool) -> list[tuple[str, float, str, float]]:
 
 
 def paired_ms(fn: Callable[[], Any], ref: Callable[[], Any], reps: int) -> tuple[float, float]:
-    """Medians of ``fn`` and ``ref`` timed alternately, so that load on a shared machine
-    falls on both alike."""
-    fn(), ref()  # warm up
-    times: tuple[list[float], list[float]] = ([], [])
-    for _ in range(reps):
-        for f, out in ((fn, times[0]), (ref, times[1])):
-            t0 = time.perf_counter()
-            f()
-            out.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times[0]), 1e3 * statistics.median(times[1])
+    """Medians of ``fn`` and ``ref`` timed in turns."""
+    ms = interleaved_ms({"fn": (fn, None), "ref": (ref, None)}, "cpu", reps)
+    return ms["fn"], ms["ref"]
 
 
 def first_step(case: str, quick: bool) -> tuple[float, float, float]:

@@ -446,10 +446,8 @@ def _group_runner(
             buf = scratch.buf = torch.empty(total, dtype=xs[0].dtype, device=xs[0].device)
         return torch.cat([x.reshape(-1) for x in xs], out=buf)
 
-    def native_run(
-        xs: Sequence[Tensor],
-    ) -> tuple[Tensor, list[Tensor], list[Tensor] | None] | None:
-        assert native is not None
+    def native_module(xs: Sequence[Tensor]) -> tuple[Any, float] | None:
+        """The native module and the overflow threshold for ``xs``, if it takes them."""
         x0 = xs[0]
         if x0.device.type != "cpu" or x0.dtype not in _NATIVE_DTYPES:
             return None
@@ -459,25 +457,27 @@ def _group_runner(
         thr = thresholds.get(x0.dtype)
         if thr is None:
             thr = thresholds[x0.dtype] = overflow_threshold(x0.dtype)
+        return module, thr
+
+    def native_run(
+        xs: Sequence[Tensor],
+    ) -> tuple[Tensor, list[Tensor], list[Tensor] | None] | None:
+        got = native_module(xs)
+        if got is None:
+            return None
         try:
-            value, buffers, grads = module.value_and_grad(xs, lower, upper, native, thr)
+            value, buffers, grads = got[0].value_and_grad(xs, lower, upper, native, got[1])
         except RuntimeError:  # non-contiguous, mixed, or wrapped (torch.func) tensors
             return None
         return value, grads, buffers
 
     def fast(xs: Sequence[Tensor]) -> Tensor | None:
         """The cost through the native kernel's own autograd node, or ``None``."""
-        x0 = xs[0]
-        if x0.device.type != "cpu" or x0.dtype not in _NATIVE_DTYPES:
+        got = native_module(xs)
+        if got is None:
             return None
-        module = _native.get(wait=mode == "native")
-        if module is None:
-            return None
-        thr = thresholds.get(x0.dtype)
-        if thr is None:
-            thr = thresholds[x0.dtype] = overflow_threshold(x0.dtype)
         try:
-            return _prepared_native(module).cost(xs, lower, upper, native, thr)
+            return _prepared_native(got[0]).cost(xs, lower, upper, native, got[1])
         except RuntimeError:  # non-contiguous, mixed, or wrapped (torch.func) tensors
             return None
 

@@ -24,7 +24,7 @@ from torch import Tensor
 from ._plan_cache import PlanCache, reap, serials, tensor_key
 from ._rounding import compute_dtype, inward
 from .distributed import agree, full_bound, is_dtensor, local_bound, order_violation
-from .errors import BoundsError, order_error
+from .errors import BoundsError, number_bound, order_error
 from .trees import align, flatten, named_leaves
 
 __all__ = ["Bound", "Group", "LeafBounds", "Plan", "get_plan", "traced_bounds"]
@@ -140,11 +140,7 @@ def _normalise(b: Any, side: str, path: str, param: Any, traced: bool = False) -
     if isinstance(b, Tensor) and b.dim() == 0 and not b.requires_grad and not traced:
         b = b.item()
     if isinstance(b, numbers.Real):
-        v = float(b)
-        if math.isnan(v):
-            raise BoundsError(f"{where} is NaN")
-        if (side == "lower" and v == math.inf) or (side == "upper" and v == -math.inf):
-            raise BoundsError(f"{where} is {v}, which no value can satisfy")
+        v = number_bound(where, side, b)
         dtype = compute_dtype(param.dtype)
         largest = torch.finfo(dtype).max
         if abs(v) > largest:  # beyond the dtype's range: open, or unsatisfiable
@@ -196,7 +192,7 @@ def _check_order(lo: Any, hi: Any, path: str, traced: bool = False, param: Any =
         found = order_violation(lo, hi, param)  # this rank's part, named by global index
         if found is not None:
             flat, idx, lo_v, hi_v = found
-            err = order_error(path or "<root>", lo_v, hi_v, idx)
+            err = order_error(f"'{path or '<root>'}'", lo_v, hi_v, idx)
             err.flat_index = flat  # type: ignore[attr-defined]
             raise err
         return
@@ -204,14 +200,14 @@ def _check_order(lo: Any, hi: Any, path: str, traced: bool = False, param: Any =
         return
     if isinstance(lo, float) and isinstance(hi, float):
         if lo > hi:
-            raise order_error(path or "<root>", lo, hi)
+            raise order_error(f"'{path or '<root>'}'", lo, hi)
         return
     bad = torch.as_tensor(lo) > torch.as_tensor(hi)
     if bool(bad.any()):
         idx = tuple(int(i) for i in bad.nonzero()[0])
         lo_v = torch.as_tensor(lo).expand(bad.shape)[idx].item()
         hi_v = torch.as_tensor(hi).expand(bad.shape)[idx].item()
-        raise order_error(path or "<root>", lo_v, hi_v, idx)
+        raise order_error(f"'{path or '<root>'}'", lo_v, hi_v, idx)
 
 
 def _resolve(path: str, p: Any, lo: Any, hi: Any, traced: bool = False) -> tuple[Any, Any]:

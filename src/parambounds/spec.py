@@ -13,7 +13,6 @@ from __future__ import annotations
 import collections
 import difflib
 import functools
-import math
 import numbers
 import sys
 import weakref
@@ -21,10 +20,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from ._backends import get_backend
-from .errors import BoundsError, BoundsViolationError
+from .errors import BoundsError, BoundsViolationError, number_bound, order_error
 from .penalties import Penalty, get_penalty
 from .report import Report
 
@@ -63,17 +62,10 @@ def _check_side(pattern: str, side: str, b: Any) -> None:
     """Reject what cannot be a bound before any model is seen."""
     if b is None or _is_array(b):
         return
+    where = f"{side} bound for pattern '{pattern}'"
     if isinstance(b, bool) or not isinstance(b, numbers.Real):
-        raise BoundsError(
-            f"{side} bound for pattern '{pattern}' must be a number, None or a tensor, "
-            f"got {type(b).__name__}"
-        )
-    try:
-        nan = math.isnan(float(b))
-    except OverflowError:  # an integer beyond float64: a bound at +-inf
-        return
-    if nan:
-        raise BoundsError(f"{side} bound for pattern '{pattern}' is NaN")
+        raise BoundsError(f"{where} must be a number, None or a tensor, got {type(b).__name__}")
+    number_bound(where, side, b)  # NaN, or infinite on the side nothing satisfies
 
 
 @functools.lru_cache(maxsize=256)
@@ -91,29 +83,13 @@ def match_indices(patterns: tuple[str, ...], names: tuple[str, ...]) -> tuple[in
     )
 
 
-def _as_float(b: Any) -> float | None:
-    """A number as a float (an integer beyond float64 is +-inf); ``None`` otherwise."""
-    if not isinstance(b, numbers.Real):
-        return None
-    try:
-        return float(b)
-    except OverflowError:
-        return math.inf if cast(Any, b) > 0 else -math.inf
-
-
 def _check_pair(pattern: str, lo: Any, hi: Any) -> None:
-    """Reject scalar bounds that no value can satisfy, before any model is seen."""
-    lo_v, hi_v = _as_float(lo), _as_float(hi)
-    if lo_v == math.inf:
-        raise BoundsError(f"lower bound for pattern '{pattern}' is inf, which no value can satisfy")
-    if hi_v == -math.inf:
-        raise BoundsError(
-            f"upper bound for pattern '{pattern}' is -inf, which no value can satisfy"
-        )
-    if lo_v is not None and hi_v is not None and lo_v > hi_v:
-        raise BoundsError(
-            f"lower bound for pattern '{pattern}' exceeds its upper bound ({lo} > {hi})"
-        )
+    """Reject scalar bounds in the wrong order, before any model is seen."""
+    if isinstance(lo, numbers.Real) and isinstance(hi, numbers.Real):
+        lo_v = number_bound(f"lower bound for pattern '{pattern}'", "lower", lo)
+        hi_v = number_bound(f"upper bound for pattern '{pattern}'", "upper", hi)
+        if lo_v > hi_v:
+            raise order_error(f"pattern '{pattern}'", lo, hi)
 
 
 def _quoted(items: list[str]) -> str:

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..errors import BoundsError, order_error
+from ..errors import BoundsError, number_bound, order_error
 from ..penalties import Penalty
 from . import _math
 
@@ -74,11 +74,7 @@ def normalise(b: Any, side: str, name: str, x: Any) -> Any:
     if isinstance(b, bool) or not (isinstance(b, numbers.Real) or is_array(b)):
         raise BoundsError(f"{where} must be a number, None or an array, got {type(b).__name__}")
     if isinstance(b, numbers.Real):
-        v = float(b)
-        if math.isnan(v):
-            raise BoundsError(f"{where} is NaN")
-        if (side == "lower" and v == math.inf) or (side == "upper" and v == -math.inf):
-            raise BoundsError(f"{where} is {v}, which no value can satisfy")
+        v = number_bound(where, side, b)
         return None if math.isinf(v) else v
     shape = tuple(np.shape(x))
     try:
@@ -109,7 +105,7 @@ def _check_order(lo: Any, hi: Any, name: str) -> None:
         return
     if isinstance(lo, float) and isinstance(hi, float):
         if lo > hi:
-            raise order_error(_show(name), lo, hi)
+            raise order_error(f"'{_show(name)}'", lo, hi)
         return
     if not (_concrete(lo) and _concrete(hi)):
         return
@@ -117,7 +113,7 @@ def _check_order(lo: Any, hi: Any, name: str) -> None:
     bad = np.argwhere(lo_h > hi_h)
     if len(bad):
         idx = tuple(int(i) for i in bad[0])
-        raise order_error(_show(name), lo_h[idx], hi_h[idx], idx)
+        raise order_error(f"'{_show(name)}'", lo_h[idx], hi_h[idx], idx)
 
 
 def bounded_leaves(
