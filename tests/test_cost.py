@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from parambounds import PENALTIES, BoundsError, bounds_cost, make_bounds
+from parambounds import PENALTIES, Bounds, BoundsError, bounds_cost, make_bounds
 
 from .conftest import rockpool_net
 
@@ -313,3 +313,24 @@ def test_same_trees_each_step_see_every_change():
     check()
     del params["b"], lower["b"], upper["b"]  # a parameter removed
     check()
+
+
+def test_integer_bounds_beyond_float64_are_infinite_everywhere():
+    """An integer bound too large for float64 is +-inf (open, or a named error) in the
+    torch functions, the JAX functions and the spec alike, not an OverflowError."""
+    import jax.numpy as jnp
+
+    import parambounds.jax as pbj
+
+    big = 10**400
+    x = torch.tensor([-3.0, 3.0])
+    assert bounds_cost({"x": x}, {"x": -big}, {"x": big}).item() == 0.0
+    assert float(pbj.bounds_cost({"x": jnp.array([-3.0, 3.0])}, {"x": -big}, {"x": big})) == 0.0
+    with pytest.raises(BoundsError, match=r"lower bound for 'x' is inf, which no value"):
+        bounds_cost({"x": x}, {"x": big}, {"x": None})
+    with pytest.raises(BoundsError, match=r"upper bound for 'x' is -inf, which no value"):
+        pbj.bounds_cost({"x": jnp.array([1.0])}, {"x": None}, {"x": -big})
+    with pytest.raises(BoundsError, match=r"lower bound for pattern 'w' is inf, which no"):
+        Bounds({"w": (big, None)})
+    with pytest.raises(BoundsError, match=r"lower bound for pattern 'w' exceeds its upper"):
+        Bounds({"w": (3, 2)})

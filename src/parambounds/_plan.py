@@ -116,7 +116,10 @@ def _bound_key(b: Any) -> Any:
     if isinstance(b, float):
         return b
     if isinstance(b, numbers.Real) and not isinstance(b, bool):
-        return float(b)
+        try:
+            return float(b)
+        except OverflowError:  # an integer beyond float64: itself (checked as +-inf)
+            return ("n", b)
     return ("o", id(b))
 
 
