@@ -522,3 +522,15 @@ def test_inference_tensors_take_the_native_node(native):
     value = native.cost([x], -1.0, 1.0, 0, 80.0)
     assert value.item() == pytest.approx(2 * math.exp(2.0) + math.exp(0.5))
     assert bounds_cost({"x": x}, {"x": -1.0}, {"x": 1.0}).item() == pytest.approx(value.item())
+
+
+def test_a_tensor_listed_twice_gets_both_gradients(native):
+    """A tied tensor, bounded under two names, goes twice through the native node: the
+    cost counts it twice and autograd sums both gradients into its .grad."""
+    del native
+    w = torch.tensor([-3.0, 0.0, 2.5], dtype=torch.float64, requires_grad=True)
+    cost = bounds_cost({"a": w, "b": w}, {"a": -1.0, "b": -1.0}, {"a": 1.0, "b": 1.0})
+    cost.backward()
+    assert cost.item() == pytest.approx(2 * (math.exp(2.0) + math.exp(1.5)))
+    want = [-2 * math.exp(2.0), 0.0, 2 * math.exp(1.5)]
+    assert w.grad.tolist() == pytest.approx(want)
