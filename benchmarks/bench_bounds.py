@@ -104,7 +104,8 @@ def cost_fn(impl: str) -> Callable[..., torch.Tensor]:
         from rockpool.training.torch_loss import bounds_cost
 
         return bounds_cost
-    from parambounds import _kernels, bounds_cost
+    from parambounds import bounds_cost
+    from parambounds.torch import _kernels
 
     def cost(*args: Any) -> torch.Tensor:
         _kernels.set_kernel(impl)  # per call: the implementations are timed in turns
@@ -160,7 +161,7 @@ def interleaved_ms(
 
 
 def all_tensors(params: Any) -> list[torch.Tensor]:
-    from parambounds.trees import flatten
+    from parambounds.torch._trees import flatten
 
     return [t for t in flatten(params)[1] if isinstance(t, torch.Tensor)]
 
@@ -197,7 +198,7 @@ def measure_memory(case: str, impl: str, quick: bool) -> float:
     # the compiler count, and the full-size step starts from fresh memory.
     small, s_lower, s_upper, _ = build(case, True, "cpu")
     if impl == "auto":  # load the native kernel the full-size step will use
-        from parambounds import _native
+        from parambounds.torch import _native
 
         _native.build(verbose=False)
     step(fn, small, s_lower, s_upper, all_tensors(small))
@@ -251,7 +252,7 @@ def run_case(case: str, quick: bool, device: str, impls: tuple[str, ...]) -> dic
     if device == "cuda":
         for impl in impls:
             row[f"{impl}_syncs"] = count_syncs(fns[impl][0])
-    from parambounds import _kernels
+    from parambounds.torch import _kernels
 
     _kernels.set_kernel("auto")
     return row
@@ -332,10 +333,11 @@ def shared_grads(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
 
 def floor_rows(quick: bool) -> list[tuple[str, float]]:
     """The floor of one step on ``many``, component by component, and ours beside it."""
-    from parambounds import _kernels, _native, bounds_cost
-    from parambounds._plan import get_plan
+    from parambounds import bounds_cost
     from parambounds.penalties import overflow_threshold
-    from parambounds.trees import as_tree, flatten
+    from parambounds.torch import _kernels, _native
+    from parambounds.torch._plan import get_plan
+    from parambounds.torch._trees import as_tree, flatten
 
     reps = 5 if quick else 31
     params, lower, upper, _ = build("many", quick, "cpu")
@@ -400,7 +402,8 @@ def as_module(params: dict[str, torch.Tensor]) -> torch.nn.Module:
 
 def spec_rows(quick: bool) -> list[tuple[str, float, str, float]]:
     """The spec API against the hand-written equivalent over the same tensors."""
-    from parambounds import Bounds, _kernels, bounds_cost
+    from parambounds import Bounds, bounds_cost
+    from parambounds.torch import _kernels
 
     reps = 5 if quick else 31
     _kernels.set_kernel("auto")
@@ -531,7 +534,7 @@ def main() -> None:
     if args.first_step_probe:
         print(*first_step(args.first_step_probe, args.quick))
         return
-    from parambounds import _native
+    from parambounds.torch import _native
 
     try:  # ahead of time, as `parambounds build-kernels` does: no step waits for it
         _native.build(verbose=False)

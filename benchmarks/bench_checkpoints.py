@@ -53,7 +53,7 @@ TIMED = (
     "import sys, time\n"
     "t0 = time.perf_counter()\n"
     "from parambounds.cli import main\n"
-    "import parambounds._ckpt_apply, parambounds.checkpoints  # what check imports\n"
+    "import parambounds.checkpoints._apply, parambounds.checkpoints  # what check imports\n"
     "t1 = time.perf_counter()\n"
     "rss = [ln for ln in open('/proc/self/status') if ln.startswith('RssAnon:')]\n"
     "start = int(rss[0].split()[1]) * 1024 if rss else 0\n"

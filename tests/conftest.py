@@ -15,7 +15,7 @@ def pytest_addoption(parser):
 @pytest.fixture(autouse=True, scope="session")
 def _kernel(request):
     """Run the whole session with the kernel named by ``--kernel``."""
-    from parambounds import _kernels
+    from parambounds.torch import _kernels
 
     name = request.config.getoption("--kernel")
     if name is None:
@@ -24,7 +24,7 @@ def _kernel(request):
     before = _kernels.get_kernel()
     _kernels.set_kernel(name)
     if name == "native":
-        from parambounds import _native
+        from parambounds.torch import _native
 
         _native.build(verbose=False)  # fail loudly here, not in the first test
     yield

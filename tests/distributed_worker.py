@@ -449,7 +449,7 @@ def scenario_dcp(mesh):
     from torch.distributed.fsdp import fully_shard
 
     from parambounds.checkpoints import load_checkpoint, save_checkpoint
-    from parambounds.checkpoints_dcp import report_dcp
+    from parambounds.checkpoints._dcp import report_dcp
 
     root = Path(os.environ.get("PB_TMP", "/tmp")) / f"dcp-{os.environ['MASTER_PORT']}"
     ref = Net().double()
@@ -667,7 +667,7 @@ def scenario_diverge(_mesh):
     """
     from torch.distributed.device_mesh import DeviceMesh
 
-    from parambounds import _plan
+    from parambounds.torch import _plan
 
     os.environ["PARAMBOUNDS_DIST_TIMEOUT"] = "4"
     group = dist.new_group(backend="gloo")  # broken below: not the default group

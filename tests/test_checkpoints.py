@@ -38,7 +38,7 @@ def test_output_format_and_folder_are_checked(tmp_path):
 
 @pytest.mark.parametrize("writer", ["torch.save", "patch"])
 def test_a_failed_write_leaves_no_file(tmp_path, monkeypatch, writer):
-    import parambounds._ckpt_patch as patch
+    import parambounds.checkpoints._patch as patch
 
     path = tmp_path / "c.pt"
     torch.save({"w": torch.ones(1)}, path)
@@ -107,7 +107,7 @@ def test_output_that_is_a_directory(tmp_path):
     "shape", [(), (0,), (7,), (5, 3), (3, 1, 9), (2, 4, 5, 3), (1000,), (3, 700)]
 )
 def test_chunks_cover_every_element_once(shape, monkeypatch):
-    import parambounds._ckpt_apply as apply
+    import parambounds.checkpoints._apply as apply
 
     monkeypatch.setattr(apply, "PIECE", 16)
     x = torch.zeros(shape)
@@ -120,7 +120,7 @@ def test_chunks_cover_every_element_once(shape, monkeypatch):
 def test_chunked_counts_match_a_plain_reference(monkeypatch):
     import math
 
-    import parambounds._ckpt_apply as apply
+    import parambounds.checkpoints._apply as apply
 
     monkeypatch.setattr(apply, "PIECE", 10)
     monkeypatch.setattr(apply, "BATCH", 25)
@@ -161,7 +161,7 @@ def test_huge_int_in_a_float_list_of_rockpool_json(tmp_path):
 def test_piecewise_counts_and_clamp_match_a_plain_reference(dtype, threads, monkeypatch):
     import math
 
-    import parambounds._ckpt_apply as apply
+    import parambounds.checkpoints._apply as apply
 
     monkeypatch.setattr(apply, "PIECE", 64)
     monkeypatch.setattr(apply, "BATCH", 200)
@@ -207,7 +207,7 @@ def test_piecewise_counts_and_clamp_match_a_plain_reference(dtype, threads, monk
 def test_an_interrupted_scan_stops_without_scanning_the_rest(monkeypatch):
     import threading
 
-    import parambounds._ckpt_apply as apply
+    import parambounds.checkpoints._apply as apply
     from parambounds.errors import BoundsError
 
     monkeypatch.setattr(apply, "PIECE", 10)

@@ -16,7 +16,7 @@ import torch
 
 from parambounds import Bounds, BoundsError
 from parambounds.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
-from parambounds.checkpoints_dcp import is_dcp, read_metadata, report_dcp
+from parambounds.checkpoints._dcp import is_dcp, read_metadata, report_dcp
 
 dcp = pytest.importorskip("torch.distributed.checkpoint")
 SCRIPT = str(Path(sys.executable).parent / "parambounds")
@@ -136,7 +136,7 @@ def test_command_line_holds_one_tensor_at_a_time(tmp_path, monkeypatch, capsys):
     import json
     import weakref
 
-    from parambounds import checkpoints_dcp
+    from parambounds.checkpoints import _dcp as checkpoints_dcp
     from parambounds.cli import main
 
     g = torch.Generator().manual_seed(6)

@@ -341,8 +341,8 @@ def test_demo_rejects_zero_steps(tmp_path):
 
 
 def test_build_kernels(capsys):
-    from parambounds import _native
     from parambounds.cli import main
+    from parambounds.torch import _native
 
     assert main(["build-kernels"]) == 0
     assert f"native kernel {_native.module_name()} ready" in capsys.readouterr().out
@@ -350,8 +350,8 @@ def test_build_kernels(capsys):
 
 
 def test_build_kernels_without_a_compiler(capsys, monkeypatch):
-    from parambounds import _native
     from parambounds.cli import main
+    from parambounds.torch import _native
 
     def fail(verbose=True):
         del verbose

@@ -219,7 +219,7 @@ def test_every_bad_input_is_one_line_exit_2_and_writes_nothing(tmp, capsys, recw
 
 
 def test_disk_full_while_writing_leaves_nothing(tmp, capsys, monkeypatch):
-    import parambounds._ckpt_write as w
+    import parambounds.checkpoints._write as w
 
     def full(tmp_path):
         tmp_path.write_bytes(b"x" * 10)
@@ -227,7 +227,7 @@ def test_disk_full_while_writing_leaves_nothing(tmp, capsys, monkeypatch):
 
     real = w.atomic_write
     monkeypatch.setattr(
-        "parambounds.checkpoints.atomic_write", lambda t, _write, m: real(t, full, m)
+        "parambounds.checkpoints._files.atomic_write", lambda t, _write, m: real(t, full, m)
     )
     before = _snapshot(tmp)
     code, _, err = run(
@@ -636,7 +636,7 @@ def _stored(path: Path):
 def test_clamped_pt_is_the_original_with_only_the_clamped_bytes_changed(
     tmp, capsys, monkeypatch, patchable
 ):
-    import parambounds._ckpt_patch as patch
+    import parambounds.checkpoints._patch as patch
 
     if not patchable:  # the mapping cannot be found: torch.save writes the copy
         monkeypatch.setattr(patch, "_mappings", lambda _path: [])

@@ -108,12 +108,13 @@ def test_parametrization_needs_a_bound():
 
 
 def test_reparametrize_needs_a_real_parameter():
-    from parambounds.constraints import reparametrize_plan_
     from parambounds.spec import Bounds as _Bounds
+    from parambounds.torch._constraints import reparametrize_plan_
+    from parambounds.torch._spec import plan as torch_plan
 
     m = torch.nn.Linear(2, 2)
     b = _Bounds({"weight": (-1.0, 1.0)})
-    plan, _, _ = b._plan(m)
+    plan, _, _ = torch_plan(b, m)
     with pytest.raises(BoundsError, match=r"'other' is not a parameter that can be reparametrized"):
         reparametrize_plan_(m, plan, ["other", "bias"])
 

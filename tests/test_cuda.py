@@ -28,7 +28,7 @@ def bounds(device):
 @cuda
 @pytest.mark.parametrize("kernel", ["eager", "compiled"])
 def test_same_values_as_cpu_and_no_sync_per_step(kernel):
-    from parambounds import _kernels
+    from parambounds.torch import _kernels
 
     _kernels.set_kernel(kernel)
     try:

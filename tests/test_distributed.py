@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from parambounds.distributed import is_dtensor, to_local
+from parambounds.torch._distributed import is_dtensor, to_local
 
 WORKER = Path(__file__).resolve().parent / "distributed_worker.py"
 

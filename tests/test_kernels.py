@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from parambounds import PENALTIES, BoundsError, bounds_cost
-from parambounds import _kernels as K
+from parambounds.torch import _kernels as K
 
 NAMES = sorted(PENALTIES)
 

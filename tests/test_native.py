@@ -9,9 +9,10 @@ import pytest
 import torch
 
 import parambounds
-from parambounds import _kernels as K
-from parambounds import _native, bounds_cost
+from parambounds import bounds_cost
 from parambounds.penalties import overflow_threshold
+from parambounds.torch import _kernels as K
+from parambounds.torch import _native
 
 
 @pytest.fixture
@@ -256,7 +257,7 @@ def test_a_killed_build_does_not_block_the_next(native):
 
     stale = _native.build_directory() / "lock"
     stale.touch()  # what a build killed half-way leaves
-    code = "from parambounds import _native; _native.build(verbose=False); print('ok')"
+    code = "from parambounds.torch import _native; _native.build(verbose=False); print('ok')"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
     assert not stale.exists()

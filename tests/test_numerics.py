@@ -182,7 +182,7 @@ def test_plan_cache_does_not_keep_fresh_tensor_bounds_alive():
     import gc
     import weakref
 
-    from parambounds import _plan
+    from parambounds.torch import _plan
 
     w = torch.rand(1000)
     refs = []
@@ -217,7 +217,7 @@ def test_a_new_tensor_with_a_dead_ones_id_is_not_served_a_stale_plan():
 def test_compiled_kernel_survives_many_variants(monkeypatch):
     from torch._dynamo import config
 
-    from parambounds import _kernels
+    from parambounds.torch import _kernels
 
     # Each (penalty, dtype, open sides) variant compiles once; with a limit of 1 per code
     # object, a shared code object fails on the second variant (on the ninth by default).

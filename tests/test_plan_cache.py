@@ -2,8 +2,9 @@
 
 import torch
 
-from parambounds import _plan, bounds_cost
-from parambounds._plan_cache import PlanCache, serials, tensor_key
+from parambounds import bounds_cost
+from parambounds.torch import _plan
+from parambounds.torch._plan_cache import PlanCache, serials, tensor_key
 
 
 def count_builds(monkeypatch):

@@ -10,9 +10,10 @@ import math
 import pytest
 import torch
 
-from parambounds import Bounds, BoundsError, _native
-from parambounds import _plan as P
-from parambounds import _torch_report as TR
+from parambounds import Bounds, BoundsError
+from parambounds.torch import _native
+from parambounds.torch import _plan as P
+from parambounds.torch import _report as TR
 
 INF, NAN = math.inf, math.nan
 SPECIAL = [INF, -INF, NAN, -0.0, 0.0, 1.5, -1.5, 2.0, 3.0, -7.25, 1e30, -1e30]

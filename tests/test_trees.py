@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from parambounds import BoundsError, make_bounds
-from parambounds.trees import align, flatten, named_leaves
+from parambounds.torch._trees import align, flatten, named_leaves
 
 from .conftest import rockpool_net
 

@@ -19,13 +19,13 @@ from .report import ParamReport, Report
 from .spec import Bounds
 
 if TYPE_CHECKING:
-    from ._kernels import get_kernel, set_kernel
-    from ._native import empty_cache
-    from .constraints import BoundedParametrization
-    from .cost import bounds_cost
-    from .loss import ParameterBoundaryRegularizer, summed_exp_boundary_loss
     from .penalties import PENALTIES, Penalty, overflow_threshold
-    from .trees import make_bounds
+    from .torch._constraints import BoundedParametrization
+    from .torch._cost import bounds_cost
+    from .torch._kernels import get_kernel, set_kernel
+    from .torch._loss import ParameterBoundaryRegularizer, summed_exp_boundary_loss
+    from .torch._native import empty_cache
+    from .torch._trees import make_bounds
 
 try:
     __version__ = version("parambounds")
@@ -35,16 +35,16 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
 #: Public names of the torch API, by the module that defines them (imported on first use).
 _LAZY = {
     "PENALTIES": ".penalties",
-    "BoundedParametrization": ".constraints",
-    "ParameterBoundaryRegularizer": ".loss",
+    "BoundedParametrization": ".torch._constraints",
+    "ParameterBoundaryRegularizer": ".torch._loss",
     "Penalty": ".penalties",
-    "bounds_cost": ".cost",
-    "empty_cache": "._native",
-    "get_kernel": "._kernels",
-    "make_bounds": ".trees",
+    "bounds_cost": ".torch._cost",
+    "empty_cache": ".torch._native",
+    "get_kernel": ".torch._kernels",
+    "make_bounds": ".torch._trees",
     "overflow_threshold": ".penalties",
-    "set_kernel": "._kernels",
-    "summed_exp_boundary_loss": ".loss",
+    "set_kernel": ".torch._kernels",
+    "summed_exp_boundary_loss": ".torch._loss",
 }
 
 

@@ -21,9 +21,9 @@ __all__ = ["get_backend"]
 
 
 def _torch() -> ModuleType:
-    from . import _torch_spec
+    from .torch import _spec as torch_spec
 
-    return _torch_spec
+    return torch_spec
 
 
 def _jax() -> ModuleType:

@@ -24,8 +24,7 @@ from .report import ParamReport, Report
 from .spec import Bounds
 
 if TYPE_CHECKING:
-    from ._ckpt_apply import Target
-    from .checkpoints import Checkpoint
+    from .checkpoints import Checkpoint, Target
 
 # torch is imported by the commands that need it, not here: ``--help`` and ``--version``
 # answer at once, and ``check`` imports only what reading a checkpoint takes (not the
@@ -60,7 +59,7 @@ _BOUNDS_HELP = "TOML bounds file (see examples/bounds.toml)"
 
 def _load_bounds(args: argparse.Namespace) -> Bounds:
     """The bounds file, with the mistakes that are the file's own blamed on it."""
-    from ._ckpt_apply import scalar
+    from .checkpoints import scalar
 
     path = Path(args.bounds)
     bounds = Bounds.from_toml(path, strict=not args.allow_unmatched)
@@ -85,7 +84,7 @@ class _Loaded:
 
 def _inspect(args: argparse.Namespace) -> _Loaded:
     """Load the bounds and the checkpoint, and resolve which tensors are bounded."""
-    from ._ckpt_apply import make_targets
+    from .checkpoints import make_targets
 
     bounds = _load_bounds(args)
     ckpt = _load_checkpoint(Path(args.checkpoint))
@@ -108,7 +107,7 @@ def _inspect(args: argparse.Namespace) -> _Loaded:
 def _load_checkpoint(path: Path) -> Checkpoint:
     """The checkpoint; a DCP directory lazily: its tensors are read one at a time."""
     if path.is_dir() and (path / ".metadata").is_file():
-        from .checkpoints_dcp import load_dcp
+        from .checkpoints import load_dcp
 
         return load_dcp(path, lazy=True)
     from .checkpoints import load_checkpoint
@@ -120,7 +119,7 @@ def _in_memory(ckpt: Checkpoint, t: Target) -> Target:
     """``t`` with its tensor in memory (read now from a lazy DCP checkpoint)."""
     if ckpt.format != "dcp" or t.derived is not None:
         return t
-    from .checkpoints_dcp import read_tensor
+    from .checkpoints import read_tensor
 
     return replace(t, tensor=read_tensor(ckpt, t.name))
 
@@ -132,7 +131,7 @@ def _with_file(err: BoundsError, path: Path) -> str:
 
 def cmd_check(args: argparse.Namespace) -> int:
     """Print the report of a checkpoint against a bounds file."""
-    from ._ckpt_apply import aliases, scan_targets
+    from .checkpoints import aliases, scan_targets
 
     loaded = _inspect(args)
     try:
@@ -170,7 +169,7 @@ def _output(args: argparse.Namespace) -> Path:
         raise BoundsError("give -o OUT for the clamped copy, or --in-place to overwrite the input")
     if args.output is not None and args.in_place:
         raise BoundsError("give -o OUT or --in-place, not both")
-    from ._ckpt_write import resolve_target
+    from .checkpoints import resolve_target
 
     if args.in_place:
         return resolve_target(source)
@@ -191,7 +190,7 @@ def _output(args: argparse.Namespace) -> Path:
 
 
 def _refuse_conflicting_aliases(loaded: _Loaded) -> None:
-    from ._ckpt_apply import aliases
+    from .checkpoints import aliases
 
     bounds = {t.name: (t.lower, t.upper) for t in loaded.targets}
     for a, b in aliases(loaded.ckpt.all_tensors()):
@@ -210,8 +209,7 @@ def _refuse_conflicting_aliases(loaded: _Loaded) -> None:
 
 def cmd_clamp(args: argparse.Namespace) -> int:
     """Write a copy of a checkpoint with every bounded tensor clamped into its bounds."""
-    from ._ckpt_apply import scan_targets
-    from .checkpoints import save_checkpoint
+    from .checkpoints import save_checkpoint, scan_targets
 
     target = _output(args)
     loaded = _inspect(args)
@@ -241,8 +239,7 @@ def cmd_clamp(args: argparse.Namespace) -> int:
 
 def _clamp_dcp(loaded: _Loaded, target: Path) -> list[ParamReport]:
     """Write the clamped copy of a lazy DCP checkpoint; the reports before clamping."""
-    from ._ckpt_apply import scan_targets
-    from .checkpoints_dcp import read_tensor, save_dcp
+    from .checkpoints import read_tensor, save_dcp, scan_targets
 
     ckpt = loaded.ckpt
     targets = {t.name: t for t in loaded.targets}
@@ -273,7 +270,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_build_kernels(args: argparse.Namespace) -> int:  # noqa: ARG001
     """Build the native CPU kernel now (cached), so that no training step waits for it."""
-    from . import _native
+    from .torch import _native
 
     try:
         _native.build(verbose=True)

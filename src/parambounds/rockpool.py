@@ -44,12 +44,12 @@ except ImportError as err:  # pragma: no cover - exercised in a subprocess by th
         "functions at the top level: from parambounds import bounds_cost, make_bounds"
     ) from err
 
-from ._plan import get_plan
-from ._rounding import compute_dtype
 from .errors import BoundsError
 from .penalties import PENALTIES
-from .trees import align, as_tree, flatten
-from .trees import make_bounds as _make_bounds
+from .torch._plan import get_plan
+from .torch._rounding import compute_dtype
+from .torch._trees import align, as_tree, flatten
+from .torch._trees import make_bounds as _make_bounds
 
 __all__ = [
     "ParameterBoundaryRegularizer",

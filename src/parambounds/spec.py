@@ -11,23 +11,20 @@ leave the bounds (:meth:`Bounds.reparametrize_`), and a report (:meth:`Bounds.re
 from __future__ import annotations
 
 import collections
-import difflib
-import functools
 import numbers
 import sys
 import weakref
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
 from ._backends import get_backend
 from .errors import BoundsError, BoundsViolationError, number_bound, order_error
+from .matching import Resolved, match_indices, unused_message
 from .penalties import Penalty, get_penalty
 from .report import Report
 
-__all__ = ["Bounds", "Model", "match_indices"]
+__all__ = ["Bounds", "Model"]
 
 #: What bounds apply to: a torch module (its ``named_parameters()``), a flat mapping of
 #: names to tensors such as a ``state_dict``, or a JAX pytree.
@@ -68,21 +65,6 @@ def _check_side(pattern: str, side: str, b: Any) -> None:
     number_bound(where, side, b)  # NaN, or infinite on the side nothing satisfies
 
 
-@functools.lru_cache(maxsize=256)
-def match_indices(patterns: tuple[str, ...], names: tuple[str, ...]) -> tuple[int, ...]:
-    """For each name, the index of the first ``fnmatch`` pattern that matches it, or -1.
-
-    Plain strings in, plain integers out (cached): backends can run it once, outside
-    any traced region (``torch.compile``, ``jax.jit``), and treat the result as a constant.
-
-    >>> match_indices(("*.weight", "*"), ("0.weight", "0.bias"))
-    (0, 1)
-    """
-    return tuple(
-        next((k for k, p in enumerate(patterns) if fnmatchcase(name, p)), -1) for name in names
-    )
-
-
 def _check_pair(pattern: str, lo: Any, hi: Any) -> None:
     """Reject scalar bounds in the wrong order, before any model is seen."""
     if isinstance(lo, numbers.Real) and isinstance(hi, numbers.Real):
@@ -90,66 +72,6 @@ def _check_pair(pattern: str, lo: Any, hi: Any) -> None:
         hi_v = number_bound(f"upper bound for pattern '{pattern}'", "upper", hi)
         if lo_v > hi_v:
             raise order_error(f"pattern '{pattern}'", lo, hi)
-
-
-def _quoted(items: list[str]) -> str:
-    return ", ".join(f"'{i}'" for i in items)
-
-
-def _unused_message(unused: list[str], names: tuple[str, ...], winners: dict[str, str]) -> str:
-    """Say why each pattern in ``unused`` bounds nothing: shadowed, or matching no name.
-
-    A pattern is shadowed when every name it matches is taken by an earlier pattern
-    (the first match wins); the others match no name at all and get the closest names.
-    """
-    shadowed: list[str] = []
-    missing: list[str] = []
-    for pattern in unused:
-        hits = [n for n in names if fnmatchcase(n, pattern)]
-        if hits:
-            earlier = list(dict.fromkeys(winners[n] for n in hits))
-            which = "pattern" if len(earlier) == 1 else "patterns"
-            shadowed.append(
-                f"pattern '{pattern}' is shadowed by the earlier {which} {_quoted(earlier)}: "
-                f"every parameter it matches ({_quoted(hits[:3])}"
-                f"{', ...' if len(hits) > 3 else ''}) is bounded by {_quoted(earlier)} "
-                "first (the first matching pattern wins; put the more specific one first)"
-            )
-        else:
-            missing.append(pattern)
-    parts = []
-    if missing:
-        shown = _quoted(list(names[:6])) + (", ..." if len(names) > 6 else "")
-        subject = (
-            f"pattern '{missing[0]}' matches"
-            if len(missing) == 1
-            else f"patterns {_quoted(missing)} match"
-        )
-        hints = []
-        for pattern in missing:
-            if pattern in names:  # a literal name with '[': a character class in fnmatch
-                literal = "".join(f"[{c}]" if c in "*?[" else c for c in pattern)
-                hints.append(
-                    f"'{pattern}' is the name of a parameter, but '[' starts a character "
-                    f"class in a pattern: write '{literal}' to match it literally"
-                )
-                continue
-            close = difflib.get_close_matches(pattern, names, n=3, cutoff=0.5)
-            if close:
-                hints.append(f"'{pattern}' is closest to {_quoted(close)}")
-        parts.append(
-            f"{subject} no parameter of the model (its parameters: {shown or 'none'})"
-            + (f"; {'; '.join(hints)}" if hints else "")
-        )
-    return "; ".join(parts + shadowed)
-
-
-@dataclass
-class _Resolved:
-    names: tuple[str, ...]
-    lower: dict[str, Any]
-    upper: dict[str, Any]
-    patterns: dict[str, str]  # parameter name -> the pattern that bounds it
 
 
 class Bounds:
@@ -199,7 +121,7 @@ class Bounds:
             entries.append((pattern, lo, hi))
         self._entries: list[tuple[str, Any, Any]] = entries
         # Resolved matches by model (torch modules), kept as long as the model lives.
-        self._cache: weakref.WeakKeyDictionary[Any, _Resolved] = weakref.WeakKeyDictionary()
+        self._cache: weakref.WeakKeyDictionary[Any, Resolved] = weakref.WeakKeyDictionary()
         # Checked plans for JAX pytrees, by structure, shapes and dtypes (an LRU).
         self._jax_plans: collections.OrderedDict[Any, Any] = collections.OrderedDict()
 
@@ -218,7 +140,7 @@ class Bounds:
 
             lo, hi = bound_leaves(lower), bound_leaves(upper)
         else:
-            from .trees import named_leaves
+            from .torch._trees import named_leaves
 
             lo, hi = dict(named_leaves(lower)), dict(named_leaves(upper))
         if set(lo) != set(hi):
@@ -294,12 +216,12 @@ class Bounds:
 
     # ------------------------------------------------------------ resolving
 
-    def _resolve(self, model: Model) -> tuple[_Resolved, Any]:
+    def _resolve(self, model: Model) -> tuple[Resolved, Any]:
         return get_backend(model).resolve(self, model)  # type: ignore[no-any-return]
 
     def _match(
         self, names: tuple[str, ...], matcher: Callable[..., tuple[int, ...]] | None = None
-    ) -> _Resolved:
+    ) -> Resolved:
         """Resolve the spec against ``names`` (``matcher``: :func:`match_indices` or a wrapper)."""
         for name in names:
             if not isinstance(name, str):
@@ -321,21 +243,8 @@ class Bounds:
             used.add(k)
         if len(used) < len(patterns) and self.strict:
             unused = [p for k, p in enumerate(patterns) if k not in used]
-            raise BoundsError(_unused_message(unused, names, winners))
-        return _Resolved(names, lower, upper, winners)
-
-    def _plan(self, model: Model) -> Any:
-        from . import _torch_spec
-
-        return _torch_spec.plan(self, model)
-
-    @staticmethod
-    def _with_pattern(err: BoundsError, resolved: _Resolved) -> BoundsError:
-        msg = str(err)
-        for name, pattern in resolved.patterns.items():
-            if f"'{name}'" in msg:
-                return type(err)(f"{msg} (from pattern '{pattern}')")
-        return err
+            raise BoundsError(unused_message(unused, names, winners))
+        return Resolved(names, lower, upper, winners)
 
     def bounds_of(self, model: Model) -> tuple[dict[str, Any], dict[str, Any]]:
         """Return flat ``(lower, upper)`` dicts by parameter name, as ``bounds_cost`` takes."""

@@ -7,22 +7,19 @@ patterns is plain Python on the names, done at trace time under ``jax.jit``.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from ..errors import BoundsError
+from ..matching import Spec, match_indices, with_pattern
 from ..report import ParamReport, Report
-from ..spec import match_indices
 from . import _math
 from ._cost import clip_leaf
 from ._plan import Plan, bounded_leaves, cached, clip_bound, is_array, tree_key
 from ._trees import named_leaves
-
-if TYPE_CHECKING:
-    from ..spec import Bounds
 
 __all__ = [
     "attach",
@@ -47,7 +44,7 @@ def is_appropriate_type(tree: Any) -> bool:
     return any(is_array(x) for x in jax.tree_util.tree_leaves(tree))
 
 
-def resolve(bounds: Bounds, tree: Any) -> tuple[Any, dict[str, Any]]:
+def resolve(bounds: Spec, tree: Any) -> tuple[Any, dict[str, Any]]:
     """Match ``bounds`` to the array leaves of ``tree``: ``(resolved, {name: leaf})``."""
     names, leaves, _ = named_leaves(tree)
     params = {n: x for n, x in zip(names, leaves) if is_array(x)}
@@ -58,7 +55,7 @@ def _concrete(x: Any) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
-def _cacheable(bounds: Bounds) -> bool:
+def _cacheable(bounds: Spec) -> bool:
     """Whether a plan of ``bounds`` may be cached: no mutable (NumPy) or traced array."""
     return all(
         b is None or isinstance(b, (int, float)) or (isinstance(b, jax.Array) and _concrete(b))
@@ -67,7 +64,7 @@ def _cacheable(bounds: Bounds) -> bool:
     )
 
 
-def _plan(bounds: Bounds, tree: Any) -> tuple[Plan, list[Any]]:
+def _plan(bounds: Spec, tree: Any) -> tuple[Plan, list[Any]]:
     """The checked plan of ``tree`` under ``bounds`` (cached on ``bounds``), and its leaves."""
     leaves, treedef = jax.tree_util.tree_flatten(tree)
 
@@ -83,25 +80,25 @@ def _plan(bounds: Bounds, tree: Any) -> tuple[Plan, list[Any]]:
         try:
             return Plan(treedef, names, leaves, bounded_leaves(names, leaves, lowers, uppers))
         except BoundsError as err:
-            raise bounds._with_pattern(err, resolved) from None
+            raise with_pattern(err, resolved) from None
 
     key = tree_key(leaves, treedef) if _cacheable(bounds) else None
     return cached(bounds._jax_plans, key, [], build), leaves
 
 
-def bounds_of(bounds: Bounds, tree: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+def bounds_of(bounds: Spec, tree: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     """Flat ``(lower, upper)`` dicts by leaf name."""
     resolved, _ = resolve(bounds, tree)
     return dict(resolved.lower), dict(resolved.upper)
 
 
-def cost(bounds: Bounds, tree: Any) -> Any:
+def cost(bounds: Spec, tree: Any) -> Any:
     """The penalty of every bounded leaf, a 0-d array (traceable)."""
     plan, leaves = _plan(bounds, tree)
     return plan.cost(leaves, bounds.penalty)
 
 
-def project(bounds: Bounds, tree: Any) -> Any:
+def project(bounds: Spec, tree: Any) -> Any:
     """A new pytree with every bounded leaf clipped into its bounds (traceable)."""
     plan, leaves = _plan(bounds, tree)
     return plan.map(leaves, clip_leaf)
@@ -118,19 +115,19 @@ def _constrain_leaf(z: Any, lo: Any, hi: Any, inner: Any) -> Any:
     return _math.constrain(z, lo, hi, inner)
 
 
-def unconstrain(bounds: Bounds, tree: Any) -> Any:
+def unconstrain(bounds: Spec, tree: Any) -> Any:
     """The unconstrained pytree whose :func:`constrain` is ``tree`` (traceable)."""
     plan, leaves = _plan(bounds, tree)
     return plan.map(leaves, _unconstrain_leaf)
 
 
-def constrain(bounds: Bounds, tree: Any) -> Any:
+def constrain(bounds: Spec, tree: Any) -> Any:
     """Map an unconstrained pytree into the bounds (traceable, differentiable)."""
     plan, leaves = _plan(bounds, tree)
     return plan.map(leaves, _constrain_leaf)
 
 
-def report(bounds: Bounds, tree: Any) -> Report:
+def report(bounds: Spec, tree: Any) -> Report:
     """The :class:`~parambounds.Report` of ``tree``: one transfer to the host.
 
     Raises:
@@ -160,19 +157,19 @@ def _immutable(what: str, instead: str) -> BoundsError:
     return BoundsError(f"JAX arrays are immutable: {what} cannot change them in place; {instead}")
 
 
-def project_(bounds: Bounds, tree: Any) -> None:  # noqa: ARG001
+def project_(bounds: Spec, tree: Any) -> None:  # noqa: ARG001
     """Not for JAX: use :func:`project`."""
     raise _immutable("project_", "use params = bounds.project(params)")
 
 
-def attach(bounds: Bounds, optimizer: Any, tree: Any) -> Any:  # noqa: ARG001
+def attach(bounds: Spec, optimizer: Any, tree: Any) -> Any:  # noqa: ARG001
     """Not for JAX: project after each update instead."""
     raise _immutable(
         "attach", "call params = bounds.project(optax.apply_updates(params, updates)) each step"
     )
 
 
-def reparametrize_(bounds: Bounds, tree: Any) -> Any:  # noqa: ARG001
+def reparametrize_(bounds: Spec, tree: Any) -> Any:  # noqa: ARG001
     """Not for JAX: use :func:`unconstrain` and :func:`constrain`."""
     raise _immutable(
         "reparametrize_",

@@ -1,83 +1,41 @@
-"""Checkpoints on disk, for the command line: read their parameters, write them back safely.
+"""Load and save a checkpoint file of any format: the format chosen by name and contents.
 
 Formats, by file name (the contents are checked too: a file is named for what it is):
 
 - ``.pt``, ``.pth`` (and anything else): files written by ``torch.save``, read with
-  ``torch.load(..., mmap=True, weights_only=True)`` (:mod:`._ckpt_torch`): nothing in the
+  ``torch.load(..., mmap=True, weights_only=True)`` (:mod:`._torch`): nothing in the
   file can run, and tensors stay in the file's pages. The parameters are the
   floating-point tensors of the state_dict; optimizer, scheduler and scaler state are
-  never parameters (:mod:`._ckpt_tree`). Everything else is written back as it was:
+  never parameters (:mod:`._tree`). Everything else is written back as it was:
   the clamped copy is the original file with the changed storages patched
-  (:mod:`._ckpt_patch`).
-- ``.safetensors``: mapped lazily (:mod:`._ckpt_safetensors`); metadata kept.
-- ``.json``: Rockpool's parameter files (:mod:`._ckpt_json`).
+  (:mod:`._patch`).
+- ``.safetensors``: mapped lazily (:mod:`._safetensors`); metadata kept.
+- ``.json``: Rockpool's parameter files (:mod:`._rockpool_json`).
 
 Parameters saved after ``Bounds.reparametrize_`` are found under their usual name
-(:mod:`._ckpt_reparam`). The library never imports this module.
+(:mod:`._reparam`). The library never imports this module.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ._ckpt_json import JsonFile, load_json_file
-from ._ckpt_patch import plan_patch
-from ._ckpt_reparam import Reparametrized, find_reparametrized
-from ._ckpt_safetensors import SafetensorsFile, open_safetensors
-from ._ckpt_torch import load_torch_file
-from ._ckpt_tree import Named, name_tensors, walk_tensors, where
-from ._ckpt_write import atomic_write
-from .errors import BoundsError
+from ..errors import BoundsError
+from ._checkpoint import Checkpoint, CheckpointError
+from ._patch import plan_patch
+from ._reparam import find_reparametrized
+from ._rockpool_json import JsonFile, load_json_file
+from ._safetensors import SafetensorsFile, open_safetensors
+from ._torch import load_torch_file
+from ._tree import Named, name_tensors, walk_tensors
+from ._write import atomic_write
 
-__all__ = ["Checkpoint", "CheckpointError", "load_checkpoint", "save_checkpoint"]
-
-
-class CheckpointError(BoundsError):
-    """A checkpoint that cannot be read or written; the message names the file."""
-
-
-@dataclass
-class Checkpoint:
-    """A loaded checkpoint: its parameters by name, and what it takes to write it back.
-
-    Attributes:
-        tensors: the floating-point tensors treated as parameters, by dotted name.
-        derived: parameters saved reparametrized, by their usual name.
-        skipped: places in the file that hold training state, not parameters.
-        changed: names of the parameters that clamping changed.
-    """
-
-    path: Path
-    format: str
-    tensors: dict[str, Tensor]
-    data: Any
-    derived: dict[str, Reparametrized] = field(default_factory=dict)
-    skipped: list[str] = field(default_factory=list)
-    changed: set[str] = field(default_factory=set)
-    handle: Any = None
-    paths: dict[str, tuple[Any, ...]] = field(default_factory=dict)
-
-    @property
-    def metadata(self) -> dict[str, str] | None:
-        """A safetensors file's metadata."""
-        return self.handle.metadata if isinstance(self.handle, SafetensorsFile) else None
-
-    def parameter_names(self) -> list[str]:
-        """Every name that bounds can match: tensors, then reparametrized parameters."""
-        return [*self.tensors, *self.derived]
-
-    def all_tensors(self) -> list[tuple[str, Tensor]]:
-        """Every tensor in the file with a name, for finding shared memory."""
-        if self.format != "torch":
-            return list(self.tensors.items())  # safetensors and JSON cannot share memory
-        names = {p: n for n, p in self.paths.items()}  # tied tensors: one object, two names
-        return [(names.get(path, where(path)), t) for path, t in walk_tensors(self.data)]
+__all__ = ["load_checkpoint", "save_checkpoint"]
 
 
 def _format_of(path: Path) -> str:
@@ -116,7 +74,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     """
     path = Path(path)
     if path.is_dir() and (path / ".metadata").is_file():  # a sharded (DCP) checkpoint
-        from .checkpoints_dcp import load_dcp
+        from ._dcp import load_dcp
 
         return load_dcp(path)
     _check_readable(path)
@@ -155,7 +113,7 @@ def save_checkpoint(ckpt: Checkpoint, target: str | Path) -> None:
     not written.
 
     ``target`` is written as given: resolve symlinks and check hard links first with
-    :func:`._ckpt_write.resolve_target`.
+    :func:`._write.resolve_target`.
 
     Raises:
         CheckpointError: when ``target``'s folder does not exist, its format differs, or
@@ -163,7 +121,7 @@ def save_checkpoint(ckpt: Checkpoint, target: str | Path) -> None:
     """
     target = Path(target)
     if ckpt.format == "dcp":  # a sharded checkpoint: a directory
-        from .checkpoints_dcp import save_dcp
+        from ._dcp import save_dcp
 
         return save_dcp(ckpt, target)
     if not target.parent.is_dir():

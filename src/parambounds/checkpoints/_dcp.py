@@ -27,8 +27,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .checkpoints import Checkpoint, CheckpointError
-from .report import Report
+from ..report import Report
+from ._checkpoint import Checkpoint, CheckpointError
 
 __all__ = [
     "is_dcp",

@@ -17,7 +17,7 @@ from typing import Any, BinaryIO
 import torch
 from torch import Tensor
 
-from .errors import BoundsError
+from ..errors import BoundsError
 
 __all__ = ["SafetensorsFile", "open_safetensors"]
 

@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from ._ckpt_tree import Named
-from .errors import BoundsError
+from ..errors import BoundsError
+from ._tree import Named
 
 __all__ = ["JsonFile", "load_json_file"]
 

@@ -20,11 +20,11 @@ import torch
 from torch import Tensor
 from torch.nn.utils import parametrize
 
+from ..errors import BoundsError
+from ._distributed import clamp_, is_dtensor, is_partial, to_local
 from ._kernels import clamp_args, signed_excess
 from ._plan import Plan
 from ._rounding import compute_dtype
-from .distributed import clamp_, is_dtensor, is_partial, to_local
-from .errors import BoundsError
 
 __all__ = [
     "BoundedParametrization",

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .errors import BoundsError
+from ..errors import BoundsError
 
 __all__ = [
     "Exchange",

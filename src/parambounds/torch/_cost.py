@@ -15,12 +15,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..penalties import Penalty, get_penalty
 from . import _kernels
+from ._distributed import combine, shard_cost
 from ._plan import get_plan, traced_bounds
 from ._rounding import compute_dtype
-from .distributed import combine, shard_cost
-from .penalties import Penalty, get_penalty
-from .trees import as_tree, flatten
+from ._trees import as_tree, flatten
 
 __all__ = ["bounds_cost"]
 
@@ -75,7 +75,11 @@ def tree_cost(
             [shard_cost(_kernels.leaf_cost, p, lo, hi, penalty) for p, lo, hi in bounded]
         )
     else:
-        parts = combine(_kernels.apply(plan, leaves, penalty))
+        # The step: the plan, then its kernels. DTensor partial costs (known to the plan)
+        # are reduced across ranks; plain tensors never go through the distributed layer.
+        parts = _kernels.apply(plan, leaves, penalty)
+        if plan.dtensors:
+            parts = combine(parts)
     dtype = _result_dtype(leaves)
     device = leaves[0].device if leaves and isinstance(leaves[0], Tensor) else None
     if parts:

@@ -21,12 +21,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..report import ParamReport, Report
 from . import _native
+from ._distributed import reduce_stats, to_local
 from ._kernels import clamp_args, signed_excess
 from ._plan import Plan
 from ._rounding import compute_dtype
-from .distributed import reduce_stats, to_local
-from .report import ParamReport, Report
 
 __all__ = ["compute_report", "group_stats", "tensor_stats"]
 

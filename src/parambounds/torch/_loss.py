@@ -16,9 +16,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .cost import tree_cost
-from .errors import BoundsError
-from .penalties import PENALTIES
+from ..errors import BoundsError
+from ..penalties import PENALTIES
+from ._cost import tree_cost
 
 __all__ = ["ParameterBoundaryRegularizer", "summed_exp_boundary_loss"]
 

@@ -21,11 +21,11 @@ from typing import Any, cast
 import torch
 from torch import Tensor
 
+from ..errors import BoundsError, number_bound, order_error
+from ._distributed import agree, full_bound, is_dtensor, local_bound, order_violation
 from ._plan_cache import PlanCache, reap, serials, tensor_key
 from ._rounding import compute_dtype, inward
-from .distributed import agree, full_bound, is_dtensor, local_bound, order_violation
-from .errors import BoundsError, number_bound, order_error
-from .trees import align, flatten, named_leaves
+from ._trees import align, flatten, named_leaves
 
 __all__ = ["Bound", "Group", "LeafBounds", "Plan", "get_plan", "traced_bounds"]
 

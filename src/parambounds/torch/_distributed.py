@@ -31,8 +31,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..errors import BoundsError
 from ._collectives import Exchange, fingerprint, gather_rows, mesh_ranks, settle, sum_over
-from .errors import BoundsError
 
 __all__ = [
     "agree",
@@ -287,7 +287,7 @@ def shard_cost(fn: Any, x: Any, lo: Any, hi: Any, *args: Any) -> Any:
 def combine(parts: list[Any]) -> list[Tensor]:
     """Turn DTensor partial costs into plain tensors: one reduction per mesh.
 
-    In eager mode, :func:`~parambounds._collectives.sum_over` (bounded in time on the
+    In eager mode, :func:`~parambounds.torch._collectives.sum_over` (bounded in time on the
     CPU); traced by ``torch.compile`` or a ``torch.func`` transform, DTensor's own
     ``full_tensor()``.
     """

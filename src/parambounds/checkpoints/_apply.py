@@ -27,11 +27,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._ckpt_reparam import Reparametrized
-from ._ckpt_tree import in_memory
-from ._rounding import inward
-from .errors import BoundsError
-from .report import ParamReport
+from ..errors import BoundsError
+from ..report import ParamReport
+from ..torch._rounding import inward
+from ._reparam import Reparametrized
+from ._tree import in_memory
 
 __all__ = ["PIECE", "Target", "aliases", "chunks", "make_targets", "scalar", "scan_targets"]
 
@@ -52,8 +52,9 @@ class Target:
     lower: float | None
     upper: float | None
     spec: tuple[Any, Any]  # the bounds as the spec gave them
-    #: The bounds rounded inward to the dtype (:mod:`._rounding`): compared and clamped
-    #: with, so that "inside" means inside when compared exactly, as the library does.
+    #: The bounds rounded inward to the dtype (:mod:`parambounds.torch._rounding`): compared
+    #: and clamped with, so that "inside" means inside when compared exactly, as the
+    #: library does.
     lo: float | None
     hi: float | None
 

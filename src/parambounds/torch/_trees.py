@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .errors import BoundsError
+from ..errors import BoundsError
 
 __all__ = ["align", "as_tree", "flatten", "join_path", "make_bounds", "named_leaves"]
 

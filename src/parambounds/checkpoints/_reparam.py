@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from .errors import BoundsError
+from ..errors import BoundsError
 
 if TYPE_CHECKING:
-    from .constraints import BoundedParametrization
+    from ..torch._constraints import BoundedParametrization
 
 __all__ = ["Reparametrized", "find_reparametrized"]
 
@@ -35,7 +35,7 @@ class Reparametrized:
     upper: Tensor | None
 
     def _module(self) -> BoundedParametrization:
-        from .constraints import BoundedParametrization  # only when a file holds one
+        from ..torch._constraints import BoundedParametrization  # only when a file holds one
 
         return BoundedParametrization(self.lower, self.upper, self.original)
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .errors import BoundsError
+from ..errors import BoundsError
 
 __all__ = ["WRAPPERS", "Named", "in_memory", "name_tensors", "walk_tensors", "where"]
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from .errors import BoundsError
+from ..errors import BoundsError
 
 __all__ = ["load_torch_file", "sniff"]
 
@@ -103,7 +103,7 @@ def _load(path: Path, mmap: bool) -> Any:
 
 def _check_storages(path: Path, data: Any) -> None:
     """Every tensor must lie inside its storage, and every storage inside the file."""
-    from ._ckpt_tree import in_memory, walk_tensors
+    from ._tree import in_memory, walk_tensors
 
     size = path.stat().st_size
     for p, t in walk_tensors(data):

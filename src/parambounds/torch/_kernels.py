@@ -10,7 +10,7 @@ shapes, no host synchronisation.
 
 Three kernels evaluate :func:`value_and_grad`:
 
-- native (``csrc/bounds.cpp``, :mod:`parambounds._native`): one C++ call per group of
+- native (``csrc/bounds.cpp``, :mod:`parambounds.torch._native`): one C++ call per group of
   float32/float64 contiguous CPU tensors with scalar bounds, reading them in place,
   vectorized and split over threads, writing the gradients into a few buffers (of at
   most 16 MiB, from a pool of their own: see :func:`parambounds.empty_cache`) that they
@@ -49,12 +49,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..errors import BoundsError
+from ..penalties import PENALTIES, Penalty, overflow_threshold
 from . import _native
+from ._distributed import cost_layout, partial_cost, to_local
 from ._plan import Bound, Plan
 from ._rounding import compute_dtype
-from .distributed import cost_layout, partial_cost, to_local
-from .errors import BoundsError
-from .penalties import PENALTIES, Penalty, overflow_threshold
 
 __all__ = [
     "AUTO_COMPILE_MIN",

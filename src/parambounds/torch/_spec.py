@@ -1,29 +1,26 @@
 """The torch backend of the spec: a resolved :class:`~parambounds.Bounds` applied to torch.
 
 Names are those of ``named_parameters()`` (or a ``state_dict``'s keys); the per-step
-work goes through the cached plans and kernels of :mod:`parambounds._plan`.
+work goes through the cached plans and kernels of :mod:`parambounds.torch._plan`.
 """
 
 from __future__ import annotations
 
 import weakref
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from ..errors import BoundsError
+from ..matching import Resolved, Spec, match_indices, with_pattern
+from ..report import Report
+from ._constraints import project_plan_, projection, reparametrize_plan_, run_projection_
+from ._cost import tree_cost
 from ._plan import Plan, get_plan
-from ._torch_report import compute_report
-from .constraints import project_plan_, projection, reparametrize_plan_, run_projection_
-from .cost import tree_cost
-from .errors import BoundsError
-from .report import Report
-from .spec import match_indices
-from .trees import flatten
-
-if TYPE_CHECKING:
-    from .spec import Bounds, _Resolved
+from ._report import compute_report
+from ._trees import flatten
 
 __all__ = [
     "Model",
@@ -66,7 +63,7 @@ def is_appropriate_type(tree: Any) -> bool:
     return False
 
 
-def resolve(bounds: Bounds, model: Model) -> tuple[_Resolved, dict[str, Tensor]]:
+def resolve(bounds: Spec, model: Model) -> tuple[Resolved, dict[str, Tensor]]:
     """Match ``bounds`` to the parameters of ``model`` (cached per module)."""
     if isinstance(model, Mapping):  # a state_dict: names to tensors, resolved each time
         params = dict(model)
@@ -91,7 +88,7 @@ def resolve(bounds: Bounds, model: Model) -> tuple[_Resolved, dict[str, Tensor]]
     return resolved, params
 
 
-def plan(bounds: Bounds, model: Model) -> tuple[Plan, list[Tensor], _Resolved]:
+def plan(bounds: Spec, model: Model) -> tuple[Plan, list[Tensor], Resolved]:
     """The cached plan of ``model`` under ``bounds``, its leaves and the resolved spec."""
     resolved, params = resolve(bounds, model)
     seen = _PARAMS.get(model) if isinstance(model, torch.nn.Module) else None
@@ -102,26 +99,26 @@ def plan(bounds: Bounds, model: Model) -> tuple[Plan, list[Tensor], _Resolved]:
     try:
         got = get_plan(params, treedef, leaves, resolved.lower, resolved.upper)
     except BoundsError as err:
-        raise bounds._with_pattern(err, resolved) from None
+        raise with_pattern(err, resolved) from None
     return got, leaves, resolved
 
 
-def bounds_of(bounds: Bounds, model: Model) -> tuple[dict[str, Any], dict[str, Any]]:
+def bounds_of(bounds: Spec, model: Model) -> tuple[dict[str, Any], dict[str, Any]]:
     """Flat ``(lower, upper)`` dicts by parameter name."""
     resolved, _ = resolve(bounds, model)
     return dict(resolved.lower), dict(resolved.upper)
 
 
-def cost(bounds: Bounds, model: Model) -> Tensor:
+def cost(bounds: Spec, model: Model) -> Tensor:
     """The penalty of every bounded parameter."""
     resolved, params = resolve(bounds, model)
     try:
         return tree_cost(params, resolved.lower, resolved.upper, bounds.penalty)
     except BoundsError as err:
-        raise bounds._with_pattern(err, resolved) from None
+        raise with_pattern(err, resolved) from None
 
 
-def project_(bounds: Bounds, model: Model) -> None:
+def project_(bounds: Spec, model: Model) -> None:
     """Clamp every bounded parameter into its bounds, in place."""
     got, leaves, resolved = plan(bounds, model)
     seen = _PARAMS.get(model) if isinstance(model, torch.nn.Module) else None
@@ -138,7 +135,7 @@ def project_(bounds: Bounds, model: Model) -> None:
         run_projection_(steps[1])
 
 
-def attach(bounds: Bounds, optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> Any:
+def attach(bounds: Spec, optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> Any:
     """Project ``model`` after every ``optimizer.step()``; returns the hook's handle."""
     plan(bounds, model)  # validate now, not at the first step
 
@@ -148,13 +145,13 @@ def attach(bounds: Bounds, optimizer: torch.optim.Optimizer, model: torch.nn.Mod
     return optimizer.register_step_post_hook(hook)
 
 
-def reparametrize_(bounds: Bounds, model: torch.nn.Module) -> torch.nn.Module:
+def reparametrize_(bounds: Spec, model: torch.nn.Module) -> torch.nn.Module:
     """Register bounded parametrizations on every bounded parameter of ``model``."""
     got, _, resolved = plan(bounds, model)
     return reparametrize_plan_(model, got, list(resolved.names))
 
 
-def report(bounds: Bounds, model: Model) -> Report:
+def report(bounds: Spec, model: Model) -> Report:
     """The :class:`~parambounds.Report` of ``model`` under ``bounds``."""
     got, leaves, resolved = plan(bounds, model)
     return compute_report(got, leaves, list(resolved.names))
@@ -164,17 +161,17 @@ def _in_place(what: str, instead: str) -> BoundsError:
     return BoundsError(f"{what} returns a new JAX pytree; for torch, {instead}")
 
 
-def project(bounds: Bounds, model: Model) -> Any:  # noqa: ARG001
+def project(bounds: Spec, model: Model) -> Any:  # noqa: ARG001
     """Not for torch: torch parameters are projected in place."""
     raise _in_place("project", "use bounds.project_(model), which keeps the Parameter objects")
 
 
-def unconstrain(bounds: Bounds, model: Model) -> Any:  # noqa: ARG001
+def unconstrain(bounds: Spec, model: Model) -> Any:  # noqa: ARG001
     """Not for torch: see :func:`reparametrize_`."""
     raise _in_place("unconstrain", "use bounds.reparametrize_(model)")
 
 
-def constrain(bounds: Bounds, model: Model) -> Any:  # noqa: ARG001
+def constrain(bounds: Spec, model: Model) -> Any:  # noqa: ARG001
     """Not for torch: see :func:`reparametrize_`."""
     raise _in_place("constrain", "use bounds.reparametrize_(model)")
 

@@ -29,7 +29,7 @@ from typing import Any, BinaryIO
 import torch
 from torch import Tensor
 
-from ._ckpt_tree import in_memory
+from ._tree import in_memory
 
 __all__ = ["Patch", "plan_patch"]
 

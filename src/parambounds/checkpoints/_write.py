@@ -16,7 +16,7 @@ import stat
 from collections.abc import Callable
 from pathlib import Path
 
-from .errors import BoundsError
+from ..errors import BoundsError
 
 __all__ = ["atomic_write", "resolve_target", "stale_temp_files"]
 
@@ -60,7 +60,7 @@ def resolve_target(target: Path) -> Path:
         raise BoundsError("the output path is empty")
     real = Path(os.path.realpath(target))
     if real.is_dir() and (real / ".metadata").is_file():
-        return real  # a sharded (DCP) checkpoint: checkpoints_dcp.save_dcp replaces it whole
+        return real  # a sharded (DCP) checkpoint: _dcp.save_dcp replaces it whole
     if real.is_dir():
         raise BoundsError(f"{target}: is a directory")
     if not real.parent.is_dir():
