@@ -90,6 +90,13 @@ class Penalty:
     def __repr__(self) -> str:
         return f"Penalty({self.name!r})"
 
+    def __reduce__(self) -> Any:
+        # A registered shape unpickles (and deep-copies) as the registered object itself,
+        # which the native kernel and the caches recognise by identity.
+        if PENALTIES.get(self.name) is self:
+            return (get_penalty, (self.name,))
+        return super().__reduce__()
+
 
 class ExpPenalty(Penalty):
     r"""Rockpool's shape: :math:`f(e) = e^{e}`, which jumps from 0 to 1 at the bound.
