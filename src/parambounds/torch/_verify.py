@@ -315,7 +315,7 @@ class _Tap(torch.autograd.Function):
         # The first backward through here brings the cost's gradient; a later one (the
         # second derivative, with create_graph=True) brings something else: not checked.
         check, ctx.check = ctx.check, None
-        if check is not None:
+        if check is not None and grad is not None:
             check(grad)
         return grad, None
 
@@ -391,7 +391,7 @@ class CostCheck:
             raise mismatch("cost", fast, value)
         if total.requires_grad:  # the gradient from above, for the taps (the cost's own
             box = self.box  # grad_fn stays what it is)
-            total.register_hook(lambda grad: box.__setitem__(0, grad.detach()))
+            total.register_hook(lambda g: box.__setitem__(0, None if g is None else g.detach()))
         return total
 
 
