@@ -185,7 +185,9 @@ class SpecMachine(RuleBasedStateMachine):
         self.model._modules[k] = new  # behind __setattr__ and the registration hooks
         self.spare_modules[spare] = old
 
-    @rule(k=st.sampled_from(["0", "1"]), name=st.sampled_from(["weight", "bias"]), i=st.integers(0, 2))
+    @rule(
+        k=st.sampled_from(["0", "1"]), name=st.sampled_from(["weight", "bias"]), i=st.integers(0, 2)
+    )
     def swap_parameter(self, k, name, i):
         j = i if name == "weight" else 3 + i
         new = self.spare_params[j]
@@ -318,7 +320,9 @@ class TreeMachine(RuleBasedStateMachine):
     def tensors(self) -> list[torch.Tensor]:
         return list(dict.fromkeys(get(self.params, p) for p in PATHS))
 
-    @rule(path=st.sampled_from(PATHS), side=st.sampled_from(["lower", "upper"]), i=st.integers(0, 5))
+    @rule(
+        path=st.sampled_from(PATHS), side=st.sampled_from(["lower", "upper"]), i=st.integers(0, 5)
+    )
     def set_number(self, path, side, i):
         put(getattr(self, side), path, (LOWERS if side == "lower" else UPPERS)[i])
 
@@ -333,7 +337,12 @@ class TreeMachine(RuleBasedStateMachine):
         t = bound_tensor(seed, () if zero_d else SHAPES[path], side)
         put(getattr(self, side), path, t.requires_grad_(grad))
 
-    @rule(path=st.sampled_from(PATHS), side=st.sampled_from(["lower", "upper"]), seed=st.integers(0, 999), how=st.sampled_from(["in place", ".data"]))
+    @rule(
+        path=st.sampled_from(PATHS),
+        side=st.sampled_from(["lower", "upper"]),
+        seed=st.integers(0, 999),
+        how=st.sampled_from(["in place", ".data"]),
+    )
     def change_tensor(self, path, side, seed, how):
         t = get(getattr(self, side), path)
         if not isinstance(t, torch.Tensor):

@@ -18,7 +18,7 @@ import torch
 import parambounds
 import parambounds.rockpool as pr
 from parambounds import Bounds, BoundsError, bounds_cost
-from parambounds.torch import _constraints, _kernels, _plan, _report, _spec
+from parambounds.torch import _kernels, _plan, _report, _spec
 
 
 @pytest.fixture
@@ -63,9 +63,10 @@ def test_set_verify_turns_it_on_and_off():
         parambounds.set_verify(before)
 
 
+@pytest.mark.usefixtures("verify")
 @pytest.mark.parametrize("cost", [bounds_cost, pr.bounds_cost])
-def test_a_stale_plan_is_caught(verify, monkeypatch, cost):
-    monkeypatch.setattr(_plan, "_same", lambda bounds, seen: True)  # a front end gone wrong
+def test_a_stale_plan_is_caught(monkeypatch, cost):
+    monkeypatch.setattr(_plan, "_same", lambda *_: True)  # a front end gone wrong
     params = {"a": {"w": torch.randn(4, requires_grad=True)}}
     lower, upper = {"a": {"w": -0.1}}, {"a": {"w": 0.1}}
     cost(params, lower, upper)
@@ -74,15 +75,16 @@ def test_a_stale_plan_is_caught(verify, monkeypatch, cost):
         cost(params, lower, upper)
 
 
-def test_a_stale_plan_is_caught_by_the_spec(verify, monkeypatch):
+@pytest.mark.usefixtures("verify")
+def test_a_stale_plan_is_caught_by_the_spec(monkeypatch):
     model = torch.nn.Linear(2, 2)
     lo = torch.zeros(2)
     bounds = Bounds({"bias": (lo, None)})
     bounds.report(model)
-    monkeypatch.setattr(_plan, "_tensor_state", lambda t: 0)  # versions no longer seen
+    monkeypatch.setattr(_plan, "_tensor_state", lambda *_: 0)  # versions no longer seen
     _plan._SEEN.clear()
     bounds.report(model)
-    monkeypatch.setattr(_plan, "_keyed_plan", lambda *args: plan_of_before)
+    monkeypatch.setattr(_plan, "_keyed_plan", lambda *_: plan_of_before)
     plan_of_before = _spec.plan(bounds, model)[0]
     with torch.no_grad():
         lo.fill_(3.0)
@@ -91,7 +93,8 @@ def test_a_stale_plan_is_caught_by_the_spec(verify, monkeypatch):
             use(model)
 
 
-def test_a_wrong_gradient_is_caught_in_backward(verify, monkeypatch):
+@pytest.mark.usefixtures("verify")
+def test_a_wrong_gradient_is_caught_in_backward(monkeypatch):
     before = _kernels.get_kernel()
     _kernels.set_kernel("eager")
     right = _kernels.value_and_grad
@@ -110,7 +113,8 @@ def test_a_wrong_gradient_is_caught_in_backward(verify, monkeypatch):
         _kernels.set_kernel(before)
 
 
-def test_a_wrong_cost_is_caught(verify, monkeypatch):
+@pytest.mark.usefixtures("verify")
+def test_a_wrong_cost_is_caught(monkeypatch):
     before = _kernels.get_kernel()
     _kernels.set_kernel("eager")
     right = _kernels.value_and_grad
@@ -124,19 +128,19 @@ def test_a_wrong_cost_is_caught(verify, monkeypatch):
         _kernels.set_kernel(before)
 
 
-def test_wrong_report_statistics_are_caught(verify, monkeypatch):
-    monkeypatch.setattr(_report, "_native_rows", lambda xs, lo, hi, out: [])
-    monkeypatch.setattr(
-        _report, "tensor_stats", lambda x, lo, hi: torch.zeros(4, dtype=torch.float64)
-    )
+@pytest.mark.usefixtures("verify")
+def test_wrong_report_statistics_are_caught(monkeypatch):
+    monkeypatch.setattr(_report, "_native_rows", lambda *_: [])
+    monkeypatch.setattr(_report, "tensor_stats", lambda *_: torch.zeros(4, dtype=torch.float64))
     sd = {"w": torch.tensor([-2.0, 0.0, 2.0])}
     with pytest.raises(BoundsError, match=r"report of 'w'.* is \(3, 0, 0, 0, -1.0, 1.0\)"):
         Bounds({"w": (-1.0, 1.0)}).report(sd)
 
 
-def test_a_projection_that_misses_is_caught(verify, monkeypatch):
-    monkeypatch.setattr(_spec, "run_projection_", lambda steps: None)
-    monkeypatch.setattr(_spec, "project_plan_", lambda *args: None)
+@pytest.mark.usefixtures("verify")
+def test_a_projection_that_misses_is_caught(monkeypatch):
+    monkeypatch.setattr(_spec, "run_projection_", lambda *_: None)
+    monkeypatch.setattr(_spec, "project_plan_", lambda *_: None)
     model = torch.nn.Linear(2, 2)
     with torch.no_grad():
         model.weight.fill_(5.0)
@@ -144,29 +148,32 @@ def test_a_projection_that_misses_is_caught(verify, monkeypatch):
         Bounds({"weight": (-1.0, 1.0)}).project_(model)
 
 
-def test_stale_module_parameters_are_caught(verify, monkeypatch):
+@pytest.mark.usefixtures("verify")
+def test_stale_module_parameters_are_caught(monkeypatch):
     model = torch.nn.Sequential(torch.nn.Linear(2, 2))
     bounds = Bounds({"*.weight": (-1.0, 1.0)})
     bounds.cost(model)
-    monkeypatch.setattr(_spec, "_unchanged", lambda model, structure: True)
+    monkeypatch.setattr(_spec, "_unchanged", lambda *_: True)
     model._modules["0"] = torch.nn.Linear(2, 2)
     with pytest.raises(BoundsError, match="module's parameters"):
         bounds.cost(model)
 
 
-def test_a_stale_jax_plan_is_caught(verify, monkeypatch):
+@pytest.mark.usefixtures("verify")
+def test_a_stale_jax_plan_is_caught(monkeypatch):
     jnp = pytest.importorskip("jax.numpy")
     from parambounds.jax import _cost as jax_cost
     from parambounds.jax import bounds_cost as jax_bounds_cost
 
-    monkeypatch.setattr(jax_cost, "bounds_key", lambda trees, keep: ("the same",))
+    monkeypatch.setattr(jax_cost, "bounds_key", lambda *_: ("the same",))
     params = {"w": jnp.array([0.0, 2.0])}
     jax_bounds_cost(params, {"w": 1.0}, {"w": None})
     with pytest.raises(BoundsError, match="lower bound of 'w' in the JAX plan cache"):
         jax_bounds_cost(params, {"w": -1.0}, {"w": None})
 
 
-def test_verify_mode_passes_on_right_answers(verify):
+@pytest.mark.usefixtures("verify")
+def test_verify_mode_passes_on_right_answers():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2)).double()
     bounds = Bounds(
