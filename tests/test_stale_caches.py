@@ -457,3 +457,16 @@ def test_bounds_cross_a_spawned_process_with_the_same_answers():
         got = pool.apply(_answers_in_child, (pickle.dumps((bounds, model)),))
     assert got[0] == pytest.approx(want[0], rel=1e-6)
     assert got[1:] == want[1:]
+
+
+# ------------------------------------------------------------------ found on the way
+
+
+@pytest.mark.parametrize(("dtype", "lo", "hi"), [(torch.int8, 1000, None), (torch.uint8, None, -1)])
+def test_an_integer_bound_beyond_the_dtype_is_an_error_not_a_silent_clamp(dtype, lo, hi):
+    # int8 with lower bound 1000: project_ made it 127 and the report said ok.
+    sd = {"w": torch.tensor([1, 2], dtype=dtype)}
+    bounds = Bounds({"w": (lo, hi)})
+    for use in (bounds.cost, bounds.report, bounds.project_):
+        with pytest.raises(BoundsError, match="no value can satisfy it"):
+            use(sd)

@@ -253,6 +253,8 @@ def _exact_bounds(path: str, p: Tensor, lo: Any, hi: Any, lo_n: Any, hi_n: Any) 
 
     lo_x = inward(source(lo, lo_n), "lower", p.dtype)
     hi_x = inward(source(hi, hi_n), "upper", p.dtype)
+    if not p.dtype.is_floating_point and p.dtype != torch.bool:
+        _check_integer_range(path, p.dtype, source(lo, lo_n), source(hi, hi_n))
     if lo_x is not None and hi_x is not None:
         bad = torch.as_tensor(lo_x) > torch.as_tensor(hi_x)
         if bool(bad.any()):
@@ -262,6 +264,26 @@ def _exact_bounds(path: str, p: Tensor, lo: Any, hi: Any, lo_n: Any, hi_n: Any) 
                 f"'{path or '<root>'}'{where}: they are closer than the dtype's resolution"
             )
     return lo_x, hi_x
+
+
+def _check_integer_range(path: str, dtype: torch.dtype, lo: Any, hi: Any) -> None:
+    """Refuse a lower bound above an integer dtype's largest value (an upper one below its
+    smallest): rounded inward it would become that value, which is still outside."""
+    info = torch.iinfo(dtype)
+    for b, side in ((lo, "lower"), (hi, "upper")):
+        if b is None:
+            continue
+        t = torch.as_tensor(b, dtype=torch.float64)
+        bad = t > info.max if side == "lower" else t < info.min
+        if bool(bad.any()):
+            v = float(t[bad][0]) if t.dim() else float(t)
+            end = f"largest {str(dtype).replace('torch.', '')} value ({info.max})"
+            if side == "upper":
+                end = f"smallest {str(dtype).replace('torch.', '')} value ({info.min})"
+            raise BoundsError(
+                f"{side} bound for '{path or '<root>'}' is {v:g}, beyond the {end}: "
+                "no value can satisfy it"
+            )
 
 
 #: Bound types checked once per value and dtype (see :func:`_number_bounds`).
@@ -388,17 +410,17 @@ class _TensorSlot:
     __hash__ = None  # type: ignore[assignment]
 
 
-#: Containers a snapshot copies: exactly these types compare in C, leaves first from the
-#: snapshot's side (no subclass takes precedence), so the comparison is ours.
-_PLAIN_CONTAINERS = (dict, list, tuple)
 _CONTAINERS = (Mapping, list, tuple)
 
 
 def _shadow(node: Any) -> Any:
     """A copy of the bound tree ``node``: its containers copied, numbers kept, tensors weak.
 
-    ``None`` when some container is not exactly a dict, list or tuple (then the leaves are
-    compared one by one, see :func:`_snapshot`).
+    Only exactly ``dict``, ``list`` and ``tuple`` are copied: comparing the copy with the
+    tree (``copy == tree``, in C) then compares leaves from the copy's side (no subclass
+    takes precedence), so a tensor leaf meets :class:`_TensorSlot`'s comparison, never
+    the tensor's own. ``None`` when some container is of another type (then the leaves
+    are compared one by one, see :func:`_snapshot`).
     """
     t = type(node)
     if t is dict:
@@ -489,6 +511,10 @@ class _Seen:
     """What a plan was last used with, for the per-step identity check of :func:`get_plan`."""
 
     treedef: Any
+    #: The types of the parameter leaves: none is a DTensor (plans of DTensors are not
+    #: remembered here), so a call with one, at a reused address, is never served here
+    #: (every rank must find or build such a plan alike, in the distributed store).
+    types: frozenset[type]
     lower: _Snap
     upper: _Snap
     tensors: list[tuple[weakref.ref[Tensor], tuple[Any, ...]]]
@@ -516,7 +542,7 @@ def _layouts(plan: Plan, leaves: list[Any]) -> list[tuple[Any, ...]]:
 
 def _seen_plan(key: Any, treedef: Any, leaves: list[Any], lower: Any, upper: Any) -> Plan | None:
     seen = _SEEN.get(key)
-    if seen is None or seen.treedef != treedef:
+    if seen is None or seen.treedef != treedef or frozenset(map(type, leaves)) != seen.types:
         return None
     plan = seen.plan()
     if plan is None or not (_same(lower, seen.lower) and _same(upper, seen.upper)):
@@ -538,7 +564,8 @@ def _remember(
     lo, hi = _snapshot(lower), _snapshot(upper)
     tensors = [(weakref.ref(t), _tensor_state(t)) for t in _bound_tensors(lower)]
     tensors += [(weakref.ref(t), _tensor_state(t)) for t in _bound_tensors(upper)]
-    seen = _Seen(treedef, lo, hi, tensors, _layouts(plan, leaves), weakref.ref(plan))
+    types = frozenset(map(type, leaves))
+    seen = _Seen(treedef, types, lo, hi, tensors, _layouts(plan, leaves), weakref.ref(plan))
     with _LOCK:
         _SEEN[key] = seen
         _SEEN.move_to_end(key)
