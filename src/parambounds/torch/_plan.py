@@ -267,8 +267,10 @@ def _exact_bounds(path: str, p: Tensor, lo: Any, hi: Any, lo_n: Any, hi_n: Any) 
 
 
 def _check_integer_range(path: str, dtype: torch.dtype, lo: Any, hi: Any) -> None:
-    """Refuse a lower bound above an integer dtype's largest value (an upper one below its
-    smallest): rounded inward it would become that value, which is still outside."""
+    """Refuse a lower bound above an integer dtype's largest value (or an upper one below).
+
+    Rounded inward it would become that value, which is still outside the bound.
+    """
     info = torch.iinfo(dtype)
     for b, side in ((lo, "lower"), (hi, "upper")):
         if b is None:
