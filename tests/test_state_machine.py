@@ -193,8 +193,10 @@ class SpecMachine(RuleBasedStateMachine):
         new = self.spare_params[j]
         owner = self.model._modules[k]
         old = owner._parameters[name]
-        owner._parameters[name] = new.to(old.dtype) if new.dtype != old.dtype else new
-        self.spare_params[j] = old if isinstance(old, torch.nn.Parameter) else new
+        if new.dtype != old.dtype:  # a parameter of the model's dtype (a leaf, as .to() is not)
+            new = torch.nn.Parameter(new.detach().to(old.dtype), requires_grad=new.requires_grad)
+        owner._parameters[name] = new
+        self.spare_params[j] = old
 
     @rule(k=st.sampled_from(["0", "1"]), i=st.integers(0, 2))
     def add_extra_parameter(self, k, i):
