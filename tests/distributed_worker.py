@@ -605,6 +605,125 @@ def scenario_attack(mesh):
     print(f"rank {dist.get_rank()}: attack ok", flush=True)
 
 
+def nearest_inside(x, lo, hi):
+    """The float64 reference of ``project_``: each element of ``x`` (a full tensor of its
+    dtype) moved to the nearest value of that dtype inside ``[lo, hi]`` (as float64)."""
+    dtype, x64 = x.dtype, x.double()
+    lo64, hi64 = (torch.as_tensor(b, dtype=torch.float64).expand(x.shape) for b in (lo, hi))
+    if dtype.is_floating_point:
+        up = lo64.to(dtype)  # nearest; one step up where that fell below
+        up = torch.where(up.double() < lo64, torch.nextafter(up, up.new_tensor(float("inf"))), up)
+        down = hi64.to(dtype)
+        down = torch.where(
+            down.double() > hi64, torch.nextafter(down, down.new_tensor(float("-inf"))), down
+        )
+        up64, down64 = up.double(), down.double()
+    else:
+        up64, down64 = torch.ceil(lo64), torch.floor(hi64)
+    return torch.where(x64 < lo64, up64, torch.where(x64 > hi64, down64, x64)).to(dtype)
+
+
+def scenario_inward(mesh):
+    """DTensor projection rounds inward in every dtype, as plain tensors do (issue 23, 1 and 4).
+
+    float32 +-0.3, float16 0.1 and per-element bounds on Shard, Replicate and Partial
+    DTensors: every projected element is inside exactly (compared in float64) and equal
+    to the reference; report and check agree; integers are clamped to whole numbers;
+    bounds with no value of the dtype between them raise on every rank.
+    """
+    g = torch.Generator().manual_seed(23)
+    base = torch.randn(7, 3, generator=g, dtype=torch.float64)  # 7 rows: uneven shards
+    per_row = torch.linspace(0.1, 0.35, 7, dtype=torch.float64)[:, None]  # inexact in fp16
+    hi_full = per_row.expand(7, 3).clone()
+    cases = [
+        (torch.float32, -0.3, 0.3, -0.3, 0.3),
+        (torch.float16, 0.1, None, 0.1, float("inf")),
+        (torch.bfloat16, -0.3, 0.3, -0.3, 0.3),
+        (torch.float16, -per_row, per_row, -per_row, per_row),  # plain tensor bounds
+        (
+            torch.float32,
+            -0.3,
+            distribute_tensor(hi_full, mesh, [Shard(1)], src_data_rank=None),
+            -0.3,
+            hi_full,
+        ),  # a DTensor bound, another layout than its parameter
+        (torch.int64, -1.5, 2.5, -1.5, 2.5),
+        (torch.int32, -per_row * 10, per_row * 10, -per_row * 10, per_row * 10),
+    ]
+    checked = 0
+    for dtype, lo, hi, rlo, rhi in cases:
+        full = (base * 4).round().to(dtype) if not dtype.is_floating_point else base.to(dtype)
+        for placements in ([Shard(0)], [Replicate()], [Partial()]):
+            if placements[0].is_partial() and not dtype.is_floating_point:
+                continue  # integer addends: Partial sums are exact, but 0.25 x is not an int
+            x, ref = make_dtensor(full.double(), mesh, placements)
+            x = DTensor.from_local(
+                x.to_local().to(dtype),
+                mesh,
+                placements,
+                run_check=False,
+                shape=x.shape,
+                stride=x.stride(),
+            )
+            ref = x.full_tensor()  # what the DTensor means, in its dtype
+            name = f"{dtype} {placements} {type(lo).__name__}"
+            spec = Bounds({"w": (lo, hi)})
+            want_below = int((ref.double() < torch.as_tensor(rlo).double()).sum())
+            want_above = int((ref.double() > torch.as_tensor(rhi).double()).sum())
+            got_report = spec.report({"w": x}).to_dict()
+            plain = Bounds({"w": (rlo, rhi)}).report({"w": ref}).to_dict()
+            counts = (got_report["w"]["below"], got_report["w"]["above"])
+            assert counts == (want_below, want_above), (name, got_report)
+            assert got_report == plain, (name, got_report, plain)
+            spec.project_({"w": x})
+            got = x.full_tensor()
+            want = nearest_inside(ref, rlo, rhi)
+            assert torch.equal(got, want), (name, got, want)
+            g64 = got.double()
+            assert bool((g64 >= torch.as_tensor(rlo).double()).all()), name
+            assert bool((g64 <= torch.as_tensor(rhi).double()).all()), name
+            after = spec.report({"w": x})
+            assert after.ok, (name, str(after))
+            spec.check({"w": x})
+            checked += 1
+    # no float16 value between the bounds: every rank raises, as for plain tensors
+    x = distribute_tensor(base.half(), mesh, [Shard(0)], src_data_rank=None)
+    want = r"no float16 value lies within the bounds of 'w': they are closer than"
+    msgs = [expect_bounds_error(lambda: Bounds({"w": (0.10001, 0.10002)}).project_({"w": x}), want)]
+    # ... only in rank 1's shard of a per-element bound: named by its global index
+    lo = torch.full((7, 3), -1.0, dtype=torch.float64)
+    lo[5, 1] = 0.10001
+    hi = torch.full((7, 3), 1.0, dtype=torch.float64)
+    hi[5, 1] = 0.10002
+    for lo_b in (lo, distribute_tensor(lo, mesh, [Shard(0)], src_data_rank=None)):
+        msgs.append(
+            expect_bounds_error(
+                lambda lo_b=lo_b: Bounds({"w": (lo_b, hi)}).report({"w": x}),
+                r"no float16 value lies within the bounds of 'w' at index \(5, 1\)",
+            )
+        )
+    assert all_equal(msgs)
+    # FSDP2 training with attach: inside after every step (rounded inward, in float32)
+    from torch.distributed.fsdp import fully_shard
+
+    model = Net()
+    fully_shard(model.inp, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    bounds = Bounds({"inp.weight": (-0.3, 0.3), "tau": (0.005, 0.04)})
+    opt = torch.optim.Adam(model.parameters(), lr=0.5)
+    bounds.attach(opt, model)
+    for _ in range(3):
+        opt.zero_grad()
+        model(torch.randn(8, 4, generator=g)).square().mean().backward()
+        opt.step()
+        w = model.inp.weight.full_tensor().double()
+        assert float(w.abs().max()) <= 0.3, float(w.abs().max())
+        t = model.tau.full_tensor().double()
+        assert float(t.min()) >= 0.005 and float(t.max()) <= 0.04, t
+        assert bounds.report(model).ok
+    print(f"rank {dist.get_rank()}: inward ok ({checked} dtypes x layouts)", flush=True)
+
+
 def scenario_hsdp(_mesh):
     """HSDP: FSDP2 on a 2-D (replicate, shard) mesh, trained a few steps with ``attach``."""
     from torch.distributed.fsdp import fully_shard

@@ -43,6 +43,7 @@ __all__ = [
     "is_dtensor",
     "is_partial",
     "local_bound",
+    "map_local",
     "order_violation",
     "partial_cost",
     "placement_kind",
@@ -190,6 +191,23 @@ def full_bound(b: Any) -> Any:
     the forward pass; their DTensor bounds are gathered once, when the plan is built.
     """
     return _reduce(b).full_tensor() if is_dtensor(b) else b
+
+
+def map_local(b: Any, fn: Any) -> Any:
+    """``fn`` applied to the values of the DTensor ``b``, keeping its layout (no communication).
+
+    ``fn`` maps a local tensor elementwise (such as rounding a bound inward). A
+    ``Partial`` DTensor is reduced first (a collective), so ``fn`` sees values.
+    """
+    d = _reduce(b)
+    return _DTENSOR.from_local(
+        fn(d.to_local()),
+        d.device_mesh,
+        d.placements,
+        run_check=False,
+        shape=d.shape,
+        stride=d.stride(),
+    )
 
 
 def order_violation(lo: Any, hi: Any, x: Any) -> tuple[int, tuple[int, ...], float, float] | None:

@@ -22,7 +22,14 @@ import torch
 from torch import Tensor
 
 from ..errors import BoundsError, number_bound, order_error
-from ._distributed import agree, full_bound, is_dtensor, local_bound, order_violation
+from ._distributed import (
+    agree,
+    full_bound,
+    is_dtensor,
+    local_bound,
+    map_local,
+    order_violation,
+)
 from ._plan_cache import PlanCache, reap, serials, tensor_key
 from ._rounding import compute_dtype, inward
 from ._trees import align, flatten, named_leaves
@@ -230,27 +237,49 @@ def _resolve(path: str, p: Any, lo: Any, hi: Any, traced: bool = False) -> tuple
 def _exact_bounds(path: str, p: Tensor, lo: Any, hi: Any, lo_n: Any, hi_n: Any) -> tuple[Any, Any]:
     """The normalised bounds rounded inward to ``p``'s dtype, from the bounds as given.
 
+    For a DTensor ``p`` the same, shard by shard: a DTensor bound keeps its layout and
+    each rank rounds its own values; an empty interval is named by its global index.
+
     Raises:
         BoundsError: when no value of the dtype lies within the bounds.
     """
-    if p.dtype == torch.float64 or is_dtensor(p):
+    if p.dtype == torch.float64:
         return lo_n, hi_n
 
     def source(raw: Any, normalised: Any) -> Any:  # full precision, not rounded to p.dtype
-        if isinstance(normalised, Tensor) and isinstance(raw, Tensor) and not is_dtensor(raw):
-            return raw.detach().to(device=p.device, dtype=torch.float64)
-        return normalised
+        if not isinstance(normalised, Tensor) or not isinstance(raw, Tensor):
+            return normalised
+        if is_dtensor(normalised):  # the bound's own layout, its values as given
+            return map_local(raw.detach(), lambda t: t.to(torch.float64))
+        # a plain tensor, or a DTensor bound of an unsharded parameter (gathered again)
+        return full_bound(raw).detach().to(device=p.device, dtype=torch.float64)
 
-    lo_x = inward(source(lo, lo_n), "lower", p.dtype)
-    hi_x = inward(source(hi, hi_n), "upper", p.dtype)
-    if lo_x is not None and hi_x is not None:
-        bad = torch.as_tensor(lo_x) > torch.as_tensor(hi_x)
-        if bool(bad.any()):
-            where = "" if bad.dim() == 0 else f" at index {tuple(int(i) for i in bad.nonzero()[0])}"
-            raise BoundsError(
-                f"no {str(p.dtype).replace('torch.', '')} value lies within the bounds of "
-                f"'{path or '<root>'}'{where}: they are closer than the dtype's resolution"
-            )
+    def rounded(raw: Any, normalised: Any, side: str) -> Any:
+        b = source(raw, normalised)
+        if is_dtensor(b):
+            return map_local(b, lambda t: inward(t, side, p.dtype))
+        return inward(b, side, p.dtype)
+
+    lo_x = rounded(lo, lo_n, "lower")
+    hi_x = rounded(hi, hi_n, "upper")
+    if lo_x is None or hi_x is None:
+        return lo_x, hi_x
+    dtype = str(p.dtype).replace("torch.", "")
+    empty = (
+        f"no {dtype} value lies within the bounds of '{path or '<root>'}'{{}}: they are "
+        "closer than the dtype's resolution"
+    )
+    if is_dtensor(p) and (isinstance(lo_x, Tensor) or isinstance(hi_x, Tensor)):
+        found = order_violation(lo_x, hi_x, p)  # this rank's part, named by global index
+        if found is not None:
+            err = BoundsError(empty.format(f" at index {found[1]}"))
+            err.flat_index = found[0]  # type: ignore[attr-defined]
+            raise err
+        return lo_x, hi_x
+    bad = torch.as_tensor(lo_x) > torch.as_tensor(hi_x)
+    if bool(bad.any()):
+        where = "" if bad.dim() == 0 else f" at index {tuple(int(i) for i in bad.nonzero()[0])}"
+        raise BoundsError(empty.format(where))
     return lo_x, hi_x
 
 
@@ -320,15 +349,15 @@ def _build(named: list[tuple[str, Any]], lowers: list[Any], uppers: list[Any]) -
         else:
             try:
                 lo_n, hi_n = _resolve(path, p, lo, hi)
+                if lo_n is None and hi_n is None:
+                    continue
+                lo_x, hi_x = _exact_bounds(path, p, lo, hi, lo_n, hi_n)
             except BoundsError as err:
                 if not is_dtensor(p):
                     raise
                 errors[i] = err
                 continue
-            if lo_n is None and hi_n is None:
-                continue
             bounded.append(i)
-            lo_x, hi_x = _exact_bounds(path, p, lo, hi, lo_n, hi_n)
         if isinstance(lo_n, Tensor) or isinstance(hi_n, Tensor):
             tensor_leaves.append(LeafBounds(i, path, lo_n, hi_n, lo_x, hi_x))
         else:
