@@ -724,6 +724,45 @@ def scenario_inward(mesh):
     print(f"rank {dist.get_rank()}: inward ok ({checked} dtypes x layouts)", flush=True)
 
 
+def scenario_disagree(mesh):
+    """Ranks that pass different per-element bounds of one shape, or different penalties,
+    raise on every rank instead of each getting a cost that matches neither (issue 23, 3)."""
+    rank = dist.get_rank()
+    full = torch.linspace(-2.0, 2.0, 10, dtype=torch.float64).view(5, 2)
+    x = distribute_tensor(full, mesh, [Shard(0)], src_data_rank=None)
+    hi = torch.full((5, 2), 1.0, dtype=torch.float64)
+    hi[4, 1] += 0.5 * rank  # one element differs, on rank 1
+    want = r"ranks disagree: rank\(s\) \[1\] differ from rank 0 in their parambounds call"
+    msgs = [
+        expect_bounds_error(lambda: bounds_cost({"w": x}, {"w": -1.0}, {"w": hi}), want),
+        expect_bounds_error(lambda: Bounds({"w": (-1.0, hi)}).report({"w": x}), want),
+        expect_bounds_error(lambda: Bounds({"w": (-1.0, hi)}).project_({"w": x}), want),
+    ]
+    assert torch.equal(x.full_tensor(), full)  # nothing written
+    # the same values in another tensor on each rank: one plan, the reference's cost
+    same = torch.full((5, 2), 1.0, dtype=torch.float64)
+    torch.testing.assert_close(
+        bounds_cost({"w": x}, {"w": -1.0}, {"w": same}),
+        bounds_cost({"w": full}, {"w": -1.0}, {"w": same}),
+    )
+    # the same bounds, another penalty on rank 1
+    penalty = "exp" if rank == 0 else "quadratic"
+    want = r"ranks disagree: rank\(s\) \[1\] differ from rank 0 in their penalty"
+    msgs.append(
+        expect_bounds_error(
+            lambda: Bounds({"w": (-1.0, 1.0)}, penalty=penalty).cost({"w": x}), want
+        )
+    )
+    assert all_equal(msgs)
+    # ... and both penalties on every rank, one after the other: each its own value
+    for name in ("exp", "quadratic"):
+        torch.testing.assert_close(
+            Bounds({"w": (-1.0, 1.0)}, penalty=name).cost({"w": x}),
+            Bounds({"w": (-1.0, 1.0)}, penalty=name).cost({"w": full}),
+        )
+    print(f"rank {rank}: disagree ok", flush=True)
+
+
 def scenario_hsdp(_mesh):
     """HSDP: FSDP2 on a 2-D (replicate, shard) mesh, trained a few steps with ``attach``."""
     from torch.distributed.fsdp import fully_shard

@@ -26,6 +26,7 @@ Under ``DistributedDataParallel`` parameters are plain tensors and nothing here 
 from __future__ import annotations
 
 import functools
+import hashlib
 from typing import Any
 
 import torch
@@ -36,6 +37,7 @@ from ._collectives import Exchange, fingerprint, gather_rows, mesh_ranks, settle
 
 __all__ = [
     "agree",
+    "agree_penalty",
     "clamp_",
     "combine",
     "cost_layout",
@@ -266,9 +268,50 @@ def _describe(x: Any) -> tuple[Any, ...]:
 
 
 def _bound(b: Any) -> Any:
-    if isinstance(b, Tensor):
-        return ("tensor", tuple(b.shape)) if b.dim() else float(b.detach())
-    return b
+    """What must be the same on every rank about one bound, for the plan's fingerprint.
+
+    Numbers by value; a plain tensor by shape, dtype and a digest of its values (one
+    host copy, once per plan: ranks that pass different per-element bounds of the same
+    shape disagree); a DTensor bound by its layout (each rank holds its own part).
+    """
+    if not isinstance(b, Tensor):
+        return b
+    if is_dtensor(b):
+        d: Any = b
+        return (
+            "dtensor",
+            tuple(d.shape),
+            tuple(map(repr, d.placements)),
+            mesh_ranks(d.device_mesh),
+        )
+    if not b.dim():
+        return float(b.detach())
+    data = b.detach().to("cpu").contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+    return ("tensor", tuple(b.shape), str(b.dtype), hashlib.blake2b(data, digest_size=16).digest())
+
+
+def agree_penalty(dtensors: list[Any], penalty: Any) -> None:
+    """Check, once per plan and penalty, that every rank computes the cost with ``penalty``.
+
+    ``dtensors`` are the plan's DTensor parameters, in leaf order; one exchange per mesh.
+
+    Raises:
+        BoundsError: on every rank, when the ranks of a mesh use different penalties.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    kind = type(penalty)
+    fp = fingerprint([kind.__module__, kind.__qualname__, penalty.name, penalty.jump])
+    counts: dict[Any, int] = {}
+    for x in dtensors:
+        counts[x.device_mesh] = counts.get(x.device_mesh, 0) + 1
+    settle(
+        [(mesh, Exchange("penalty", fp, n)) for mesh, n in counts.items()],
+        "the cost",
+        differ="penalty",
+    )
 
 
 def cost_layout(x: Any) -> tuple[Any, tuple[Any, ...]]:
