@@ -763,6 +763,65 @@ def scenario_disagree(mesh):
     print(f"rank {rank}: disagree ok", flush=True)
 
 
+def scenario_fsdp_unsharded(mesh):
+    """``project_`` while FSDP2 holds unsharded copies clamps the sharded parameters too
+    (issue 23, item 2): the root after an evaluation forward, ``reshard_after_forward``
+    False or an int, and a bfloat16 mixed precision policy."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    bounds = Bounds(SPEC)
+    ref = Net().double()
+    bounds.project_(ref)
+    want = {k: v.detach() for k, v in ref.state_dict().items()}
+    x = torch.randn(8, 4, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    setups = {
+        "root only, defaults": lambda m: fully_shard(m, mesh=mesh),
+        "no reshard": lambda m: (
+            fully_shard(m.inp, mesh=mesh, reshard_after_forward=False),
+            fully_shard(m, mesh=mesh, reshard_after_forward=False),
+        ),
+        "reshard to 1 rank": lambda m: (
+            fully_shard(m.inp, mesh=mesh, reshard_after_forward=1),
+            fully_shard(m, mesh=mesh, reshard_after_forward=1),
+        ),
+    }
+    for name, setup in setups.items():
+        model = Net().double()
+        setup(model)
+        with torch.no_grad():
+            model(x)  # an evaluation forward: some modules stay unsharded
+        states = {type(p).__name__ for p in model.parameters()}
+        assert "Parameter" in states or name == "reshard to 1 rank", (name, states)
+        bounds.project_(model)
+        for k, v in model.state_dict().items():  # what the optimizer and DCP hold
+            torch.testing.assert_close(v.full_tensor(), want[k], msg=f"{name}: {k}")
+        assert bounds.report(model).ok, name  # the copies the next forward uses
+        for m in (model, model.inp):
+            if hasattr(m, "reshard"):
+                m.reshard()
+        for k, v in model.named_parameters():
+            torch.testing.assert_close(v.full_tensor(), want[k], msg=f"{name}: {k} resharded")
+    # mixed precision: float32 sharded parameters, bfloat16 unsharded copies
+    model = Net()
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16)
+    fully_shard(model.inp, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    opt = torch.optim.Adam(model.parameters(), lr=0.5)
+    bounds.attach(opt, model)
+    g = torch.Generator().manual_seed(6)
+    for _ in range(3):
+        opt.zero_grad()
+        model(torch.randn(8, 4, generator=g)).square().mean().backward()
+        opt.step()
+        with torch.no_grad():
+            model(torch.randn(8, 4, generator=g))  # evaluation: the root stays unsharded
+        bounds.project_(model)
+        full = {k: v.full_tensor().double() for k, v in model.state_dict().items()}
+        assert Bounds(SPEC).report(full).ok, str(Bounds(SPEC).report(full))
+        assert bounds.report(model).ok  # the bfloat16 copies, rounded inward in bfloat16
+    print(f"rank {dist.get_rank()}: fsdp2 unsharded ok", flush=True)
+
+
 def scenario_hsdp(_mesh):
     """HSDP: FSDP2 on a 2-D (replicate, shard) mesh, trained a few steps with ``attach``."""
     from torch.distributed.fsdp import fully_shard

@@ -63,6 +63,7 @@ def test_two_processes(tmp_path, monkeypatch):
             "attack": "attack ok",
             "inward": "inward ok (19 dtypes x layouts)",
             "disagree": "disagree ok",
+            "fsdp_unsharded": "fsdp2 unsharded ok",
             "dcp": "dcp ok",  # rank-0-only work on plain tensors sharing SPEC's bound tensor
             "compiled_kernel": "compiled kernel ok",
             # after everything else: rank 0's plan cache once lost the FSDP2 plan to the

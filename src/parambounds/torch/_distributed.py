@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import sys
+import weakref
 from typing import Any
 
 import torch
@@ -41,6 +43,7 @@ __all__ = [
     "clamp_",
     "combine",
     "cost_layout",
+    "fsdp_originals",
     "full_bound",
     "is_dtensor",
     "is_partial",
@@ -210,6 +213,49 @@ def map_local(b: Any, fn: Any) -> Any:
         shape=d.shape,
         stride=d.stride(),
     )
+
+
+#: Per module: (the leaves last looked at, their FSDP2 originals by leaf index).
+_ORIGINALS: weakref.WeakKeyDictionary[Any, tuple[list[Any], dict[int, Any]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def fsdp_originals(model: Any, leaves: list[Any]) -> dict[int, Any]:
+    """The sharded parameters behind the copies FSDP2 has registered in their place.
+
+    Between FSDP2's all-gather and its reshard (after a forward pass that does not
+    reshard: the root module by default, ``reshard_after_forward=False`` or an int),
+    a module holds an unsharded copy of each of its parameters (a plain tensor, or a
+    DTensor on a smaller mesh); the optimizer and the checkpoint hold the sharded
+    ``DTensor``. Returns ``{leaf index: sharded parameter}`` for every leaf of
+    ``model.named_parameters()`` that is such a copy; empty when FSDP2 is not in use.
+    Looked up again only when the leaves change (FSDP2 swaps the registered tensors).
+    """
+    if "torch.distributed.fsdp" not in sys.modules:  # never imported: no FSDP2 module
+        return {}
+    seen = _ORIGINALS.get(model)
+    if seen is not None and seen[0] is leaves:
+        return seen[1]
+    from torch.distributed.fsdp import FSDPModule
+
+    behind: dict[int, Any] = {}
+    for module in model.modules():
+        if not isinstance(module, FSDPModule):
+            continue
+        state: Any = module._get_fsdp_state()
+        groups = getattr(state, "_fsdp_param_groups", None)
+        if groups is None:  # torch before 2.9: one group per module
+            groups = [g for g in [state._fsdp_param_group] if g is not None]
+        for group in groups:
+            for fp in group.fsdp_params:
+                info = fp._module_info
+                registered = info.module._parameters.get(info.param_name)
+                if registered is not None and registered is not fp.sharded_param:
+                    behind[id(registered)] = fp.sharded_param
+    found = {i: behind[id(x)] for i, x in enumerate(leaves) if id(x) in behind}
+    _ORIGINALS[model] = (leaves, found)
+    return found
 
 
 def order_violation(lo: Any, hi: Any, x: Any) -> tuple[int, tuple[int, ...], float, float] | None:

@@ -18,6 +18,7 @@ from ..matching import Resolved, Spec, match_indices, with_pattern
 from ..report import Report
 from ._constraints import project_plan_, projection, reparametrize_plan_, run_projection_
 from ._cost import tree_cost
+from ._distributed import fsdp_originals
 from ._plan import Plan, get_plan
 from ._report import compute_report
 from ._trees import flatten
@@ -119,8 +120,16 @@ def cost(bounds: Spec, model: Model) -> Tensor:
 
 
 def project_(bounds: Spec, model: Model) -> None:
-    """Clamp every bounded parameter into its bounds, in place."""
+    """Clamp every bounded parameter into its bounds, in place.
+
+    Under FSDP2, a module whose parameters are unsharded (after a forward pass that did
+    not reshard) has both its copies and the sharded parameters behind them clamped.
+    """
     got, leaves, resolved = plan(bounds, model)
+    if isinstance(model, torch.nn.Module):
+        originals = fsdp_originals(model, leaves)
+        if originals:
+            _project_originals(originals, resolved)
     seen = _PARAMS.get(model) if isinstance(model, torch.nn.Module) else None
     if seen is None or seen[3][1] is not leaves:  # a state_dict, or parametrized values
         project_plan_(got, leaves, list(resolved.names))
@@ -133,6 +142,19 @@ def project_(bounds: Spec, model: Model) -> None:
         project_plan_(got, leaves, list(resolved.names))
     else:
         run_projection_(steps[1])
+
+
+def _project_originals(originals: dict[int, Tensor], resolved: Resolved) -> None:
+    """Clamp FSDP2's sharded parameters (by leaf index) under their copies' bounds."""
+    sharded = {resolved.names[i]: x for i, x in sorted(originals.items())}
+    lower = {name: resolved.lower[name] for name in sharded}
+    upper = {name: resolved.upper[name] for name in sharded}
+    treedef, leaves = flatten(sharded)
+    try:
+        got = get_plan(sharded, treedef, leaves, lower, upper)
+    except BoundsError as err:
+        raise with_pattern(err, resolved) from None
+    project_plan_(got, leaves, list(sharded))
 
 
 def attach(bounds: Spec, optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> Any:
