@@ -822,6 +822,47 @@ def scenario_fsdp_unsharded(mesh):
     print(f"rank {dist.get_rank()}: fsdp2 unsharded ok", flush=True)
 
 
+def scenario_loss_parallel(mesh):
+    """``loss + bounds.cost(model)`` where ``loss`` is a Replicate DTensor from
+    ``loss_parallel()`` (issue 23, item 5): gradients equal the float64 reference."""
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        loss_parallel,
+        parallelize_module,
+    )
+
+    def make():
+        torch.manual_seed(0)
+        m = torch.nn.Linear(4, 6).double()
+        m.extra = torch.nn.Parameter(torch.linspace(-1.0, 1.0, 3, dtype=torch.float64))
+        return m
+
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(8, 4, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 6, (8,), generator=g)
+    for spec in (
+        {"weight": (-0.2, 0.2), "bias": (None, 0.1), "extra": (0.0, 0.5)},  # DTensors, plain
+        {"extra": (0.0, 0.5)},  # only a plain parameter, next to a DTensor loss
+    ):
+        bounds = Bounds(spec)
+        ref = make()
+        model = make()
+        parallelize_module(model, mesh, ColwiseParallel(use_local_output=False))
+        with loss_parallel():
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            assert isinstance(loss, DTensor), type(loss)
+            (loss + bounds.cost(model)).backward()
+        expected = torch.nn.functional.cross_entropy(ref(x), y) + bounds.cost(ref)
+        expected.backward()
+        torch.testing.assert_close(
+            (loss + bounds.cost(model)).full_tensor(), expected, msg=str(spec)
+        )
+        for (name, p), (_, rp) in zip(model.named_parameters(), ref.named_parameters()):
+            grad = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
+            torch.testing.assert_close(grad, rp.grad, msg=f"{spec}: {name}")
+    print(f"rank {dist.get_rank()}: loss_parallel ok", flush=True)
+
+
 def scenario_hsdp(_mesh):
     """HSDP: FSDP2 on a 2-D (replicate, shard) mesh, trained a few steps with ``attach``."""
     from torch.distributed.fsdp import fully_shard

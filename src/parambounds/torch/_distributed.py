@@ -29,7 +29,7 @@ import functools
 import hashlib
 import sys
 import weakref
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -438,6 +438,8 @@ class _SumAcross(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Any, ...]:
+        if is_dtensor(grad):  # the cost added to a DTensor loss (loss_parallel): Replicate
+            grad = cast(Any, grad).full_tensor()
         return (None, None, *(grad.to(dtype) for dtype in ctx.dtypes))
 
 
