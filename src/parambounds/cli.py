@@ -359,8 +359,12 @@ def _terminate(signum: int, frame: Any) -> None:  # noqa: ARG001
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the command line; return the exit code."""
-    args = build_parser().parse_args(argv)
+    """Run the command line; return the exit code (no command at all: the help, and 0)."""
+    parser = build_parser()
+    if not (sys.argv[1:] if argv is None else argv):  # as pip and most argparse tools do
+        parser.print_help()
+        return 0
+    args = parser.parse_args(argv)
     if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:  # a kill cleans up its temp file
         signal.signal(signal.SIGTERM, _terminate)
     try:

@@ -24,11 +24,12 @@ value and the slope share work, ``value_and_slope``) registered in :data:`PENALT
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from .errors import BoundsError
 
 if TYPE_CHECKING:
+    import torch
     from torch import Tensor
 
 __all__ = ["PENALTIES", "Penalty", "get_penalty", "overflow_threshold", "threshold_for_max"]
@@ -45,7 +46,7 @@ def threshold_for_max(finfo_max: float) -> float:
     return 0.9 * math.log(finfo_max)
 
 
-def overflow_threshold(dtype: Any) -> float:
+def overflow_threshold(dtype: torch.dtype) -> float:
     r"""Excess past which exponential penalties continue linearly.
 
     .. math:: T = 0.9 \log(\mathrm{finfo}(\mathrm{dtype}).\mathrm{max})

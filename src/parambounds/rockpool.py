@@ -1,9 +1,9 @@
 r"""Rockpool's ``rockpool.training.torch_loss``, exactly: change one import line.
 
-.. code-block:: python
-
-    # from rockpool.training.torch_loss import bounds_cost, make_bounds
-    from parambounds.rockpool import bounds_cost, make_bounds
+```python
+# from rockpool.training.torch_loss import bounds_cost, make_bounds
+from parambounds.rockpool import bounds_cost, make_bounds
+```
 
 :func:`bounds_cost`, :func:`make_bounds`, :func:`summed_exp_boundary_loss` and
 :class:`ParameterBoundaryRegularizer` take the same arguments and return the same kinds

@@ -16,7 +16,7 @@ import sys
 import weakref
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Union, overload
 
 from ._backends import get_backend
 from .errors import BoundsError, BoundsViolationError, number_bound, order_error
@@ -24,11 +24,27 @@ from .matching import Resolved, match_indices, unused_message
 from .penalties import Penalty, get_penalty
 from .report import Report
 
-__all__ = ["Bounds", "Model"]
+if TYPE_CHECKING:  # for the annotations only: the core never imports a framework
+    from typing import TypeAlias
 
-#: What bounds apply to: a torch module (its ``named_parameters()``), a flat mapping of
-#: names to tensors such as a ``state_dict``, or a JAX pytree.
-Model = Any
+    import jax
+    import torch
+    from torch.utils.hooks import RemovableHandle
+
+__all__ = ["Bounds", "Model", "PyTree"]
+
+PyTree: TypeAlias = Any
+"""A JAX pytree: nested dicts, lists, tuples and registered nodes with arrays as leaves.
+
+Its structure is open-ended, so a type checker sees ``Any``.
+"""
+
+Model: TypeAlias = Union["torch.nn.Module", Mapping[str, "torch.Tensor"], PyTree]
+"""What bounds apply to.
+
+A torch module (bounded by the names of ``named_parameters()``), a flat mapping of names
+to tensors such as a ``state_dict``, or a JAX pytree (`PyTree`, names joined with dots).
+"""
 
 
 def _is_array(b: Any) -> bool:
@@ -152,13 +168,13 @@ class Bounds:
     def from_toml(cls, path: str | Path, *, strict: bool = True) -> Bounds:
         """Load bounds from a TOML file.
 
-        .. code-block:: toml
-
-            penalty = "exp"            # optional
-            [bounds]
-            "*.tau_mem"      = [0.001, 0.1]
-            "*.threshold"    = { lower = 0.0 }
-            "readout.weight" = { lower = -1.0, upper = 1.0 }
+        ```toml
+        penalty = "exp"            # optional
+        [bounds]
+        "*.tau_mem"      = [0.001, 0.1]
+        "*.threshold"    = { lower = 0.0 }
+        "readout.weight" = { lower = -1.0, upper = 1.0 }
+        ```
 
         ``inf`` and ``-inf`` are TOML literals; an open side is left out of the table.
 
@@ -252,9 +268,20 @@ class Bounds:
 
     # ------------------------------------------------------------ the three uses
 
-    def cost(self, model: Model) -> Any:
-        """The penalty of every bounded parameter, as :func:`~parambounds.bounds_cost`."""
-        return get_backend(model).cost(self, model)
+    @overload
+    def cost(self, model: torch.nn.Module | Mapping[str, torch.Tensor]) -> torch.Tensor: ...
+
+    @overload
+    def cost(self, model: PyTree) -> jax.Array: ...
+
+    def cost(self, model: Model) -> torch.Tensor | jax.Array:
+        """The penalty of every bounded parameter, as :func:`~parambounds.bounds_cost`.
+
+        Returns:
+            a scalar of the parameters' framework (a torch tensor or a JAX array), to add
+            to the loss; differentiable.
+        """
+        return get_backend(model).cost(self, model)  # type: ignore[no-any-return]
 
     def project_(self, model: Model) -> None:
         """Clamp every bounded parameter into its bounds, in place and without autograd.
@@ -264,7 +291,7 @@ class Bounds:
         """
         get_backend(model).project_(self, model)
 
-    def project(self, tree: Model) -> Any:
+    def project(self, tree: PyTree) -> PyTree:
         """Return a new JAX pytree with every bounded leaf clipped into its bounds.
 
         The projection for immutable arrays (torch modules use :meth:`project_`):
@@ -273,7 +300,7 @@ class Bounds:
         """
         return get_backend(tree).project(self, tree)
 
-    def unconstrain(self, tree: Model) -> Any:
+    def unconstrain(self, tree: PyTree) -> PyTree:
         r"""The unconstrained JAX pytree ``z`` with ``constrain(z) == tree``.
 
         Bounded leaves get the transforms of :meth:`reparametrize_`, element by element
@@ -284,7 +311,7 @@ class Bounds:
         """
         return get_backend(tree).unconstrain(self, tree)
 
-    def constrain(self, z: Model) -> Any:
+    def constrain(self, z: PyTree) -> PyTree:
         """Map an unconstrained JAX pytree into the bounds (inverse of :meth:`unconstrain`).
 
         Inside the bounds for every finite ``z``; differentiable, and traceable by
@@ -292,15 +319,16 @@ class Bounds:
         """
         return get_backend(z).constrain(self, z)
 
-    def attach(self, optimizer: Any, model: Any) -> Any:
-        """Project ``model`` after every ``optimizer.step()``.
+    def attach(self, optimizer: torch.optim.Optimizer, model: Model) -> RemovableHandle:
+        """Project ``model`` after every ``optimizer.step()`` (torch).
 
         Returns:
-            a handle; ``handle.remove()`` stops the projection.
+            the optimizer's step-hook handle (``torch.utils.hooks.RemovableHandle``):
+            ``handle.remove()`` stops the projection.
         """
-        return get_backend(model).attach(self, optimizer, model)
+        return get_backend(model).attach(self, optimizer, model)  # type: ignore[no-any-return]
 
-    def reparametrize_(self, model: Any) -> Any:
+    def reparametrize_(self, model: torch.nn.Module) -> torch.nn.Module:
         r"""Make every bounded parameter a smooth function of an unconstrained one.
 
         Registers ``torch.nn.utils.parametrize`` parametrizations: two-sided bounds use
