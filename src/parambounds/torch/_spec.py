@@ -48,11 +48,16 @@ framework_name = "torch"
 Model = torch.nn.Module | Mapping[str, Tensor]
 
 
-#: Inside ``torch.compile``: run the (untraceable) ``fnmatch`` matching when tracing,
-#: and keep its result (a tuple of integers) as a constant of the graph.
-@torch.compiler.assume_constant_result
 def _constant_match(patterns: tuple[str, ...], names: tuple[str, ...]) -> tuple[int, ...]:
     return match_indices(patterns, names)
+
+
+#: Inside ``torch.compile``: run the (untraceable) ``fnmatch`` matching when tracing,
+#: and keep its result (a tuple of integers) as a constant of the graph. This is all
+#: that ``torch.compiler.assume_constant_result`` does, without the import of
+#: ``torch._dynamo`` (~300 modules) it makes, which a user who never compiles should not
+#: pay (``tests/test_imports.py`` checks the two agree).
+_constant_match._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 def is_appropriate_type(tree: Any) -> bool:
