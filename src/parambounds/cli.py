@@ -92,7 +92,9 @@ def _inspect(args: argparse.Namespace) -> _Loaded:
     try:
         # names only: plain Python, no torch backend (nor its import) needed
         resolved = bounds._match(tuple([*ckpt.derived, *ckpt.tensors]))
-        targets = make_targets(resolved.lower, resolved.upper, ckpt.tensors, ckpt.derived)
+        targets = make_targets(
+            resolved.lower, resolved.upper, ckpt.tensors, ckpt.derived, ckpt.loaded_as
+        )
     except BoundsError as err:
         raise BoundsError(_with_file(err, ckpt.path)) from None
     unmatched = [p for p in bounds.spec if not any(fnmatchcase(n, p) for n in names)]
