@@ -6,6 +6,7 @@ here.
 """
 
 import io
+import os
 import pickle
 import zipfile
 from pathlib import Path
@@ -15,6 +16,8 @@ import pytest
 import torch
 
 from parambounds.cli import main
+
+from .conftest import inward_f32
 
 
 def run(capsys, *args):
@@ -178,3 +181,133 @@ def test_rockpool_json_is_clamped_to_values_inside_once_loaded_as_float32(tmp_pa
     (tmp_path / "at.json").write_text(raw)
     code, out, _ = run(capsys, "check", tmp_path / "at.json", "--bounds", tmp_path / "b.toml")
     assert code == 1, out
+
+
+# ------------------------------------------------------------------ 8. concurrent runs
+
+TOML = '[bounds]\n"*.tau_mem" = [0.005, 0.04]\n'
+CLAMPED = torch.tensor([inward_f32(0.005, "lower"), 0.02, inward_f32(0.04, "upper")])
+
+
+@pytest.fixture
+def tmp(tmp_path):
+    (tmp_path / "b.toml").write_text(TOML)
+    torch.save({"lif.tau_mem": torch.tensor([0.001, 0.02, 0.5])}, tmp_path / "m.pt")
+    return tmp_path
+
+
+def test_a_second_in_place_clamp_of_a_locked_file_refuses(tmp, capsys):
+    import fcntl
+
+    src = tmp / "m.pt"
+    before = snapshot(tmp)
+    with open(src, "rb") as held:  # another run holds the file
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        code, _, err = run(capsys, "clamp", src, "--bounds", tmp / "b.toml", "--in-place")
+    assert code == 2
+    assert "another run is writing it" in one_line(err)
+    assert snapshot(tmp) == before
+    code, _, err = run(capsys, "clamp", src, "--bounds", tmp / "b.toml", "--in-place")
+    assert code == 0, err  # released: the next run goes ahead
+    assert torch.equal(torch.load(src, weights_only=True)["lif.tau_mem"], CLAMPED)
+
+
+def test_concurrent_in_place_clamps_never_lose_one(tmp):
+    """Two real processes at once: each either applied its bounds or refused (exit 2)."""
+    import subprocess
+    import sys
+
+    (tmp / "lo.toml").write_text('[bounds]\n"*.tau_mem" = [0.01, 100.0]\n')
+    (tmp / "hi.toml").write_text('[bounds]\n"*.tau_mem" = [-100.0, 0.1]\n')
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    for _ in range(2):
+        torch.save({"lif.tau_mem": torch.tensor([0.001, 0.02, 0.5])}, tmp / "m.pt")
+        procs = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "parambounds",
+                    "clamp",
+                    str(tmp / "m.pt"),
+                    "--bounds",
+                    str(tmp / b),
+                    "--in-place",
+                ],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            )
+            for b in ("lo.toml", "hi.toml")
+        ]
+        codes = [p.wait(timeout=120) for p in procs]
+        errs = [p.stderr.read().decode() for p in procs]
+        for p in procs:
+            p.stdout.close()
+            p.stderr.close()
+        assert all(c in (0, 2) for c in codes), errs
+        got = torch.load(tmp / "m.pt", weights_only=True)["lif.tau_mem"]
+        want = torch.tensor([0.001, 0.02, 0.5])
+        if codes[0] == 0:
+            want = want.clamp(min=inward_f32(0.01, "lower"))
+        if codes[1] == 0:
+            want = want.clamp(max=inward_f32(0.1, "upper"))
+        assert torch.equal(got, want), (codes, errs, got)
+
+
+# ------------------------------------------------------------------ 13. dangling symlink
+
+
+def test_output_through_a_dangling_symlink_is_refused_without_force(tmp, capsys):
+    link = tmp / "out.pt"
+    link.symlink_to(tmp / "elsewhere.pt")
+    before = snapshot(tmp)
+    code, _, err = run(capsys, "clamp", tmp / "m.pt", "--bounds", tmp / "b.toml", "-o", link)
+    assert code == 2 and "dangling symlink" in one_line(err)
+    assert snapshot(tmp) == before and not (tmp / "elsewhere.pt").exists()
+    code, _, err = run(
+        capsys, "clamp", tmp / "m.pt", "--bounds", tmp / "b.toml", "-o", link, "--force"
+    )
+    assert code == 0, err  # --force replaces the link itself, as cp -f does
+    assert not link.is_symlink() and not (tmp / "elsewhere.pt").exists()
+    got = torch.load(link, weights_only=True)["lif.tau_mem"]
+    assert torch.equal(got, CLAMPED)
+
+
+# ------------------------------------------------------------------ DCP folders
+
+
+def dcp_save(path, sd):
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save(sd, checkpoint_id=str(path), no_dist=True)
+
+
+def dcp_state():
+    return {"model": {"layer": {"w": torch.tensor([-2.0, 0.5, 3.0]), "n": torch.arange(3)}}}
+
+
+@pytest.mark.parametrize("what", ["dcp", "folder"])
+def test_dcp_output_onto_an_existing_folder_needs_force(tmp_path, capsys, what):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    dcp_save(src, dcp_state())
+    if what == "dcp":
+        dcp_save(dst, {"other": torch.ones(2)})
+    else:
+        dst.mkdir()
+        (dst / "notes.txt").write_text("mine")
+    (tmp_path / "b.toml").write_text('[bounds]\n"*.w" = [0.0, 1.0]\n')
+    before = snapshot(tmp_path)
+    code, _, err = run(capsys, "clamp", src, "--bounds", tmp_path / "b.toml", "-o", dst)
+    assert code == 2 and "exists; give --force" in one_line(err)
+    assert snapshot(tmp_path) == before
+    code, _, err = run(capsys, "clamp", src, "--bounds", tmp_path / "b.toml", "-o", dst, "--force")
+    if what == "folder":  # even with --force, only a DCP checkpoint is replaced
+        assert code == 2 and "is a directory" in one_line(err)
+        assert snapshot(tmp_path) == before
+    else:
+        assert code == 0, err
