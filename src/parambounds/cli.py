@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import signal
 import sys
 import warnings
@@ -92,7 +93,9 @@ def _inspect(args: argparse.Namespace) -> _Loaded:
     try:
         # names only: plain Python, no torch backend (nor its import) needed
         resolved = bounds._match(tuple([*ckpt.derived, *ckpt.tensors]))
-        targets = make_targets(resolved.lower, resolved.upper, ckpt.tensors, ckpt.derived)
+        targets = make_targets(
+            resolved.lower, resolved.upper, ckpt.tensors, ckpt.derived, ckpt.loaded_as
+        )
     except BoundsError as err:
         raise BoundsError(_with_file(err, ckpt.path)) from None
     unmatched = [p for p in bounds.spec if not any(fnmatchcase(n, p) for n in names)]
@@ -176,6 +179,13 @@ def _output(args: argparse.Namespace) -> Path:
     if args.output == "":
         raise BoundsError("-o: the output path is empty")
     target = Path(args.output)
+    if target.is_symlink() and not target.exists():  # as GNU cp: never create its target
+        if not args.force:
+            raise BoundsError(
+                f"{target}: a dangling symlink; not writing through it (give --force to "
+                "replace the link itself with the clamped copy)"
+            )
+        return Path(os.path.abspath(target))  # the rename replaces the link, not its target
     if target.exists():
         if source.exists() and target.samefile(source):
             raise BoundsError(
@@ -184,7 +194,7 @@ def _output(args: argparse.Namespace) -> Path:
             )
         if Path(args.bounds).exists() and target.samefile(args.bounds):
             raise BoundsError(f"{target}: refusing to overwrite the bounds file")
-        if not args.force and not target.is_dir():
+        if not args.force:  # a file or a folder (a DCP checkpoint): never without --force
             raise BoundsError(f"{target}: exists; give --force to replace it")
     return resolve_target(target)
 
@@ -209,9 +219,16 @@ def _refuse_conflicting_aliases(loaded: _Loaded) -> None:
 
 def cmd_clamp(args: argparse.Namespace) -> int:
     """Write a copy of a checkpoint with every bounded tensor clamped into its bounds."""
-    from .checkpoints import save_checkpoint, scan_targets
+    from .checkpoints import lock_target
 
     target = _output(args)
+    with lock_target(target):  # a second run on the same target refuses: nothing lost
+        return _clamp(args, target)
+
+
+def _clamp(args: argparse.Namespace, target: Path) -> int:
+    from .checkpoints import save_checkpoint, scan_targets
+
     loaded = _inspect(args)
     _refuse_conflicting_aliases(loaded)
     ckpt = loaded.ckpt

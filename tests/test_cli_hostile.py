@@ -1,0 +1,313 @@
+"""The command line attacked as a hostile user would (issue #22): byte order, bounds at
+the dtype's edge, Rockpool's float32 cast, concurrent runs, paths, DCP folders.
+
+Every writer is checked against the format's own loader and a plain reference computed
+here.
+"""
+
+import io
+import os
+import pickle
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from parambounds.cli import main
+
+from .conftest import inward_f32
+
+
+def run(capsys, *args):
+    code = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def one_line(err):
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    assert lines[0].startswith("parambounds: error: ")
+    return lines[0]
+
+
+def snapshot(folder: Path):
+    return {
+        p.relative_to(folder): p.read_bytes() if p.is_file() else None
+        for p in sorted(folder.rglob("*"))
+    }
+
+
+# ------------------------------------------------------------------ 1. big-endian .pt
+
+_ITEMSIZE = {
+    "HalfStorage": 2,
+    "BFloat16Storage": 2,
+    "FloatStorage": 4,
+    "DoubleStorage": 8,
+    "LongStorage": 8,
+    "IntStorage": 4,
+    "ShortStorage": 2,
+}
+
+
+def _anything(*args, **kwargs):  # noqa: ARG001
+    return None
+
+
+def _storage_sizes(pkl: bytes) -> dict[str, int]:
+    """Storage key -> element size, read from the pickle's persistent ids (plain Python)."""
+    sizes: dict[str, int] = {}
+
+    class Reader(pickle.Unpickler):
+        def find_class(self, module, name):
+            if module == "collections" and name == "OrderedDict":
+                return dict
+            if name.endswith("Storage"):
+                return name
+            return _anything
+
+        def persistent_load(self, pid):
+            sizes[pid[2]] = _ITEMSIZE[pid[1]]
+
+    Reader(io.BytesIO(pkl)).load()
+    return sizes
+
+
+def to_big_endian(src: Path, dst: Path) -> None:
+    """What ``torch.save`` writes on s390x: every storage byte-swapped, record ``big``."""
+    with zipfile.ZipFile(src) as z:
+        pkl_name = next(n for n in z.namelist() if n.endswith("/data.pkl"))
+        sizes = _storage_sizes(z.read(pkl_name))
+        with zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as out:
+            for info in z.infolist():
+                data = z.read(info)
+                base, _, leaf = info.filename.rpartition("/")
+                if leaf == "byteorder":
+                    data = b"big"
+                elif base.endswith("/data") and leaf in sizes:
+                    k = sizes[leaf]
+                    data = np.frombuffer(data, np.uint8).reshape(-1, k)[:, ::-1].tobytes()
+                out.writestr(info, data)
+
+
+def test_big_endian_pt_is_clamped_in_its_own_byte_order(tmp_path, capsys):
+    state = {
+        "a.w16": torch.tensor([-3.0, 0.5, 7.0], dtype=torch.float16),
+        "a.w32": torch.tensor([-3.0, 0.5, 7.0, 0.25], dtype=torch.float32),
+        "a.w64": torch.tensor([[9.0, -0.5], [0.125, 2.0]], dtype=torch.float64),
+        "a.wbf": torch.tensor([5.0, 0.5], dtype=torch.bfloat16),
+        "a.steps": torch.tensor([1, 2, 300], dtype=torch.int64),
+        "a.idx": torch.tensor([7, -8], dtype=torch.int32),
+    }
+    torch.save(state, tmp_path / "le.pt")
+    src = tmp_path / "be.pt"
+    to_big_endian(tmp_path / "le.pt", src)
+    loaded = torch.load(src, weights_only=True)  # the fixture itself is right
+    for k, v in state.items():
+        assert torch.equal(loaded[k], v), k
+    (tmp_path / "b.toml").write_text('[bounds]\n"a.w*" = [0.0, 1.0]\n')
+    before = src.read_bytes()
+    code, _, err = run(
+        capsys, "clamp", src, "--bounds", tmp_path / "b.toml", "-o", tmp_path / "out.pt"
+    )
+    assert code == 0, err
+    assert src.read_bytes() == before
+    out = torch.load(tmp_path / "out.pt", weights_only=True)
+    for k, v in state.items():
+        want = v.clamp(0.0, 1.0) if k.startswith("a.w") else v
+        assert out[k].dtype == v.dtype and torch.equal(out[k], want), (k, out[k])
+    code, _, err = run(capsys, "check", tmp_path / "out.pt", "--bounds", tmp_path / "b.toml")
+    assert code == 0, err
+
+
+# ------------------------------------------------------------------ 6. bound = dtype max
+
+
+@pytest.mark.parametrize(
+    ("dtype", "upper"),
+    [
+        (torch.float16, "65504.0"),
+        (torch.float32, "3.4028234663852886e38"),
+        (torch.bfloat16, "3.3895313892515355e38"),
+    ],
+)
+def test_a_bound_at_the_dtype_maximum_is_a_bound(tmp_path, capsys, dtype, upper):
+    big = torch.finfo(dtype).max
+    assert float(upper) == big
+    torch.save(
+        {"w": torch.tensor([1.0, float("inf"), -float("inf")], dtype=dtype)}, tmp_path / "m.pt"
+    )
+    (tmp_path / "b.toml").write_text(f'[bounds]\n"w" = [-{upper}, {upper}]\n')
+    code, out, _ = run(capsys, "check", tmp_path / "m.pt", "--bounds", tmp_path / "b.toml")
+    assert code == 1, out
+    code, _, err = run(
+        capsys, "clamp", tmp_path / "m.pt", "--bounds", tmp_path / "b.toml", "-o", tmp_path / "o.pt"
+    )
+    assert code == 0, err
+    got = torch.load(tmp_path / "o.pt", weights_only=True)["w"]
+    assert torch.equal(got, torch.tensor([1.0, big, -big], dtype=dtype))
+
+
+# ------------------------------------------------------------------ 7. Rockpool float32
+
+
+def test_rockpool_json_is_clamped_to_values_inside_once_loaded_as_float32(tmp_path, capsys):
+    from rockpool.nn.combinators import Sequential
+    from rockpool.nn.modules import LIFTorch, LinearTorch
+
+    net = Sequential(LinearTorch((2, 3)), LIFTorch(3, tau_mem=0.5, tau_syn=0.02))
+    src = tmp_path / "net.json"
+    net.save(str(src))
+    (tmp_path / "b.toml").write_text('[bounds]\n"*.tau_mem" = [0.001, 0.1]\n')
+    dst = tmp_path / "c.json"
+    code, _, err = run(capsys, "clamp", src, "--bounds", tmp_path / "b.toml", "-o", dst)
+    assert code == 0, err
+    fresh = Sequential(LinearTorch((2, 3)), LIFTorch(3))
+    fresh.load(str(dst))
+    got = fresh[1].tau_mem.detach()
+    assert got.dtype == torch.float32
+    below = np.nextafter(np.float32(0.1), np.float32(0))  # the largest float32 <= 0.1
+    assert float(below) <= 0.1 < float(np.float32(0.1))
+    assert torch.all(got.double() <= 0.1) and torch.all(got == torch.tensor(below))
+    code, _, err = run(capsys, "check", dst, "--bounds", tmp_path / "b.toml")
+    assert code == 0, err
+    # a file holding 0.1 loads as 0.10000000149: outside, and check says so
+    raw = src.read_text().replace('"tau_mem": "0.5"', '"tau_mem": "0.1"')
+    assert '"tau_mem": "0.1"' in raw
+    (tmp_path / "at.json").write_text(raw)
+    code, out, _ = run(capsys, "check", tmp_path / "at.json", "--bounds", tmp_path / "b.toml")
+    assert code == 1, out
+
+
+# ------------------------------------------------------------------ 8. concurrent runs
+
+TOML = '[bounds]\n"*.tau_mem" = [0.005, 0.04]\n'
+CLAMPED = torch.tensor([inward_f32(0.005, "lower"), 0.02, inward_f32(0.04, "upper")])
+
+
+@pytest.fixture
+def tmp(tmp_path):
+    (tmp_path / "b.toml").write_text(TOML)
+    torch.save({"lif.tau_mem": torch.tensor([0.001, 0.02, 0.5])}, tmp_path / "m.pt")
+    return tmp_path
+
+
+def test_a_second_in_place_clamp_of_a_locked_file_refuses(tmp, capsys):
+    import fcntl
+
+    src = tmp / "m.pt"
+    before = snapshot(tmp)
+    with open(src, "rb") as held:  # another run holds the file
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        code, _, err = run(capsys, "clamp", src, "--bounds", tmp / "b.toml", "--in-place")
+    assert code == 2
+    assert "another run is writing it" in one_line(err)
+    assert snapshot(tmp) == before
+    code, _, err = run(capsys, "clamp", src, "--bounds", tmp / "b.toml", "--in-place")
+    assert code == 0, err  # released: the next run goes ahead
+    assert torch.equal(torch.load(src, weights_only=True)["lif.tau_mem"], CLAMPED)
+
+
+def test_concurrent_in_place_clamps_never_lose_one(tmp):
+    """Two real processes at once: each either applied its bounds or refused (exit 2)."""
+    import subprocess
+    import sys
+
+    (tmp / "lo.toml").write_text('[bounds]\n"*.tau_mem" = [0.01, 100.0]\n')
+    (tmp / "hi.toml").write_text('[bounds]\n"*.tau_mem" = [-100.0, 0.1]\n')
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    for _ in range(2):
+        torch.save({"lif.tau_mem": torch.tensor([0.001, 0.02, 0.5])}, tmp / "m.pt")
+        procs = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "parambounds",
+                    "clamp",
+                    str(tmp / "m.pt"),
+                    "--bounds",
+                    str(tmp / b),
+                    "--in-place",
+                ],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            )
+            for b in ("lo.toml", "hi.toml")
+        ]
+        codes = [p.wait(timeout=120) for p in procs]
+        errs = [p.stderr.read().decode() for p in procs]
+        for p in procs:
+            p.stdout.close()
+            p.stderr.close()
+        assert all(c in (0, 2) for c in codes), errs
+        got = torch.load(tmp / "m.pt", weights_only=True)["lif.tau_mem"]
+        want = torch.tensor([0.001, 0.02, 0.5])
+        if codes[0] == 0:
+            want = want.clamp(min=inward_f32(0.01, "lower"))
+        if codes[1] == 0:
+            want = want.clamp(max=inward_f32(0.1, "upper"))
+        assert torch.equal(got, want), (codes, errs, got)
+
+
+# ------------------------------------------------------------------ 13. dangling symlink
+
+
+def test_output_through_a_dangling_symlink_is_refused_without_force(tmp, capsys):
+    link = tmp / "out.pt"
+    link.symlink_to(tmp / "elsewhere.pt")
+    before = snapshot(tmp)
+    code, _, err = run(capsys, "clamp", tmp / "m.pt", "--bounds", tmp / "b.toml", "-o", link)
+    assert code == 2 and "dangling symlink" in one_line(err)
+    assert snapshot(tmp) == before and not (tmp / "elsewhere.pt").exists()
+    code, _, err = run(
+        capsys, "clamp", tmp / "m.pt", "--bounds", tmp / "b.toml", "-o", link, "--force"
+    )
+    assert code == 0, err  # --force replaces the link itself, as cp -f does
+    assert not link.is_symlink() and not (tmp / "elsewhere.pt").exists()
+    got = torch.load(link, weights_only=True)["lif.tau_mem"]
+    assert torch.equal(got, CLAMPED)
+
+
+# ------------------------------------------------------------------ DCP folders
+
+
+def dcp_save(path, sd):
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save(sd, checkpoint_id=str(path), no_dist=True)
+
+
+def dcp_state():
+    return {"model": {"layer": {"w": torch.tensor([-2.0, 0.5, 3.0]), "n": torch.arange(3)}}}
+
+
+@pytest.mark.parametrize("what", ["dcp", "folder"])
+def test_dcp_output_onto_an_existing_folder_needs_force(tmp_path, capsys, what):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    dcp_save(src, dcp_state())
+    if what == "dcp":
+        dcp_save(dst, {"other": torch.ones(2)})
+    else:
+        dst.mkdir()
+        (dst / "notes.txt").write_text("mine")
+    (tmp_path / "b.toml").write_text('[bounds]\n"*.w" = [0.0, 1.0]\n')
+    before = snapshot(tmp_path)
+    code, _, err = run(capsys, "clamp", src, "--bounds", tmp_path / "b.toml", "-o", dst)
+    assert code == 2 and "exists; give --force" in one_line(err)
+    assert snapshot(tmp_path) == before
+    code, _, err = run(capsys, "clamp", src, "--bounds", tmp_path / "b.toml", "-o", dst, "--force")
+    if what == "folder":  # even with --force, only a DCP checkpoint is replaced
+        assert code == 2 and "is a directory" in one_line(err)
+        assert snapshot(tmp_path) == before
+    else:
+        assert code == 0, err
