@@ -503,3 +503,61 @@ def test_bad_leak_mode_and_quantizer_and_model():
 def test_a_preset_matches_networks_without_lif_layers():
     net = torch.nn.Linear(2, 2)
     bounds_for("xylo-audio-2", dt=DT).project_(net)  # nothing to bound, no error
+
+
+# -- the command line --------------------------------------------------------------------
+
+
+def run_cli(capsys, *argv):
+    from parambounds.cli import main
+
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_check_device_exit_codes(tmp_path, capsys):
+    good, bad = tmp_path / "good.pt", tmp_path / "bad.pt"
+    torch.save(net_torch().state_dict(), good)
+    torch.save(net_torch(tau_mem=[1e-3, 0.01, 0.01, 0.01]).state_dict(), bad)
+    code, out, _ = run_cli(capsys, "check", str(good), "--device", "xylo-audio-2", "--dt", "1e-3")
+    assert code == 0 and out.startswith(
+        "xylo-audio-2 at dt=0.001 s (global quantization): deployable"
+    )
+    code, out, _ = run_cli(capsys, "check", str(bad), "--device", "xylo-imu", "--dt", "1e-3")
+    assert code == 1 and "error [time-constant-above-dt] 1_LIFTorch.tau_mem" in out
+    code, out, _ = run_cli(
+        capsys, "check", str(bad), "--device", "xylo-imu", "--dt", "1e-3", "--json"
+    )
+    import json
+
+    data = json.loads(out)
+    assert code == 1 and data["ok"] is False and data["file"] == str(bad)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--device", "xylo"], "unknown device 'xylo'; known devices: xylo-audio-2, xylo-audio-3"),
+        (["--device", "xylo-imu"], "--device and --dt go together: give both"),
+        (["--dt", "1e-3"], "--device and --dt go together: give both"),
+        (["--device", "xylo-imu", "--dt", "0"], "dt must be a positive finite number"),
+        (["--device", "xylo-imu", "--dt", "1e-3", "--bounds", "b.toml"], "not both"),
+        ([], "give --bounds FILE, or --device NAME --dt SECONDS"),
+    ],
+)
+def test_cli_check_device_bad_input(tmp_path, capsys, args, message):
+    path = tmp_path / "m.pt"
+    torch.save(net_torch().state_dict(), path)
+    if args[:2] == ["--device", "xylo"]:
+        args = [*args, "--dt", "1e-3"]
+    code, out, err = run_cli(capsys, "check", str(path), *args)
+    assert code == 2 and out == "" and message in err and err.count("\n") == 1
+
+
+def test_cli_check_device_on_a_file_without_time_constants(tmp_path, capsys):
+    path = tmp_path / "lin.pt"
+    torch.save(torch.nn.Linear(2, 2).state_dict(), path)
+    code, _, err = run_cli(capsys, "check", str(path), "--device", "xylo-imu", "--dt", "1e-3")
+    assert code == 2
+    assert err.startswith(f"parambounds: error: {path}: no time constants to check for xylo-imu")

@@ -167,7 +167,13 @@ def deployability(
     if hasattr(model, "as_graph"):
         findings, checked, extra = _check_network(model, dev, dt, quantize)
     elif isinstance(model, Mapping):
-        findings, checked = _check_parameters(dict(_leaves(model)), dt), ["time constants"]
+        tensors = dict(_leaves(model))
+        if not any(name.rpartition(".")[2] in _TIME_CONSTANTS for name in tensors):
+            raise BoundsError(
+                f"no time constants to check for {dev.name}: no parameter named "
+                + ", ".join(f"*.{n}" for n in _TIME_CONSTANTS)
+            )
+        findings, checked = _check_parameters(tensors, dt), ["time constants"]
         extra = ["sizes, structure and quantization: a checkpoint does not hold the structure"]
     else:
         raise BoundsError(
@@ -253,6 +259,7 @@ def _tau_findings(tau: Any, dt: float, where: str, shown: str) -> list[Finding]:
     return findings
 
 
+_TIME_CONSTANTS = ("tau_mem", "tau_syn", "alpha", "beta", "dash_mem", "dash_syn")
 _LEAK_NAMES = {
     "taus": ("tau_mem", "tau_syn"),
     "decays": ("alpha", "beta"),
