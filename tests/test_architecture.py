@@ -22,6 +22,8 @@ CORE = {"__init__", "_backends", "errors", "matching", "penalties", "report", "s
 BELOW_BACKENDS = {"errors", "matching", "penalties", "report"}
 #: On top of the library; nothing in the library imports them.
 ON_TOP = {"cli", "demo", "__main__", "checkpoints"}
+#: On the core (they produce a ``Bounds``); only what is on top may import them.
+ON_CORE = {"devices"}
 MAX_TOP_LEVEL_MODULES = 14
 FRAMEWORKS = {"torch", "jax", "numpy", "jaxlib", "optax"}
 
@@ -161,3 +163,13 @@ def test_the_library_never_imports_the_command_line():
         if top(name) in ON_TOP:
             continue
         assert not {top(d) for d in deps} & ON_TOP, f"{name} imports {sorted(deps)}"
+
+
+def test_device_presets_sit_on_the_core_and_only_the_top_imports_them():
+    for name, deps in graph().items():
+        if top(name) in ON_TOP | ON_CORE:
+            continue
+        assert not {top(d) for d in deps} & ON_CORE, f"{name} imports {sorted(deps)}"
+    for name, deps in graph().items():
+        if top(name) in ON_CORE:
+            assert not {top(d) for d in deps} & (ON_TOP | {"torch", "jax"}), name

@@ -38,6 +38,7 @@ EXIT_OK, EXIT_OUTSIDE, EXIT_BAD_INPUT = 0, 1, 2
 _CHECK_EXAMPLE = """example:
   parambounds check model.pt --bounds bounds.toml
   parambounds check model.safetensors --bounds bounds.toml --json > report.json
+  parambounds check model.pt --device xylo-audio-2 --dt 1e-3
 
 exit codes: 0 everything inside, 1 something outside, 2 bad input"""
 
@@ -136,6 +137,11 @@ def cmd_check(args: argparse.Namespace) -> int:
     """Print the report of a checkpoint against a bounds file."""
     from .checkpoints import aliases, scan_targets
 
+    if args.device is not None or args.dt is not None:
+        return _check_device(args)
+    if args.bounds is None:
+        raise BoundsError("give --bounds FILE, or --device NAME --dt SECONDS")
+
     loaded = _inspect(args)
     try:
         if loaded.ckpt.format == "dcp":  # one tensor in memory at a time
@@ -162,6 +168,32 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(report)
         if loaded.unmatched:
             print("note: patterns that match nothing here: " + ", ".join(loaded.unmatched))
+    return EXIT_OK if report.ok else EXIT_OUTSIDE
+
+
+def _check_device(args: argparse.Namespace) -> int:
+    """``check --device``: the time constants of a checkpoint against a chip's export rules."""
+    from .devices import deployability
+
+    if args.bounds is not None:
+        raise BoundsError("give --bounds or --device, not both")
+    if args.device is None or args.dt is None:
+        raise BoundsError("--device and --dt go together: give both")
+    ckpt = _load_checkpoint(Path(args.checkpoint))
+    if ckpt.format == "dcp":  # lazy: read the tensors now
+        from .checkpoints import read_tensor
+
+        tensors = {n: read_tensor(ckpt, n) for n in ckpt.tensors}
+    else:
+        tensors = dict(ckpt.tensors)
+    try:
+        report = deployability(tensors, args.device, dt=args.dt)
+    except BoundsError as err:
+        raise BoundsError(_with_file(err, ckpt.path)) from None
+    if args.json:
+        print(json.dumps({"file": str(ckpt.path), "format": ckpt.format, **report.to_dict()}))
+    else:
+        print(report)
     return EXIT_OK if report.ok else EXIT_OUTSIDE
 
 
@@ -327,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         if name not in ("demo", "build-kernels"):
             p.add_argument("checkpoint", help="a .pt/.pth, .safetensors or Rockpool .json file")
-            p.add_argument("--bounds", required=True, metavar="FILE", help=_BOUNDS_HELP)
+            p.add_argument("--bounds", required=name != "check", metavar="FILE", help=_BOUNDS_HELP)
             p.add_argument(
                 "--allow-unmatched",
                 action="store_true",
@@ -339,6 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
         "check", "report bounded tensors outside their bounds", _CHECK_EXAMPLE, cmd_check
     )
     check.add_argument("--json", action="store_true", help="print the report as JSON instead")
+    check.add_argument("--device", metavar="NAME", help="check a chip's export rules instead "
+                       "(xylo-audio-2, xylo-audio-3, xylo-imu)")  # fmt: skip
+    check.add_argument("--dt", type=float, metavar="SECONDS", help="the time step, with --device")
 
     clamp = command("clamp", "write a copy clamped into the bounds", _CLAMP_EXAMPLE, cmd_clamp)
     clamp.add_argument("-o", "--output", metavar="OUT", help="where to write the clamped copy")
