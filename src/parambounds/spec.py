@@ -338,12 +338,80 @@ class Bounds:
         ``<module>.parametrizations.<name>.original`` (the unconstrained tensor) instead
         of ``<module>.<name>``; ``torch.nn.utils.parametrize.remove_parametrizations(
         module, name, leave_parametrized=True)`` turns it back into a plain parameter
-        holding the bounded value.
+        holding the bounded value. Before saving for someone who does not reparametrize
+        (``save_pretrained``, ``torch.save``, Rockpool's ``save``), call :meth:`bake_`.
 
         Returns:
             ``model``, modified in place.
         """
         return get_backend(model).reparametrize_(self, model)  # type: ignore[no-any-return]
+
+    def bake_(self, model: Any) -> Any:
+        """Undo :meth:`reparametrize_`, keeping the trained values: plain parameters again.
+
+        Every bounded parameter that :meth:`reparametrize_` changed becomes a plain
+        ``nn.Parameter`` under its original name, holding its current bounded value, so
+        ``state_dict()`` has the original keys and ``save_pretrained``/``from_pretrained``,
+        ``torch.save``/``load_state_dict`` and Rockpool's ``save``/``load`` round-trip
+        with the trained values. Parameters not reparametrized are left as they are.
+        The Parameter objects an optimizer holds (the unconstrained ``original`` tensors) now
+        hold the bounded values: to train on, build a new optimizer or
+        :meth:`reparametrize_` again.
+
+        Returns:
+            ``model``, modified in place.
+
+        Raises:
+            BoundsError: for a parameter with other parametrizations stacked on the
+                bounded one, naming it (nothing is changed), or a model that is not a
+                torch module.
+
+        Examples:
+            >>> import torch
+            >>> model = torch.nn.Linear(2, 1)
+            >>> bounds = Bounds({"weight": (-0.1, 0.1)})
+            >>> "weight" in bounds.reparametrize_(model).state_dict()
+            False
+            >>> sorted(bounds.bake_(model).state_dict())
+            ['bias', 'weight']
+        """
+        return _torch_only(model, "bake_").bake_(self, model)
+
+    def metrics(
+        self, model: Model, *, prefix: str = "bounds/", per_parameter: bool = True
+    ) -> dict[str, Any]:
+        """What to log each step: a flat dict of 0-d tensors, never read on the host.
+
+        Keys (``prefix`` first): ``outside`` (elements below, above or NaN, summed over
+        the bounded parameters), ``excess`` (the largest distance beyond a bound, as
+        :attr:`~parambounds.ParamReport.max_excess`) and ``penalty`` (the spec's
+        penalty, summed: :meth:`cost`'s value); then, with ``per_parameter``, the same
+        three under ``<name>/`` for each bounded parameter, in model order. Values are
+        float64 tensors on the parameters' device: pass them to
+        ``LightningModule.log_dict``, ``SummaryWriter.add_scalar``, ``wandb.log`` or
+        ``mlflow.log_metrics`` as they are (the logger reads them when it writes).
+        Costs about one :meth:`report`.
+
+        Raises:
+            BoundsError: as :meth:`report`, or for a model that is not a torch model.
+
+        Examples:
+            >>> import torch
+            >>> model = torch.nn.Linear(2, 1)
+            >>> with torch.no_grad():
+            ...     _ = model.weight.copy_(torch.tensor([[0.5, 3.0]]))
+            >>> m = Bounds({"weight": (-1, 1)}).metrics(model)
+            >>> list(m)[:3]
+            ['bounds/outside', 'bounds/excess', 'bounds/penalty']
+            >>> list(m)[3:]
+            ['bounds/weight/outside', 'bounds/weight/excess', 'bounds/weight/penalty']
+            >>> m["bounds/weight/outside"].item(), m["bounds/weight/excess"].item()
+            (1.0, 2.0)
+        """
+        backend = _torch_only(model, "metrics")
+        return backend.metrics(  # type: ignore[no-any-return]
+            self, model, prefix=prefix, per_parameter=per_parameter
+        )
 
     # ------------------------------------------------------------ reporting
 
@@ -363,6 +431,17 @@ class Bounds:
 
 
 _MAX_TOML_BYTES = 16 * 2**20
+
+
+def _torch_only(model: Model, what: str) -> Any:
+    """The backend of ``model``, which must be torch's for ``what``."""
+    backend = get_backend(model)
+    if getattr(backend, "framework_name", None) != "torch":
+        raise BoundsError(
+            f"{what} is for torch models and state_dicts, got {type(model).__name__}; "
+            "for JAX pytrees use report"
+        )
+    return backend
 
 
 def _escape(name: str) -> str:

@@ -28,6 +28,7 @@ from ._rounding import compute_dtype
 
 __all__ = [
     "BoundedParametrization",
+    "bake_",
     "project_plan_",
     "projection",
     "reparametrize_plan_",
@@ -200,6 +201,8 @@ class BoundedParametrization(torch.nn.Module):
 
     lower: Tensor | None
     upper: Tensor | None
+    #: The names of its module's parameters, in order, when it was registered.
+    order: tuple[str, ...] = ()
 
     def __init__(self, lower: Any, upper: Any, like: Tensor) -> None:
         super().__init__()
@@ -337,6 +340,7 @@ def reparametrize_plan_(model: torch.nn.Module, plan: Plan, names: list[str]) ->
     try:
         for name, owner, attr, par, p in todo:
             saved = p.detach().clone()
+            par.order = tuple(owner._parameters)  # for bake_: the parameters' order
             try:
                 parametrize.register_parametrization(owner, attr, par)
             except Exception as err:  # a module type that parametrize does not support
@@ -348,4 +352,41 @@ def reparametrize_plan_(model: torch.nn.Module, plan: Plan, names: list[str]) ->
             with torch.no_grad():
                 param.copy_(saved)
         raise
+    return model
+
+
+def bake_(model: torch.nn.Module, names: list[str]) -> torch.nn.Module:
+    """Turn the bounded parametrizations of ``names`` back into plain parameters.
+
+    Each one keeps its current bounded value, under its original name (the
+    ``original`` Parameter object itself, now holding that value). Parameters that are
+    not parametrized are left as they are. Everything is checked first.
+
+    Raises:
+        BoundsError: for a parameter whose parametrizations are not only the bounded
+            one of ``reparametrize_`` (such as ``weight_norm`` stacked on it), naming it.
+    """
+    todo = []
+    for name in names:
+        owner, attr = _owner(model, name)
+        if not parametrize.is_parametrized(owner, attr):
+            continue
+        chain = list(getattr(owner.parametrizations, attr))
+        if not all(isinstance(p, BoundedParametrization) for p in chain):
+            kinds = ", ".join(type(p).__name__ for p in chain)
+            raise BoundsError(
+                f"cannot bake '{name}': its parametrizations are {kinds}, not only the "
+                "BoundedParametrization of reparametrize_; remove the others first "
+                "(torch.nn.utils.parametrize.remove_parametrizations)"
+            )
+        todo.append((owner, attr))
+    for owner, attr in todo:
+        order = getattr(getattr(owner.parametrizations, attr)[0], "order", ())
+        parametrize.remove_parametrizations(owner, attr, leave_parametrized=True)
+        if attr in order:  # back in its place: parameters() in the order optimizers saw
+            rank = {n: k for k, n in enumerate(order)}
+            params = owner._parameters
+            kept = sorted(params.items(), key=lambda kv: rank.get(kv[0], len(rank)))
+            params.clear()
+            params.update(kept)
     return model

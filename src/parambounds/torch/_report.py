@@ -28,7 +28,7 @@ from ._kernels import clamp_args, signed_excess
 from ._plan import Plan
 from ._rounding import compute_dtype
 
-__all__ = ["compute_report", "group_stats", "tensor_stats"]
+__all__ = ["compute_report", "group_stats", "stat_rows", "tensor_stats"]
 
 #: Tensors with fewer elements are concatenated and reduced together, in batches of at
 #: least this many elements. Segment counts are summed in float32, exact below 2**24.
@@ -206,11 +206,15 @@ def _items(plan: Plan) -> tuple[list[tuple[int, Any, Any]], list[tuple[int, Any,
 
 
 @torch.no_grad()
-def compute_report(plan: Plan, leaves: list[Tensor], names: list[str]) -> Report:
-    """Compute the :class:`Report` of the bounded leaves of ``plan``.
+def stat_rows(
+    plan: Plan, leaves: list[Tensor]
+) -> tuple[list[tuple[int, Any, Any]], list[tuple[list[int], Tensor]]]:
+    """The ``[below, above, max_excess, nan]`` rows of the bounded leaves, on their devices.
 
-    All statistics are computed where the parameters live and copied to the host once,
-    at the end (one transfer per device), not once per parameter.
+    Returns:
+        the plan's bounded items ``(leaf index, lower, upper)`` (bounds as given), and per
+        device ``(positions into the items, float64 rows)``; an empty tensor has no row.
+        Nothing is copied to the host.
     """
     items, exact = _items(plan)
     position = {i: pos for pos, (i, _, _) in enumerate(items)}
@@ -231,12 +235,25 @@ def compute_report(plan: Plan, leaves: list[Tensor], names: list[str]) -> Report
         if i in plan.dtensors or i in tensor_bound:
             lo, hi = plan.local_bounds(i, lo, hi, leaves[i])
             add([pos], tensor_stats(to_local(leaves[i]), lo, hi)[None])
-    values: list[list[float]] = [[0.0] * 4 for _ in items]  # empty tensors: no row
+    out = []
     for parts in by_device.values():
         order = [pos for positions, _ in parts for pos in positions]
         stacked = torch.cat([rows for _, rows in parts])
         # DTensor shards: one collective for the whole report, the same result everywhere.
-        stacked = reduce_stats(stacked, [leaves[items[pos][0]] for pos in order])
+        out.append((order, reduce_stats(stacked, [leaves[items[pos][0]] for pos in order])))
+    return items, out
+
+
+@torch.no_grad()
+def compute_report(plan: Plan, leaves: list[Tensor], names: list[str]) -> Report:
+    """Compute the :class:`Report` of the bounded leaves of ``plan``.
+
+    All statistics are computed where the parameters live and copied to the host once,
+    at the end (one transfer per device), not once per parameter.
+    """
+    items, by_device = stat_rows(plan, leaves)
+    values: list[list[float]] = [[0.0] * 4 for _ in items]  # empty tensors: no row
+    for order, stacked in by_device:
         for pos, v in zip(order, stacked.tolist()):  # the one transfer per device
             values[pos] = v
     return Report(

@@ -16,9 +16,11 @@ from torch import Tensor
 from ..errors import BoundsError
 from ..matching import Resolved, Spec, match_indices, with_pattern
 from ..report import Report
+from ._constraints import bake_ as bake_names_
 from ._constraints import project_plan_, projection, reparametrize_plan_, run_projection_
 from ._cost import tree_cost
 from ._distributed import fsdp_originals
+from ._metrics import compute_metrics
 from ._plan import Plan, get_plan
 from ._report import compute_report
 from ._trees import flatten
@@ -26,12 +28,15 @@ from ._trees import flatten
 __all__ = [
     "Model",
     "attach",
+    "bake_",
+    "bounded_parameters",
     "bounds_of",
     "compute_report",
     "constrain",
     "cost",
     "framework_name",
     "is_appropriate_type",
+    "metrics",
     "plan",
     "project",
     "project_",
@@ -162,9 +167,42 @@ def _project_originals(originals: dict[int, Tensor], resolved: Resolved) -> None
     project_plan_(got, leaves, list(sharded))
 
 
+def bounded_parameters(bounds: Spec, model: torch.nn.Module) -> dict[str, Tensor]:
+    """The tensors an optimizer trains for each bounded name of ``model``, by name.
+
+    A plain parameter is itself; a parameter changed by ``reparametrize_`` is its
+    unconstrained ``original``.
+    """
+    got, leaves, resolved = plan(bounds, model)
+    out: dict[str, Tensor] = {}
+    for i in got.bounded:
+        name, x = resolved.names[i], leaves[i]
+        if not x.is_leaf and isinstance(model, torch.nn.Module):
+            owner_path, _, attr = name.rpartition(".")
+            owner = model.get_submodule(owner_path) if owner_path else model
+            chain = getattr(getattr(owner, "parametrizations", None), attr, None)
+            x = getattr(chain, "original", x)
+        out[name] = x
+    return out
+
+
 def attach(bounds: Spec, optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> Any:
-    """Project ``model`` after every ``optimizer.step()``; returns the hook's handle."""
-    plan(bounds, model)  # validate now, not at the first step
+    """Project ``model`` after every ``optimizer.step()``; returns the hook's handle.
+
+    Raises:
+        BoundsError: when ``optimizer`` holds none of the bounded parameters, naming them.
+    """
+    bounded = bounded_parameters(bounds, model)  # validate now, not at the first step
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    if bounded and not any(id(p) in held for p in bounded.values()):
+        names = list(bounded)
+        shown = ", ".join(f"'{n}'" for n in names[:5]) + (
+            f" and {len(names) - 5} more" if len(names) > 5 else ""
+        )
+        raise BoundsError(
+            f"the optimizer holds none of the bounded parameters ({shown}); attach the "
+            "optimizer that trains them, or call bounds.project_(model) yourself"
+        )
 
     def hook(opt: Any, args: Any, kwargs: Any) -> None:  # noqa: ARG001
         project_(bounds, model)
@@ -176,6 +214,27 @@ def reparametrize_(bounds: Spec, model: torch.nn.Module) -> torch.nn.Module:
     """Register bounded parametrizations on every bounded parameter of ``model``."""
     got, _, resolved = plan(bounds, model)
     return reparametrize_plan_(model, got, list(resolved.names))
+
+
+def bake_(bounds: Spec, model: torch.nn.Module) -> torch.nn.Module:
+    """Turn the parametrizations of ``reparametrize_`` back into plain parameters."""
+    if not isinstance(model, torch.nn.Module):
+        raise BoundsError(f"bake_ needs a torch.nn.Module, got {type(model).__name__}")
+    resolved, _ = resolve(bounds, model)
+    return bake_names_(model, [n for n in resolved.names if n in resolved.patterns])
+
+
+def metrics(bounds: Spec, model: Model, *, prefix: str, per_parameter: bool) -> dict[str, Tensor]:
+    """Totals and per-parameter metrics as 0-d tensors on the parameters' device."""
+    got, leaves, resolved = plan(bounds, model)
+    return compute_metrics(
+        got,
+        leaves,
+        list(resolved.names),
+        bounds.penalty,
+        prefix=prefix,
+        per_parameter=per_parameter,
+    )
 
 
 def report(bounds: Spec, model: Model) -> Report:
