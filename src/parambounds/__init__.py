@@ -14,7 +14,7 @@ import importlib
 from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
-from .errors import BoundsError, BoundsViolationError
+from .errors import BoundsError, BoundsViolationError, get_verify, set_verify
 from .report import ParamReport, Report
 from .spec import Bounds, Model, PyTree
 
@@ -77,8 +77,10 @@ __all__ = [
     "bounds_cost",
     "empty_cache",
     "get_kernel",
+    "get_verify",
     "make_bounds",
     "overflow_threshold",
     "set_kernel",
+    "set_verify",
     "summed_exp_boundary_loss",
 ]

@@ -24,7 +24,7 @@ value and the slope share work, ``value_and_slope``) registered in :data:`PENALT
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .errors import BoundsError
 
@@ -90,6 +90,13 @@ class Penalty:
 
     def __repr__(self) -> str:
         return f"Penalty({self.name!r})"
+
+    def __reduce__(self) -> Any:
+        # A registered shape unpickles (and deep-copies) as the registered object itself,
+        # which the native kernel and the caches recognise by identity.
+        if PENALTIES.get(self.name) is self:
+            return (get_penalty, (self.name,))
+        return super().__reduce__()
 
 
 class ExpPenalty(Penalty):

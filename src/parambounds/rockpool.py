@@ -44,8 +44,9 @@ except ImportError as err:  # pragma: no cover - exercised in a subprocess by th
         "functions at the top level: from parambounds import bounds_cost, make_bounds"
     ) from err
 
-from .errors import BoundsError
+from .errors import BoundsError, verifying
 from .penalties import PENALTIES
+from .torch import _verify
 from .torch._plan import get_plan
 from .torch._rounding import compute_dtype
 from .torch._trees import align, as_tree, flatten
@@ -177,11 +178,17 @@ def bounds_cost(params: Any, lower_bounds: Any, upper_bounds: Any) -> Tensor:
     bounded = _bounds(tree, treedef, leaves, lower_bounds, upper_bounds)
     if not leaves:
         return torch.zeros(())
-    parts = [_leaf_cost(x, *bounded[i]) if i in bounded else _zero(x) for i, x in enumerate(leaves)]
+    check = None
+    xs = leaves
+    if verifying() and _verify.checkable(tree, lower_bounds, upper_bounds):
+        check = _verify.CostCheck(tree, lower_bounds, upper_bounds, _EXP)
+        xs = check.tap(leaves)
+    parts = [_leaf_cost(x, *bounded[i]) if i in bounded else _zero(x) for i, x in enumerate(xs)]
     device = parts[0].device
     if any(p.device != device for p in parts):
         parts = [p.to(device) for p in parts]
-    return torch.stack(parts).sum()
+    total = torch.stack(parts).sum()
+    return total if check is None else check.check(total)
 
 
 def summed_exp_boundary_loss(
@@ -218,6 +225,9 @@ def summed_exp_boundary_loss(
     bounded = _bounds(data, None, [data], lower_bound, upper_bound, root_name="data")
     if not bounded:
         return _zero(data)
+    if verifying() and _verify.checkable(data, lower_bound, upper_bound):
+        check = _verify.CostCheck(data, lower_bound, upper_bound, _EXP, "data")
+        return check.check(_leaf_cost(check.tap([data])[0], *bounded[0]))
     return _leaf_cost(data, *bounded[0])
 
 

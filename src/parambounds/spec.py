@@ -141,6 +141,24 @@ class Bounds:
         # Checked plans for JAX pytrees, by structure, shapes and dtypes (an LRU).
         self._jax_plans: collections.OrderedDict[Any, Any] = collections.OrderedDict()
 
+    # ------------------------------------------------------------ pickling
+
+    def __getstate__(self) -> dict[str, Any]:
+        """What pickling keeps: the spec and its options, not the per-model caches.
+
+        The caches hold weak references to models and checked plans of JAX arrays;
+        they are rebuilt, empty, on unpickling (and found again on first use).
+        """
+        state = dict(self.__dict__)
+        state.pop("_cache", None)
+        state.pop("_jax_plans", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._cache = weakref.WeakKeyDictionary()
+        self._jax_plans = collections.OrderedDict()
+
     @classmethod
     def from_trees(cls, lower: Any, upper: Any, *, penalty: str | Penalty = "exp") -> Bounds:
         """Wrap the two trees of :func:`~parambounds.make_bounds` (keys joined with ``.``).

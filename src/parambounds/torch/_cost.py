@@ -15,8 +15,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..errors import verifying
 from ..penalties import Penalty, get_penalty
-from . import _kernels
+from . import _kernels, _verify
 from ._distributed import agree_penalty, combine, shard_cost
 from ._plan import get_plan, traced_bounds
 from ._rounding import compute_dtype
@@ -64,6 +65,7 @@ def tree_cost(
     """Compute the cost of ``tree`` (already converted with :func:`as_tree`)."""
     treedef, leaves = flatten(tree)
     plain = torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
+    check = None
     if not plain:
         plan = get_plan(tree, treedef, leaves, lower, upper, root_name=root_name)
         plain = plan.grad_bounds
@@ -81,7 +83,11 @@ def tree_cost(
     else:
         # The step: the plan, then its kernels. DTensor partial costs (known to the plan)
         # are reduced across ranks; plain tensors never go through the distributed layer.
-        parts = _kernels.apply(plan, leaves, penalty)
+        xs = leaves
+        if verifying() and _verify.checkable(tree, lower, upper):
+            check = _verify.CostCheck(tree, lower, upper, penalty, root_name)
+            xs = check.tap(leaves)  # each gradient is checked as backward reaches it
+        parts = _kernels.apply(plan, xs, penalty)
         if plan.dtensors:
             parts = combine(parts)
     dtype = _result_dtype(leaves)
@@ -96,6 +102,10 @@ def tree_cost(
         needs = [p for p in leaves if isinstance(p, Tensor) and p.requires_grad]
         if needs:
             total = _Anchor.apply(total, *needs)
+    if check is None and verifying() and _verify.checkable(tree, lower, upper):
+        check = _verify.CostCheck(tree, lower, upper, penalty, root_name)  # learnable bounds
+    if check is not None:
+        total = check.check(total)
     return total
 
 

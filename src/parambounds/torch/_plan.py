@@ -15,13 +15,16 @@ import numbers
 import threading
 import weakref
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
 
 import torch
 from torch import Tensor
+from torch.overrides import TorchFunctionMode
 
-from ..errors import BoundsError, number_bound, order_error
+from ..errors import BoundsError, number_bound, order_error, verifying
+from . import _verify
 from ._distributed import (
     agree,
     full_bound,
@@ -76,6 +79,10 @@ class Plan:
     bounded: tuple[int, ...]
     numels: dict[int, int] = field(default_factory=dict)
     dtensors: frozenset[int] = frozenset()
+    #: This plan's parameter layout, and the plans of the same bounds for other layouts
+    #: (never itself: a plan refers to no plan that refers back, so it is freed the
+    #: moment its store drops it, without the cyclic collector).
+    layout: tuple[Any, ...] = ()
     layouts: dict[tuple[Any, ...], Plan] = field(default_factory=dict)
     runners: dict[Any, Any] = field(default_factory=dict)
     #: What the report and the projection work out once per plan (see their modules).
@@ -176,10 +183,13 @@ def _normalise(b: Any, side: str, path: str, param: Any, traced: bool = False) -
         b = full_bound(b)  # forward with reshard_after_forward=False): gather the bound once
     if is_dtensor(b):  # check this rank's part; every rank learns of errors in agree()
         _check_values(cast(Any, b).to_local(), side, where)
-        return b.detach().to(dtype=dtype)
+        return b.detach().to(dtype=dtype, copy=True)
     if traced:  # keep the graph of a learnable bound: the traced path differentiates it
         return b.to(device=param.device, dtype=dtype)
-    t = b.detach().to(device=param.device, dtype=dtype)
+    # A copy, always: the plan holds the values it was checked with (the snapshot that
+    # cost, report, check and project_ all use), never memory a write could change
+    # behind the version counter (NumPy's, through torch.from_numpy; ``.data``).
+    t = b.detach().to(device=param.device, dtype=dtype, copy=True)
     _check_values(t, side, where)
     if bool(torch.isinf(t).all()):
         return None
@@ -380,22 +390,83 @@ _DIST_PLANS: PlanCache[Plan] = PlanCache(_CACHE_SIZE, deterministic=True)
 _LOCK = threading.Lock()
 
 
-@dataclass
-class _Seen:
-    """What a plan was last used with, for the per-step identity check of :func:`get_plan`."""
-
-    treedef: Any
-    lower: tuple[Any, list[Any]]
-    upper: tuple[Any, list[Any]]
-    versions: list[tuple[Any, int]]
-    layouts: list[tuple[Any, ...]]
-    plan: Plan
+class _Changed(Exception):
+    """Raised inside :func:`_same` when comparing would touch a tensor's values."""
 
 
-#: The last plans by the identity of the three trees: checking that nothing changed is
-#: cheaper than building the cache key (the bounds by value, every parameter's layout).
-_SEEN: OrderedDict[tuple[int, int, int, str], _Seen] = OrderedDict()
-_SEEN_SIZE = 64
+class _NoTensorValues(TorchFunctionMode):
+    """Makes any torch call an error: a bound compared by value with a tensor is a change."""
+
+    def __torch_function__(  # noqa: D105
+        self, func: Any, types: Any, args: Any = (), kwargs: Any = None
+    ) -> Any:
+        raise _Changed
+
+
+class _TensorSlot:
+    """A bound tensor in a snapshot: equal only to that very tensor, held weakly."""
+
+    __slots__ = ("ref",)
+
+    def __init__(self, t: Tensor) -> None:
+        self.ref = weakref.ref(t)
+
+    def __eq__(self, other: object) -> bool:
+        return self.ref() is other
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+#: Containers a snapshot copies: exactly these types compare in C, leaves first from the
+#: snapshot's side (no subclass takes precedence), so the comparison is ours.
+_PLAIN_CONTAINERS = (dict, list, tuple)
+_CONTAINERS = (Mapping, list, tuple)
+
+
+def _shadow(node: Any) -> Any:
+    """A copy of the bound tree ``node``: its containers copied, numbers kept, tensors weak.
+
+    ``None`` when some container is not exactly a dict, list or tuple (then the leaves are
+    compared one by one, see :func:`_snapshot`).
+    """
+    t = type(node)
+    if t is dict:
+        out: dict[Any, Any] = {}
+        for k, v in node.items():
+            c = _shadow(v)
+            if c is None and v is not None:
+                return None
+            out[k] = c
+        return out
+    if t is list or t is tuple:
+        items = [_shadow(v) for v in node]
+        if any(c is None and v is not None for c, v in zip(items, node)):
+            return None
+        return items if t is list else tuple(items)
+    if isinstance(node, Tensor):
+        return _TensorSlot(node)
+    if isinstance(node, _CONTAINERS):
+        return None
+    return node
+
+
+def _tensor_state(t: Tensor) -> tuple[Any, ...]:
+    """What a plan depends on of a bound tensor, beyond its identity (cheap to read).
+
+    The version counts torch's in-place writes; the data pointer, strides and shape
+    change with ``.data = ...`` and ``set_``, which leave the version alone.
+    """
+    try:
+        ptr = t.data_ptr()
+    except RuntimeError:  # no storage of its own (a DTensor): its version stands for it
+        ptr = None
+    return (t._version, ptr, t.shape, t.stride(), t.dtype, t.device, t.requires_grad)
+
+
+#: A snapshot of a bound tree: ``("flat", keys, leaves)`` for a dict of leaves (its
+#: values compared by identity), ``("eq", shadow)`` for trees of dicts, lists and tuples
+#: (compared in C with :func:`_shadow`'s copy), ``("leaves", structure, leaves)`` otherwise.
+_Snap = tuple[Any, ...]
 
 
 def _weak(b: Any) -> Any:
@@ -403,39 +474,69 @@ def _weak(b: Any) -> Any:
     return weakref.ref(b) if isinstance(b, Tensor) else b
 
 
-def _snapshot(bounds: Any) -> tuple[Any, list[Any]]:
-    """The structure and leaves of a bound tree (a flat dict: its keys and values)."""
-    if type(bounds) is dict:
-        structure, leaves = list(bounds), list(bounds.values())
-    else:
-        structure, leaves = flatten(bounds)
-    return structure, [_weak(b) for b in leaves]
-
-
-def _snapshot_leaves(bounds: Any) -> list[Any]:
-    return list(bounds.values()) if type(bounds) is dict else flatten(bounds)[1]
+def _snapshot(bounds: Any) -> _Snap:
+    """What :func:`_same` compares a bound tree with at the next call."""
+    if type(bounds) is dict and not any(isinstance(v, _CONTAINERS) for v in bounds.values()):
+        return ("flat", list(bounds), [_weak(b) for b in bounds.values()])
+    shadow = _shadow(bounds)
+    if shadow is not None or bounds is None:
+        return ("eq", shadow)
+    structure, leaves = flatten(bounds)
+    return ("leaves", structure, [_weak(b) for b in leaves])
 
 
 def _is_leaf(now: Any, seen: Any) -> bool:
     return now is seen or (type(seen) is weakref.ref and seen() is now)
 
 
-def _same(bounds: Any, seen: tuple[Any, list[Any]]) -> bool:
-    """Whether ``bounds`` has the structure of ``seen`` and the very same leaf objects."""
-    structure, leaves = seen
-    if type(bounds) is dict:
-        if type(structure) is not list or len(bounds) != len(leaves):
+def _same(bounds: Any, seen: _Snap) -> bool:
+    """Whether ``bounds`` holds what it held when ``seen`` was taken, at every depth.
+
+    Leaves are the same objects, or numbers of the same value; tensors the very same
+    tensors (their versions are checked by the caller). A tensor where a number was is a
+    change, even one that compares equal.
+    """
+    kind = seen[0]
+    if kind == "flat":
+        if type(bounds) is not dict or len(bounds) != len(seen[2]):
             return False
-        now: Any = bounds.values()
-    else:
-        if type(structure) is list:
+        return all(map(_is_leaf, bounds.values(), seen[2])) and list(bounds) == seen[1]
+    if kind == "eq":
+        try:
+            with _NoTensorValues():
+                return bool(seen[1] == bounds)
+        except Exception:  # _Changed, or a comparison that cannot be made: a change
             return False
-        structure_now, now = flatten(bounds)
-        if structure_now != structure or len(now) != len(leaves):
-            return False
-    return all(map(_is_leaf, now, leaves)) and (
-        type(bounds) is not dict or list(bounds) == structure
-    )
+    structure_now, now = flatten(bounds)
+    if structure_now != seen[1] or len(now) != len(seen[2]):
+        return False
+    return all(map(_is_leaf, now, seen[2]))
+
+
+@dataclass
+class _Seen:
+    """What a plan was last used with, for the per-step identity check of :func:`get_plan`."""
+
+    treedef: Any
+    lower: _Snap
+    upper: _Snap
+    tensors: list[tuple[weakref.ref[Tensor], tuple[Any, ...]]]
+    layouts: list[tuple[Any, ...]]
+    #: Held weakly: the plan stores own it (a plan dropped there is not served here).
+    plan: weakref.ref[Plan]
+
+
+#: The last plans by the identity of the three trees: checking that nothing changed is
+#: cheaper than building the cache key (the bounds by value, every parameter's layout).
+#: The identities only pick the entry to compare with: every bound is compared, at
+#: every depth, so a tree edited in place (or a new tree at a reused address) is seen.
+_SEEN: OrderedDict[tuple[int, int, int, str], _Seen] = OrderedDict()
+_SEEN_SIZE = 64
+
+
+def _bound_tensors(bounds: Any) -> list[Tensor]:
+    leaves = bounds.values() if type(bounds) is dict else flatten(bounds)[1]
+    return [t for t in leaves if isinstance(t, Tensor)]
 
 
 def _layouts(plan: Plan, leaves: list[Any]) -> list[tuple[Any, ...]]:
@@ -446,15 +547,16 @@ def _seen_plan(key: Any, treedef: Any, leaves: list[Any], lower: Any, upper: Any
     seen = _SEEN.get(key)
     if seen is None or seen.treedef != treedef:
         return None
-    if not (_same(lower, seen.lower) and _same(upper, seen.upper)):
+    plan = seen.plan()
+    if plan is None or not (_same(lower, seen.lower) and _same(upper, seen.upper)):
         return None
-    for ref, version in seen.versions:
+    for ref, state in seen.tensors:
         t = ref()
-        if t is None or t._version != version:
+        if t is None or _tensor_state(t) != state:
             return None
-    if _layouts(seen.plan, leaves) != seen.layouts:  # a parameter replaced or resized
+    if _layouts(plan, leaves) != seen.layouts:  # a parameter replaced or resized
         return None
-    return seen.plan
+    return plan
 
 
 def _remember(
@@ -463,9 +565,9 @@ def _remember(
     if plan.distributed:  # found in the distributed store on every call, by every rank
         return
     lo, hi = _snapshot(lower), _snapshot(upper)
-    tensors = [*_snapshot_leaves(lower), *_snapshot_leaves(upper)]
-    versions = [(weakref.ref(t), t._version) for t in tensors if isinstance(t, Tensor)]
-    seen = _Seen(treedef, lo, hi, versions, _layouts(plan, leaves), plan)
+    tensors = [(weakref.ref(t), _tensor_state(t)) for t in _bound_tensors(lower)]
+    tensors += [(weakref.ref(t), _tensor_state(t)) for t in _bound_tensors(upper)]
+    seen = _Seen(treedef, lo, hi, tensors, _layouts(plan, leaves), weakref.ref(plan))
     with _LOCK:
         _SEEN[key] = seen
         _SEEN.move_to_end(key)
@@ -484,12 +586,16 @@ def get_plan(
 ) -> Plan:
     """Return the cached plan for these trees, building and validating it on a miss.
 
-    The key is the structure of the three trees, the bound values (tensors by identity
-    and version) and the shape, dtype and device of each bounded parameter.
+    The key is the structure of the three trees, the bound values (tensors by identity,
+    version and storage: see :func:`._plan_cache.tensor_key`) and the shape, dtype and
+    device of each bounded parameter.
 
-    Each step first checks, cheaply, whether the three trees are the ones of the last
-    call (same objects, same bound leaves and tensor-bound versions, and the same shape,
-    dtype and device for every bounded parameter); only otherwise is the key built.
+    Each step first checks, cheaply, whether the bound trees hold what they held at the
+    last call with the same three objects (every leaf at every depth: the same objects
+    or numbers of the same value, tensor bounds with the same version and storage) and
+    every bounded parameter has the same shape, dtype and device; only otherwise is
+    the key built. Under verify mode (:func:`parambounds.set_verify`) the plan found is
+    compared with the bounds as they are now.
 
     Raises:
         BoundsError: when the trees or the bounds are invalid.
@@ -499,6 +605,8 @@ def get_plan(
     if plan is None:
         plan = _keyed_plan(tree, treedef, leaves, lower, upper, root_name)
         _remember(seen_key, treedef, leaves, lower, upper, plan)
+    if verifying():
+        _verify.check_plan(plan, tree, lower, upper, root_name)
     return plan
 
 
@@ -525,18 +633,19 @@ def _keyed_plan(
         tensors = [b for b in (*lleaves, *uleaves) if isinstance(b, Tensor)]
         base.grad_bounds = any(b.requires_grad for b in tensors)
         base.distributed = distributed
-        base.layouts[tuple([_layout(leaves[i]) for i in base.bounded])] = base
+        base.layout = tuple([_layout(leaves[i]) for i in base.bounded])
         with _LOCK:
             cache.put(key, base, serials(lkey + ukey))
         return base
     layout = tuple([_layout(leaves[i]) for i in base.bounded])
-    plan = base.layouts.get(layout)
+    plan = base if layout == base.layout else base.layouts.get(layout)
     if plan is None:
         named = named_leaves(tree, root_name)
         lowers = align(tree, lower, "lower_bounds")
         uppers = align(tree, upper, "upper_bounds")
         plan = _build(named, lowers, uppers)
         plan.grad_bounds, plan.distributed = base.grad_bounds, distributed
+        plan.layout = layout
         base.layouts[layout] = plan
     return plan
 

@@ -1,8 +1,9 @@
 """The stores of plans: least recently used first, keyed without keeping bounds alive.
 
 Bound tensors enter a key by a serial number (:func:`tensor_key`) that is never reused
-in the life of the process, with their version, so a key can never match a different
-tensor, or a bound changed in place since. The stores do not keep bound tensors alive
+in the life of the process, with their version and where their values are (data
+pointer, shape, strides), so a key can never match a different tensor, or a bound
+changed since in any way that torch records. The stores do not keep bound tensors alive
 (fresh bounds every step would pile up): a plan is dropped when one of its bound
 tensors dies, and when a newer version of one of them gets a plan.
 
@@ -43,16 +44,27 @@ def _on_death(i: int, n: int) -> Any:
     return callback
 
 
-def tensor_key(t: Tensor) -> tuple[Any, ...]:
-    """The part of a cache key that stands for the bound tensor ``t``: serial and version.
+def _storage(t: Tensor) -> tuple[Any, ...]:
+    """Where ``t``'s values are: what ``.data = ...`` and ``set_`` change, not the version."""
+    try:
+        ptr = t.data_ptr()
+    except RuntimeError:  # no storage of its own (a DTensor): its version stands for it
+        ptr = None
+    return (ptr, t.shape, t.stride(), t.dtype, t.device)
 
-    Call it with the caches' lock held.
+
+def tensor_key(t: Tensor) -> tuple[Any, ...]:
+    """The part of a cache key that stands for the bound tensor ``t``.
+
+    Its serial, its version (torch's in-place writes), ``requires_grad``, and where its
+    values are (data pointer, shape, strides, dtype, device: ``.data = ...`` changes
+    them and not the version). Call it with the caches' lock held.
     """
     got = _SERIALS.get(id(t))
     if got is None or got[0]() is not t:
         i, n = id(t), next(_COUNTER)
         got = _SERIALS[i] = (weakref.ref(t, _on_death(i, n)), n)
-    return ("t", got[1], t._version, t.requires_grad)
+    return ("t", got[1], (t._version, *_storage(t)), t.requires_grad)
 
 
 def serials(key_part: tuple[Any, ...]) -> dict[int, int]:

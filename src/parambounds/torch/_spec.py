@@ -6,6 +6,7 @@ work goes through the cached plans and kernels of :mod:`parambounds.torch._plan`
 
 from __future__ import annotations
 
+import operator
 import weakref
 from collections.abc import Mapping
 from typing import Any
@@ -13,9 +14,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..errors import BoundsError
+from ..errors import BoundsError, verifying
 from ..matching import Resolved, Spec, match_indices, with_pattern
 from ..report import Report
+from . import _verify
 from ._constraints import bake_ as bake_names_
 from ._constraints import project_plan_, projection, reparametrize_plan_, run_projection_
 from ._cost import tree_cost
@@ -96,6 +98,8 @@ def resolve(bounds: Spec, model: Model) -> tuple[Resolved, dict[str, Tensor]]:
     if resolved is None or resolved.names != names:
         resolved = bounds._match(names)
         bounds._cache[model] = resolved
+    elif verifying():
+        _verify.same_resolved(resolved, bounds._match(names, match_indices.__wrapped__))
     return resolved, params
 
 
@@ -104,7 +108,7 @@ def plan(bounds: Spec, model: Model) -> tuple[Plan, list[Tensor], Resolved]:
     resolved, params = resolve(bounds, model)
     seen = _PARAMS.get(model) if isinstance(model, torch.nn.Module) else None
     if seen is not None and seen[1] is params:  # unchanged: flattened once
-        treedef, leaves = seen[3]
+        treedef, leaves = seen[2]
     else:
         treedef, leaves = flatten(params)
     try:
@@ -135,19 +139,44 @@ def project_(bounds: Spec, model: Model) -> None:
     Under FSDP2, a module whose parameters are unsharded (after a forward pass that did
     not reshard) has both its copies and the sharded parameters behind them clamped.
     """
+    if verifying():
+        _verified_projection(bounds, model)
+    else:
+        _project(bounds, model)
+
+
+def _fresh(bounds: Spec, model: Model) -> tuple[dict[str, Any], Resolved]:
+    """The parameters and their match to ``bounds``, found again without any cache."""
+    params = dict(model) if isinstance(model, Mapping) else _effective_parameters(model)
+    return params, bounds._match(tuple(params), match_indices.__wrapped__)
+
+
+def _verified_projection(bounds: Spec, model: Model) -> None:
+    """:func:`_project`, checked element by element against the projection's rule."""
+    params, resolved = _fresh(bounds, model)
+    check = _verify.checkable(params, resolved.lower, resolved.upper)
+    bounded = [n for n in params if resolved.lower[n] is not None or resolved.upper[n] is not None]
+    before = {n: params[n].detach().clone() for n in bounded if check}
+    _project(bounds, model)
+    if check:
+        after, resolved = _fresh(bounds, model)
+        _verify.check_projection(before, after, resolved.lower, resolved.upper)
+
+
+def _project(bounds: Spec, model: Model) -> None:
     got, leaves, resolved = plan(bounds, model)
     if isinstance(model, torch.nn.Module):
         originals = fsdp_originals(model, leaves)
         if originals:
             _project_originals(originals, resolved)
     seen = _PARAMS.get(model) if isinstance(model, torch.nn.Module) else None
-    if seen is None or seen[3][1] is not leaves:  # a state_dict, or parametrized values
+    if seen is None or seen[2][1] is not leaves:  # a state_dict, or parametrized values
         project_plan_(got, leaves, list(resolved.names))
         return
-    steps = seen[4].get(id(got), (None, None))
+    steps = seen[3].get(id(got), (None, None))
     if steps[0] is not got:  # worked out once per plan of these very leaves
-        seen[4].clear()  # only the latest plan's
-        steps = seen[4][id(got)] = (got, projection(got, leaves))
+        seen[3].clear()  # only the latest plan's
+        steps = seen[3][id(got)] = (got, projection(got, leaves))
     if steps[1] is None:
         project_plan_(got, leaves, list(resolved.names))
     else:
@@ -240,7 +269,11 @@ def metrics(bounds: Spec, model: Model, *, prefix: str, per_parameter: bool) -> 
 def report(bounds: Spec, model: Model) -> Report:
     """The :class:`~parambounds.Report` of ``model`` under ``bounds``."""
     got, leaves, resolved = plan(bounds, model)
-    return compute_report(got, leaves, list(resolved.names))
+    out = compute_report(got, leaves, list(resolved.names))
+    if verifying():
+        params, fresh = _fresh(bounds, model)
+        _verify.check_report(out, params, fresh.lower, fresh.upper)
+    return out
 
 
 def _in_place(what: str, instead: str) -> BoundsError:
@@ -262,52 +295,88 @@ def constrain(bounds: Spec, model: Model) -> Any:  # noqa: ARG001
     raise _in_place("constrain", "use bounds.reparametrize_(model)")
 
 
-#: Per model: (registrations seen, its effective parameters, their module slots).
+#: Per model: (its structure, its effective parameters, flatten(them), projections by plan).
 _PARAMS: weakref.WeakKeyDictionary[torch.nn.Module, Any] = weakref.WeakKeyDictionary()
-#: How many parameters and modules have been registered anywhere (while watched).
-_registrations = [0]
+
+#: One module of a model's structure, in a walk from the root: the names and objects
+#: of its parameters, the names of its children and weak references to them.
+_Node = tuple[list[str], list[Any], list[str], list[Any]]
 
 
-def _count_registration(*_args: Any) -> None:
-    _registrations[0] += 1
+def _structure(model: torch.nn.Module) -> list[_Node]:
+    """What ``named_parameters()`` is made of: every ``_parameters`` and ``_modules`` dict.
+
+    Children are held weakly (a child that refers back to its model must not keep it
+    alive through this cache); parameters strongly (they are in the cached dict anyway).
+    """
+    out: list[_Node] = []
+    stack = [model]
+    while stack:
+        m = stack.pop()
+        children = list(m._modules.values())
+        out.append(
+            (
+                list(m._parameters),
+                list(m._parameters.values()),
+                list(m._modules),
+                [None if c is None else weakref.ref(c) for c in children],
+            )
+        )
+        stack.extend(c for c in reversed(children) if c is not None)
+    return out
 
 
-def _watch_registrations() -> None:
-    """Count registrations of parameters and modules, from the first use of a spec on."""
-    if not _registrations[0]:
-        _registrations[0] = 1
-        torch.nn.modules.module.register_module_parameter_registration_hook(_count_registration)
-        torch.nn.modules.module.register_module_module_registration_hook(_count_registration)
+def _is_child(ref: Any, child: Any) -> bool:
+    return ref is child if ref is None else ref() is child
+
+
+def _unchanged(model: torch.nn.Module, structure: list[_Node]) -> bool:
+    """Whether every ``_parameters`` and ``_modules`` dict of ``model`` holds what it held.
+
+    Walked from the root each call: a child swapped in through ``module._modules[k] =``
+    or a parameter through ``module._parameters[k] =`` (which bypass ``__setattr__`` and
+    the registration hooks) is a change, whenever the new object was made.
+    """
+    stack = [model]
+    for pnames, params, cnames, crefs in structure:
+        if not stack:
+            return False
+        m = stack.pop()
+        ps, ms = m._parameters, m._modules
+        if len(ps) != len(params) or len(ms) != len(crefs):
+            return False
+        if not all(map(operator.is_, ps.values(), params)) or list(ps) != pnames:
+            return False
+        children = list(ms.values())
+        if not all(map(_is_child, crefs, children)) or list(ms) != cnames:
+            return False
+        stack.extend(c for c in reversed(children) if c is not None)
+    return not stack
 
 
 def _parameters(model: torch.nn.Module) -> dict[str, Tensor]:
     """:func:`_effective_parameters`, the same dict each step while nothing changed.
 
-    Unchanged means: no parameter or module registered anywhere since (global
-    registration hooks count them), and every parameter still in its module's slot. So
-    the per-step cost is a few lookups, and the dict's identity lets :func:`get_plan`
-    find its plan at once. A model with parametrizations is walked every time (its
-    values are computed).
+    Unchanged means: every ``_parameters`` and ``_modules`` dict in the model holds the
+    same names and objects (:func:`_unchanged`, a walk over the modules). So the
+    per-step cost is a few lookups per module, and the dict's identity lets
+    :func:`get_plan` find its plan at once. A model with parametrizations is walked
+    every time (its values are computed).
     """
     seen = _PARAMS.get(model)
-    if (
-        seen is not None
-        and seen[0] == _registrations[0]
-        and all([slots.get(n) is p for slots, n, p in seen[2]])
-    ):
+    if seen is not None and _unchanged(model, seen[0]):
+        if verifying():
+            _verify.same_parameters(seen[1], _effective_parameters(model))
         return seen[1]  # type: ignore[no-any-return]
-    _watch_registrations()
-    generation = _registrations[0]
+    structure = _structure(model)
     params = _effective_parameters(model)
-    slots = []
     for name, p in params.items():
         owner_path, _, attr = name.rpartition(".")
         owner = model.get_submodule(owner_path) if owner_path else model
         if owner._parameters.get(attr) is not p:  # computed by a parametrization
+            _PARAMS.pop(model, None)
             return params
-        slots.append((owner._parameters, attr, p))
-    # (generation, params, their slots, flatten(params), projections by plan)
-    _PARAMS[model] = (generation, params, slots, flatten(params), {})
+    _PARAMS[model] = (structure, params, flatten(params), {})
     return params
 
 

@@ -33,33 +33,37 @@ def as_tree(params: Tree) -> Tree:
 
 
 def flatten(tree: Tree) -> tuple[TreeDef, list[Any]]:
-    """Flatten ``tree`` into a hashable structure (keys in their order) and its leaves."""
+    """Flatten ``tree`` into a hashable structure (keys in their order) and its leaves.
+
+    Written without closures (a recursive closure is a reference cycle: it would keep
+    the leaves, and their autograd graphs, alive until the cyclic collector runs).
+    """
     leaves: list[Any] = []
-    append = leaves.append
+    return _flatten_into(tree, leaves.append), leaves
 
-    def children(nodes: Any) -> tuple[TreeDef, ...]:
-        defs: list[TreeDef] = []
-        for c in nodes:
-            if isinstance(c, _PLAIN_LEAVES):  # the common case, without a call
-                append(c)
-                defs.append(None)
-            else:
-                defs.append(rec(c))
-        return tuple(defs)
 
-    def rec(node: Any) -> TreeDef:
-        if isinstance(node, _PLAIN_LEAVES):
-            append(node)
-            return None
-        if isinstance(node, Mapping):
-            keys = tuple(node)
-            return (keys, children([node[k] for k in keys]))
-        if isinstance(node, (list, tuple)):
-            return (len(node), children(node))
+def _flatten_into(node: Any, append: Callable[[Any], None]) -> TreeDef:
+    if isinstance(node, _PLAIN_LEAVES):
         append(node)
         return None
+    if isinstance(node, Mapping):
+        keys = tuple(node)
+        return (keys, _children([node[k] for k in keys], append))
+    if isinstance(node, (list, tuple)):
+        return (len(node), _children(node, append))
+    append(node)
+    return None
 
-    return rec(tree), leaves
+
+def _children(nodes: Any, append: Callable[[Any], None]) -> tuple[TreeDef, ...]:
+    defs: list[TreeDef] = []
+    for c in nodes:
+        if isinstance(c, _PLAIN_LEAVES):  # the common case, without a call
+            append(c)
+            defs.append(None)
+        else:
+            defs.append(_flatten_into(c, append))
+    return tuple(defs)
 
 
 def join_path(path: str, key: Any) -> str:
@@ -74,19 +78,19 @@ def _display(path: str) -> str:
 def named_leaves(tree: Tree, prefix: str = "") -> list[tuple[str, Any]]:
     """Return ``(path, leaf)`` pairs in the order of :func:`flatten`."""
     out: list[tuple[str, Any]] = []
-
-    def rec(node: Any, path: str) -> None:
-        if isinstance(node, Mapping) and not isinstance(node, torch.Tensor):
-            for k in node:
-                rec(node[k], join_path(path, k))
-        elif isinstance(node, (list, tuple)):
-            for i, c in enumerate(node):
-                rec(c, join_path(path, i))
-        else:
-            out.append((path or prefix, node))
-
-    rec(tree, "")
+    _named_into(tree, "", prefix, out)
     return out
+
+
+def _named_into(node: Any, path: str, prefix: str, out: list[tuple[str, Any]]) -> None:
+    if isinstance(node, Mapping) and not isinstance(node, torch.Tensor):
+        for k in node:
+            _named_into(node[k], join_path(path, k), prefix, out)
+    elif isinstance(node, (list, tuple)):
+        for i, c in enumerate(node):
+            _named_into(c, join_path(path, i), prefix, out)
+    else:
+        out.append((path or prefix, node))
 
 
 def _kind(node: Any) -> str:
@@ -111,42 +115,41 @@ def align(params: Tree, bounds: Tree, which: str) -> list[Any]:
         BoundsError: naming the path where the two trees differ.
     """
     out: list[Any] = []
-
-    def nesting(path: str, p: Any, b: Any) -> BoundsError:
-        return BoundsError(
-            f"{which} has {_kind(b)} at '{_display(path)}' where the parameters have "
-            f"{_kind(p)}: the nesting differs"
-        )
-
-    def rec(p: Any, b: Any, path: str) -> None:
-        if isinstance(p, torch.Tensor) or not isinstance(p, (Mapping, list, tuple)):
-            if isinstance(b, (Mapping, list, tuple)):
-                raise nesting(path, p, b)
-            out.append(b)
-        elif isinstance(p, Mapping):
-            if not isinstance(b, Mapping):
-                raise nesting(path, p, b)
-            for k in p:
-                if k not in b:
-                    raise BoundsError(
-                        f"{which} has no entry for '{join_path(path, k)}', a key of the parameters"
-                    )
-            for k in b:
-                if k not in p:
-                    extra = join_path(path, k)
-                    raise BoundsError(
-                        f"{which} has an entry '{extra}' that the parameters do not have"
-                    )
-            for k in p:
-                rec(p[k], b[k], join_path(path, k))
-        else:
-            if not isinstance(b, (list, tuple)) or len(b) != len(p):
-                raise nesting(path, p, b)
-            for i, (pc, bc) in enumerate(zip(p, b)):
-                rec(pc, bc, join_path(path, i))
-
-    rec(params, bounds, "")
+    _align_into(params, bounds, "", which, out)
     return out
+
+
+def _nesting(which: str, path: str, p: Any, b: Any) -> BoundsError:
+    return BoundsError(
+        f"{which} has {_kind(b)} at '{_display(path)}' where the parameters have "
+        f"{_kind(p)}: the nesting differs"
+    )
+
+
+def _align_into(p: Any, b: Any, path: str, which: str, out: list[Any]) -> None:
+    if isinstance(p, torch.Tensor) or not isinstance(p, (Mapping, list, tuple)):
+        if isinstance(b, (Mapping, list, tuple)):
+            raise _nesting(which, path, p, b)
+        out.append(b)
+    elif isinstance(p, Mapping):
+        if not isinstance(b, Mapping):
+            raise _nesting(which, path, p, b)
+        for k in p:
+            if k not in b:
+                raise BoundsError(
+                    f"{which} has no entry for '{join_path(path, k)}', a key of the parameters"
+                )
+        for k in b:
+            if k not in p:
+                extra = join_path(path, k)
+                raise BoundsError(f"{which} has an entry '{extra}' that the parameters do not have")
+        for k in p:
+            _align_into(p[k], b[k], join_path(path, k), which, out)
+    else:
+        if not isinstance(b, (list, tuple)) or len(b) != len(p):
+            raise _nesting(which, path, p, b)
+        for i, (pc, bc) in enumerate(zip(p, b)):
+            _align_into(pc, bc, join_path(path, i), which, out)
 
 
 def _map(tree: Tree, fn: Callable[[Any], Any]) -> Tree:
