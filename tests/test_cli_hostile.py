@@ -311,3 +311,93 @@ def test_dcp_output_onto_an_existing_folder_needs_force(tmp_path, capsys, what):
         assert snapshot(tmp_path) == before
     else:
         assert code == 0, err
+
+
+def _forge(folder: Path, change) -> None:
+    """Rewrite a DCP folder's metadata (a test's own file: plain pickle is fine here)."""
+    with open(folder / ".metadata", "rb") as f:
+        meta = pickle.load(f)
+    change(meta)
+    with open(folder / ".metadata", "wb") as f:
+        pickle.dump(meta, f)
+
+
+def _dcp_torch_save(folder: Path, out: Path):
+    import warnings
+
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp_to_torch_save(str(folder), str(out))
+    return torch.load(out, weights_only=True)
+
+
+def test_dcp_clamp_keeps_the_nesting_for_every_dcp_loader(tmp_path, capsys):
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    dcp_save(src, dcp_state())
+    (tmp_path / "b.toml").write_text('[bounds]\n"*.w" = [0.0, 1.0]\n')
+    code, _, err = run(capsys, "clamp", src, "--bounds", tmp_path / "b.toml", "-o", dst)
+    assert code == 0, err
+    before = _dcp_torch_save(src, tmp_path / "a.pt")
+    after = _dcp_torch_save(dst, tmp_path / "b.pt")
+    assert list(after) == list(before) == ["model"]
+    want = dcp_state()
+    want["model"]["layer"]["w"] = want["model"]["layer"]["w"].clamp(0.0, 1.0)
+    assert torch.equal(after["model"]["layer"]["w"], want["model"]["layer"]["w"])
+    assert torch.equal(after["model"]["layer"]["n"], want["model"]["layer"]["n"])
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = _load_state_dict_from_keys(checkpoint_id=str(dst))
+    assert torch.equal(got["model"]["layer"]["w"], want["model"]["layer"]["w"])
+
+
+@pytest.mark.parametrize("rel", ["../outside.distcp", "/etc/hostname", "link.distcp"])
+def test_dcp_data_paths_outside_the_folder_are_refused(tmp_path, capsys, rel):
+    src = tmp_path / "ck" / "src"
+    src.parent.mkdir()
+    dcp_save(src, dcp_state())
+    (src / "__0_0.distcp").rename(tmp_path / "ck" / "outside.distcp")
+    (src / "link.distcp").symlink_to(tmp_path / "ck" / "outside.distcp")
+
+    def point_outside(meta):
+        for info in meta.storage_data.values():
+            info.relative_path = rel
+
+    _forge(src, point_outside)
+    (tmp_path / "b.toml").write_text('[bounds]\n"*.w" = [0.0, 1.0]\n')
+    before = snapshot(tmp_path)
+    for cmd in (["check"], ["clamp", "-o", tmp_path / "ck" / "dst"]):
+        code, _, err = run(capsys, cmd[0], src, "--bounds", tmp_path / "b.toml", *cmd[1:])
+        assert code == 2 and "not inside the checkpoint folder" in one_line(err), err
+        assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("how", ["gap", "overlap", "outside"])
+def test_dcp_chunks_that_do_not_cover_a_tensor_are_refused(tmp_path, capsys, how):
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+
+    src = tmp_path / "src"
+    dcp_save(src, {"w": torch.arange(8.0)})
+
+    def forge(meta):
+        md = meta.state_dict_metadata["w"]
+        if how == "gap":
+            md.size = torch.Size([12])  # chunks cover 8 of 12 elements
+        elif how == "overlap":
+            md.chunks.append(ChunkStorageMetadata(torch.Size([4]), torch.Size([4])))
+            md.size = torch.Size([12])
+        else:
+            md.chunks[0] = ChunkStorageMetadata(torch.Size([2]), torch.Size([8]))
+
+    _forge(src, forge)
+    (tmp_path / "b.toml").write_text("[bounds]\nw = [0.0, 1.0]\n")
+    before = snapshot(tmp_path)
+    for cmd in (["check"], ["clamp", "-o", tmp_path / "dst"]):
+        code, _, err = run(capsys, cmd[0], src, "--bounds", tmp_path / "b.toml", *cmd[1:])
+        assert code == 2 and "malformed DCP checkpoint" in one_line(err), err
+        assert snapshot(tmp_path) == before

@@ -111,7 +111,73 @@ def read_metadata(path: str | Path) -> Any:
 
     if not isinstance(meta, Metadata):
         raise CheckpointError(f"{path / _METADATA}: not DCP metadata")
+    _check_paths(path, meta)
+    _check_chunks(path, meta)
     return meta
+
+
+def _check_paths(path: Path, meta: Any) -> None:
+    """Every file the metadata names must lie inside the folder (no ``..``, no absolute)."""
+    import os
+
+    storage = meta.storage_data
+    if storage is None:
+        return
+    if not isinstance(storage, dict):
+        raise CheckpointError(f"{path / _METADATA}: malformed DCP metadata (storage_data)")
+    root = os.path.realpath(path)
+    for index, info in storage.items():
+        rel = getattr(info, "relative_path", None)
+        name = getattr(index, "fqn", index)
+        if not isinstance(rel, str) or not rel:
+            raise CheckpointError(f"{path / _METADATA}: entry '{name}' names no data file")
+        real = os.path.realpath(os.path.join(root, rel))
+        if os.path.isabs(rel) or ".." in Path(rel).parts or not real.startswith(root + os.sep):
+            raise CheckpointError(
+                f"{path / _METADATA}: refused: entry '{name}' names the data file {rel!r}, "
+                "which is not inside the checkpoint folder"
+            )
+
+
+def _check_chunks(path: Path, meta: Any) -> None:
+    """The chunks of every tensor lie inside it, overlap nowhere and cover it whole.
+
+    A tensor they do not cover would be read into uninitialised memory.
+    """
+    import math
+
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    for name, md in meta.state_dict_metadata.items():
+        if not isinstance(md, TensorStorageMetadata):
+            continue
+        size = tuple(md.size)
+        boxes = []
+        for c in md.chunks:
+            off, sz = tuple(c.offsets), tuple(c.sizes)
+            if (
+                len(off) != len(size)
+                or len(sz) != len(size)
+                or any(o < 0 or n < 0 or o + n > d for o, n, d in zip(off, sz, size))
+            ):
+                raise CheckpointError(
+                    f"{path}: malformed DCP checkpoint: a chunk of '{name}' (offsets {off}, "
+                    f"sizes {sz}) lies outside the tensor's shape {size}"
+                )
+            if math.prod(sz):  # an empty chunk holds nothing, overlaps nothing
+                boxes.append((off, sz))
+        covered = sum(math.prod(sz) for _, sz in boxes)
+        overlap = any(
+            all(a < b + m and b < a + n for a, n, b, m in zip(*boxes[i], *boxes[j]))
+            for i in range(len(boxes))
+            for j in range(i)
+        )
+        if overlap or covered != math.prod(size):
+            raise CheckpointError(
+                f"{path}: malformed DCP checkpoint: the chunks of '{name}' "
+                f"{'overlap' if overlap else 'do not cover the whole tensor'} "
+                f"(shape {size}); refused (its values would be uninitialised memory)"
+            )
 
 
 def _reader(path: Path, known: Any = None) -> Any:
@@ -259,6 +325,26 @@ def load_dcp(path: str | Path, *, lazy: bool = False) -> Checkpoint:
     return Checkpoint(path, "dcp", tensors, state, handle=meta)
 
 
+def _keep_planner_data(folder: Path, original: Any) -> None:
+    """Give the new metadata the original's ``planner_data`` (how names nest).
+
+    Without it, DCP's own loaders (``dcp_to_torch_save``...) return the flat names.
+    """
+    import os
+
+    kept = getattr(original, "planner_data", None)
+    if kept is None:
+        return
+    meta = read_metadata(folder)  # written just now by dcp.save
+    meta.planner_data = kept
+    tmp = folder / f"{_METADATA}.tmp"
+    with open(tmp, "wb") as f:
+        pickle.dump(meta, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, folder / _METADATA)
+
+
 class _Lazy(Tensor):
     """The stand-in of a tensor not read yet: its shape and dtype, no memory."""
 
@@ -324,6 +410,7 @@ def save_dcp(ckpt: Checkpoint, target: str | Path, fill: Any = None) -> None:
                 planner=planner,
                 no_dist=True,
             )
+        _keep_planner_data(tmp, ckpt.handle)
         if target.exists():
             old = Path(
                 tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".old")
