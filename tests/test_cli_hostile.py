@@ -401,3 +401,76 @@ def test_dcp_chunks_that_do_not_cover_a_tensor_are_refused(tmp_path, capsys, how
         code, _, err = run(capsys, cmd[0], src, "--bounds", tmp_path / "b.toml", *cmd[1:])
         assert code == 2 and "malformed DCP checkpoint" in one_line(err), err
         assert snapshot(tmp_path) == before
+
+
+def test_dcp_optimizer_state_is_never_a_parameter(tmp_path, capsys):
+    import json
+
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4))
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    model(torch.randn(2, 3)).square().sum().backward()
+    opt.step()
+    msd, osd = get_state_dict(model, opt)
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    dcp_save(src, {"model": msd, "optim": osd})
+    (tmp_path / "b.toml").write_text('[bounds]\n"*weight*" = [-0.1, 0.1]\n')
+    code, out, _ = run(capsys, "check", src, "--bounds", tmp_path / "b.toml", "--json")
+    rep = json.loads(out)
+    assert not any(n.startswith("optim") for n in rep["parameters"]), rep["parameters"]
+    assert "model.0.weight" in rep["parameters"]
+    assert "['optim']" in rep["not_parameters"]
+    code, _, err = run(capsys, "clamp", src, "--bounds", tmp_path / "b.toml", "-o", dst)
+    assert code == 0, err
+    before = _dcp_torch_save(src, tmp_path / "a.pt")
+    after = _dcp_torch_save(dst, tmp_path / "b.pt")
+    w = msd["0.weight"].detach()
+    lo, hi = inward_f32(-0.1, "lower"), inward_f32(0.1, "upper")
+    assert torch.equal(after["model"]["0.weight"], w.clamp(lo, hi))
+    assert torch.equal(after["model"]["0.bias"], msd["0.bias"].detach())
+    state = before["optim"]["state"]
+    assert state  # non-empty: Adam's step, exp_avg, exp_avg_sq
+    for k, v in state.items():
+        for kk, vv in v.items():
+            assert torch.equal(after["optim"]["state"][k][kk], vv), (k, kk)
+    assert after["optim"]["state"]["0.weight"]["exp_avg"].abs().max() > 0
+
+
+@pytest.mark.parametrize("how", ["missing", "truncated", "garbage"])
+def test_damaged_distcp_is_one_line(tmp_path, capsys, how):
+    src = tmp_path / "src"
+    dcp_save(src, {"w": torch.arange(64.0), "n": torch.arange(4)})
+    data = src / "__0_0.distcp"
+    if how == "missing":
+        data.unlink()
+    elif how == "truncated":
+        data.write_bytes(data.read_bytes()[:100])
+    else:
+        data.write_bytes(np.random.default_rng(0).bytes(data.stat().st_size))
+    (tmp_path / "b.toml").write_text("[bounds]\nw = [0.0, 1.0]\n")
+    before = snapshot(tmp_path)
+    for cmd in (["check"], ["clamp", "-o", tmp_path / "dst"]):
+        code, _, err = run(capsys, cmd[0], src, "--bounds", tmp_path / "b.toml", *cmd[1:])
+        assert code == 2 and "cannot read the DCP checkpoint" in one_line(err), err
+        assert snapshot(tmp_path) == before
+
+
+def test_dcp_onto_a_full_disk_is_one_line(tmp_path, capsys, monkeypatch):
+    import errno
+
+    import torch.distributed.checkpoint.filesystem as fs
+
+    src = tmp_path / "src"
+    dcp_save(src, {"w": torch.arange(64.0)})
+
+    def full(*args, **kwargs):  # noqa: ARG001
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(fs, "_write_item", full)
+    (tmp_path / "b.toml").write_text("[bounds]\nw = [0.0, 1.0]\n")
+    before = snapshot(tmp_path)
+    code, _, err = run(capsys, "clamp", src, "--bounds", tmp_path / "b.toml", "-o", tmp_path / "d")
+    assert code == 2 and "No space left on device" in one_line(err), err
+    assert snapshot(tmp_path) == before

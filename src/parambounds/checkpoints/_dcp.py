@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..errors import BoundsError
 from ..report import Report
 from ._checkpoint import Checkpoint, CheckpointError
 
@@ -248,22 +249,77 @@ def _load(path: Path, names: list[str], meta: Any) -> dict[str, Any]:
             warnings.simplefilter("ignore", UserWarning)
             dcp.load(state, storage_reader=_reader(path, meta), planner=planner, no_dist=True)
         state.update(planner.raw)
-    except Exception as err:
-        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{path}: cannot read the DCP checkpoint ({detail})") from None
+    except (Exception, _checkpoint_exception()) as err:
+        raise CheckpointError(f"{path}: cannot read the DCP checkpoint ({_why(err)})") from None
     return state
 
 
-def tensor_names(path: str | Path) -> list[str]:
-    """The names of the floating-point tensors of a DCP directory."""
+def _checkpoint_exception() -> type[BaseException]:
+    """DCP's error, which derives from ``BaseException`` (not caught by ``Exception``)."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    return CheckpointException
+
+
+def _why(err: BaseException) -> str:
+    """One line for ``err``: a rank's own error for DCP's (whose text is tracebacks)."""
+    failures = getattr(err, "failures", None)
+    if isinstance(err, _checkpoint_exception()) and isinstance(failures, dict) and failures:
+        first = next(iter(failures.values()))
+        inner = first[0] if isinstance(first, tuple) else first
+        if isinstance(inner, BaseException):
+            return _why(inner)
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
+
+
+def _parameters(meta: Any) -> tuple[list[str], list[str]]:
+    """The names of the parameters, and the places of training state, as for a ``.pt``.
+
+    The entries are nested again as they were saved (``planner_data``: each name's
+    path) and judged by the rule of :func:`._tree.name_tensors`: optimizer, scheduler
+    and scaler state (what ``get_state_dict(model, optim)`` puts under ``optim``) are
+    never parameters.
+    """
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    meta = read_metadata(path)
-    return [
+    from ._tree import name_tensors
+
+    floats = [
         name
         for name, md in meta.state_dict_metadata.items()
         if isinstance(md, TensorStorageMetadata) and md.properties.dtype.is_floating_point
     ]
+    mapping = meta.planner_data if isinstance(meta.planner_data, dict) else {}
+    skeleton: dict[Any, Any] = {}
+    by_path: dict[tuple[Any, ...], str] = {}
+    for name in meta.state_dict_metadata:
+        where = mapping.get(name)
+        where = tuple(where) if isinstance(where, (tuple, list)) and where else (name,)
+        node = skeleton
+        for key in where[:-1]:
+            child = node.setdefault(key, {})
+            if not isinstance(child, dict):  # a leaf and a container at one place
+                return floats, []
+            node = child
+        node[where[-1]] = torch.empty(0) if name in floats else None
+        by_path[where] = name
+    try:
+        named, _ = name_tensors(skeleton, "")
+    except BoundsError:
+        return floats, []
+    params = {by_path[p] for p in named.paths.values() if p in by_path}
+    return [n for n in floats if n in params], named.skipped
+
+
+def tensor_names(path: str | Path) -> list[str]:
+    """The names of the floating-point parameters of a DCP directory.
+
+    Optimizer and scheduler state are not parameters (:func:`_parameters`).
+    """
+    return _parameters(read_metadata(path))[0]
 
 
 def iter_tensors(path: str | Path) -> Iterator[tuple[str, Tensor]]:
@@ -321,8 +377,9 @@ def load_dcp(path: str | Path, *, lazy: bool = False) -> Checkpoint:
         state = {n: state[n] if n in state else _Lazy.like(md) for n, md in entries.items()}
     else:
         state = _load(path, list(meta.state_dict_metadata), meta)
-    tensors = {k: v for k, v in state.items() if isinstance(v, Tensor) and v.is_floating_point()}
-    return Checkpoint(path, "dcp", tensors, state, handle=meta)
+    params, skipped = _parameters(meta)
+    tensors = {k: state[k] for k in params}
+    return Checkpoint(path, "dcp", tensors, state, skipped=skipped, handle=meta)
 
 
 def _keep_planner_data(folder: Path, original: Any) -> None:
@@ -418,12 +475,14 @@ def save_dcp(ckpt: Checkpoint, target: str | Path, fill: Any = None) -> None:
             old.rmdir()
             target.rename(old)
         tmp.rename(target)
-    except BaseException:
+    except BaseException as err:
         if old is not None and not target.exists():
             old.rename(target)
         shutil.rmtree(tmp, ignore_errors=True)
         if failed:
             raise failed[0] from None
+        if isinstance(err, (OSError, _checkpoint_exception())):  # a full disk, ...
+            raise CheckpointError(f"{target}: cannot write: {_why(err)}") from None
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
