@@ -474,3 +474,43 @@ def test_dcp_onto_a_full_disk_is_one_line(tmp_path, capsys, monkeypatch):
     code, _, err = run(capsys, "clamp", src, "--bounds", tmp_path / "b.toml", "-o", tmp_path / "d")
     assert code == 2 and "No space left on device" in one_line(err), err
     assert snapshot(tmp_path) == before
+
+
+# ------------------------------------------------------------------ 10, 14. .pt contents
+
+
+@pytest.mark.parametrize("where", ["set", "key", "tuple_key"])
+def test_a_tensor_no_name_can_reach_is_refused(tmp, capsys, where):
+    hidden = torch.tensor([9.0])
+    holder = {
+        "set": {"s": {hidden}},
+        "key": {"d": {hidden: 1}},
+        "tuple_key": {"d": {(1, hidden): 1}},
+    }[where]
+    torch.save({"lif.tau_mem": torch.tensor([0.02]), **holder}, tmp / "h.pt")
+    assert torch.load(tmp / "h.pt", weights_only=True)  # torch itself loads it
+    (tmp / "all.toml").write_text('[bounds]\n"*" = [0.0, 1.0]\n')
+    before = snapshot(tmp)
+    for cmd in (["check"], ["clamp", "-o", tmp / "o.pt"]):
+        code, _, err = run(capsys, cmd[0], tmp / "h.pt", "--bounds", tmp / "all.toml", *cmd[1:])
+        assert code == 2 and "can neither name nor check nor clamp" in one_line(err), err
+        assert snapshot(tmp) == before
+
+
+def test_a_nested_tensor_is_left_alone_unbounded_and_refused_bounded(tmp, capsys):
+    nt = torch.nested.nested_tensor([torch.tensor([5.0, 6.0]), torch.tensor([7.0])])
+    torch.save({"lif.tau_mem": torch.tensor([0.5]), "extra": nt}, tmp / "n.pt")
+    before = snapshot(tmp)
+    code, out, err = run(capsys, "check", tmp / "n.pt", "--bounds", tmp / "b.toml")
+    assert code == 1, err  # tau_mem is outside; the nested tensor is not bounded
+    (tmp / "all.toml").write_text('[bounds]\n"*" = [0.0, 1.0]\n')
+    code, _, err = run(capsys, "check", tmp / "n.pt", "--bounds", tmp / "all.toml")
+    assert code == 2 and "'extra' is a nested tensor" in one_line(err), err
+    code, _, err = run(
+        capsys, "clamp", tmp / "n.pt", "--bounds", tmp / "b.toml", "-o", tmp / "o.pt"
+    )
+    assert code == 0, err
+    got = torch.load(tmp / "o.pt", weights_only=True)
+    assert torch.equal(got["lif.tau_mem"], torch.tensor([inward_f32(0.04, "upper")]))
+    assert [torch.equal(a, b) for a, b in zip(got["extra"].unbind(), nt.unbind())] == [True, True]
+    assert (tmp / "n.pt").read_bytes() == before[Path("n.pt")]
