@@ -514,3 +514,52 @@ def test_a_nested_tensor_is_left_alone_unbounded_and_refused_bounded(tmp, capsys
     assert torch.equal(got["lif.tau_mem"], torch.tensor([inward_f32(0.04, "upper")]))
     assert [torch.equal(a, b) for a, b in zip(got["extra"].unbind(), nt.unbind())] == [True, True]
     assert (tmp / "n.pt").read_bytes() == before[Path("n.pt")]
+
+
+# ------------------------------------------------------------------ 4. DCP in place
+
+
+def test_dcp_in_place_rewrites_only_what_dcp_owns(tmp_path, capsys):
+    ck = tmp_path / "ck"
+    dcp_save(ck, dcp_state())
+    (ck / "config.json").write_text('{"hidden": 3}')
+    (ck / "tokenizer").mkdir()
+    (ck / "tokenizer" / "vocab.txt").write_text("a\nb\n")
+    (ck / "__9_9.distcp").write_bytes(b"an extra shard of something else")
+    os.chmod(ck, 0o750)
+    extras = {k: v for k, v in snapshot(ck).items() if not str(k).startswith((".metadata", "__0_"))}
+    (tmp_path / "b.toml").write_text('[bounds]\n"*.w" = [0.0, 1.0]\n')
+    code, _, err = run(capsys, "clamp", ck, "--bounds", tmp_path / "b.toml", "--in-place")
+    assert code == 0, err
+    after = snapshot(ck)
+    for k, v in extras.items():
+        assert after.get(k, "gone") == v, k
+    assert oct(ck.stat().st_mode & 0o7777) == oct(0o750)
+    got = _dcp_torch_save(ck, tmp_path / "a.pt")
+    want = dcp_state()
+    assert torch.equal(got["model"]["layer"]["w"], want["model"]["layer"]["w"].clamp(0.0, 1.0))
+    assert torch.equal(got["model"]["layer"]["n"], want["model"]["layer"]["n"])
+    dcp_files = sorted(str(k) for k in after if k not in extras)
+    assert len(dcp_files) == 2 and dcp_files[0] == ".metadata", dcp_files  # old shard gone
+    # and again: the renamed shards are replaced, nothing piles up
+    (tmp_path / "c.toml").write_text('[bounds]\n"*.w" = [0.0, 0.25]\n')
+    code, _, err = run(capsys, "clamp", ck, "--bounds", tmp_path / "c.toml", "--in-place")
+    assert code == 0, err
+    assert len([k for k in snapshot(ck) if k not in extras]) == 2
+    got = _dcp_torch_save(ck, tmp_path / "b.pt")
+    assert torch.equal(got["model"]["layer"]["w"], want["model"]["layer"]["w"].clamp(0.0, 0.25))
+
+
+def test_dcp_output_folder_gets_the_umask_mode(tmp_path, capsys):
+    src = tmp_path / "src"
+    dcp_save(src, dcp_state())
+    (tmp_path / "b.toml").write_text('[bounds]\n"*.w" = [0.0, 1.0]\n')
+    old = os.umask(0o027)
+    try:
+        code, _, err = run(
+            capsys, "clamp", src, "--bounds", tmp_path / "b.toml", "-o", tmp_path / "d"
+        )
+    finally:
+        os.umask(old)
+    assert code == 0, err
+    assert oct((tmp_path / "d").stat().st_mode & 0o7777) == oct(0o750)

@@ -8,7 +8,11 @@ and refuses any other global, so a checkpoint can never run code. Tensors are re
 at a time through ``dcp.load`` (shards are assembled into the full tensor, one tensor in
 memory at a time for :func:`report_dcp`); non-tensor entries are kept as their raw
 bytes and never unpickled. :func:`save_dcp` writes a new directory that ``dcp.load``
-reads back, next to the target, then moves it into place.
+reads back, next to the target, then moves it into place; onto an existing checkpoint
+it replaces only what DCP owns (the data files its metadata names, then ``.metadata``
+in one rename), keeping every other file and the folder's mode and owner. The metadata
+is checked first: every data file it names lies inside the folder, and the chunks of
+every tensor cover it exactly; the new metadata keeps the original's ``planner_data``.
 
 The library never imports this module.
 """
@@ -16,9 +20,12 @@ The library never imports this module.
 from __future__ import annotations
 
 import io
+import os
 import pickle
 import shutil
+import stat
 import tempfile
+import uuid
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -119,8 +126,6 @@ def read_metadata(path: str | Path) -> Any:
 
 def _check_paths(path: Path, meta: Any) -> None:
     """Every file the metadata names must lie inside the folder (no ``..``, no absolute)."""
-    import os
-
     storage = meta.storage_data
     if storage is None:
         return
@@ -387,8 +392,6 @@ def _keep_planner_data(folder: Path, original: Any) -> None:
 
     Without it, DCP's own loaders (``dcp_to_torch_save``...) return the flat names.
     """
-    import os
-
     kept = getattr(original, "planner_data", None)
     if kept is None:
         return
@@ -457,7 +460,6 @@ def save_dcp(ckpt: Checkpoint, target: str | Path, fill: Any = None) -> None:
 
     planner.fill = fill_or_note
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
-    old = None
     try:
         with warnings.catch_warnings():  # "no process group: saving in one process"
             warnings.simplefilter("ignore", UserWarning)
@@ -469,20 +471,54 @@ def save_dcp(ckpt: Checkpoint, target: str | Path, fill: Any = None) -> None:
             )
         _keep_planner_data(tmp, ckpt.handle)
         if target.exists():
-            old = Path(
-                tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".old")
-            )
-            old.rmdir()
-            target.rename(old)
-        tmp.rename(target)
+            _replace_in(target, tmp)
+        else:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o777 & ~umask)  # as mkdir would make it, not mkdtemp's 0700
+            tmp.rename(target)
     except BaseException as err:
-        if old is not None and not target.exists():
-            old.rename(target)
         shutil.rmtree(tmp, ignore_errors=True)
         if failed:
             raise failed[0] from None
         if isinstance(err, (OSError, _checkpoint_exception())):  # a full disk, ...
             raise CheckpointError(f"{target}: cannot write: {_why(err)}") from None
         raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _data_files(meta: Any) -> set[str]:
+    storage = meta.storage_data if isinstance(meta.storage_data, dict) else {}
+    return {info.relative_path for info in storage.values()}
+
+
+def _replace_in(target: Path, new: Path) -> None:
+    """Replace the DCP checkpoint in folder ``target`` by the one in ``new``, in place.
+
+    Only what DCP owns changes: the new data files move in under fresh names, then the
+    new ``.metadata`` replaces the old one in one rename (the moment the checkpoint
+    changes), then the old data files it named are removed. Every other file of the
+    folder (``config.json``, a tokenizer, notes), and the folder's mode and owner, stay.
+    A crash before that rename leaves the old checkpoint whole (and stray new files).
+    """
+    old_meta = read_metadata(target)
+    meta = read_metadata(new)
+    mode = stat.S_IMODE((target / _METADATA).stat().st_mode)
+    token = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    renamed: dict[str, str] = {}
+    for rel in sorted(_data_files(meta)):
+        stem, dot, ext = rel.partition(".")
+        renamed[rel] = f"{stem}.{token}{dot}{ext.rpartition('.')[2] if dot else ''}"
+        os.chmod(new / rel, mode)
+        os.replace(new / rel, target / renamed[rel])
+    for info in (meta.storage_data or {}).values():
+        info.relative_path = renamed[info.relative_path]
+    tmp = target / f"{_METADATA}.parambounds-{token}.tmp"
+    with open(tmp, "wb") as f:
+        pickle.dump(meta, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.chmod(tmp, mode)
+    os.replace(tmp, target / _METADATA)  # the checkpoint is now the new one
+    for rel in _data_files(old_meta) - set(renamed.values()):
+        (target / rel).unlink(missing_ok=True)
