@@ -563,3 +563,18 @@ def test_dcp_output_folder_gets_the_umask_mode(tmp_path, capsys):
         os.umask(old)
     assert code == 0, err
     assert oct((tmp_path / "d").stat().st_mode & 0o7777) == oct(0o750)
+
+
+# ------------------------------------------------------------------ 15. owner
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a file to another user needs root")
+def test_in_place_keeps_the_owner(tmp, capsys):
+    src = tmp / "m.pt"
+    os.chown(src, 65534, 65534)
+    os.chmod(src, 0o664)
+    code, _, err = run(capsys, "clamp", src, "--bounds", tmp / "b.toml", "--in-place")
+    assert code == 0, err
+    info = src.stat()
+    assert (info.st_uid, info.st_gid, info.st_mode & 0o7777) == (65534, 65534, 0o664)
+    assert torch.equal(torch.load(src, weights_only=True)["lif.tau_mem"], CLAMPED)
