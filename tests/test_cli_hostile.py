@@ -311,3 +311,270 @@ def test_dcp_output_onto_an_existing_folder_needs_force(tmp_path, capsys, what):
         assert snapshot(tmp_path) == before
     else:
         assert code == 0, err
+
+
+def _forge(folder: Path, change) -> None:
+    """Rewrite a DCP folder's metadata (a test's own file: plain pickle is fine here)."""
+    with open(folder / ".metadata", "rb") as f:
+        meta = pickle.load(f)
+    change(meta)
+    with open(folder / ".metadata", "wb") as f:
+        pickle.dump(meta, f)
+
+
+def _dcp_torch_save(folder: Path, out: Path):
+    import warnings
+
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp_to_torch_save(str(folder), str(out))
+    return torch.load(out, weights_only=True)
+
+
+def test_dcp_clamp_keeps_the_nesting_for_every_dcp_loader(tmp_path, capsys):
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    dcp_save(src, dcp_state())
+    (tmp_path / "b.toml").write_text('[bounds]\n"*.w" = [0.0, 1.0]\n')
+    code, _, err = run(capsys, "clamp", src, "--bounds", tmp_path / "b.toml", "-o", dst)
+    assert code == 0, err
+    before = _dcp_torch_save(src, tmp_path / "a.pt")
+    after = _dcp_torch_save(dst, tmp_path / "b.pt")
+    assert list(after) == list(before) == ["model"]
+    want = dcp_state()
+    want["model"]["layer"]["w"] = want["model"]["layer"]["w"].clamp(0.0, 1.0)
+    assert torch.equal(after["model"]["layer"]["w"], want["model"]["layer"]["w"])
+    assert torch.equal(after["model"]["layer"]["n"], want["model"]["layer"]["n"])
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = _load_state_dict_from_keys(checkpoint_id=str(dst))
+    assert torch.equal(got["model"]["layer"]["w"], want["model"]["layer"]["w"])
+
+
+@pytest.mark.parametrize("rel", ["../outside.distcp", "/etc/hostname", "link.distcp"])
+def test_dcp_data_paths_outside_the_folder_are_refused(tmp_path, capsys, rel):
+    src = tmp_path / "ck" / "src"
+    src.parent.mkdir()
+    dcp_save(src, dcp_state())
+    (src / "__0_0.distcp").rename(tmp_path / "ck" / "outside.distcp")
+    (src / "link.distcp").symlink_to(tmp_path / "ck" / "outside.distcp")
+
+    def point_outside(meta):
+        for info in meta.storage_data.values():
+            info.relative_path = rel
+
+    _forge(src, point_outside)
+    (tmp_path / "b.toml").write_text('[bounds]\n"*.w" = [0.0, 1.0]\n')
+    before = snapshot(tmp_path)
+    for cmd in (["check"], ["clamp", "-o", tmp_path / "ck" / "dst"]):
+        code, _, err = run(capsys, cmd[0], src, "--bounds", tmp_path / "b.toml", *cmd[1:])
+        assert code == 2 and "not inside the checkpoint folder" in one_line(err), err
+        assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("how", ["gap", "overlap", "outside"])
+def test_dcp_chunks_that_do_not_cover_a_tensor_are_refused(tmp_path, capsys, how):
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+
+    src = tmp_path / "src"
+    dcp_save(src, {"w": torch.arange(8.0)})
+
+    def forge(meta):
+        md = meta.state_dict_metadata["w"]
+        if how == "gap":
+            md.size = torch.Size([12])  # chunks cover 8 of 12 elements
+        elif how == "overlap":
+            md.chunks.append(ChunkStorageMetadata(torch.Size([4]), torch.Size([4])))
+            md.size = torch.Size([12])
+        else:
+            md.chunks[0] = ChunkStorageMetadata(torch.Size([2]), torch.Size([8]))
+
+    _forge(src, forge)
+    (tmp_path / "b.toml").write_text("[bounds]\nw = [0.0, 1.0]\n")
+    before = snapshot(tmp_path)
+    for cmd in (["check"], ["clamp", "-o", tmp_path / "dst"]):
+        code, _, err = run(capsys, cmd[0], src, "--bounds", tmp_path / "b.toml", *cmd[1:])
+        assert code == 2 and "malformed DCP checkpoint" in one_line(err), err
+        assert snapshot(tmp_path) == before
+
+
+def test_dcp_optimizer_state_is_never_a_parameter(tmp_path, capsys):
+    import json
+
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4))
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    model(torch.randn(2, 3)).square().sum().backward()
+    opt.step()
+    msd, osd = get_state_dict(model, opt)
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    dcp_save(src, {"model": msd, "optim": osd})
+    (tmp_path / "b.toml").write_text('[bounds]\n"*weight*" = [-0.1, 0.1]\n')
+    code, out, _ = run(capsys, "check", src, "--bounds", tmp_path / "b.toml", "--json")
+    rep = json.loads(out)
+    assert not any(n.startswith("optim") for n in rep["parameters"]), rep["parameters"]
+    assert "model.0.weight" in rep["parameters"]
+    assert "['optim']" in rep["not_parameters"]
+    code, _, err = run(capsys, "clamp", src, "--bounds", tmp_path / "b.toml", "-o", dst)
+    assert code == 0, err
+    before = _dcp_torch_save(src, tmp_path / "a.pt")
+    after = _dcp_torch_save(dst, tmp_path / "b.pt")
+    w = msd["0.weight"].detach()
+    lo, hi = inward_f32(-0.1, "lower"), inward_f32(0.1, "upper")
+    assert torch.equal(after["model"]["0.weight"], w.clamp(lo, hi))
+    assert torch.equal(after["model"]["0.bias"], msd["0.bias"].detach())
+    state = before["optim"]["state"]
+    assert state  # non-empty: Adam's step, exp_avg, exp_avg_sq
+    for k, v in state.items():
+        for kk, vv in v.items():
+            assert torch.equal(after["optim"]["state"][k][kk], vv), (k, kk)
+    assert after["optim"]["state"]["0.weight"]["exp_avg"].abs().max() > 0
+
+
+@pytest.mark.parametrize("how", ["missing", "truncated", "garbage"])
+def test_damaged_distcp_is_one_line(tmp_path, capsys, how):
+    src = tmp_path / "src"
+    dcp_save(src, {"w": torch.arange(64.0), "n": torch.arange(4)})
+    data = src / "__0_0.distcp"
+    if how == "missing":
+        data.unlink()
+    elif how == "truncated":
+        data.write_bytes(data.read_bytes()[:100])
+    else:
+        data.write_bytes(np.random.default_rng(0).bytes(data.stat().st_size))
+    (tmp_path / "b.toml").write_text("[bounds]\nw = [0.0, 1.0]\n")
+    before = snapshot(tmp_path)
+    for cmd in (["check"], ["clamp", "-o", tmp_path / "dst"]):
+        code, _, err = run(capsys, cmd[0], src, "--bounds", tmp_path / "b.toml", *cmd[1:])
+        assert code == 2 and "cannot read the DCP checkpoint" in one_line(err), err
+        assert snapshot(tmp_path) == before
+
+
+def test_dcp_onto_a_full_disk_is_one_line(tmp_path, capsys, monkeypatch):
+    import errno
+
+    import torch.distributed.checkpoint.filesystem as fs
+
+    src = tmp_path / "src"
+    dcp_save(src, {"w": torch.arange(64.0)})
+
+    def full(*args, **kwargs):  # noqa: ARG001
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(fs, "_write_item", full)
+    (tmp_path / "b.toml").write_text("[bounds]\nw = [0.0, 1.0]\n")
+    before = snapshot(tmp_path)
+    code, _, err = run(capsys, "clamp", src, "--bounds", tmp_path / "b.toml", "-o", tmp_path / "d")
+    assert code == 2 and "No space left on device" in one_line(err), err
+    assert snapshot(tmp_path) == before
+
+
+# ------------------------------------------------------------------ 10, 14. .pt contents
+
+
+@pytest.mark.parametrize("where", ["set", "key", "tuple_key"])
+def test_a_tensor_no_name_can_reach_is_refused(tmp, capsys, where):
+    hidden = torch.tensor([9.0])
+    holder = {
+        "set": {"s": {hidden}},
+        "key": {"d": {hidden: 1}},
+        "tuple_key": {"d": {(1, hidden): 1}},
+    }[where]
+    torch.save({"lif.tau_mem": torch.tensor([0.02]), **holder}, tmp / "h.pt")
+    assert torch.load(tmp / "h.pt", weights_only=True)  # torch itself loads it
+    (tmp / "all.toml").write_text('[bounds]\n"*" = [0.0, 1.0]\n')
+    before = snapshot(tmp)
+    for cmd in (["check"], ["clamp", "-o", tmp / "o.pt"]):
+        code, _, err = run(capsys, cmd[0], tmp / "h.pt", "--bounds", tmp / "all.toml", *cmd[1:])
+        assert code == 2 and "can neither name nor check nor clamp" in one_line(err), err
+        assert snapshot(tmp) == before
+
+
+def test_a_nested_tensor_is_left_alone_unbounded_and_refused_bounded(tmp, capsys):
+    nt = torch.nested.nested_tensor([torch.tensor([5.0, 6.0]), torch.tensor([7.0])])
+    torch.save({"lif.tau_mem": torch.tensor([0.5]), "extra": nt}, tmp / "n.pt")
+    before = snapshot(tmp)
+    code, out, err = run(capsys, "check", tmp / "n.pt", "--bounds", tmp / "b.toml")
+    assert code == 1, err  # tau_mem is outside; the nested tensor is not bounded
+    (tmp / "all.toml").write_text('[bounds]\n"*" = [0.0, 1.0]\n')
+    code, _, err = run(capsys, "check", tmp / "n.pt", "--bounds", tmp / "all.toml")
+    assert code == 2 and "'extra' is a nested tensor" in one_line(err), err
+    code, _, err = run(
+        capsys, "clamp", tmp / "n.pt", "--bounds", tmp / "b.toml", "-o", tmp / "o.pt"
+    )
+    assert code == 0, err
+    got = torch.load(tmp / "o.pt", weights_only=True)
+    assert torch.equal(got["lif.tau_mem"], torch.tensor([inward_f32(0.04, "upper")]))
+    assert [torch.equal(a, b) for a, b in zip(got["extra"].unbind(), nt.unbind())] == [True, True]
+    assert (tmp / "n.pt").read_bytes() == before[Path("n.pt")]
+
+
+# ------------------------------------------------------------------ 4. DCP in place
+
+
+def test_dcp_in_place_rewrites_only_what_dcp_owns(tmp_path, capsys):
+    ck = tmp_path / "ck"
+    dcp_save(ck, dcp_state())
+    (ck / "config.json").write_text('{"hidden": 3}')
+    (ck / "tokenizer").mkdir()
+    (ck / "tokenizer" / "vocab.txt").write_text("a\nb\n")
+    (ck / "__9_9.distcp").write_bytes(b"an extra shard of something else")
+    os.chmod(ck, 0o750)
+    extras = {k: v for k, v in snapshot(ck).items() if not str(k).startswith((".metadata", "__0_"))}
+    (tmp_path / "b.toml").write_text('[bounds]\n"*.w" = [0.0, 1.0]\n')
+    code, _, err = run(capsys, "clamp", ck, "--bounds", tmp_path / "b.toml", "--in-place")
+    assert code == 0, err
+    after = snapshot(ck)
+    for k, v in extras.items():
+        assert after.get(k, "gone") == v, k
+    assert oct(ck.stat().st_mode & 0o7777) == oct(0o750)
+    got = _dcp_torch_save(ck, tmp_path / "a.pt")
+    want = dcp_state()
+    assert torch.equal(got["model"]["layer"]["w"], want["model"]["layer"]["w"].clamp(0.0, 1.0))
+    assert torch.equal(got["model"]["layer"]["n"], want["model"]["layer"]["n"])
+    dcp_files = sorted(str(k) for k in after if k not in extras)
+    assert len(dcp_files) == 2 and dcp_files[0] == ".metadata", dcp_files  # old shard gone
+    # and again: the renamed shards are replaced, nothing piles up
+    (tmp_path / "c.toml").write_text('[bounds]\n"*.w" = [0.0, 0.25]\n')
+    code, _, err = run(capsys, "clamp", ck, "--bounds", tmp_path / "c.toml", "--in-place")
+    assert code == 0, err
+    assert len([k for k in snapshot(ck) if k not in extras]) == 2
+    got = _dcp_torch_save(ck, tmp_path / "b.pt")
+    assert torch.equal(got["model"]["layer"]["w"], want["model"]["layer"]["w"].clamp(0.0, 0.25))
+
+
+def test_dcp_output_folder_gets_the_umask_mode(tmp_path, capsys):
+    src = tmp_path / "src"
+    dcp_save(src, dcp_state())
+    (tmp_path / "b.toml").write_text('[bounds]\n"*.w" = [0.0, 1.0]\n')
+    old = os.umask(0o027)
+    try:
+        code, _, err = run(
+            capsys, "clamp", src, "--bounds", tmp_path / "b.toml", "-o", tmp_path / "d"
+        )
+    finally:
+        os.umask(old)
+    assert code == 0, err
+    assert oct((tmp_path / "d").stat().st_mode & 0o7777) == oct(0o750)
+
+
+# ------------------------------------------------------------------ 15. owner
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a file to another user needs root")
+def test_in_place_keeps_the_owner(tmp, capsys):
+    src = tmp / "m.pt"
+    os.chown(src, 65534, 65534)
+    os.chmod(src, 0o664)
+    code, _, err = run(capsys, "clamp", src, "--bounds", tmp / "b.toml", "--in-place")
+    assert code == 0, err
+    info = src.stat()
+    assert (info.st_uid, info.st_gid, info.st_mode & 0o7777) == (65534, 65534, 0o664)
+    assert torch.equal(torch.load(src, weights_only=True)["lif.tau_mem"], CLAMPED)

@@ -130,7 +130,9 @@ def make_targets(
         t = tensors.get(name)
         if t is not None and not in_memory(t):
             what = "a meta tensor (the file holds no values for it)"
-            if t.layout != torch.strided:
+            if t.is_nested:
+                what = "a nested tensor"
+            elif t.layout != torch.strided:
                 what = f"a {str(t.layout).replace('torch.', '')} tensor"
             raise BoundsError(
                 f"'{name}' is {what}, which parambounds does not check or clamp; "

@@ -2,7 +2,8 @@
 
 The new contents go to a temporary file in the target's folder, named
 ``.<target>.parambounds-<pid>.tmp``, which is renamed over the target once complete and
-synced. An interrupted run (even ``kill -9``) leaves at most that temporary file, which
+synced. The target's owner and group are kept where the user may set them (as
+``sed -i`` does). An interrupted run (even ``kill -9``) leaves at most that temporary file, which
 no user would take for the checkpoint; the next write to the same target removes the
 ones whose process is gone. The target's mode is kept; a symlink is written through (the
 link stays, its target changes); a file with several hard links is refused, since the
@@ -138,7 +139,14 @@ def atomic_write(target: Path, write: Callable[[Path], None], mode_from: Path | 
     try:
         write(tmp)
         if mode_from is not None and mode_from.exists():
-            os.chmod(tmp, stat.S_IMODE(mode_from.stat().st_mode))
+            info = mode_from.stat()
+            if (info.st_uid, info.st_gid) != (os.geteuid(), os.getegid()):
+                try:  # keep the owner where we may, as sed -i does (before the mode:
+                    os.chown(tmp, info.st_uid, info.st_gid)  # chown clears setuid bits)
+                except PermissionError:
+                    with contextlib.suppress(PermissionError):  # at least the group
+                        os.chown(tmp, -1, info.st_gid)
+            os.chmod(tmp, stat.S_IMODE(info.st_mode))
         else:
             umask = os.umask(0)
             os.umask(umask)
