@@ -863,6 +863,51 @@ def scenario_loss_parallel(mesh):
     print(f"rank {dist.get_rank()}: loss_parallel ok", flush=True)
 
 
+def scenario_fullgraph(mesh):
+    """``torch.compile(fullgraph=True)`` over the cost of DTensors with per-element, 0-d
+    tensor, learnable and DTensor bounds (issue 23, item 6): value and gradients (of the
+    parameter and of a learnable bound) equal the float64 reference."""
+    g = torch.Generator().manual_seed(11)
+    full = torch.randn(5, 3, generator=g, dtype=torch.float64) * 2
+    per_row = torch.linspace(0.1, 0.9, 5, dtype=torch.float64)[:, None]
+    cases = [
+        ("S0", [Shard(0)], "tensor"),
+        ("S0", [Shard(0)], "learnable"),
+        ("S0", [Shard(0)], "0-d"),
+        ("S0", [Shard(0)], "dtensor"),
+        ("P", [Partial()], "learnable"),
+        ("SS", [_StridedShard(0, split_factor=2)], "tensor"),
+    ]
+    for name, placements, kind in cases:
+        torch._dynamo.reset()
+        x, ref = make_dtensor(full, mesh, placements)
+        hi = {
+            "tensor": per_row,
+            "learnable": per_row.clone().requires_grad_(),
+            "0-d": torch.tensor(0.5, dtype=torch.float64),
+            "dtensor": distribute_tensor(per_row.expand(5, 3), mesh, [Shard(1)]),
+        }[kind]
+        rhi = (hi.full_tensor() if isinstance(hi, DTensor) else hi).detach().clone()
+        rhi.requires_grad_(hi.requires_grad)
+
+        def cost(p, h):
+            return bounds_cost({"w": p}, {"w": -0.5}, {"w": h}, penalty="quadratic")
+
+        xg = x.detach().requires_grad_()
+        rx = ref.clone().requires_grad_()
+        got = torch.compile(cost, fullgraph=True)(xg, hi)
+        want = cost(rx, rhi)
+        assert type(got) is torch.Tensor, (name, kind, type(got))
+        torch.testing.assert_close(got, want, msg=f"{name} {kind}")
+        grads = torch.autograd.grad(got, [xg, hi] if hi.requires_grad else [xg])
+        ref_grads = torch.autograd.grad(want, [rx, rhi] if hi.requires_grad else [rx])
+        torch.testing.assert_close(grads[0].full_tensor(), ref_grads[0], msg=f"{name} {kind}")
+        if hi.requires_grad:
+            torch.testing.assert_close(grads[1], ref_grads[1], msg=f"{name} {kind} bound")
+    torch._dynamo.reset()
+    print(f"rank {dist.get_rank()}: fullgraph ok", flush=True)
+
+
 def scenario_hsdp(_mesh):
     """HSDP: FSDP2 on a 2-D (replicate, shard) mesh, trained a few steps with ``attach``."""
     from torch.distributed.fsdp import fully_shard
