@@ -864,6 +864,103 @@ def scenario_loss_parallel(mesh):
     print(f"rank {dist.get_rank()}: loss_parallel ok", flush=True)
 
 
+def scenario_fullgraph(mesh):
+    """``torch.compile(fullgraph=True)`` over the cost of DTensors with per-element, 0-d
+    tensor, learnable and DTensor bounds (issue 23, item 6): value and gradients (of the
+    parameter and of a learnable bound) equal the float64 reference."""
+    g = torch.Generator().manual_seed(11)
+    full = torch.randn(5, 3, generator=g, dtype=torch.float64) * 2
+    per_row = torch.linspace(0.1, 0.9, 5, dtype=torch.float64)[:, None]
+    cases = [
+        ("S0", [Shard(0)], "tensor"),
+        ("S0", [Shard(0)], "learnable"),
+        ("S0", [Shard(0)], "0-d"),
+        ("S0", [Shard(0)], "dtensor"),
+        ("P", [Partial()], "learnable"),
+        ("SS", [_StridedShard(0, split_factor=2)], "tensor"),
+    ]
+    for name, placements, kind in cases:
+        torch._dynamo.reset()
+        x, ref = make_dtensor(full, mesh, placements)
+        hi = {
+            "tensor": per_row,
+            "learnable": per_row.clone().requires_grad_(),
+            "0-d": torch.tensor(0.5, dtype=torch.float64),
+            "dtensor": distribute_tensor(per_row.expand(5, 3), mesh, [Shard(1)]),
+        }[kind]
+        rhi = (hi.full_tensor() if isinstance(hi, DTensor) else hi).detach().clone()
+        rhi.requires_grad_(hi.requires_grad)
+
+        def cost(p, h):
+            return bounds_cost({"w": p}, {"w": -0.5}, {"w": h}, penalty="quadratic")
+
+        xg = x.detach().requires_grad_()
+        rx = ref.clone().requires_grad_()
+        got = torch.compile(cost, fullgraph=True)(xg, hi)
+        want = cost(rx, rhi)
+        assert type(got) is torch.Tensor, (name, kind, type(got))
+        torch.testing.assert_close(got, want, msg=f"{name} {kind}")
+        grads = torch.autograd.grad(got, [xg, hi] if hi.requires_grad else [xg])
+        ref_grads = torch.autograd.grad(want, [rx, rhi] if hi.requires_grad else [rx])
+        torch.testing.assert_close(grads[0].full_tensor(), ref_grads[0], msg=f"{name} {kind}")
+        if hi.requires_grad:
+            torch.testing.assert_close(grads[1], ref_grads[1], msg=f"{name} {kind} bound")
+    torch._dynamo.reset()
+    print(f"rank {dist.get_rank()}: fullgraph ok", flush=True)
+
+
+class WithCost(torch.nn.Module):
+    """A model whose forward also returns its bounds' cost (docs/distributed.md, DDP)."""
+
+    def __init__(self, model, bounds):
+        super().__init__()
+        self.model, self.bounds = model, bounds
+
+    def forward(self, x):
+        return self.model(x), self.bounds.cost(self.model)
+
+
+def scenario_ddp_unused(_mesh):
+    """DDP with ``find_unused_parameters=True`` and a bounded parameter that the forward
+    pass does not use (issue 23, item 7): DDP's own error when the cost is added outside
+    forward; the documented fix (the cost returned by forward) and ``static_graph=True``
+    give the float64 reference's gradients."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    class Unused(Net):
+        def __init__(self):
+            super().__init__()
+            self.spare = torch.nn.Parameter(torch.linspace(-1.0, 1.0, 4, dtype=torch.float64))
+
+    spec = {"*tau": (0.005, 0.04), "*spare": (-0.5, 0.5)}
+    x = torch.randn(8, 4, generator=torch.Generator().manual_seed(12), dtype=torch.float64)
+    ref = Unused().double()
+    bounds = Bounds(spec)
+    (ref(x).square().mean() + bounds.cost(ref)).backward()
+    want = {n: p.grad for n, p in ref.named_parameters()}
+    # the cost added outside forward: DDP's traversal from the outputs misses 'spare'
+    model = DDP(Unused().double(), find_unused_parameters=True)
+    try:
+        (model(x).square().mean() + bounds.cost(model)).backward()
+        raise AssertionError("DDP should refuse a gradient for a parameter it found unused")
+    except RuntimeError as err:
+        assert "only once" in str(err), err
+    # the fix: the cost computed in forward, so that DDP sees it
+    for kwargs, wrap in (({"find_unused_parameters": True}, True), ({"static_graph": True}, False)):
+        inner = Unused().double()
+        model = DDP(WithCost(inner, bounds) if wrap else inner, **kwargs)
+        for _ in range(2):  # static_graph learns the graph in the first iteration
+            model.zero_grad()
+            if wrap:
+                out, cost = model(x)
+            else:
+                out, cost = model(x), bounds.cost(model)
+            (out.square().mean() + cost).backward()
+            for n, p in inner.named_parameters():
+                torch.testing.assert_close(p.grad, want[n], msg=f"{kwargs} {n}")
+    print(f"rank {dist.get_rank()}: ddp unused ok", flush=True)
+
+
 def scenario_hsdp(_mesh):
     """HSDP: FSDP2 on a 2-D (replicate, shard) mesh, trained a few steps with ``attach``."""
     from torch.distributed.fsdp import fully_shard

@@ -65,6 +65,8 @@ def test_two_processes(tmp_path, monkeypatch):
             "disagree": "disagree ok",
             "fsdp_unsharded": "fsdp2 unsharded ok",
             "loss_parallel": "loss_parallel ok",
+            "fullgraph": "fullgraph ok",
+            "ddp_unused": "ddp unused ok",
             "dcp": "dcp ok",  # rank-0-only work on plain tensors sharing SPEC's bound tensor
             "compiled_kernel": "compiled kernel ok",
             # after everything else: rank 0's plan cache once lost the FSDP2 plan to the

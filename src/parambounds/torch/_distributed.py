@@ -136,6 +136,8 @@ def local_bound(b: Any, x: Any) -> Any:
     from torch.distributed.tensor import distribute_tensor
 
     placements = _reduced_placements(x)
+    if torch.compiler.is_compiling() and not is_dtensor(b):
+        return _traced_local_bound(b, x, placements)
     if b.requires_grad and torch.is_grad_enabled() and not is_dtensor(b):
         return _learnable_local_bound(b, x)
     if is_dtensor(b):
@@ -153,6 +155,27 @@ def local_bound(b: Any, x: Any) -> Any:
     return distribute_tensor(full, x.device_mesh, placements, src_data_rank=None).to_local()
 
 
+def _traced_local_bound(b: Tensor, x: Any, placements: tuple[Any, ...]) -> Tensor:
+    """A plain bound restricted to ``x``'s local values by DTensor's own ops (traceable).
+
+    Under ``torch.compile``: a replicated DTensor of the full bound, redistributed to
+    ``x``'s layout (slicing, no communication). The gradient of a learnable bound flows
+    back through DTensor's redistribution, which gathers it over the sharded dimensions:
+    every rank gets the gradient of the whole cost, as in eager mode.
+    """
+    mesh = x.device_mesh
+    full = _DTENSOR.from_local(
+        b.expand(x.shape).contiguous(), mesh, [_replicate()] * mesh.ndim, run_check=False
+    )
+    return full.redistribute(mesh, placements).to_local()  # type: ignore[no-any-return]
+
+
+def _replicate() -> Any:
+    from torch.distributed.tensor import Replicate
+
+    return Replicate()
+
+
 def _local_positions(x: Any) -> Tensor:
     """The global flat index of each of this rank's values of ``x`` (no communication)."""
     from torch.distributed.tensor import distribute_tensor
@@ -168,17 +191,8 @@ def _learnable_local_bound(b: Tensor, x: Any) -> Tensor:
 
     Its gradient is summed over the ranks of ``x``'s mesh in the backward pass (each
     element once), so that every rank holds the gradient of the whole cost, as for an
-    unsharded parameter.
-
-    Raises:
-        BoundsError: under ``torch.compile`` (the backward pass is a collective).
+    unsharded parameter. Under ``torch.compile`` see :func:`_traced_local_bound`.
     """
-    if torch.compiler.is_compiling():
-        raise BoundsError(
-            "a bound that requires grad on a DTensor parameter cannot be compiled: its "
-            "gradient is summed over the ranks in the backward pass; compute the cost "
-            "outside torch.compile, or detach the bound"
-        )
     shared = _SumGradAcross.apply(b, x.device_mesh, _counts_here(x))
     flat = shared.expand(x.shape).reshape(-1)
     return flat[_local_positions(x).to(flat.device)]

@@ -182,7 +182,8 @@ def _normalise(b: Any, side: str, path: str, param: Any, traced: bool = False) -
     if is_dtensor(b) and not is_dtensor(param):  # an unsharded parameter (FSDP2 after
         b = full_bound(b)  # forward with reshard_after_forward=False): gather the bound once
     if is_dtensor(b):  # check this rank's part; every rank learns of errors in agree()
-        _check_values(cast(Any, b).to_local(), side, where)
+        if not traced:
+            _check_values(cast(Any, b).to_local(), side, where)
         return b.detach().to(dtype=dtype, copy=True)
     if traced:  # keep the graph of a learnable bound: the traced path differentiates it
         return b.to(device=param.device, dtype=dtype)
@@ -208,6 +209,8 @@ def _check_values(t: Tensor, side: str, where: str) -> None:
 def _check_order(lo: Any, hi: Any, path: str, traced: bool = False, param: Any = None) -> None:
     if lo is None or hi is None:
         return
+    if traced and (isinstance(lo, Tensor) or isinstance(hi, Tensor)):
+        return  # reading tensor values would break the graph (checked in eager mode)
     if is_dtensor(param) and (isinstance(lo, Tensor) or isinstance(hi, Tensor)):
         found = order_violation(lo, hi, param)  # this rank's part, named by global index
         if found is not None:
@@ -215,8 +218,6 @@ def _check_order(lo: Any, hi: Any, path: str, traced: bool = False, param: Any =
             err = order_error(f"'{path or '<root>'}'", lo_v, hi_v, idx)
             err.flat_index = flat  # type: ignore[attr-defined]
             raise err
-        return
-    if traced and (isinstance(lo, Tensor) or isinstance(hi, Tensor)):
         return
     if isinstance(lo, float) and isinstance(hi, float):
         if lo > hi:
