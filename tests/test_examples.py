@@ -43,3 +43,10 @@ def test_each_use_ends_inside_the_bounds(script):
 def test_each_torch_example_pins_torch_to_one_thread(script):
     source = (EXAMPLES / script).read_text()
     assert "torch.set_num_threads(1)" in source
+
+
+def test_property_tests_have_no_deadline_and_no_speed_health_check():
+    from hypothesis import HealthCheck, settings
+
+    assert settings().deadline is None
+    assert HealthCheck.too_slow in settings().suppress_health_check

@@ -296,8 +296,8 @@ class Bounds:
         """The penalty of every bounded parameter, as :func:`~parambounds.bounds_cost`.
 
         Returns:
-            a scalar of the parameters' framework (a torch tensor or a JAX array), to add
-            to the loss; differentiable.
+            a differentiable scalar of the parameters' framework (a torch tensor or a JAX
+                array), to add to the loss.
         """
         return get_backend(model).cost(self, model)  # type: ignore[no-any-return]
 
@@ -341,8 +341,8 @@ class Bounds:
         """Project ``model`` after every ``optimizer.step()`` (torch).
 
         Returns:
-            the optimizer's step-hook handle (``torch.utils.hooks.RemovableHandle``):
-            ``handle.remove()`` stops the projection.
+            the optimizer's step-hook handle, a ``torch.utils.hooks.RemovableHandle``;
+                ``handle.remove()`` stops the projection.
         """
         return get_backend(model).attach(self, optimizer, model)  # type: ignore[no-any-return]
 
