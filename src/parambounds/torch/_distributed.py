@@ -347,12 +347,8 @@ def _bound(b: Any) -> Any:
         return b
     if is_dtensor(b):
         d: Any = b
-        return (
-            "dtensor",
-            tuple(d.shape),
-            tuple(map(repr, d.placements)),
-            mesh_ranks(d.device_mesh),
-        )
+        # its mesh by shape: a submesh holds other ranks on other ranks (HSDP)
+        return ("dtensor", tuple(d.shape), tuple(map(repr, d.placements)), d.device_mesh.shape)
     if not b.dim():
         return float(b.detach())
     data = b.detach().to("cpu").contiguous().view(-1).view(torch.uint8).numpy().tobytes()
