@@ -50,3 +50,26 @@ def test_property_tests_have_no_deadline_and_no_speed_health_check():
 
     assert settings().deadline is None
     assert HealthCheck.too_slow in settings().suppress_health_check
+
+
+@pytest.mark.parametrize(
+    "script, package",
+    [
+        ("lightning_bounds.py", "lightning"),
+        ("transformers_bounds.py", "transformers"),
+        ("tensorboard_bounds.py", "tensorboard"),
+    ],
+)
+def test_training_framework_examples_end_inside_the_bounds(script, package):
+    __import__(package)  # in the test extra: missing is a failure, not a skip
+    out = subprocess.run(
+        [sys.executable, script],
+        cwd=EXAMPLES,
+        capture_output=True,
+        text=True,
+        timeout=HANG_GUARD_S,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "bounded parameters are inside their bounds" in out.stdout
+    assert "bounds" in out.stdout.splitlines()[0]  # the metrics were logged
