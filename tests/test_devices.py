@@ -561,3 +561,39 @@ def test_cli_check_device_on_a_file_without_time_constants(tmp_path, capsys):
     code, _, err = run_cli(capsys, "check", str(path), "--device", "xylo-imu", "--dt", "1e-3")
     assert code == 2
     assert err.startswith(f"parambounds: error: {path}: no time constants to check for xylo-imu")
+
+
+# -- the example -------------------------------------------------------------------------
+
+
+def test_the_xylo_example_keeps_its_accuracy_through_quantization(tmp_path):
+    import re
+    import subprocess
+
+    root = pathlib.Path(__file__).resolve().parent.parent
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-W",
+            "ignore",
+            "examples/xylo_deploy.py",
+            "--plot",
+            str(tmp_path / "p.png"),
+        ],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert out.returncode == 0, out.stderr
+    assert "with the preset: deployable as trained" in out.stdout
+    assert "without: NOT deployable as trained" in out.stdout
+    ((f, q),) = [
+        tuple(map(float, m))
+        for m in re.findall(
+            r"with the preset: float accuracy ([\d.]+), quantized accuracy ([\d.]+)", out.stdout
+        )
+    ]
+    assert f >= 0.9 and abs(f - q) <= 0.05, out.stdout
+    assert (tmp_path / "p.png").stat().st_size > 10_000
