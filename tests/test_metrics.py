@@ -136,3 +136,30 @@ def test_jax_pytrees_are_refused():
     jnp = pytest.importorskip("jax.numpy")
     with pytest.raises(BoundsError, match="metrics is for torch models and state_dicts, got dict"):
         Bounds({"w": (0, 1)}).metrics({"w": jnp.ones(2)})
+
+
+def test_a_reparametrized_model_reports_under_the_original_names():
+    model = model_outside()
+    bounds = Bounds({"0.weight": (-1.0, 1.0)})
+    bounds.reparametrize_(model)
+    m = bounds.metrics(model)
+    assert list(m)[3:] == [f"bounds/0.weight/{k}" for k in ("outside", "excess", "penalty")]
+    assert all(v.item() == 0 for v in m.values())
+    assert not any(v.requires_grad for v in m.values())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_no_host_synchronisation_on_cuda():
+    model = model_outside().cuda()
+    with torch.no_grad():
+        model[1].bias.zero_()
+    bounds = Bounds(SPEC)
+    bounds.metrics(model)  # the plan is checked (and read) once, on first use
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        m = bounds.metrics(model)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert {v.device.type for v in m.values()} == {"cuda"}
+    assert m["bounds/outside"].item() == 8 + 3

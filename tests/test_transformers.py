@@ -224,3 +224,33 @@ def test_bake_round_trips_through_save_pretrained(tmp_path):
     for n, v in trained.items():
         assert torch.equal(loaded.get_parameter(n).detach(), v), n
     assert set(loaded.state_dict()) == set(tiny_bert().state_dict())
+
+
+def test_tied_weights_are_projected_once_and_both_names_see_it(tmp_path):
+    from transformers import BertForMaskedLM
+
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=50,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=16,
+    )
+    model = BertForMaskedLM(config)
+    decoder = model.cls.predictions.decoder.weight
+    assert decoder is model.bert.embeddings.word_embeddings.weight  # tied
+
+    class MLM(Data):
+        def __getitem__(self, i):
+            return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+    bounds = Bounds({"bert.embeddings.word_embeddings.weight": (-0.01, 0.01)})
+    cb = BoundsCallback(bounds)
+    Trainer(
+        model=model, args=args(tmp_path, max_steps=2), train_dataset=MLM(), callbacks=[cb]
+    ).train()
+    assert cb.steps == 2
+    assert float(decoder.detach().abs().max()) <= 0.01
+    bounds.check(model)
