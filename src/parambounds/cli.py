@@ -15,7 +15,6 @@ import signal
 import sys
 import warnings
 from dataclasses import dataclass, replace
-from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -87,6 +86,7 @@ class _Loaded:
 def _inspect(args: argparse.Namespace) -> _Loaded:
     """Load the bounds and the checkpoint, and resolve which tensors are bounded."""
     from .checkpoints import make_targets
+    from .matching import matched_patterns
 
     bounds = _load_bounds(args)
     ckpt = _load_checkpoint(Path(args.checkpoint))
@@ -99,7 +99,8 @@ def _inspect(args: argparse.Namespace) -> _Loaded:
         )
     except BoundsError as err:
         raise BoundsError(_with_file(err, ckpt.path)) from None
-    unmatched = [p for p in bounds.spec if not any(fnmatchcase(n, p) for n in names)]
+    matched = matched_patterns(tuple(bounds.spec), tuple(names))  # compiled once
+    unmatched = [p for p in bounds.spec if p not in matched]
     if not targets:
         raise BoundsError(
             f"{ckpt.path}: nothing is bounded: no floating-point parameter matches a pattern "
