@@ -201,6 +201,12 @@ def test_jax_network_projected_exports(rockpool_xylo):
     net = net.set_attributes(params)
     spec = export(rockpool_xylo["xylo-audio-2"].mapper, net)
     assert spec["dash_mem"].tolist() == [0, 0, 15, 4]
+    assert deployability(net, "xylo-audio-2", dt=DT).ok
+    params["3_LIFJax"]["tau_syn"] = np.array([[1e-3], [1e-2]], np.float32)
+    report = deployability(net.set_attributes(params), "xylo-audio-2", dt=DT)
+    assert [(f.rule, f.where) for f in report.errors] == [
+        ("time-constant-above-dt", "3_LIFJax.tau_syn")
+    ]
 
 
 # -- deployability agrees with Rockpool on both sides of each limit ----------------------
@@ -438,6 +444,16 @@ def test_a_network_without_two_neuron_layers():
     (f,) = deployability(net, "xylo-audio-2", dt=DT).errors
     assert f.rule == "structure"
     assert "needs at least two" in f.message
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+def test_non_finite_weights_and_thresholds(value):
+    net = net_torch()
+    with torch.no_grad():
+        net[2].weight[0, 0] = value
+        net[1].threshold[1] = value
+    rules = {(f.rule, f.where) for f in deployability(net, "xylo-audio-2", dt=DT).errors}
+    assert {("not-finite", "2_LinearTorch.weight"), ("not-finite", "1_LIFTorch.threshold")} <= rules
 
 
 def test_dt_mismatch_is_reported():
