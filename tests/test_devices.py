@@ -559,7 +559,6 @@ def test_cli_check_device_exit_codes(tmp_path, capsys):
         (["--dt", "1e-3"], "--device and --dt go together: give both"),
         (["--device", "xylo-imu", "--dt", "0"], "dt must be a positive finite number"),
         (["--device", "xylo-imu", "--dt", "1e-3", "--bounds", "b.toml"], "not both"),
-        ([], "give --bounds FILE, or --device NAME --dt SECONDS"),
     ],
 )
 def test_cli_check_device_bad_input(tmp_path, capsys, args, message):
@@ -569,6 +568,16 @@ def test_cli_check_device_bad_input(tmp_path, capsys, args, message):
         args = [*args, "--dt", "1e-3"]
     code, out, err = run_cli(capsys, "check", str(path), *args)
     assert code == 2 and out == "" and message in err and err.count("\n") == 1
+
+
+def test_cli_check_without_bounds_or_device_is_a_usage_error(tmp_path, capsys):
+    from parambounds.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["check", str(tmp_path / "m.pt")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "check: the following arguments are required: --bounds (or --device and --dt)" in err
 
 
 def test_cli_check_device_on_a_file_without_time_constants(tmp_path, capsys):
