@@ -201,6 +201,12 @@ def test_jax_network_projected_exports(rockpool_xylo):
     net = net.set_attributes(params)
     spec = export(rockpool_xylo["xylo-audio-2"].mapper, net)
     assert spec["dash_mem"].tolist() == [0, 0, 15, 4]
+    assert deployability(net, "xylo-audio-2", dt=DT).ok
+    params["3_LIFJax"]["tau_syn"] = np.array([[1e-3], [1e-2]], np.float32)
+    report = deployability(net.set_attributes(params), "xylo-audio-2", dt=DT)
+    assert [(f.rule, f.where) for f in report.errors] == [
+        ("time-constant-above-dt", "3_LIFJax.tau_syn")
+    ]
 
 
 # -- deployability agrees with Rockpool on both sides of each limit ----------------------
@@ -440,6 +446,16 @@ def test_a_network_without_two_neuron_layers():
     assert "needs at least two" in f.message
 
 
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+def test_non_finite_weights_and_thresholds(value):
+    net = net_torch()
+    with torch.no_grad():
+        net[2].weight[0, 0] = value
+        net[1].threshold[1] = value
+    rules = {(f.rule, f.where) for f in deployability(net, "xylo-audio-2", dt=DT).errors}
+    assert {("not-finite", "2_LinearTorch.weight"), ("not-finite", "1_LIFTorch.threshold")} <= rules
+
+
 def test_dt_mismatch_is_reported():
     report = deployability(net_torch(), "xylo-audio-2", dt=2e-3)
     assert [(f.rule, f.where) for f in report.errors] == [
@@ -543,7 +559,6 @@ def test_cli_check_device_exit_codes(tmp_path, capsys):
         (["--dt", "1e-3"], "--device and --dt go together: give both"),
         (["--device", "xylo-imu", "--dt", "0"], "dt must be a positive finite number"),
         (["--device", "xylo-imu", "--dt", "1e-3", "--bounds", "b.toml"], "not both"),
-        ([], "give --bounds FILE, or --device NAME --dt SECONDS"),
     ],
 )
 def test_cli_check_device_bad_input(tmp_path, capsys, args, message):
@@ -553,6 +568,16 @@ def test_cli_check_device_bad_input(tmp_path, capsys, args, message):
         args = [*args, "--dt", "1e-3"]
     code, out, err = run_cli(capsys, "check", str(path), *args)
     assert code == 2 and out == "" and message in err and err.count("\n") == 1
+
+
+def test_cli_check_without_bounds_or_device_is_a_usage_error(tmp_path, capsys):
+    from parambounds.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["check", str(tmp_path / "m.pt")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "check: the following arguments are required: --bounds (or --device and --dt)" in err
 
 
 def test_cli_check_device_on_a_file_without_time_constants(tmp_path, capsys):

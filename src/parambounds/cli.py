@@ -140,8 +140,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     if args.device is not None or args.dt is not None:
         return _check_device(args)
-    if args.bounds is None:
-        raise BoundsError("give --bounds FILE, or --device NAME --dt SECONDS")
+    if args.bounds is None:  # argparse's own message, as when --bounds was required
+        args.usage_error("the following arguments are required: --bounds (or --device and --dt)")
 
     loaded = _inspect(args)
     try:
@@ -375,6 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--device", metavar="NAME", help="check a chip's export rules instead "
                        "(xylo-audio-2, xylo-audio-3, xylo-imu)")  # fmt: skip
     check.add_argument("--dt", type=float, metavar="SECONDS", help="the time step, with --device")
+    check.set_defaults(usage_error=check.error)
 
     clamp = command("clamp", "write a copy clamped into the bounds", _CLAMP_EXAMPLE, cmd_clamp)
     clamp.add_argument("-o", "--output", metavar="OUT", help="where to write the clamped copy")

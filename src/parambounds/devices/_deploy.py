@@ -489,6 +489,20 @@ def _quantization(
             [np.asarray(n.threshold, dtype=np.float64).reshape(-1) for n in neurons]
         )
         bias = np.concatenate([np.asarray(n.bias, dtype=np.float64).reshape(-1) for n in neurons])
+        named = [(w, m, _weight_leaf(w)) for w, m in zip(ws, mats)]
+        named += [(n, np.asarray(n.threshold, dtype=np.float64), "threshold") for n in neurons]
+        named += [(n, np.asarray(n.bias, dtype=np.float64), "bias") for n in neurons]
+        for module, values, leaf in named:
+            if not np.isfinite(values).all():
+                findings.append(
+                    Finding(
+                        "not-finite",
+                        where(module, leaf),
+                        f"{int((~np.isfinite(values)).sum())} of {values.size} values are NaN "
+                        "or infinite; the quantizer's scaling and integer casts are then "
+                        "meaningless",
+                    )
+                )
         if quantize == "global":
             # global_quantize: max over w_in and w_rec and the bias (w_out and bias_out)
             max_w = 0.0
@@ -509,7 +523,8 @@ def _quantization(
                         f"{side} threshold {threshold[i]:.6g} (neuron {j}) quantizes to "
                         f"{int(th_q[i])} > {MAX_THRESHOLD} at scale 127/max|W| = "
                         f"{float(scaling):.6g}; global_quantize then rescales every {side} "
-                        f"threshold and its weights by {MAX_THRESHOLD / th_q[i]:.3g}, losing "
+                        f"threshold and {'w_in' if side == 'hidden' else 'w_out'} and w_rec"
+                        f" by {MAX_THRESHOLD / th_q[i]:.3g}, losing "
                         f"weight resolution: keep thresholds <= {MAX_THRESHOLD}/127*max|W| = "
                         f"{MAX_THRESHOLD / float(scaling):.6g}",
                     )
