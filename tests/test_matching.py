@@ -50,6 +50,7 @@ def test_many_patterns_literal_and_prefixed():
     index = _Index(patterns)
     assert len(index.literal) == 1000
     assert sum(len(c) for c in index.by_prefix.values()) == 1002
+    assert not index.compiled  # nothing compiled before it is needed
     assert len(index.lengths) > 1  # prefixes of several lengths: candidates sorted
     got = index.first_all(names)
     assert got == tuple(plain_first(patterns, n) for n in names)

@@ -57,19 +57,19 @@ class _Index:
 
     def __init__(self, patterns: tuple[str, ...]) -> None:
         self.literal: dict[str, int] = {}
-        self.by_prefix: dict[str, list[tuple[int, Any]]] = {}
+        self.by_prefix: dict[str, list[tuple[int, str]]] = {}
+        self.compiled: dict[str, Any] = {}  # compiled when first a candidate
         for k, p in enumerate(patterns):
             wild = _WILD.search(p)
             if wild is None:
                 self.literal.setdefault(p, k)
             else:
-                compiled = re.compile(fnmatch.translate(p))  # as fnmatchcase does
-                self.by_prefix.setdefault(p[: wild.start()], []).append((k, compiled))
+                self.by_prefix.setdefault(p[: wild.start()], []).append((k, p))
         self.lengths = sorted({len(prefix) for prefix in self.by_prefix})
 
     def first(self, name: str) -> int:
         best = self.literal.get(name, -1)
-        candidates: list[tuple[int, Any]] = []
+        candidates: list[tuple[int, str]] = []
         for n in self.lengths:
             if n > len(name):
                 break
@@ -78,10 +78,13 @@ class _Index:
                 candidates.extend(found)
         if len(self.lengths) > 1:
             candidates.sort(key=lambda c: c[0])
-        for k, compiled in candidates:
+        for k, p in candidates:
             if best >= 0 and k > best:
                 break
-            if compiled.match(name):
+            match = self.compiled.get(p)
+            if match is None:  # as fnmatchcase compiles it
+                match = self.compiled[p] = re.compile(fnmatch.translate(p)).match
+            if match(name):
                 return k
         return best
 
