@@ -761,6 +761,21 @@ def scenario_disagree(mesh):
             Bounds({"w": (-1.0, 1.0)}, penalty=name).cost({"w": x}),
             Bounds({"w": (-1.0, 1.0)}, penalty=name).cost({"w": full}),
         )
+    # NaN in rank 1's part of a DTensor bound laid out unlike its parameter: rank 1 once
+    # skipped the redistribution the others made, and the collectives were mixed up
+    lo = torch.full((4, 4), -1.0, dtype=torch.float64)
+    lo[3, 3] = float("nan")
+    msgs = []
+    for dtype in (torch.float32, torch.float16):
+        w = distribute_tensor(torch.zeros(4, 4, dtype=dtype), mesh, [Shard(0)])
+        lo_d = distribute_tensor(lo, mesh, [Shard(1)])
+        msgs.append(
+            expect_bounds_error(
+                lambda w=w, lo_d=lo_d: Bounds({"w": (lo_d, 1.0)}).project_({"w": w}),
+                r"^lower bound for 'w' contains NaN",
+            )
+        )
+    assert all_equal(msgs)
     print(f"rank {rank}: disagree ok", flush=True)
 
 

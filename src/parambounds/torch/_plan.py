@@ -181,9 +181,7 @@ def _normalise(b: Any, side: str, path: str, param: Any, traced: bool = False) -
     dtype = compute_dtype(param.dtype)
     if is_dtensor(b) and not is_dtensor(param):  # an unsharded parameter (FSDP2 after
         b = full_bound(b)  # forward with reshard_after_forward=False): gather the bound once
-    if is_dtensor(b):  # check this rank's part; every rank learns of errors in agree()
-        if not traced:
-            _check_values(cast(Any, b).to_local(), side, where)
+    if is_dtensor(b):  # its values are checked by _check_parts, after the collectives
         return b.detach().to(dtype=dtype, copy=True)
     if traced:  # keep the graph of a learnable bound: the traced path differentiates it
         return b.to(device=param.device, dtype=dtype)
@@ -204,6 +202,19 @@ def _check_values(t: Tensor, side: str, where: str) -> None:
     bad = math.inf if side == "lower" else -math.inf
     if bool((t == bad).any()):
         raise BoundsError(f"{where} contains {bad}, which no value can satisfy")
+
+
+def _check_parts(path: str, lo: Any, hi: Any) -> None:
+    """Check this rank's part of each DTensor bound for NaN and wrong-side infinities.
+
+    Called after every step of the plan that communicates (redistributing, gathering),
+    so that a rank that finds an error in its part has taken part in the same
+    collectives as the others; every rank learns of the error in ``agree()``.
+    """
+    for b, side in ((lo, "lower"), (hi, "upper")):
+        if is_dtensor(b):
+            where = f"{side} bound for '{path or '<root>'}'"
+            _check_values(cast(Any, b).to_local(), side, where)
 
 
 def _check_order(lo: Any, hi: Any, path: str, traced: bool = False, param: Any = None) -> None:
@@ -267,8 +278,8 @@ def _exact_bounds(path: str, p: Tensor, lo: Any, hi: Any, lo_n: Any, hi_n: Any) 
 
     def rounded(raw: Any, normalised: Any, side: str) -> Any:
         b = source(raw, normalised)
-        if is_dtensor(b):
-            return map_local(b, lambda t: inward(t, side, p.dtype))
+        if is_dtensor(b):  # NaN kept NaN, for _check_parts to name
+            return map_local(b, lambda t: _keep_nan(t, inward(t, side, p.dtype)))
         return inward(b, side, p.dtype)
 
     lo_x = rounded(lo, lo_n, "lower")
@@ -292,6 +303,10 @@ def _exact_bounds(path: str, p: Tensor, lo: Any, hi: Any, lo_n: Any, hi_n: Any) 
         where = "" if bad.dim() == 0 else f" at index {tuple(int(i) for i in bad.nonzero()[0])}"
         raise BoundsError(empty.format(where))
     return lo_x, hi_x
+
+
+def _keep_nan(t: Tensor, rounded: Tensor) -> Tensor:
+    return torch.where(torch.isnan(t), t.to(rounded.dtype), rounded)
 
 
 #: Bound types checked once per value and dtype (see :func:`_number_bounds`).
@@ -363,6 +378,8 @@ def _build(named: list[tuple[str, Any]], lowers: list[Any], uppers: list[Any]) -
                 if lo_n is None and hi_n is None:
                     continue
                 lo_x, hi_x = _exact_bounds(path, p, lo, hi, lo_n, hi_n)
+                if is_dtensor(p):
+                    _check_parts(path, lo, hi)
             except BoundsError as err:
                 if not is_dtensor(p):
                     raise
