@@ -59,7 +59,8 @@ def projection(plan: Plan, leaves: list[Tensor]) -> list[tuple[list[Tensor], Any
     Each entry is clamped with one multi-tensor op (scalar bounds) or one ``clamp_``
     (a tensor with per-element bounds). Valid while ``plan`` is the plan of the very
     same ``leaves``. ``None`` when some bounded leaf needs the care of
-    :func:`project_plan_` (DTensors, computed tensors, bool and float8 tensors).
+    :func:`project_plan_` (DTensors, computed tensors, bool and float8 tensors, leaves
+    that share memory but get different bounds).
     """
 
     def plain(x: Any) -> bool:
@@ -71,6 +72,8 @@ def projection(plan: Plan, leaves: list[Tensor]) -> list[tuple[list[Tensor], Any
             and not (x.is_floating_point() and x.itemsize == 1)
         )
 
+    if aliased_conflicts(plan, leaves):  # project_plan_ refuses them, naming both
+        return None
     steps: list[tuple[list[Tensor], Any, Any]] = []
     for g in plan.groups:
         xs = [leaves[i] for i in g.indices]
@@ -98,6 +101,114 @@ def run_projection_(steps: list[tuple[list[Tensor], Any, Any]]) -> None:
             torch._foreach_clamp_max_(xs, hi)
 
 
+def _span(x: Any) -> tuple[Any, int, int] | None:
+    """``(storage, first byte, end byte)`` of the memory ``x`` covers, or ``None``."""
+    if not isinstance(x, Tensor) or x.numel() == 0 or is_dtensor(x) or x.is_meta:
+        return None
+    try:
+        storage = x.untyped_storage()
+    except (RuntimeError, NotImplementedError):  # a tensor subclass without storage
+        return None
+    k = x.element_size()
+    first = x.storage_offset()
+    last = first + sum((n - 1) * abs(s) for n, s in zip(x.shape, x.stride()))
+    return (x.device, storage.data_ptr()), first * k, (last + 1) * k
+
+
+def _offsets(x: Tensor) -> Tensor:
+    """The storage offset of every element of ``x`` (int64, on the CPU)."""
+    out = torch.full((), x.storage_offset(), dtype=torch.int64)
+    for dim, (n, stride) in enumerate(zip(x.shape, x.stride())):
+        shape = [1] * x.dim()
+        shape[dim] = n
+        out = out + (torch.arange(n, dtype=torch.int64) * stride).view(shape)
+    return out.reshape(-1)
+
+
+_EXACT_OVERLAP_MAX = 1 << 24  # elements: beyond, overlapping spans count as overlapping
+
+
+def _overlap(x: Tensor, y: Tensor) -> bool:
+    """Whether two tensors whose byte spans overlap share an element.
+
+    Strided views such as two columns of a matrix interleave without sharing one.
+    """
+    if x.dtype != y.dtype or max(x.numel(), y.numel()) > _EXACT_OVERLAP_MAX:
+        return True
+    return bool(torch.isin(_offsets(x), _offsets(y)).any())
+
+
+def _same_bounds(a: tuple[Any, Any], b: tuple[Any, Any]) -> bool:
+    for u, v in zip(a, b):
+        if isinstance(u, Tensor) or isinstance(v, Tensor):
+            if not (isinstance(u, Tensor) and isinstance(v, Tensor)):
+                return False
+            if u is not v and (u.shape != v.shape or not torch.equal(u, v.to(u.device))):
+                return False
+        elif u != v:
+            return False
+    return True
+
+
+def aliased_conflicts(plan: Plan, leaves: list[Any]) -> list[tuple[int, int]]:
+    """Pairs of leaves that share memory but get different bounds (in leaf order).
+
+    Tied tensors (the same tensor under two names) and overlapping views of one tensor
+    may be projected only when both get the same bounds (an unbounded one counts as
+    different): clamping one into its bounds would otherwise move the other out of its
+    own. Views are compared by the bytes they span, and per-element bounds only when
+    both are the very same view (same offset, shape and strides).
+    """
+    spans = []
+    for i, x in enumerate(leaves):
+        got = _span(x)
+        if got is not None:
+            spans.append((got[0], got[1], got[2], i))
+    if len(spans) < 2:
+        return []
+    spans.sort(key=lambda s: (s[0][1], str(s[0][0]), s[1]))
+    bounds = {i: (lo, hi) for i, lo, hi in plan.bounded_items(exact=True)}
+    pairs = []
+    for k, (where, _, end, i) in enumerate(spans):
+        for other, start2, _, j in spans[k + 1 :]:
+            if other != where or start2 >= end:
+                break
+            a, b = bounds.get(i, (None, None)), bounds.get(j, (None, None))
+            x, y = leaves[i], leaves[j]
+            same_view = (
+                x.storage_offset() == y.storage_offset()
+                and x.shape == y.shape
+                and x.stride() == y.stride()
+            )
+            tensor_bound = any(isinstance(v, Tensor) for v in (*a, *b))
+            if not _same_bounds(a, b) or (tensor_bound and not same_view):
+                if same_view or _overlap(x, y):
+                    pairs.append((min(i, j), max(i, j)))
+    return sorted(set(pairs))
+
+
+def _refuse_aliases(plan: Plan, leaves: list[Any], names: list[str] | None) -> None:
+    pairs = aliased_conflicts(plan, leaves)
+    if not pairs:
+        return
+    i, j = pairs[0]
+    bounds = {k: (lo, hi) for k, lo, hi in plan.bounded_items()}
+
+    def show(k: int) -> str:
+        lo, hi = bounds.get(k, (None, None))
+        if lo is None and hi is None:
+            return "unbounded"
+        shown = ("per-element" if isinstance(b, Tensor) else str(b) for b in (lo, hi))
+        return "[" + ", ".join(shown) + "]"
+
+    raise BoundsError(
+        f"cannot project: {_where(names, i)} and {_where(names, j)} share memory (the same "
+        f"tensor, or views of one tensor) but get different bounds ({show(i)} and "
+        f"{show(j)}); clamping one would move the other out of its bounds. Give every "
+        "alias the same bounds (or bound only one name of a tied tensor); nothing was changed"
+    )
+
+
 @torch.no_grad()
 def project_plan_(plan: Plan, leaves: list[Tensor], names: list[str] | None = None) -> None:
     """Clamp the bounded leaves of ``plan`` in place: one multi-tensor op per group.
@@ -108,8 +219,11 @@ def project_plan_(plan: Plan, leaves: list[Tensor], names: list[str] | None = No
     written: they pass when already inside, and otherwise raise.
 
     Raises:
-        BoundsError: for a bool tensor, or a computed tensor outside its bounds, naming it.
+        BoundsError: for a bool tensor, a computed tensor outside its bounds, or two
+            leaves that share memory but get different bounds, naming them; nothing is
+            changed then.
     """
+    _refuse_aliases(plan, leaves, names)
     computed = []  # checked last: a bool tensor is refused before anything is written
     for lb in plan.tensor_leaves:
         _refuse_bool(leaves[lb.index], names, lb.index)
@@ -295,6 +409,11 @@ def _owner(model: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str]:
     return (model.get_submodule(module_path) if module_path else model), attr
 
 
+def _is_rockpool(module: torch.nn.Module) -> bool:
+    """Whether ``module`` is a Rockpool module (without importing Rockpool)."""
+    return any(c.__module__.split(".")[0] == "rockpool" for c in type(module).__mro__)
+
+
 def reparametrize_plan_(model: torch.nn.Module, plan: Plan, names: list[str]) -> torch.nn.Module:
     """Register a :class:`BoundedParametrization` on every bounded parameter of ``plan``.
 
@@ -302,8 +421,22 @@ def reparametrize_plan_(model: torch.nn.Module, plan: Plan, names: list[str]) ->
 
     Raises:
         BoundsError: for a parameter that is already parametrized, tied to another name,
-            sharded, or not a parameter, naming it; nothing is changed.
+            sharded, not a parameter, or of a Rockpool module (whose own parameter
+            registry would not list the reparametrized tensor), naming it; nothing is
+            changed.
     """
+    for i, _, _ in plan.bounded_items():
+        owner = _owner(model, names[i])[0]
+        if _is_rockpool(owner):
+            raise BoundsError(
+                f"cannot reparametrize '{names[i]}': it belongs to a Rockpool module "
+                f"({type(owner).__name__}), and Rockpool keeps a parameter registry of its "
+                "own: net.parameters() and net.parameters().astorch() would no longer list "
+                "it, so an optimizer given astorch() would never train it. Use "
+                "bounds.attach(optimizer, net) (or bounds.project_(net) after each step) to "
+                "keep it inside its bounds, or penalise it with bounds.cost(net); nothing "
+                "was changed"
+            )
     params = dict(model.named_parameters())
     aliases: dict[int, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):

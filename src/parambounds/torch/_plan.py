@@ -131,9 +131,12 @@ def _bound_key(b: Any) -> Any:
         return b
     if isinstance(b, numbers.Real) and not isinstance(b, bool):
         try:
-            return float(b)
+            f = float(b)
         except OverflowError:  # an integer beyond float64: itself (checked as +-inf)
             return ("n", b)
+        if isinstance(b, numbers.Integral) and f != b:  # past 2**53: exact for integers
+            return ("n", int(b))
+        return f
     return ("o", id(b))
 
 
@@ -157,7 +160,7 @@ def _normalise(b: Any, side: str, path: str, param: Any, traced: bool = False) -
     if isinstance(b, Tensor) and b.dim() == 0 and not b.requires_grad and not traced:
         b = b.item()
     if isinstance(b, numbers.Real):
-        v = number_bound(where, side, b)
+        v = _traced_number(where, side, b) if traced else number_bound(where, side, b)
         dtype = compute_dtype(param.dtype)
         largest = torch.finfo(dtype).max
         if abs(v) > largest:  # beyond the dtype's range: open, or unsatisfiable
@@ -167,7 +170,7 @@ def _normalise(b: Any, side: str, path: str, param: Any, traced: bool = False) -
                 f"{where} is {v:g}, beyond the largest {str(dtype).replace('torch.', '')} "
                 f"value ({largest:g}): no value can satisfy it"
             )
-        return None if math.isinf(v) else v
+        return v  # finite: an infinite one is beyond the range
     assert isinstance(b, Tensor)
     try:
         shape = torch.broadcast_shapes(b.shape, param.shape)
@@ -193,6 +196,22 @@ def _normalise(b: Any, side: str, path: str, param: Any, traced: bool = False) -
     if bool(torch.isinf(t).all()):
         return None
     return t
+
+
+def _traced_number(where: str, side: str, b: Any) -> Any:
+    """:func:`~parambounds.errors.number_bound` in comparisons only, for traced code.
+
+    ``torch.compile`` traces a number that changes between calls (an annealed bound) as
+    a symbol: ``math.isnan`` and ``float()`` of it cannot be traced, comparisons can
+    (each becomes a guard, checked on every call). Plain numbers get the same checks.
+    """
+    if isinstance(b, int) and not (-(2**1023) < b < 2**1023):  # beyond float64: +-inf
+        return number_bound(where, side, b)
+    if b != b:  # noqa: PLR0124 - NaN
+        raise BoundsError(f"{where} is NaN")
+    if (side == "lower" and b == math.inf) or (side == "upper" and b == -math.inf):
+        raise BoundsError(f"{where} is {b}, which no value can satisfy")
+    return b
 
 
 def _check_values(t: Tensor, side: str, where: str) -> None:
@@ -268,11 +287,19 @@ def _exact_bounds(path: str, p: Tensor, lo: Any, hi: Any, lo_n: Any, hi_n: Any) 
     if p.dtype == torch.float64:
         return lo_n, hi_n
 
+    integer = not p.is_floating_point() and p.dtype != torch.bool
+
     def source(raw: Any, normalised: Any) -> Any:  # full precision, not rounded to p.dtype
+        if normalised is None:
+            return None
+        if integer and isinstance(raw, numbers.Integral) and not isinstance(raw, bool):
+            return raw  # exact: an int past 2**53 is not a float64
         if not isinstance(normalised, Tensor) or not isinstance(raw, Tensor):
             return normalised
         if is_dtensor(normalised):  # the bound's own layout, its values as given
             return map_local(raw.detach(), lambda t: t.to(torch.float64))
+        if integer and not raw.is_floating_point() and not is_dtensor(raw):
+            return raw.detach().to(device=p.device)  # exact, clamped by inward
         # a plain tensor, or a DTensor bound of an unsharded parameter (gathered again)
         return full_bound(raw).detach().to(device=p.device, dtype=torch.float64)
 

@@ -24,7 +24,7 @@ from torch import Tensor
 from ..report import ParamReport, Report
 from . import _native
 from ._distributed import reduce_stats, to_local
-from ._kernels import clamp_args, signed_excess
+from ._kernels import clamp_args, integer_excess, signed_excess
 from ._plan import Plan
 from ._rounding import compute_dtype
 
@@ -52,11 +52,15 @@ def tensor_stats(x: Tensor, lower: Any, upper: Any) -> Tensor:
     inward to its dtype by the caller, for exact counts).
     """
     x = x.detach()
-    if not x.is_floating_point() or x.itemsize == 1:  # integers exactly, float8 in float32
-        x = _compute_view(x)
-        lower, upper = (b.to(x.dtype) if isinstance(b, Tensor) else b for b in (lower, upper))
-    lo, hi = clamp_args(lower, upper)
-    d = signed_excess(x, lo, hi)  # > 0 above, < 0 below, NaN for NaN
+    if not x.is_floating_point() and x.dtype != torch.bool:  # integers: compared exactly
+        d = integer_excess(x, lower, upper, torch.float64)
+        x = d  # no NaN
+    else:
+        if not x.is_floating_point() or x.itemsize == 1:  # bool as numbers, float8 in float32
+            x = _compute_view(x)
+            lower, upper = (b.to(x.dtype) if isinstance(b, Tensor) else b for b in (lower, upper))
+        lo, hi = clamp_args(lower, upper)
+        d = signed_excess(x, lo, hi)  # > 0 above, < 0 below, NaN for NaN
     zero = torch.zeros((), dtype=torch.float64, device=x.device)
     above = (d > 0).sum().to(torch.float64)
     below = (d < 0).sum().to(torch.float64)
@@ -172,7 +176,7 @@ def group_stats(plan: Plan, xs: list[Tensor], lo: Any, hi: Any) -> Rows:
         n = x.numel()
         if j in taken or n == 0:
             continue
-        if n >= _SMALL or not _batched(device):
+        if n >= _SMALL or not _batched(device) or not x.is_floating_point():
             batches.append([j])
             continue
         batch.append(j)
@@ -185,7 +189,8 @@ def group_stats(plan: Plan, xs: list[Tensor], lo: Any, hi: Any) -> Rows:
     for batch in batches:
         if len(batch) == 1:
             x = xs[batch[0]]
-            one = _one(x, lo, hi) if _batched(device) else tensor_stats(x, lo, hi)
+            batched = _batched(device) and x.is_floating_point()  # integers: exactly
+            one = _one(x, lo, hi) if batched else tensor_stats(x, lo, hi)
             pieces.append((batch, one[None]))
             continue
         numels = tuple([xs[j].numel() for j in batch])

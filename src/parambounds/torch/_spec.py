@@ -363,6 +363,8 @@ def _parameters(model: torch.nn.Module) -> dict[str, Tensor]:
     :func:`get_plan` find its plan at once. A model with parametrizations is walked
     every time (its values are computed).
     """
+    if torch.compiler.is_compiling():  # traced: no hooks to register, no cache to keep
+        return _effective_parameters(model)
     seen = _PARAMS.get(model)
     if seen is not None and _unchanged(model, seen[0]):
         if verifying():
