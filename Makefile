@@ -5,7 +5,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test test-kernels lint docs bench example
+.PHONY: setup demo test test-kernels test-verify lint docs bench example
 
 $(VENV)/.torch:
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -36,10 +36,19 @@ docs: $(VENV)/.installed-test
 KERNEL_TESTS := tests/test_cost.py tests/test_numerics.py tests/test_rockpool_parity.py
 KERNEL_TESTS_MORE := tests/test_exactness.py tests/test_penalties.py tests/test_integration.py
 
+# The cost, report and projection tests once more in verify mode (PARAMBOUNDS_VERIFY=1):
+# every cached or fast answer checked against the float64 reference (docs/correctness.md).
+VERIFY_TESTS := tests/test_cost.py tests/test_torch_report.py tests/test_constraints.py \
+	tests/test_stale_caches.py tests/test_state_machine.py
+
 test: lint docs
 	$(PY) -m pytest
 	$(MAKE) test-kernels
+	$(MAKE) test-verify
 	$(PY) benchmarks/bench_bounds.py --quick
+
+test-verify: $(VENV)/.installed-test
+	PARAMBOUNDS_VERIFY=1 $(PY) -m pytest -q $(VERIFY_TESTS)
 
 test-kernels: $(VENV)/.installed-test
 	$(PY) -m pytest -q --kernel native $(KERNEL_TESTS) $(KERNEL_TESTS_MORE)

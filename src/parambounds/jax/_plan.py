@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..errors import BoundsError, number_bound, order_error
+from ..errors import BoundsError, mismatch, number_bound, order_error, verifying
 from ..penalties import Penalty
 from . import _math
 
@@ -432,10 +432,58 @@ def cached(cache: collections.OrderedDict[Any, Any], key: Any, keep: list[Any], 
         hit = cache.get(key)
         if hit is not None:
             cache.move_to_end(key)
-            return hit[0]  # type: ignore[no-any-return]
+    if hit is not None:
+        if verifying():
+            _verify_hit(hit[0], build())
+        return hit[0]  # type: ignore[no-any-return]
     plan = build()
     with _lock:
         cache[key] = (plan, keep)
         while len(cache) > _MAX_PLANS:
             cache.popitem(last=False)
     return plan  # type: ignore[no-any-return]
+
+
+def _as_host(b: Any) -> Any:
+    if b is None or isinstance(b, (int, float)):
+        return b
+    if not _concrete(b):
+        return "traced"
+    return np.asarray(b, dtype=np.float64)
+
+
+def _same_bound(a: Any, b: Any) -> bool:
+    a, b = _as_host(a), _as_host(b)
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        return (
+            isinstance(a, np.ndarray)
+            and isinstance(b, np.ndarray)
+            and a.shape == b.shape
+            and bool(np.array_equal(a, b, equal_nan=True))
+        )
+    return a == b and type(a) is type(b)
+
+
+def _verify_hit(cached: Plan, fresh: Plan) -> None:
+    """Verify mode: a cached plan against the plan built now, without the cache."""
+    if cached.names != fresh.names or [i for i, _, _ in cached.bounded] != [
+        i for i, _, _ in fresh.bounded
+    ]:
+        raise mismatch(
+            "JAX plan's bounded leaves",
+            [cached.names[i] for i, _, _ in cached.bounded],
+            [fresh.names[i] for i, _, _ in fresh.bounded],
+        )
+    for (i, lo, hi), (_, lo2, hi2), inner, inner2 in zip(
+        cached.bounded, fresh.bounded, cached.inner, fresh.inner
+    ):
+        for what, a, b in (
+            ("lower bound", lo, lo2),
+            ("upper bound", hi, hi2),
+            ("lower bound rounded inward", inner[0], inner2[0]),
+            ("upper bound rounded inward", inner[1], inner2[1]),
+        ):
+            if not _same_bound(a, b):
+                raise mismatch(
+                    f"{what} of '{cached.names[i]}' in the JAX plan cache", _as_host(a), _as_host(b)
+                )

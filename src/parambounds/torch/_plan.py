@@ -580,8 +580,8 @@ _SEEN_SIZE = 64
 
 
 def _bound_tensors(bounds: Any) -> list[Tensor]:
-    leaves = bounds.values() if type(bounds) is dict else flatten(bounds)[1]
-    return [t for t in leaves if isinstance(t, Tensor)]
+    """Every tensor of a bound tree, at any depth."""
+    return [t for t in flatten(bounds)[1] if isinstance(t, Tensor)]
 
 
 def _layouts(plan: Plan, leaves: list[Any]) -> list[tuple[Any, ...]]:

@@ -25,7 +25,6 @@ anything traced by ``torch.compile`` or a ``torch.func`` transform.
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -145,11 +144,10 @@ def _side(b: Any, side: str, x: Tensor) -> Side | None:
         if bool((rounded == sign * math.inf).all()):
             return None
         return Side(exact, rounded, f"tensor{tuple(b.shape)}", None, b.requires_grad)
-    v = b.item() if isinstance(b, Tensor) else b
-    assert isinstance(v, numbers.Real)
+    v: Any = b.item() if isinstance(b, Tensor) else b
     try:
         f = float(v)
-    except OverflowError:
+    except OverflowError:  # an integer beyond float64
         f = math.inf if v > 0 else -math.inf
     if f * sign > largest:  # infinite, or beyond the dtype's range, on the open side
         return None
@@ -213,12 +211,11 @@ def check_plan(plan: Any, tree: Any, lower: Any, upper: Any, root_name: str = ""
         for side, planned, ref in (("lower", lo, r.lower), ("upper", hi, r.upper)):
             if not _same_bound(planned, ref, r.x):
                 tensor = isinstance(planned, Tensor) and ref is not None and ref.number is None
+                now = None if ref is None else (ref.exact if ref.number is None else ref.number)
                 raise mismatch(
                     f"{side} bound of '{r.path}' in the plan",
                     _show_bound(planned),
-                    _show_bound(
-                        None if ref is None else (ref.exact if ref.number is None else ref.number)
-                    ),
+                    _show_bound(now),
                     "the bound tensor was written without torch recording it (through "
                     "memory shared with NumPy, or in place through .data): the plan keeps "
                     "the values it was checked with, see docs/correctness.md"
@@ -317,7 +314,7 @@ class _Tap(torch.autograd.Function):
         # The first backward through here brings the cost's gradient; a later one (the
         # second derivative, with create_graph=True) brings something else: not checked.
         check, ctx.check = ctx.check, None
-        if check is not None:
+        if check is not None and grad is not None:
             check(grad)
         return grad, None
 
@@ -393,7 +390,7 @@ class CostCheck:
             raise mismatch("cost", fast, value)
         if total.requires_grad:  # the gradient from above, for the taps (the cost's own
             box = self.box  # grad_fn stays what it is)
-            total.register_hook(lambda grad: box.__setitem__(0, grad.detach()))
+            total.register_hook(lambda g: box.__setitem__(0, None if g is None else g.detach()))
         return total
 
 
