@@ -109,14 +109,14 @@ def _span(x: Any) -> tuple[Any, int, int] | None:
     except (RuntimeError, NotImplementedError):  # a tensor subclass without storage
         return None
     k = x.element_size()
-    first = x.storage_offset()
-    last = first + sum((n - 1) * abs(s) for n, s in zip(x.shape, x.stride()))
+    first = int(x.storage_offset())
+    last = first + sum((int(n) - 1) * abs(int(s)) for n, s in zip(x.shape, x.stride()))
     return (x.device, storage.data_ptr()), first * k, (last + 1) * k
 
 
 def _offsets(x: Tensor) -> Tensor:
     """The storage offset of every element of ``x`` (int64, on the CPU)."""
-    out = torch.full((), x.storage_offset(), dtype=torch.int64)
+    out = torch.full((), int(x.storage_offset()), dtype=torch.int64)
     for dim, (n, stride) in enumerate(zip(x.shape, x.stride())):
         shape = [1] * x.dim()
         shape[dim] = n
