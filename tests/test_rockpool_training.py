@@ -3,15 +3,14 @@
 ``reparametrize_`` moved a bounded parameter under ``parametrizations.*``, out of
 Rockpool's own parameter registry: ``net.parameters().astorch()`` (Rockpool's way to
 hand parameters to an optimizer) listed 8 of 10 tensors, and the reparametrized ones
-never trained. It now refuses a Rockpool module, naming the parameter and the way that
-works (``attach``/``project_``); the loop below trains every tensor with ``attach``
-and ends inside the bounds, checked in float64.
+never trained. Now the unconstrained tensors are in the registry too, and the loops
+below train every tensor, inside the bounds at every step (checked in float64), with
+``reparametrize_`` and with ``attach``.
 """
 
-import pytest
 import torch
 
-from parambounds import Bounds, BoundsError
+from parambounds import Bounds
 
 from .conftest import rockpool_net
 
@@ -20,29 +19,55 @@ SPEC = {"*.tau_mem": (2e-3, 50e-3), "*.threshold": (0.0, None)}
 
 def _inside(net):
     for name, p in net.named_parameters():
+        if "parametrizations" in name:
+            continue
         v = p.detach().double()
-        if name.endswith("tau_mem"):
-            assert (v >= 2e-3).all() and (v <= 50e-3).all(), name
         if name.endswith("threshold"):
             assert (v >= 0.0).all(), name
+    for lif in (net[1], net[3]):
+        tau = lif.tau_mem.detach().double()  # the constrained value the model uses
+        assert (tau >= 2e-3).all() and (tau <= 50e-3).all()
 
 
-def test_reparametrize_refuses_a_rockpool_module_and_changes_nothing():
+def _train(net, opt, params, steps=5):
+    start = [p.detach().clone() for p in params]
+    x = torch.rand(2, 20, 3)
+    target = torch.rand(2, 20, 2)
+    for _ in range(steps):
+        out, _, _ = net(x)
+        loss = torch.nn.functional.mse_loss(out, target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        _inside(net)
+    return [not torch.equal(p.detach(), s) for p, s in zip(params, start)]
+
+
+def test_astorch_lists_every_tensor_after_reparametrize():
     net = rockpool_net()
-    before = {k: v.detach().clone() for k, v in net.named_parameters()}
-    assert len(list(net.parameters().astorch())) == 10
-    with pytest.raises(
-        BoundsError, match=r"cannot reparametrize '1_LIFTorch.tau_mem'.*Rockpool"
-    ) as err:
-        Bounds(SPEC).reparametrize_(net)
-    assert "astorch" in str(err.value) and "attach" in str(err.value)
-    assert len(list(net.parameters().astorch())) == 10
-    after = dict(net.named_parameters())
-    assert after.keys() == before.keys()
-    assert all(torch.equal(after[k], before[k]) for k in before)
+    Bounds(SPEC).reparametrize_(net)
+    listed = list(net.parameters().astorch())
+    torch_names = dict(net.named_parameters())
+    assert len(listed) == len(torch_names) == 10
+    assert {id(p) for p in listed} == {id(p) for p in torch_names.values()}
+    assert all(p.is_leaf and p.requires_grad for p in listed)
+    z = net.parameters()["1_LIFTorch"]["parametrizations"]["tau_mem"]["original"]
+    assert z is torch_names["1_LIFTorch.parametrizations.tau_mem.original"]
 
 
-def test_a_rockpool_training_loop_with_astorch_trains_every_tensor_inside_its_bounds():
+def test_a_rockpool_training_loop_with_astorch_trains_the_reparametrized_tensors():
+    torch.manual_seed(0)
+    net = rockpool_net()
+    Bounds(SPEC).reparametrize_(net)
+    params = list(net.parameters().astorch())
+    taus = [net[1].tau_mem.detach().clone(), net[3].tau_mem.detach().clone()]
+    changed = _train(net, torch.optim.Adam(params, lr=1e-2), params)
+    assert all(changed), changed
+    assert not torch.equal(net[1].tau_mem.detach(), taus[0])
+    assert not torch.equal(net[3].tau_mem.detach(), taus[1])
+
+
+def test_a_rockpool_training_loop_with_astorch_and_attach():
     torch.manual_seed(0)
     net = rockpool_net()
     with torch.no_grad():
@@ -50,19 +75,9 @@ def test_a_rockpool_training_loop_with_astorch_trains_every_tensor_inside_its_bo
     bounds = Bounds(SPEC)
     params = list(net.parameters().astorch())
     assert len(params) == 10
-    start = [p.detach().clone() for p in params]
     opt = torch.optim.Adam(params, lr=1e-2)
     bounds.attach(opt, net)
-    x = torch.rand(2, 20, 3)
-    target = torch.rand(2, 20, 2)
-    for _ in range(5):
-        out, _, _ = net(x)
-        loss = torch.nn.functional.mse_loss(out, target) + bounds.cost(net)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        _inside(net)
-    changed = [not torch.equal(p.detach(), s) for p, s in zip(params, start)]
-    assert all(changed), changed  # every tensor trains
+    changed = _train(net, opt, params)
+    assert all(changed), changed
     assert bounds.report(net).ok
     assert all(p is q for p, q in zip(params, net.parameters().astorch()))
