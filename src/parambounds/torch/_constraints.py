@@ -406,7 +406,7 @@ def _owner(model: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str]:
     return (model.get_submodule(module_path) if module_path else model), attr
 
 
-def _rockpool_base(module: torch.nn.Module) -> Any:
+def _rockpool_base(module: Any) -> Any:
     """Rockpool's ``TorchModule`` class if ``module`` is one (without importing Rockpool)."""
     for c in type(module).__mro__:
         if c.__name__ == "TorchModule" and c.__module__.split(".")[0] == "rockpool":
@@ -414,7 +414,7 @@ def _rockpool_base(module: torch.nn.Module) -> Any:
     return None
 
 
-def _register_with_rockpool(owner: torch.nn.Module, attr: str) -> None:
+def _register_with_rockpool(owner: Any, attr: str) -> None:
     """Make a Rockpool module's own registry list the unconstrained tensor of ``attr``.
 
     Rockpool lists parameters from a registry of its own (``net.parameters()``, and
@@ -440,7 +440,7 @@ def _register_with_rockpool(owner: torch.nn.Module, attr: str) -> None:
         container._register_module(attr, plist)
 
 
-def _unregister_with_rockpool(owner: torch.nn.Module, attr: str) -> None:
+def _unregister_with_rockpool(owner: Any, attr: str) -> None:
     """Undo :func:`_register_with_rockpool` (when a reparametrization is rolled back)."""
     container = owner.__dict__.get("_modules", {}).get("parametrizations")
     if container is None or _rockpool_base(container) is None:
