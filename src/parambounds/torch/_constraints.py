@@ -110,14 +110,14 @@ def _span(x: Any) -> tuple[Any, int, int] | None:
     except (RuntimeError, NotImplementedError):  # a tensor subclass without storage
         return None
     k = x.element_size()
-    first = x.storage_offset()
-    last = first + sum((n - 1) * abs(s) for n, s in zip(x.shape, x.stride()))
+    first = int(x.storage_offset())
+    last = first + sum((int(n) - 1) * abs(int(s)) for n, s in zip(x.shape, x.stride()))
     return (x.device, storage.data_ptr()), first * k, (last + 1) * k
 
 
 def _offsets(x: Tensor) -> Tensor:
     """The storage offset of every element of ``x`` (int64, on the CPU)."""
-    out = torch.full((), x.storage_offset(), dtype=torch.int64)
+    out = torch.full((), int(x.storage_offset()), dtype=torch.int64)
     for dim, (n, stride) in enumerate(zip(x.shape, x.stride())):
         shape = [1] * x.dim()
         shape[dim] = n
@@ -409,34 +409,63 @@ def _owner(model: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str]:
     return (model.get_submodule(module_path) if module_path else model), attr
 
 
-def _is_rockpool(module: torch.nn.Module) -> bool:
-    """Whether ``module`` is a Rockpool module (without importing Rockpool)."""
-    return any(c.__module__.split(".")[0] == "rockpool" for c in type(module).__mro__)
+def _rockpool_base(module: Any) -> Any:
+    """Rockpool's ``TorchModule`` class if ``module`` is one (without importing Rockpool)."""
+    for c in type(module).__mro__:
+        if c.__name__ == "TorchModule" and c.__module__.split(".")[0] == "rockpool":
+            return c
+    return None
+
+
+def _register_with_rockpool(owner: Any, attr: str) -> None:
+    """Make a Rockpool module's own registry list the unconstrained tensor of ``attr``.
+
+    Rockpool lists parameters from a registry of its own (``net.parameters()``, and
+    ``net.parameters().astorch()`` for an optimizer), filled when attributes are set.
+    ``parametrize`` removes ``attr`` from it and puts the unconstrained tensor in
+    ``parametrizations[attr].original`` through ``ModuleDict.__setitem__``, which
+    Rockpool never sees: the tensor would never train. It is registered here as
+    Rockpool registers any torch module assigned to it (``TorchModule.from_torch``), so
+    ``net.parameters()`` lists it under the name torch gives it:
+    ``{"parametrizations": {attr: {"original": z}}}``.
+    """
+    base = _rockpool_base(owner)
+    if base is None:
+        return
+    container = owner.parametrizations
+    if _rockpool_base(container) is None:  # Rockpool converted it on assignment; if not:
+        base.from_torch(container, retain_torch_api=True)
+        owner._register_module("parametrizations", container)
+    plist = container[attr]
+    _, modules = container._get_attribute_registry()
+    if attr not in modules:
+        base.from_torch(plist, retain_torch_api=True)
+        container._register_module(attr, plist)
+
+
+def _unregister_with_rockpool(owner: Any, attr: str) -> None:
+    """Undo :func:`_register_with_rockpool` (when a reparametrization is rolled back)."""
+    container = owner.__dict__.get("_modules", {}).get("parametrizations")
+    if container is None or _rockpool_base(container) is None:
+        return
+    _, modules = container._get_attribute_registry()
+    if attr in modules:
+        del modules[attr]
+        if attr in container._submodulenames:
+            container._submodulenames.remove(attr)
 
 
 def reparametrize_plan_(model: torch.nn.Module, plan: Plan, names: list[str]) -> torch.nn.Module:
     """Register a :class:`BoundedParametrization` on every bounded parameter of ``plan``.
 
-    Everything is checked first; if anything fails, the model is left as it was.
+    Everything is checked first; if anything fails, the model is left as it was. On a
+    Rockpool module the unconstrained tensors are also entered in Rockpool's own
+    registry, so that ``net.parameters().astorch()`` hands them to the optimizer.
 
     Raises:
         BoundsError: for a parameter that is already parametrized, tied to another name,
-            sharded, not a parameter, or of a Rockpool module (whose own parameter
-            registry would not list the reparametrized tensor), naming it; nothing is
-            changed.
+            sharded, or not a parameter, naming it; nothing is changed.
     """
-    for i, _, _ in plan.bounded_items():
-        owner = _owner(model, names[i])[0]
-        if _is_rockpool(owner):
-            raise BoundsError(
-                f"cannot reparametrize '{names[i]}': it belongs to a Rockpool module "
-                f"({type(owner).__name__}), and Rockpool keeps a parameter registry of its "
-                "own: net.parameters() and net.parameters().astorch() would no longer list "
-                "it, so an optimizer given astorch() would never train it. Use "
-                "bounds.attach(optimizer, net) (or bounds.project_(net) after each step) to "
-                "keep it inside its bounds, or penalise it with bounds.cost(net); nothing "
-                "was changed"
-            )
     params = dict(model.named_parameters())
     aliases: dict[int, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
@@ -479,8 +508,10 @@ def reparametrize_plan_(model: torch.nn.Module, plan: Plan, names: list[str]) ->
             except Exception as err:  # a module type that parametrize does not support
                 raise BoundsError(f"cannot reparametrize '{name}': {err}") from err
             done.append((owner, attr, p, saved))
+            _register_with_rockpool(owner, attr)
     except BoundsError:
         for owner, attr, param, saved in reversed(done):  # undo: same Parameter, its values
+            _unregister_with_rockpool(owner, attr)
             parametrize.remove_parametrizations(owner, attr, leave_parametrized=False)
             with torch.no_grad():
                 param.copy_(saved)

@@ -343,6 +343,11 @@ def _scaled(grads: list[Tensor], grad_out: Tensor) -> list[Tensor]:
     return grads
 
 
+#: ``torch.split_with_sizes_copy``: one op, a new storage per piece (typed as returning
+#: ``None`` in torch's stubs when called without ``out``).
+_split_copy: Any = torch.split_with_sizes_copy
+
+
 class _Pending:
     """The gradients of a group whose small tensors were computed as one flat buffer.
 
@@ -368,11 +373,7 @@ class _Pending:
         grads = self.grads
         scale_([self.flat, *(g for g in grads if g is not None)], grad_out)
         with torch.no_grad():
-            own = (
-                torch.split_with_sizes_copy(self.flat, self.sizes)
-                if len(self.small) > 1
-                else [self.flat]
-            )
+            own = _split_copy(self.flat, self.sizes) if len(self.small) > 1 else [self.flat]
         for k, g, s in zip(self.small, own, self.shapes):
             grads[k] = g if len(s) == 1 else g.view(s)
         return grads
@@ -645,7 +646,8 @@ def apply(plan: Plan, leaves: list[Any], penalty: Penalty) -> list[Tensor]:
         if not xs[0].is_floating_point() or xs[0].itemsize == 1:  # integers, bool, float8
             excess = getattr(run, "excess", None)
             if excess is not None:  # integers: their exact excess, bounded by [0, 0]
-                xs = [integer_excess(x, *excess, compute_dtype(x.dtype)) for x in xs]
+                lo, hi = excess
+                xs = [integer_excess(x, lo, hi, compute_dtype(x.dtype)) for x in xs]
             else:
                 xs = [x.to(compute_dtype(x.dtype)) for x in xs]
         fast = run.fast

@@ -206,7 +206,7 @@ def _traced_number(where: str, side: str, b: Any) -> Any:
     (each becomes a guard, checked on every call). Plain numbers get the same checks.
     """
     if isinstance(b, int) and not (-(2**1023) < b < 2**1023):  # beyond float64: +-inf
-        return number_bound(where, side, b)
+        return number_bound(where, side, cast(Any, b))
     if b != b:  # noqa: PLR0124 - NaN
         raise BoundsError(f"{where} is NaN")
     if (side == "lower" and b == math.inf) or (side == "upper" and b == -math.inf):
