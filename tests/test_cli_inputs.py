@@ -708,7 +708,7 @@ def test_parameters_and_unbounded_sparse_or_meta_entries(tmp, capsys):
 @pytest.mark.parametrize(
     ("args", "pattern"),
     [
-        ([], r"the following arguments are required: COMMAND"),
+        (["bogus"], r"argument COMMAND: invalid choice: 'bogus'"),
         (["check", "m.pt"], r"check: the following arguments are required: --bounds"),
         (["clamp", "m.pt", "--bounds", "b.toml", "--bogus"], r"unrecognized arguments: --bogus"),
         (["demo", "--steps", "x"], r"demo: argument --steps: invalid int value: 'x'"),
