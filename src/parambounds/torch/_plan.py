@@ -585,7 +585,11 @@ def _bound_tensors(bounds: Any) -> list[Tensor]:
 
 
 def _layouts(plan: Plan, leaves: list[Any]) -> list[tuple[Any, ...]]:
-    return [(leaves[i].shape, leaves[i].dtype, leaves[i].device) for i in plan.bounded]
+    # The type too: a DTensor of the same shape, dtype and device as a plain tensor needs
+    # the distributed plan (its shards, its collectives), never a plain one seen before.
+    return [
+        (type(leaves[i]), leaves[i].shape, leaves[i].dtype, leaves[i].device) for i in plan.bounded
+    ]
 
 
 def _seen_plan(key: Any, treedef: Any, leaves: list[Any], lower: Any, upper: Any) -> Plan | None:
