@@ -35,7 +35,10 @@ case:
   ``Bounds.cost(model)`` against ``bounds_cost(dict, lower, upper)`` (forward +
   backward), ``Bounds.project_`` against ``torch._foreach_clamp_min_``/``_max_``,
   ``Bounds.report`` against one ``bounds_cost`` forward + backward;
-- time to the first step in a fresh process (imports done) against a later step.
+- time to the first step in a fresh process (imports done) against a later step;
+- cold start (``--cold-only`` for this table alone): ``import parambounds`` and the first
+  ``Bounds.cost`` step on 4 x 1M float32 in a fresh process, against a later step and
+  against the same first step written with plain torch ops (fresh processes, in turns).
 """
 
 from __future__ import annotations
@@ -476,6 +479,102 @@ def fresh_memory_ms(nbytes: int) -> float:
     return ms
 
 
+COLD_SHAPE = (4, 1 << 20)  # 4 x 1M float32, as in the issue (#27)
+
+
+def cold_step(mode: str, quick: bool) -> tuple[float, float, float]:
+    """In this (fresh) process, ``import parambounds`` not done yet: the first step, a
+    later one and the import alone, in ms.
+
+    ``ours``: ``import parambounds`` + ``Bounds.cost(params).backward()`` (the torch
+    backend is imported by that first step). ``plain``: the same step with plain torch
+    ops (the exponential cost of the excess, autograd for the gradient). Both start
+    torch's thread pool first and build the parameters untimed.
+    """
+    k, n = (4, 1 << 12) if quick else COLD_SHAPE
+    torch.manual_seed(0)
+    params = {f"w{i}": torch.randn(n, requires_grad=True) for i in range(k)}
+    tensors = list(params.values())
+    torch.ones(1 << 20).sum()
+    t0 = time.perf_counter()
+    if mode == "ours":
+        import parambounds
+
+        t_import = time.perf_counter()
+        bounds = parambounds.Bounds({"w*": (-2.0, 2.0)})
+
+        def fn() -> torch.Tensor:
+            return bounds.cost(params)
+
+    else:
+        t_import = time.perf_counter()
+
+        def fn() -> torch.Tensor:
+            total = torch.zeros(())
+            for x in tensors:
+                total = total + (torch.exp((x - 2.0).clamp(min=0)) - 1).sum()
+                total = total + (torch.exp((-2.0 - x).clamp(min=0)) - 1).sum()
+            return total
+
+    fn().backward()
+    first = 1e3 * (time.perf_counter() - t0)
+
+    def later_step() -> None:
+        for p in tensors:
+            p.grad = None
+        fn().backward()
+
+    later = median_ms(later_step, "cpu", 7)
+    return first, later, 1e3 * (t_import - t0)
+
+
+def cold_rows(quick: bool, rounds: int) -> dict[str, list[tuple[float, float, float]]]:
+    """``cold_step`` for ``ours`` and ``plain``, each in fresh processes, in turns."""
+    got: dict[str, list[tuple[float, float, float]]] = {"ours": [], "plain": []}
+    for r in range(rounds):
+        for mode in ("ours", "plain") if r % 2 == 0 else ("plain", "ours"):
+            args = [sys.executable, __file__, "--cold-probe", mode] + (["--quick"] * quick)
+            out = subprocess.run(args, capture_output=True, text=True, timeout=600)
+            if out.returncode != 0:
+                print(out.stderr, file=sys.stderr)
+                continue
+            first, later, imp = out.stdout.strip().splitlines()[-1].split()
+            got[mode].append((float(first), float(later), float(imp)))
+    return got
+
+
+def cold_table(quick: bool) -> list[str]:
+    got = cold_rows(quick, 3 if quick else 9)
+    if not got["ours"] or not got["plain"]:
+        return []
+
+    def med(mode: str, i: int) -> float:
+        return statistics.median(row[i] for row in got[mode])
+
+    ours_first, ours_later, ours_import = med("ours", 0), med("ours", 1), med("ours", 2)
+    plain_first, plain_later = med("plain", 0), med("plain", 1)
+    ratios = statistics.median(first / later for first, later, _ in got["ours"])
+    k, n = (4, 1 << 12) if quick else COLD_SHAPE
+    lines = ["", f"Cold start ({k} x {n} float32, fresh processes, kernel built, medians of"]
+    lines += [f"{len(got['ours'])} processes each, ours and plain in turns):", ""]
+    lines += ["| | first step ms | later step ms | first / later |", "|---|---|---|---|"]
+    lines.append(
+        f"| ours: import parambounds + Bounds.cost + backward | {ours_first:.2f} "
+        f"| {ours_later:.2f} | {ratios:.2f}x |"
+    )
+    lines.append(
+        f"| ours: first step alone (import parambounds excluded) | "
+        f"{ours_first - ours_import:.2f} | {ours_later:.2f} | "
+        f"{(ours_first - ours_import) / ours_later:.2f}x |"
+    )
+    lines.append(
+        f"| plain torch ops: the same step | {plain_first:.2f} | {plain_later:.2f} "
+        f"| {plain_first / plain_later:.2f}x |"
+    )
+    lines.append(f"| ours - plain, first step | {ours_first - plain_first:+.2f} | | |")
+    return lines
+
+
 def first_step_in_fresh_process(case: str, quick: bool) -> tuple[float, float, float] | None:
     args = [sys.executable, __file__, "--first-step-probe", case] + (["--quick"] if quick else [])
     out = subprocess.run(args, capture_output=True, text=True, timeout=600)
@@ -518,6 +617,7 @@ def extra_tables(quick: bool) -> str:
                 f"| {case} | {first:.2f} | {later:.2f} | {first / later:.2f}x | {fresh:.2f} "
                 f"| {(later + fresh) / later:.2f}x |"
             )
+    lines += cold_table(quick)
     return "\n".join(lines)
 
 
@@ -527,9 +627,16 @@ def main() -> None:
     parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     parser.add_argument("--memory-probe", nargs=2, metavar=("CASE", "IMPL"), help=argparse.SUPPRESS)
     parser.add_argument("--first-step-probe", metavar="CASE", help=argparse.SUPPRESS)
+    parser.add_argument("--cold-probe", choices=("ours", "plain"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--cold-only", action="store_true", help="only the cold-start table (fresh processes)"
+    )
     args = parser.parse_args()
     if args.memory_probe:
         print(measure_memory(*args.memory_probe, quick=args.quick))
+        return
+    if args.cold_probe:
+        print(*cold_step(args.cold_probe, args.quick))
         return
     if args.first_step_probe:
         print(*first_step(args.first_step_probe, args.quick))
@@ -540,6 +647,9 @@ def main() -> None:
         _native.build(verbose=False)
     except RuntimeError as err:
         print(f"native kernel unavailable ({err}); 'ours' is eager", file=sys.stderr)
+    if args.cold_only:
+        print("\n".join(cold_table(args.quick)))
+        return
     impls = IMPLS
     rows = run(args.quick, "cpu", impls)
     if torch.cuda.is_available():

@@ -13,6 +13,12 @@ term); ``eager`` is the plain call, un-jitted (value only); ``eager v&g`` is
 time to trace, lower and compile ``jit v&g`` (``jax.jit(...).lower(params).compile()``),
 once, on a fresh function, after both sides have compiled a one-leaf tree (so that
 neither pays JAX's own first-use costs).
+
+The second table puts ``jit v&g`` beside XLA's floor (one read of the parameters for a
+sum, the gradient tree written once: ``(sum(jnp.sum(x)), tree_map(lambda x: 2 * x))``),
+its two halves, the exponential cost's value and gradient written by hand in ``jnp``
+(one ``exp`` per element: what any implementation computes) and Rockpool's, all timed
+in turns (each round runs every one once, the order rotating).
 """
 
 from __future__ import annotations
@@ -66,6 +72,67 @@ def compile_time(fn: Callable[[Any], Any], params: Any) -> float:
     return time.perf_counter() - t0
 
 
+def in_turns(fns: dict[str, Callable[[], Any]], reps: int) -> dict[str, float]:
+    """Median seconds of each ``fn``, timed in turns (each round runs every one once, in
+    an order rotating from round to round), so that a shared machine's load falls on all
+    alike."""
+    names = list(fns)
+    for fn in fns.values():
+        jax.block_until_ready(fn())  # warm-up (compiles)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(reps):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            t0 = time.perf_counter()
+            jax.block_until_ready(fns[name]())
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def _exp_grad(x: Any) -> Any:
+    """The exponential cost's gradient on [-2, 2], written out (no overflow guard needed)."""
+    above, below = x - 2.0, -2.0 - x
+    e = jnp.maximum(above, below)
+    slope = jnp.where(e <= 0, 0, jnp.exp(e))
+    return jnp.where(above >= below, slope, -slope)
+
+
+def _exp_value(x: Any) -> Any:
+    e = jnp.maximum(x - 2.0, -2.0 - x)
+    return jnp.sum(jnp.where(e <= 0, 0, jnp.exp(e)))
+
+
+def floor_rows(case: str, quick: bool, reps: int) -> list[tuple[str, float]]:
+    """The jitted value-and-gradient against XLA's floor, component by component, in turns.
+
+    The floor reads the parameters once for a sum and writes a gradient tree once
+    (``2 * x``): memory traffic only. ``hand-written`` is the exponential cost's value
+    and gradient as plain ``jnp`` (what any implementation must compute: one ``exp``
+    per element), jitted as one function.
+    """
+    params, lower, upper = workload(case, quick)
+    leaves = jax.tree_util.tree_leaves
+    tree_map = jax.tree_util.tree_map
+    fns = {
+        "floor: sum + gradient tree (2 * x)": jax.jit(
+            lambda q: (sum(jnp.sum(x) for x in leaves(q)), tree_map(lambda x: 2 * x, q))
+        ),
+        "floor, sum alone": jax.jit(lambda q: sum(jnp.sum(x) for x in leaves(q))),
+        "floor, gradient tree alone": jax.jit(lambda q: tree_map(lambda x: 2 * x, q)),
+        "hand-written exp gradient alone": jax.jit(lambda q: tree_map(_exp_grad, q)),
+        "hand-written exp value + gradient": jax.jit(
+            lambda q: (sum(_exp_value(x) for x in leaves(q)), tree_map(_exp_grad, q))
+        ),
+        "ours: jit value_and_grad": jax.jit(
+            jax.value_and_grad(lambda p: bounds_cost(p, lower, upper))
+        ),
+        "Rockpool: jit value_and_grad": jax.jit(
+            jax.value_and_grad(lambda p: jax_loss.bounds_cost(p, lower, upper))
+        ),
+    }
+    got = in_turns({name: partial(fn, params) for name, fn in fns.items()}, reps)
+    return list(got.items())
+
+
 def run(case: str, quick: bool, reps: int) -> list[tuple[str, float, float]]:
     params, lower, upper = workload(case, quick)
     ours = lambda p: bounds_cost(p, lower, upper)  # noqa: E731
@@ -100,6 +167,17 @@ def main() -> None:
         for label, ours, theirs in run(case, args.quick, reps):
             cells = f"{ours * 1e3:.1f} | {theirs * 1e3:.1f} | {theirs / ours:.1f}x"
             print(f"| {case} | {label} | {cells} |", flush=True)
+    print()
+    print("Jitted value and gradient against XLA's floor, component by component, in turns:")
+    print()
+    print("| case | component | ms | / floor |")
+    print("|---|---|---:|---:|")
+    for case in ("many", "large"):
+        reps = args.reps or (7 if case == "large" and not args.quick else 21)
+        rows = floor_rows(case, args.quick, reps)
+        floor = rows[0][1]
+        for label, sec in rows:
+            print(f"| {case} | {label} | {sec * 1e3:.2f} | {sec / floor:.2f}x |", flush=True)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ import torch
 from parambounds import Bounds
 from parambounds.demo import SPEC, make_data, make_net, parameters, task_loss
 
+torch.set_num_threads(1)  # small tensors: one thread is fastest, and steady on a busy machine
+
 bounds = Bounds(SPEC)
 x, y = make_data()
 net = make_net()

@@ -11,6 +11,8 @@ from rockpool.nn.modules import LIFTorch, LinearTorch
 
 from parambounds import bounds_cost, make_bounds  # was: rockpool.training.torch_loss
 
+torch.set_num_threads(1)  # small tensors: one thread is fastest, and steady on a busy machine
+
 torch.manual_seed(0)
 net = Sequential(LinearTorch((4, 16)), LIFTorch(16), LinearTorch((16, 2)), LIFTorch(2))
 with torch.no_grad():  # start some time constants outside the bounds

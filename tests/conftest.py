@@ -1,6 +1,16 @@
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
+
+# No verdict from the clock: on a busy machine an example may take seconds. Every
+# property test inherits this profile (its own @settings override only what they name).
+settings.register_profile(
+    "parambounds",
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.load_profile("parambounds")
 
 
 def pytest_addoption(parser):

@@ -119,14 +119,14 @@ def test_command_line_check_and_clamp_in_place(tmp_path):
     save(tmp_path / "ck", sd)
     (tmp_path / "b.toml").write_text('[bounds]\n"w" = [-0.5, 0.5]\n"h" = { lower = 0.0 }\n')
     check = [SCRIPT, "check", str(tmp_path / "ck"), "--bounds", str(tmp_path / "b.toml")]
-    out = subprocess.run(check, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(check, capture_output=True, text=True, timeout=1800)
     assert out.returncode == 1, out.stderr
     assert "2 of 2 bounded parameters are out of bounds" in out.stdout
     clamp = [SCRIPT, "clamp", str(tmp_path / "ck"), "--bounds", str(tmp_path / "b.toml")]
-    out = subprocess.run([*clamp, "--in-place"], capture_output=True, text=True, timeout=300)
+    out = subprocess.run([*clamp, "--in-place"], capture_output=True, text=True, timeout=1800)
     assert out.returncode == 0, out.stderr
     assert torch.equal(load(tmp_path / "ck")["w"], sd["w"].clamp(-0.5, 0.5))
-    out = subprocess.run(check, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(check, capture_output=True, text=True, timeout=1800)
     assert out.returncode == 0 and "inside their bounds" in out.stdout, out.stdout + out.stderr
 
 

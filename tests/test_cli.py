@@ -29,7 +29,7 @@ TAU_CLAMPED = [inward_f32(0.005, "lower"), float(np.float32(0.02)), inward_f32(0
 
 def run(*args, cwd=None):
     return subprocess.run(
-        [SCRIPT, *map(str, args)], capture_output=True, text=True, timeout=300, cwd=cwd
+        [SCRIPT, *map(str, args)], capture_output=True, text=True, timeout=1800, cwd=cwd
     )
 
 
@@ -421,7 +421,7 @@ def test_python_dash_m_and_version_and_old_format_without_warnings(tmp_path, fil
         ],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=1800,
     )
     assert out.returncode == 1 and out.stderr == "", out.stderr
     assert "3 of 3 bounded parameters are out of bounds" in out.stdout

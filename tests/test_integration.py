@@ -99,10 +99,10 @@ def test_penalty_pulls_parameters_back_inside(case):
     opt = torch.optim.Adam([p for _, p in model.named_parameters()], lr=0.02)
     x, y = data()
     counts = []
-    for _ in range(60):
+    for _ in range(20):  # inside after 5 steps here (mlp; rockpool after 2): 20 leave margin
         opt.zero_grad()
         (loss_fn(model, x, y) + 100.0 * bounds.cost(model)).backward()
         opt.step()
         counts.append(sum(e.below + e.above for e in bounds.report(model).entries))
     assert counts[-1] < start
-    assert counts[-1] == 0
+    assert counts[-10:] == [0] * 10  # back inside, and staying there

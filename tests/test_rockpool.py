@@ -463,7 +463,7 @@ def test_clear_import_error_without_rockpool():
         """
     )
     out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=1800, check=True
     )
     assert "pip install 'parambounds[rockpool]'" in out.stdout
     assert "from parambounds import bounds_cost" in out.stdout

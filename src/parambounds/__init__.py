@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import BoundsError, BoundsViolationError, get_verify, set_verify
 from .report import ParamReport, Report
-from .spec import Bounds
+from .spec import Bounds, Model, PyTree
 
 if TYPE_CHECKING:
     from .penalties import PENALTIES, Penalty, overflow_threshold
@@ -67,9 +67,11 @@ __all__ = [
     "Bounds",
     "BoundsError",
     "BoundsViolationError",
+    "Model",
     "ParamReport",
     "ParameterBoundaryRegularizer",
     "Penalty",
+    "PyTree",
     "Report",
     "__version__",
     "bounds_cost",

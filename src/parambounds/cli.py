@@ -10,11 +10,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import signal
 import sys
 import warnings
 from dataclasses import dataclass, replace
-from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -37,6 +37,7 @@ EXIT_OK, EXIT_OUTSIDE, EXIT_BAD_INPUT = 0, 1, 2
 _CHECK_EXAMPLE = """example:
   parambounds check model.pt --bounds bounds.toml
   parambounds check model.safetensors --bounds bounds.toml --json > report.json
+  parambounds check model.pt --device xylo-audio-2 --dt 1e-3
 
 exit codes: 0 everything inside, 1 something outside, 2 bad input"""
 
@@ -85,6 +86,7 @@ class _Loaded:
 def _inspect(args: argparse.Namespace) -> _Loaded:
     """Load the bounds and the checkpoint, and resolve which tensors are bounded."""
     from .checkpoints import make_targets
+    from .matching import matched_patterns
 
     bounds = _load_bounds(args)
     ckpt = _load_checkpoint(Path(args.checkpoint))
@@ -92,10 +94,13 @@ def _inspect(args: argparse.Namespace) -> _Loaded:
     try:
         # names only: plain Python, no torch backend (nor its import) needed
         resolved = bounds._match(tuple([*ckpt.derived, *ckpt.tensors]))
-        targets = make_targets(resolved.lower, resolved.upper, ckpt.tensors, ckpt.derived)
+        targets = make_targets(
+            resolved.lower, resolved.upper, ckpt.tensors, ckpt.derived, ckpt.loaded_as
+        )
     except BoundsError as err:
         raise BoundsError(_with_file(err, ckpt.path)) from None
-    unmatched = [p for p in bounds.spec if not any(fnmatchcase(n, p) for n in names)]
+    matched = matched_patterns(tuple(bounds.spec), tuple(names))  # compiled once
+    unmatched = [p for p in bounds.spec if p not in matched]
     if not targets:
         raise BoundsError(
             f"{ckpt.path}: nothing is bounded: no floating-point parameter matches a pattern "
@@ -133,6 +138,11 @@ def cmd_check(args: argparse.Namespace) -> int:
     """Print the report of a checkpoint against a bounds file."""
     from .checkpoints import aliases, scan_targets
 
+    if args.device is not None or args.dt is not None:
+        return _check_device(args)
+    if args.bounds is None:  # argparse's own message, as when --bounds was required
+        args.usage_error("the following arguments are required: --bounds (or --device and --dt)")
+
     loaded = _inspect(args)
     try:
         if loaded.ckpt.format == "dcp":  # one tensor in memory at a time
@@ -162,6 +172,32 @@ def cmd_check(args: argparse.Namespace) -> int:
     return EXIT_OK if report.ok else EXIT_OUTSIDE
 
 
+def _check_device(args: argparse.Namespace) -> int:
+    """``check --device``: the time constants of a checkpoint against a chip's export rules."""
+    from .devices import deployability
+
+    if args.bounds is not None:
+        raise BoundsError("give --bounds or --device, not both")
+    if args.device is None or args.dt is None:
+        raise BoundsError("--device and --dt go together: give both")
+    ckpt = _load_checkpoint(Path(args.checkpoint))
+    if ckpt.format == "dcp":  # lazy: read the tensors now
+        from .checkpoints import read_tensor
+
+        tensors = {n: read_tensor(ckpt, n) for n in ckpt.tensors}
+    else:
+        tensors = dict(ckpt.tensors)
+    try:
+        report = deployability(tensors, args.device, dt=args.dt)
+    except BoundsError as err:
+        raise BoundsError(_with_file(err, ckpt.path)) from None
+    if args.json:
+        print(json.dumps({"file": str(ckpt.path), "format": ckpt.format, **report.to_dict()}))
+    else:
+        print(report)
+    return EXIT_OK if report.ok else EXIT_OUTSIDE
+
+
 def _output(args: argparse.Namespace) -> Path:
     """Where clamp writes, refused before anything is read when it is not safe."""
     source = Path(args.checkpoint)
@@ -176,6 +212,13 @@ def _output(args: argparse.Namespace) -> Path:
     if args.output == "":
         raise BoundsError("-o: the output path is empty")
     target = Path(args.output)
+    if target.is_symlink() and not target.exists():  # as GNU cp: never create its target
+        if not args.force:
+            raise BoundsError(
+                f"{target}: a dangling symlink; not writing through it (give --force to "
+                "replace the link itself with the clamped copy)"
+            )
+        return Path(os.path.abspath(target))  # the rename replaces the link, not its target
     if target.exists():
         if source.exists() and target.samefile(source):
             raise BoundsError(
@@ -184,7 +227,7 @@ def _output(args: argparse.Namespace) -> Path:
             )
         if Path(args.bounds).exists() and target.samefile(args.bounds):
             raise BoundsError(f"{target}: refusing to overwrite the bounds file")
-        if not args.force and not target.is_dir():
+        if not args.force:  # a file or a folder (a DCP checkpoint): never without --force
             raise BoundsError(f"{target}: exists; give --force to replace it")
     return resolve_target(target)
 
@@ -209,9 +252,16 @@ def _refuse_conflicting_aliases(loaded: _Loaded) -> None:
 
 def cmd_clamp(args: argparse.Namespace) -> int:
     """Write a copy of a checkpoint with every bounded tensor clamped into its bounds."""
-    from .checkpoints import save_checkpoint, scan_targets
+    from .checkpoints import lock_target
 
     target = _output(args)
+    with lock_target(target):  # a second run on the same target refuses: nothing lost
+        return _clamp(args, target)
+
+
+def _clamp(args: argparse.Namespace, target: Path) -> int:
+    from .checkpoints import save_checkpoint, scan_targets
+
     loaded = _inspect(args)
     _refuse_conflicting_aliases(loaded)
     ckpt = loaded.ckpt
@@ -310,7 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         if name not in ("demo", "build-kernels"):
             p.add_argument("checkpoint", help="a .pt/.pth, .safetensors or Rockpool .json file")
-            p.add_argument("--bounds", required=True, metavar="FILE", help=_BOUNDS_HELP)
+            p.add_argument("--bounds", required=name != "check", metavar="FILE", help=_BOUNDS_HELP)
             p.add_argument(
                 "--allow-unmatched",
                 action="store_true",
@@ -322,6 +372,10 @@ def build_parser() -> argparse.ArgumentParser:
         "check", "report bounded tensors outside their bounds", _CHECK_EXAMPLE, cmd_check
     )
     check.add_argument("--json", action="store_true", help="print the report as JSON instead")
+    check.add_argument("--device", metavar="NAME", help="check a chip's export rules instead "
+                       "(xylo-audio-2, xylo-audio-3, xylo-imu)")  # fmt: skip
+    check.add_argument("--dt", type=float, metavar="SECONDS", help="the time step, with --device")
+    check.set_defaults(usage_error=check.error)
 
     clamp = command("clamp", "write a copy clamped into the bounds", _CLAMP_EXAMPLE, cmd_clamp)
     clamp.add_argument("-o", "--output", metavar="OUT", help="where to write the clamped copy")
@@ -359,8 +413,12 @@ def _terminate(signum: int, frame: Any) -> None:  # noqa: ARG001
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the command line; return the exit code."""
-    args = build_parser().parse_args(argv)
+    """Run the command line; return the exit code (no command at all: the help, and 0)."""
+    parser = build_parser()
+    if not (sys.argv[1:] if argv is None else argv):  # as pip and most argparse tools do
+        parser.print_help()
+        return 0
+    args = parser.parse_args(argv)
     if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:  # a kill cleans up its temp file
         signal.signal(signal.SIGTERM, _terminate)
     try:

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 from .errors import BoundsError
 
 if TYPE_CHECKING:
+    import torch
     from torch import Tensor
 
 __all__ = ["PENALTIES", "Penalty", "get_penalty", "overflow_threshold", "threshold_for_max"]
@@ -45,7 +46,7 @@ def threshold_for_max(finfo_max: float) -> float:
     return 0.9 * math.log(finfo_max)
 
 
-def overflow_threshold(dtype: Any) -> float:
+def overflow_threshold(dtype: torch.dtype) -> float:
     r"""Excess past which exponential penalties continue linearly.
 
     .. math:: T = 0.9 \log(\mathrm{finfo}(\mathrm{dtype}).\mathrm{max})
@@ -75,7 +76,9 @@ class Penalty:
     def value(self, e: Tensor) -> Tensor:
         """Return :math:`f(e)` elementwise for ``e >= 0``; differentiable by autograd.
 
-        Must be NaN where ``e`` is NaN, and :meth:`slope` too.
+        Must be NaN where ``e`` is NaN, and :meth:`slope` too. Its autograd gradient
+        should be :meth:`slope` times the incoming gradient, with no ``0 * incoming``
+        terms (an infinite incoming gradient would make them NaN).
         """
         raise NotImplementedError
 
@@ -117,7 +120,11 @@ class ExpPenalty(Penalty):
         return slope.addcmul(slope, (e - t).relu()), slope
 
     def value(self, e: Tensor) -> Tensor:
-        return self.value_and_slope(e)[0]
+        # For autograd: past T only, so that below it the gradient is exp(e) times the
+        # incoming one, never plus 0 * incoming (NaN for an infinite incoming gradient).
+        t = overflow_threshold(e.dtype)
+        slope = e.clamp_max(t).exp()
+        return slope.where(~(e > t), slope.addcmul(slope, (e - t).relu()))
 
     def slope(self, e: Tensor) -> Tensor:
         return e.clamp_max(overflow_threshold(e.dtype)).exp()
@@ -141,7 +148,10 @@ class Expm1Penalty(Penalty):
         return capped.expm1() + slope * (e - t).relu(), slope
 
     def value(self, e: Tensor) -> Tensor:
-        return self.value_and_slope(e)[0]
+        # For autograd: as ExpPenalty.value, the linear part only where it applies.
+        t = overflow_threshold(e.dtype)
+        capped = e.clamp_max(t)
+        return capped.expm1().where(~(e > t), capped.expm1() + capped.exp() * (e - t).relu())
 
     def slope(self, e: Tensor) -> Tensor:
         return e.clamp_max(overflow_threshold(e.dtype)).exp()

@@ -75,9 +75,9 @@ class Report:
         bad = self.violators
         return bad + [e for e in self.entries if not e.violated]
 
-    def to_dict(self) -> dict[str, dict[str, Any]]:
+    def to_dict(self) -> dict[str, dict[str, int | float | str | None]]:
         """``{name: {"numel", "below", "above", "max_excess", "nan", "lower", "upper"}}``."""
-        out = {}
+        out: dict[str, dict[str, int | float | str | None]] = {}
         for e in self.ordered():
             d = asdict(e)
             del d["name"]

@@ -1,9 +1,9 @@
 r"""Rockpool's ``rockpool.training.torch_loss``, exactly: change one import line.
 
-.. code-block:: python
-
-    # from rockpool.training.torch_loss import bounds_cost, make_bounds
-    from parambounds.rockpool import bounds_cost, make_bounds
+```python
+# from rockpool.training.torch_loss import bounds_cost, make_bounds
+from parambounds.rockpool import bounds_cost, make_bounds
+```
 
 :func:`bounds_cost`, :func:`make_bounds`, :func:`summed_exp_boundary_loss` and
 :class:`ParameterBoundaryRegularizer` take the same arguments and return the same kinds
@@ -47,8 +47,9 @@ except ImportError as err:  # pragma: no cover - exercised in a subprocess by th
 from .errors import BoundsError, verifying
 from .penalties import PENALTIES
 from .torch import _verify
+from .torch._kernels import integer_excess
 from .torch._plan import get_plan
-from .torch._rounding import compute_dtype
+from .torch._rounding import compute_dtype, inward
 from .torch._trees import align, as_tree, flatten
 from .torch._trees import make_bounds as _make_bounds
 
@@ -84,7 +85,13 @@ def _side(x: Tensor, bound: Any, below: bool, last: bool) -> Tensor:
 def _leaf_cost(x: Tensor, lower: Any, upper: Any) -> Tensor:
     """Rockpool's cost of one tensor: the lower side's sum plus the upper side's."""
     dtype = compute_dtype(x.dtype)
-    if x.dtype != dtype:  # integers (as Rockpool's exp makes them) and float8
+    if not x.is_floating_point() and x.dtype != torch.bool:
+        # Integers are compared exactly (float32 holds every integer only up to 2**24):
+        # the exact excess, bounded by [0, 0] on the sides that are bounded.
+        lower, upper = (inward(lower, "lower", x.dtype), inward(upper, "upper", x.dtype))
+        d = integer_excess(x, lower, upper, dtype)
+        return _leaf_cost(d, None if lower is None else 0.0, None if upper is None else 0.0)
+    if x.dtype != dtype:  # bool (as Rockpool's exp makes it) and float8
         x = x.to(dtype)
     if lower is None:
         return _side(x, upper, below=False, last=True)
@@ -121,6 +128,9 @@ def _bounds(
     """
     plan = get_plan(tree, treedef, leaves, lower, upper, root_name=root_name)
     bounded = {i: (lo, hi) for i, lo, hi in plan.bounded_items()}
+    for i, lo, hi in plan.bounded_items(exact=True):
+        if not leaves[i].is_floating_point() and leaves[i].dtype != torch.bool:
+            bounded[i] = (lo, hi)  # integers: the exact whole-number bounds
     if not plan.grad_bounds:
         return bounded
     raw_lo = _learnable(tree, treedef, lower, "lower_bounds")

@@ -16,7 +16,7 @@ import sys
 import weakref
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Union, overload
 
 from ._backends import get_backend
 from .errors import BoundsError, BoundsViolationError, number_bound, order_error
@@ -24,11 +24,27 @@ from .matching import Resolved, match_indices, unused_message
 from .penalties import Penalty, get_penalty
 from .report import Report
 
-__all__ = ["Bounds", "Model"]
+if TYPE_CHECKING:  # for the annotations only: the core never imports a framework
+    from typing import TypeAlias
 
-#: What bounds apply to: a torch module (its ``named_parameters()``), a flat mapping of
-#: names to tensors such as a ``state_dict``, or a JAX pytree.
-Model = Any
+    import jax
+    import torch
+    from torch.utils.hooks import RemovableHandle
+
+__all__ = ["Bounds", "Model", "PyTree"]
+
+PyTree: TypeAlias = Any
+"""A JAX pytree: nested dicts, lists, tuples and registered nodes with arrays as leaves.
+
+Its structure is open-ended, so a type checker sees ``Any``.
+"""
+
+Model: TypeAlias = Union["torch.nn.Module", Mapping[str, "torch.Tensor"], PyTree]
+"""What bounds apply to.
+
+A torch module (bounded by the names of ``named_parameters()``), a flat mapping of names
+to tensors such as a ``state_dict``, or a JAX pytree (`PyTree`, names joined with dots).
+"""
 
 
 def _is_array(b: Any) -> bool:
@@ -170,13 +186,13 @@ class Bounds:
     def from_toml(cls, path: str | Path, *, strict: bool = True) -> Bounds:
         """Load bounds from a TOML file.
 
-        .. code-block:: toml
-
-            penalty = "exp"            # optional
-            [bounds]
-            "*.tau_mem"      = [0.001, 0.1]
-            "*.threshold"    = { lower = 0.0 }
-            "readout.weight" = { lower = -1.0, upper = 1.0 }
+        ```toml
+        penalty = "exp"            # optional
+        [bounds]
+        "*.tau_mem"      = [0.001, 0.1]
+        "*.threshold"    = { lower = 0.0 }
+        "readout.weight" = { lower = -1.0, upper = 1.0 }
+        ```
 
         ``inf`` and ``-inf`` are TOML literals; an open side is left out of the table.
 
@@ -270,9 +286,20 @@ class Bounds:
 
     # ------------------------------------------------------------ the three uses
 
-    def cost(self, model: Model) -> Any:
-        """The penalty of every bounded parameter, as :func:`~parambounds.bounds_cost`."""
-        return get_backend(model).cost(self, model)
+    @overload
+    def cost(self, model: torch.nn.Module | Mapping[str, torch.Tensor]) -> torch.Tensor: ...
+
+    @overload
+    def cost(self, model: PyTree) -> jax.Array: ...
+
+    def cost(self, model: Model) -> torch.Tensor | jax.Array:
+        """The penalty of every bounded parameter, as :func:`~parambounds.bounds_cost`.
+
+        Returns:
+            a differentiable scalar of the parameters' framework (a torch tensor or a JAX
+                array), to add to the loss.
+        """
+        return get_backend(model).cost(self, model)  # type: ignore[no-any-return]
 
     def project_(self, model: Model) -> None:
         """Clamp every bounded parameter into its bounds, in place and without autograd.
@@ -282,7 +309,7 @@ class Bounds:
         """
         get_backend(model).project_(self, model)
 
-    def project(self, tree: Model) -> Any:
+    def project(self, tree: PyTree) -> PyTree:
         """Return a new JAX pytree with every bounded leaf clipped into its bounds.
 
         The projection for immutable arrays (torch modules use :meth:`project_`):
@@ -291,7 +318,7 @@ class Bounds:
         """
         return get_backend(tree).project(self, tree)
 
-    def unconstrain(self, tree: Model) -> Any:
+    def unconstrain(self, tree: PyTree) -> PyTree:
         r"""The unconstrained JAX pytree ``z`` with ``constrain(z) == tree``.
 
         Bounded leaves get the transforms of :meth:`reparametrize_`, element by element
@@ -302,7 +329,7 @@ class Bounds:
         """
         return get_backend(tree).unconstrain(self, tree)
 
-    def constrain(self, z: Model) -> Any:
+    def constrain(self, z: PyTree) -> PyTree:
         """Map an unconstrained JAX pytree into the bounds (inverse of :meth:`unconstrain`).
 
         Inside the bounds for every finite ``z``; differentiable, and traceable by
@@ -310,15 +337,16 @@ class Bounds:
         """
         return get_backend(z).constrain(self, z)
 
-    def attach(self, optimizer: Any, model: Any) -> Any:
-        """Project ``model`` after every ``optimizer.step()``.
+    def attach(self, optimizer: torch.optim.Optimizer, model: Model) -> RemovableHandle:
+        """Project ``model`` after every ``optimizer.step()`` (torch).
 
         Returns:
-            a handle; ``handle.remove()`` stops the projection.
+            the optimizer's step-hook handle, a ``torch.utils.hooks.RemovableHandle``;
+                ``handle.remove()`` stops the projection.
         """
-        return get_backend(model).attach(self, optimizer, model)
+        return get_backend(model).attach(self, optimizer, model)  # type: ignore[no-any-return]
 
-    def reparametrize_(self, model: Any) -> Any:
+    def reparametrize_(self, model: torch.nn.Module) -> torch.nn.Module:
         r"""Make every bounded parameter a smooth function of an unconstrained one.
 
         Registers ``torch.nn.utils.parametrize`` parametrizations: two-sided bounds use
@@ -328,12 +356,80 @@ class Bounds:
         ``<module>.parametrizations.<name>.original`` (the unconstrained tensor) instead
         of ``<module>.<name>``; ``torch.nn.utils.parametrize.remove_parametrizations(
         module, name, leave_parametrized=True)`` turns it back into a plain parameter
-        holding the bounded value.
+        holding the bounded value. Before saving for someone who does not reparametrize
+        (``save_pretrained``, ``torch.save``, Rockpool's ``save``), call :meth:`bake_`.
 
         Returns:
             ``model``, modified in place.
         """
         return get_backend(model).reparametrize_(self, model)  # type: ignore[no-any-return]
+
+    def bake_(self, model: Any) -> Any:
+        """Undo :meth:`reparametrize_`, keeping the trained values: plain parameters again.
+
+        Every bounded parameter that :meth:`reparametrize_` changed becomes a plain
+        ``nn.Parameter`` under its original name, holding its current bounded value, so
+        ``state_dict()`` has the original keys and ``save_pretrained``/``from_pretrained``,
+        ``torch.save``/``load_state_dict`` and Rockpool's ``save``/``load`` round-trip
+        with the trained values. Parameters not reparametrized are left as they are.
+        The Parameter objects an optimizer holds (the unconstrained ``original`` tensors) now
+        hold the bounded values: to train on, build a new optimizer or
+        :meth:`reparametrize_` again.
+
+        Returns:
+            ``model``, modified in place.
+
+        Raises:
+            BoundsError: for a parameter with other parametrizations stacked on the
+                bounded one, naming it (nothing is changed), or a model that is not a
+                torch module.
+
+        Examples:
+            >>> import torch
+            >>> model = torch.nn.Linear(2, 1)
+            >>> bounds = Bounds({"weight": (-0.1, 0.1)})
+            >>> "weight" in bounds.reparametrize_(model).state_dict()
+            False
+            >>> sorted(bounds.bake_(model).state_dict())
+            ['bias', 'weight']
+        """
+        return _torch_only(model, "bake_").bake_(self, model)
+
+    def metrics(
+        self, model: Model, *, prefix: str = "bounds/", per_parameter: bool = True
+    ) -> dict[str, Any]:
+        """What to log each step: a flat dict of 0-d tensors, never read on the host.
+
+        Keys (``prefix`` first): ``outside`` (elements below, above or NaN, summed over
+        the bounded parameters), ``excess`` (the largest distance beyond a bound, as
+        :attr:`~parambounds.ParamReport.max_excess`) and ``penalty`` (the spec's
+        penalty, summed: :meth:`cost`'s value); then, with ``per_parameter``, the same
+        three under ``<name>/`` for each bounded parameter, in model order. Values are
+        float64 tensors on the parameters' device: pass them to
+        ``LightningModule.log_dict``, ``SummaryWriter.add_scalar``, ``wandb.log`` or
+        ``mlflow.log_metrics`` as they are (the logger reads them when it writes).
+        Costs about one :meth:`report`.
+
+        Raises:
+            BoundsError: as :meth:`report`, or for a model that is not a torch model.
+
+        Examples:
+            >>> import torch
+            >>> model = torch.nn.Linear(2, 1)
+            >>> with torch.no_grad():
+            ...     _ = model.weight.copy_(torch.tensor([[0.5, 3.0]]))
+            >>> m = Bounds({"weight": (-1, 1)}).metrics(model)
+            >>> list(m)[:3]
+            ['bounds/outside', 'bounds/excess', 'bounds/penalty']
+            >>> list(m)[3:]
+            ['bounds/weight/outside', 'bounds/weight/excess', 'bounds/weight/penalty']
+            >>> m["bounds/weight/outside"].item(), m["bounds/weight/excess"].item()
+            (1.0, 2.0)
+        """
+        backend = _torch_only(model, "metrics")
+        return backend.metrics(  # type: ignore[no-any-return]
+            self, model, prefix=prefix, per_parameter=per_parameter
+        )
 
     # ------------------------------------------------------------ reporting
 
@@ -353,6 +449,17 @@ class Bounds:
 
 
 _MAX_TOML_BYTES = 16 * 2**20
+
+
+def _torch_only(model: Model, what: str) -> Any:
+    """The backend of ``model``, which must be torch's for ``what``."""
+    backend = get_backend(model)
+    if getattr(backend, "framework_name", None) != "torch":
+        raise BoundsError(
+            f"{what} is for torch models and state_dicts, got {type(model).__name__}; "
+            "for JAX pytrees use report"
+        )
+    return backend
 
 
 def _escape(name: str) -> str:

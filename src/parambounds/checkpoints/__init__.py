@@ -21,7 +21,7 @@ from ._apply import Target, aliases, make_targets, scalar, scan_targets
 from ._checkpoint import Checkpoint, CheckpointError
 from ._dcp import is_dcp, load_dcp, read_metadata, read_tensor, report_dcp, save_dcp
 from ._files import load_checkpoint, save_checkpoint
-from ._write import atomic_write, resolve_target
+from ._write import atomic_write, lock_target, resolve_target
 
 __all__ = [
     "Checkpoint",
@@ -32,6 +32,7 @@ __all__ = [
     "is_dcp",
     "load_checkpoint",
     "load_dcp",
+    "lock_target",
     "make_targets",
     "read_metadata",
     "read_tensor",

@@ -78,7 +78,8 @@ def normalise(b: Any, side: str, name: str, dtype: torch.dtype) -> float | None:
     """A bound for a tensor of ``dtype``: ``None`` when that side is open.
 
     A bound beyond the dtype's range on the open side (``1e300`` as the upper bound of a
-    float32 tensor) leaves that side open; on the other side no value can satisfy it.
+    float32 tensor) leaves that side open (the dtype's maximum itself does not: ``inf``
+    lies above it); on the other side no value can satisfy it.
 
     Raises:
         BoundsError: for a bound that no value of ``dtype`` can satisfy.
@@ -88,8 +89,8 @@ def normalise(b: Any, side: str, name: str, dtype: torch.dtype) -> float | None:
         return None
     big = torch.finfo(dtype).max
     sign = -1.0 if side == "lower" else 1.0
-    if v * sign >= big:  # -inf lower, +inf upper, or beyond the dtype on the open side
-        return None
+    if v * sign > big:  # -inf lower, +inf upper, or beyond the dtype on the open side
+        return None  # (the dtype's maximum itself bounds: +inf lies beyond it)
     if v * sign < -big:
         raise BoundsError(
             f"{side} bound {v:g} for '{name}' is beyond the range of {dtype} "
@@ -108,8 +109,14 @@ def make_targets(
     upper: dict[str, Any],
     tensors: dict[str, Tensor],
     derived: dict[str, Reparametrized],
+    loaded_as: torch.dtype | None = None,
 ) -> list[Target]:
     """The bounded parameters, in file order, with bounds normalised for their dtypes.
+
+    ``loaded_as`` is the dtype that the format's own loader gives the parameters, when
+    it is not the one they are read in here (float32 for Rockpool's JSON files, read as
+    float64): the bounds are rounded inward to it, so that a value is inside only if it
+    is still inside once that loader has cast it, and clamping writes such values.
 
     Raises:
         BoundsError: for a bounded float8 tensor, or a bound no value can satisfy.
@@ -123,13 +130,17 @@ def make_targets(
         t = tensors.get(name)
         if t is not None and not in_memory(t):
             what = "a meta tensor (the file holds no values for it)"
-            if t.layout != torch.strided:
+            if t.is_nested:
+                what = "a nested tensor"
+            elif t.layout != torch.strided:
                 what = f"a {str(t.layout).replace('torch.', '')} tensor"
             raise BoundsError(
                 f"'{name}' is {what}, which parambounds does not check or clamp; "
                 "leave it unbounded (narrow the pattern)"
             )
         dtype = d.original.dtype if d is not None else t.dtype  # type: ignore[union-attr]
+        if loaded_as is not None:
+            dtype = loaded_as
         if dtype.itemsize == 1:
             raise BoundsError(
                 f"'{name}' is {dtype}, which parambounds does not check or clamp "

@@ -29,6 +29,8 @@ class Checkpoint:
         derived: parameters saved reparametrized, by their usual name.
         skipped: places in the file that hold training state, not parameters.
         changed: names of the parameters that clamping changed.
+        loaded_as: the dtype the format's own loader casts the parameters to, when it
+            differs from the one they are read in (float32 for Rockpool's JSON files).
     """
 
     path: Path
@@ -40,6 +42,7 @@ class Checkpoint:
     changed: set[str] = field(default_factory=set)
     handle: Any = None
     paths: dict[str, tuple[Any, ...]] = field(default_factory=dict)
+    loaded_as: Any = None
 
     @property
     def metadata(self) -> dict[str, str] | None:

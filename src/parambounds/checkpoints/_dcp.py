@@ -8,7 +8,11 @@ and refuses any other global, so a checkpoint can never run code. Tensors are re
 at a time through ``dcp.load`` (shards are assembled into the full tensor, one tensor in
 memory at a time for :func:`report_dcp`); non-tensor entries are kept as their raw
 bytes and never unpickled. :func:`save_dcp` writes a new directory that ``dcp.load``
-reads back, next to the target, then moves it into place.
+reads back, next to the target, then moves it into place; onto an existing checkpoint
+it replaces only what DCP owns (the data files its metadata names, then ``.metadata``
+in one rename), keeping every other file and the folder's mode and owner. The metadata
+is checked first: every data file it names lies inside the folder, and the chunks of
+every tensor cover it exactly; the new metadata keeps the original's ``planner_data``.
 
 The library never imports this module.
 """
@@ -16,9 +20,12 @@ The library never imports this module.
 from __future__ import annotations
 
 import io
+import os
 import pickle
 import shutil
+import stat
 import tempfile
+import uuid
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..errors import BoundsError
 from ..report import Report
 from ._checkpoint import Checkpoint, CheckpointError
 
@@ -111,7 +119,71 @@ def read_metadata(path: str | Path) -> Any:
 
     if not isinstance(meta, Metadata):
         raise CheckpointError(f"{path / _METADATA}: not DCP metadata")
+    _check_paths(path, meta)
+    _check_chunks(path, meta)
     return meta
+
+
+def _check_paths(path: Path, meta: Any) -> None:
+    """Every file the metadata names must lie inside the folder (no ``..``, no absolute)."""
+    storage = meta.storage_data
+    if storage is None:
+        return
+    if not isinstance(storage, dict):
+        raise CheckpointError(f"{path / _METADATA}: malformed DCP metadata (storage_data)")
+    root = os.path.realpath(path)
+    for index, info in storage.items():
+        rel = getattr(info, "relative_path", None)
+        name = getattr(index, "fqn", index)
+        if not isinstance(rel, str) or not rel:
+            raise CheckpointError(f"{path / _METADATA}: entry '{name}' names no data file")
+        real = os.path.realpath(os.path.join(root, rel))
+        if os.path.isabs(rel) or ".." in Path(rel).parts or not real.startswith(root + os.sep):
+            raise CheckpointError(
+                f"{path / _METADATA}: refused: entry '{name}' names the data file {rel!r}, "
+                "which is not inside the checkpoint folder"
+            )
+
+
+def _check_chunks(path: Path, meta: Any) -> None:
+    """The chunks of every tensor lie inside it, overlap nowhere and cover it whole.
+
+    A tensor they do not cover would be read into uninitialised memory.
+    """
+    import math
+
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    for name, md in meta.state_dict_metadata.items():
+        if not isinstance(md, TensorStorageMetadata):
+            continue
+        size = tuple(md.size)
+        boxes = []
+        for c in md.chunks:
+            off, sz = tuple(c.offsets), tuple(c.sizes)
+            if (
+                len(off) != len(size)
+                or len(sz) != len(size)
+                or any(o < 0 or n < 0 or o + n > d for o, n, d in zip(off, sz, size))
+            ):
+                raise CheckpointError(
+                    f"{path}: malformed DCP checkpoint: a chunk of '{name}' (offsets {off}, "
+                    f"sizes {sz}) lies outside the tensor's shape {size}"
+                )
+            if math.prod(sz):  # an empty chunk holds nothing, overlaps nothing
+                boxes.append((off, sz))
+        covered = sum(math.prod(sz) for _, sz in boxes)
+        overlap = any(
+            all(a < b + m and b < a + n for a, n, b, m in zip(*boxes[i], *boxes[j]))
+            for i in range(len(boxes))
+            for j in range(i)
+        )
+        if overlap or covered != math.prod(size):
+            raise CheckpointError(
+                f"{path}: malformed DCP checkpoint: the chunks of '{name}' "
+                f"{'overlap' if overlap else 'do not cover the whole tensor'} "
+                f"(shape {size}); refused (its values would be uninitialised memory)"
+            )
 
 
 def _reader(path: Path, known: Any = None) -> Any:
@@ -182,22 +254,77 @@ def _load(path: Path, names: list[str], meta: Any) -> dict[str, Any]:
             warnings.simplefilter("ignore", UserWarning)
             dcp.load(state, storage_reader=_reader(path, meta), planner=planner, no_dist=True)
         state.update(planner.raw)
-    except Exception as err:
-        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{path}: cannot read the DCP checkpoint ({detail})") from None
+    except (Exception, _checkpoint_exception()) as err:
+        raise CheckpointError(f"{path}: cannot read the DCP checkpoint ({_why(err)})") from None
     return state
 
 
-def tensor_names(path: str | Path) -> list[str]:
-    """The names of the floating-point tensors of a DCP directory."""
+def _checkpoint_exception() -> type[BaseException]:
+    """DCP's error, which derives from ``BaseException`` (not caught by ``Exception``)."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    return CheckpointException
+
+
+def _why(err: BaseException) -> str:
+    """One line for ``err``: a rank's own error for DCP's (whose text is tracebacks)."""
+    failures = getattr(err, "failures", None)
+    if isinstance(err, _checkpoint_exception()) and isinstance(failures, dict) and failures:
+        first = next(iter(failures.values()))
+        inner = first[0] if isinstance(first, tuple) else first
+        if isinstance(inner, BaseException):
+            return _why(inner)
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
+
+
+def _parameters(meta: Any) -> tuple[list[str], list[str]]:
+    """The names of the parameters, and the places of training state, as for a ``.pt``.
+
+    The entries are nested again as they were saved (``planner_data``: each name's
+    path) and judged by the rule of :func:`._tree.name_tensors`: optimizer, scheduler
+    and scaler state (what ``get_state_dict(model, optim)`` puts under ``optim``) are
+    never parameters.
+    """
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    meta = read_metadata(path)
-    return [
+    from ._tree import name_tensors
+
+    floats = [
         name
         for name, md in meta.state_dict_metadata.items()
         if isinstance(md, TensorStorageMetadata) and md.properties.dtype.is_floating_point
     ]
+    mapping = meta.planner_data if isinstance(meta.planner_data, dict) else {}
+    skeleton: dict[Any, Any] = {}
+    by_path: dict[tuple[Any, ...], str] = {}
+    for name in meta.state_dict_metadata:
+        where = mapping.get(name)
+        where = tuple(where) if isinstance(where, (tuple, list)) and where else (name,)
+        node = skeleton
+        for key in where[:-1]:
+            child = node.setdefault(key, {})
+            if not isinstance(child, dict):  # a leaf and a container at one place
+                return floats, []
+            node = child
+        node[where[-1]] = torch.empty(0) if name in floats else None
+        by_path[where] = name
+    try:
+        named, _ = name_tensors(skeleton, "")
+    except BoundsError:
+        return floats, []
+    params = {by_path[p] for p in named.paths.values() if p in by_path}
+    return [n for n in floats if n in params], named.skipped
+
+
+def tensor_names(path: str | Path) -> list[str]:
+    """The names of the floating-point parameters of a DCP directory.
+
+    Optimizer and scheduler state are not parameters (:func:`_parameters`).
+    """
+    return _parameters(read_metadata(path))[0]
 
 
 def iter_tensors(path: str | Path) -> Iterator[tuple[str, Tensor]]:
@@ -255,8 +382,27 @@ def load_dcp(path: str | Path, *, lazy: bool = False) -> Checkpoint:
         state = {n: state[n] if n in state else _Lazy.like(md) for n, md in entries.items()}
     else:
         state = _load(path, list(meta.state_dict_metadata), meta)
-    tensors = {k: v for k, v in state.items() if isinstance(v, Tensor) and v.is_floating_point()}
-    return Checkpoint(path, "dcp", tensors, state, handle=meta)
+    params, skipped = _parameters(meta)
+    tensors = {k: state[k] for k in params}
+    return Checkpoint(path, "dcp", tensors, state, skipped=skipped, handle=meta)
+
+
+def _keep_planner_data(folder: Path, original: Any) -> None:
+    """Give the new metadata the original's ``planner_data`` (how names nest).
+
+    Without it, DCP's own loaders (``dcp_to_torch_save``...) return the flat names.
+    """
+    kept = getattr(original, "planner_data", None)
+    if kept is None:
+        return
+    meta = read_metadata(folder)  # written just now by dcp.save
+    meta.planner_data = kept
+    tmp = folder / f"{_METADATA}.tmp"
+    with open(tmp, "wb") as f:
+        pickle.dump(meta, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, folder / _METADATA)
 
 
 class _Lazy(Tensor):
@@ -314,7 +460,6 @@ def save_dcp(ckpt: Checkpoint, target: str | Path, fill: Any = None) -> None:
 
     planner.fill = fill_or_note
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
-    old = None
     try:
         with warnings.catch_warnings():  # "no process group: saving in one process"
             warnings.simplefilter("ignore", UserWarning)
@@ -324,19 +469,56 @@ def save_dcp(ckpt: Checkpoint, target: str | Path, fill: Any = None) -> None:
                 planner=planner,
                 no_dist=True,
             )
+        _keep_planner_data(tmp, ckpt.handle)
         if target.exists():
-            old = Path(
-                tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".old")
-            )
-            old.rmdir()
-            target.rename(old)
-        tmp.rename(target)
-    except BaseException:
-        if old is not None and not target.exists():
-            old.rename(target)
+            _replace_in(target, tmp)
+        else:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o777 & ~umask)  # as mkdir would make it, not mkdtemp's 0700
+            tmp.rename(target)
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
         if failed:
             raise failed[0] from None
+        if isinstance(err, (OSError, _checkpoint_exception())):  # a full disk, ...
+            raise CheckpointError(f"{target}: cannot write: {_why(err)}") from None
         raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _data_files(meta: Any) -> set[str]:
+    storage = meta.storage_data if isinstance(meta.storage_data, dict) else {}
+    return {info.relative_path for info in storage.values()}
+
+
+def _replace_in(target: Path, new: Path) -> None:
+    """Replace the DCP checkpoint in folder ``target`` by the one in ``new``, in place.
+
+    Only what DCP owns changes: the new data files move in under fresh names, then the
+    new ``.metadata`` replaces the old one in one rename (the moment the checkpoint
+    changes), then the old data files it named are removed. Every other file of the
+    folder (``config.json``, a tokenizer, notes), and the folder's mode and owner, stay.
+    A crash before that rename leaves the old checkpoint whole (and stray new files).
+    """
+    old_meta = read_metadata(target)
+    meta = read_metadata(new)
+    mode = stat.S_IMODE((target / _METADATA).stat().st_mode)
+    token = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    renamed: dict[str, str] = {}
+    for rel in sorted(_data_files(meta)):
+        stem, dot, ext = rel.partition(".")
+        renamed[rel] = f"{stem}.{token}{dot}{ext.rpartition('.')[2] if dot else ''}"
+        os.chmod(new / rel, mode)
+        os.replace(new / rel, target / renamed[rel])
+    for info in (meta.storage_data or {}).values():
+        info.relative_path = renamed[info.relative_path]
+    tmp = target / f"{_METADATA}.parambounds-{token}.tmp"
+    with open(tmp, "wb") as f:
+        pickle.dump(meta, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.chmod(tmp, mode)
+    os.replace(tmp, target / _METADATA)  # the checkpoint is now the new one
+    for rel in _data_files(old_meta) - set(renamed.values()):
+        (target / rel).unlink(missing_ok=True)

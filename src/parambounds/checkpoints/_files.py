@@ -88,7 +88,9 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
             return _from_named(path, fmt, named, None, st)
         if fmt == "rockpool-json":
             js = load_json_file(path)
-            return _from_named(path, fmt, js.named, js.data, js)
+            ckpt = _from_named(path, fmt, js.named, js.data, js)
+            ckpt.loaded_as = torch.float32  # Rockpool's modules hold float32 parameters
+            return ckpt
         data = load_torch_file(path)
         named, _ = name_tensors(data, str(path))
         return _from_named(path, fmt, named, data, None)

@@ -13,6 +13,8 @@ The file offset of each storage is found from the process's own mapping of the f
 against the zip's own record of that member (its name, offset and size); a file where
 anything does not line up (another platform, an old-format file, a storage that is not
 a whole member, a member written differently) is written by ``torch.save`` instead.
+A file in the other byte order (``byteorder`` record ``big``, as s390x writes) is
+patched in that order: ``torch.load`` swapped its storages as it read them.
 """
 
 from __future__ import annotations
@@ -20,9 +22,10 @@ from __future__ import annotations
 import os
 import shutil
 import struct
+import sys
 import zipfile
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -52,6 +55,7 @@ class Patch:
 
     source: Path
     storages: dict[int, tuple[_Member, Tensor]]  # storage address -> its member, its bytes
+    swap: dict[int, int] = field(default_factory=dict)  # storage address -> bytes to reverse
 
     def write(self, tmp: Path, changed: list[Tensor]) -> None:
         """Write the copy to ``tmp``: the original, with the storages of ``changed`` patched.
@@ -63,15 +67,19 @@ class Patch:
         with open(tmp, "r+b") as f:
             for ptr in dict.fromkeys(t.untyped_storage().data_ptr() for t in changed):
                 member, data = self.storages[ptr]
-                _patch(f, member, data)
+                _patch(f, member, data, self.swap.get(ptr, 1))
 
 
-def _patch(f: BinaryIO, m: _Member, data: Tensor) -> None:
+def _patch(f: BinaryIO, m: _Member, data: Tensor, unit: int) -> None:
+    """Write ``data`` over member ``m``, each ``unit`` bytes reversed (the file's order)."""
     crc = 0
     f.seek(m.offset)
-    for pos in range(0, m.size, _STEP):
-        piece = data[pos : pos + _STEP].numpy()
-        f.write(piece.data)
+    step = _STEP - _STEP % max(unit, 1)
+    for pos in range(0, m.size, step):
+        piece = data[pos : pos + step].numpy()
+        if unit > 1:  # a big-endian file on a little-endian machine, or the other way
+            piece = piece.reshape(-1, unit)[:, ::-1].reshape(-1)
+        f.write(piece.tobytes() if unit > 1 else piece.data)
         crc = zlib.crc32(piece.data, crc)
     new = struct.pack("<I", crc)
     old = struct.pack("<I", m.crc)
@@ -136,6 +144,25 @@ def _members(path: Path) -> dict[int, _Member] | None:
     return out
 
 
+def _foreign_order(path: Path) -> bool | None:
+    """Whether the file's storages are in the other byte order than this machine's.
+
+    ``torch.load`` swaps them as it reads (so the tensors in memory are native); the
+    patch must swap them back. ``None`` for a byte order record that is neither.
+    """
+    with zipfile.ZipFile(path) as z:
+        names = [n for n in z.namelist() if n.rpartition("/")[2] == "byteorder"]
+        order = z.read(names[0]).decode("ascii", "replace") if names else "little"
+    if order not in ("little", "big"):
+        return None
+    return order != sys.byteorder
+
+
+def _swap_unit(dtype: torch.dtype) -> int:
+    """The bytes ``torch.load`` reverses per element: a complex number's parts separately."""
+    return dtype.itemsize // 2 if dtype.is_complex else dtype.itemsize
+
+
 def plan_patch(path: Path, tensors: list[Tensor]) -> Patch | None:
     """How to write a clamped copy of ``path`` by patching, or ``None`` when it cannot.
 
@@ -146,11 +173,13 @@ def plan_patch(path: Path, tensors: list[Tensor]) -> Patch | None:
         return None
     try:
         members = _members(path)
+        foreign = _foreign_order(path)
     except (OSError, zipfile.BadZipFile, struct.error):
         return None
-    if members is None:
+    if members is None or foreign is None:
         return None
     storages: dict[int, tuple[_Member, Tensor]] = {}
+    swap: dict[int, int] = {}
     for t in tensors:
         if not in_memory(t) or t.device.type != "cpu":
             return None
@@ -163,4 +192,8 @@ def plan_patch(path: Path, tensors: list[Tensor]) -> Patch | None:
             return None  # not a whole member of this file: let torch.save write it
         data: Any = torch.empty(0, dtype=torch.uint8).set_(st)
         storages[st.data_ptr()] = (member, data)
-    return Patch(path, storages)
+        if foreign:
+            unit = _swap_unit(t.dtype)
+            if swap.setdefault(st.data_ptr(), unit) != unit or member.size % unit:
+                return None  # one storage seen as two dtypes: let torch.save write it
+    return Patch(path, storages, swap)

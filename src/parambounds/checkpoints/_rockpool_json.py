@@ -4,7 +4,11 @@ Nested objects whose leaves are JSON-encoded strings: ``"tau_mem": "0.5"`` for a
 ``"weight": "[[0.1, 0.2]]"`` for an array. A leaf whose values are all numbers and
 include at least one float is a parameter (a float64 tensor); integer and boolean leaves
 are not, and stay as they are. Only the leaves that clamping changed are re-encoded, in
-the form they had: a scalar as a scalar, an array as nested lists.
+the form they had: a scalar as a scalar, an array as nested lists. Rockpool's
+``module.load()`` puts the values in float32 parameters, so bounds are compared and
+clamped rounded inward to float32 (``Checkpoint.loaded_as``): ``0.1`` as an upper bound
+is written ``0.09999999403953552``, which float32 holds exactly, not ``0.1``, which it
+rounds up.
 """
 
 from __future__ import annotations

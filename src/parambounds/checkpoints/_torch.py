@@ -149,5 +149,13 @@ def load_torch_file(path: Path) -> Any:
         raise BoundsError(
             f"{path}: not a readable PyTorch checkpoint ({_first_line(err)})"
         ) from None
+    from ._tree import unreachable_tensor
+
+    hidden = unreachable_tensor(data)
+    if hidden is not None:
+        raise BoundsError(
+            f"{path}: holds a tensor in {hidden}, which parambounds can neither name nor "
+            "check nor clamp; refused (keep tensors in dicts, lists and tuples)"
+        )
     _check_storages(path, data)
     return data

@@ -55,8 +55,43 @@ Path_ = tuple[Any, ...]
 
 
 def in_memory(t: Tensor) -> bool:
-    """Whether ``t`` is a strided tensor with values: not sparse, not meta (no values)."""
-    return t.layout == torch.strided and t.device.type != "meta"
+    """Whether ``t`` is a plain strided tensor with values: not sparse, nested or meta."""
+    return t.layout == torch.strided and t.device.type != "meta" and not t.is_nested
+
+
+def unreachable_tensor(node: Any) -> str | None:
+    """Where a tensor sits that no name can reach (in a set, or as a dict key), if any.
+
+    ``torch.load(weights_only=True)`` builds sets and tensor dict keys; parambounds
+    names tensors by keys and indices, so such a tensor could neither be checked nor
+    clamped (nor kept in step with a clamped tensor it shares memory with).
+    """
+    stack: list[tuple[Any, tuple[Any, ...]]] = [(node, ())]
+    seen: set[int] = set()
+    while stack:
+        x, path = stack.pop()
+        if id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, Mapping):
+            for key, value in x.items():
+                if _holds_tensor(key):
+                    return f"a dict key under {where(path)}"
+                stack.append((value, (*path, key)))
+        elif isinstance(x, (list, tuple)):
+            stack.extend((v, (*path, i)) for i, v in enumerate(x))
+        elif isinstance(x, (set, frozenset)):
+            if any(_holds_tensor(v) for v in x):
+                return f"a set at {where(path)}"
+    return None
+
+
+def _holds_tensor(x: Any) -> bool:
+    if isinstance(x, Tensor):
+        return True
+    if isinstance(x, (tuple, frozenset, set, list)):
+        return any(_holds_tensor(v) for v in x)
+    return False
 
 
 def where(path: Path_) -> str:

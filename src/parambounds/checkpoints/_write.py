@@ -2,23 +2,31 @@
 
 The new contents go to a temporary file in the target's folder, named
 ``.<target>.parambounds-<pid>.tmp``, which is renamed over the target once complete and
-synced. An interrupted run (even ``kill -9``) leaves at most that temporary file, which
+synced. The target's owner and group are kept where the user may set them (as
+``sed -i`` does). An interrupted run (even ``kill -9``) leaves at most that temporary file, which
 no user would take for the checkpoint; the next write to the same target removes the
 ones whose process is gone. The target's mode is kept; a symlink is written through (the
 link stays, its target changes); a file with several hard links is refused, since the
 other links would keep the old contents, and so is a read-only file.
+
+Two runs that replace one target at once would each read the old contents and the last
+rename would win, losing the other's changes: :func:`lock_target` takes an exclusive
+``flock`` on the target (a file, or a DCP checkpoint's folder) for the whole run, and a
+second run refuses at once instead of waiting.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from ..errors import BoundsError
 
-__all__ = ["atomic_write", "resolve_target", "stale_temp_files"]
+__all__ = ["atomic_write", "lock_target", "resolve_target", "stale_temp_files"]
 
 _TAG = ".parambounds-"
 
@@ -47,6 +55,42 @@ def stale_temp_files(target: Path) -> list[Path]:
             if pid.isdigit() and not _alive(int(pid)):
                 found.append(target.parent / name)
     return found
+
+
+@contextlib.contextmanager
+def lock_target(target: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``target`` (when it exists) while the block runs.
+
+    The lock is on the file (or folder) that ``target`` names when it is taken; a run
+    that replaced it in the meantime is noticed (the name then names another inode) and
+    the new one is locked instead.
+
+    Raises:
+        BoundsError: when another run holds the lock.
+    """
+    for _ in range(100):
+        try:
+            fd = os.open(target, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except FileNotFoundError:
+            yield  # nothing to lose yet: the rename of a new file is atomic
+            return
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise BoundsError(
+                    f"{target}: another run is writing it (it is locked); nothing was "
+                    "changed: run again once that one has finished"
+                ) from None
+            mine, now = os.fstat(fd), None
+            with contextlib.suppress(OSError):
+                now = os.stat(target)
+            if now is not None and (now.st_ino, now.st_dev) == (mine.st_ino, mine.st_dev):
+                yield
+                return
+        finally:
+            os.close(fd)  # releases the lock
+    raise BoundsError(f"{target}: keeps being replaced by another run; nothing was changed")
 
 
 def resolve_target(target: Path) -> Path:
@@ -95,7 +139,14 @@ def atomic_write(target: Path, write: Callable[[Path], None], mode_from: Path | 
     try:
         write(tmp)
         if mode_from is not None and mode_from.exists():
-            os.chmod(tmp, stat.S_IMODE(mode_from.stat().st_mode))
+            info = mode_from.stat()
+            if (info.st_uid, info.st_gid) != (os.geteuid(), os.getegid()):
+                try:  # keep the owner where we may, as sed -i does (before the mode:
+                    os.chown(tmp, info.st_uid, info.st_gid)  # chown clears setuid bits)
+                except PermissionError:
+                    with contextlib.suppress(PermissionError):  # at least the group
+                        os.chown(tmp, -1, info.st_gid)
+            os.chmod(tmp, stat.S_IMODE(info.st_mode))
         else:
             umask = os.umask(0)
             os.umask(umask)

@@ -57,6 +57,25 @@ def _concrete(x: Any) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
+try:  # JAX's evaluation outside every trace: where ``ensure_compile_time_eval`` is not
+    from jax._src.core import eval_context as _eval_context
+except ImportError:  # pragma: no cover - a JAX that moved it
+    _eval_context = jax.ensure_compile_time_eval
+
+
+def _host(*values: Any) -> Any:
+    """A context where JAX ops on concrete ``values`` give concrete arrays.
+
+    ``jax.ensure_compile_time_eval`` does that under ``jax.jit``, but not inside an eager
+    ``jax.shard_map``, whose trace turns every new array into a tracer (and a plan that
+    read one on the host raised ``TracerArrayConversionError``). With a traced value
+    among ``values``, the ops are traced as usual.
+    """
+    if all(map(_concrete, values)):
+        return _eval_context()
+    return jax.ensure_compile_time_eval()
+
+
 def _show(name: str) -> str:
     return name or "<root>"
 
@@ -213,11 +232,14 @@ def _inner(x: Any, lo: Any, hi: Any, name: str) -> tuple[Any, Any]:
         BoundsError: where no value of the dtype lies between concrete bounds.
     """
     dtype = jnp.dtype(jnp.result_type(x))
-    lo_in, hi_in = clip_bound(lo, "lower", dtype, name), clip_bound(hi, "upper", dtype, name)
+    with _host(lo, hi):
+        lo_in = clip_bound(lo, "lower", dtype, name)
+        hi_in = clip_bound(hi, "upper", dtype, name)
     if lo_in is None or hi_in is None or not (_concrete(lo_in) and _concrete(hi_in)):
         return lo_in, hi_in
-    lo_h = np.asarray(jnp.asarray(lo_in).astype(jnp.float32), np.float64)
-    hi_h = np.asarray(jnp.asarray(hi_in).astype(jnp.float32), np.float64)
+    with _host():
+        lo_h = np.asarray(jnp.asarray(lo_in).astype(jnp.float32), np.float64)
+        hi_h = np.asarray(jnp.asarray(hi_in).astype(jnp.float32), np.float64)
     lo_h, hi_h = np.broadcast_arrays(lo_h, hi_h)
     bad = np.argwhere(lo_h > hi_h)
     if len(bad):
@@ -334,7 +356,8 @@ class Plan:
 
         self._kinds = tuple((kind(lo), kind(hi)) for _, lo, hi in bounded)
         wide = np.float64 if self._dtype == jnp.float64 else np.float32
-        self._scalars = jnp.asarray(np.asarray(scalars, dtype=wide))
+        with _host():  # a concrete array, even inside an eager jax.shard_map
+            self._scalars = jnp.asarray(np.asarray(scalars, dtype=wide))
         self._statics: dict[Penalty, _Static] = {}
 
     def cost(self, leaves: list[Any], penalty: Penalty) -> Any:

@@ -152,10 +152,15 @@ def _unpack(row: Tensor) -> tuple[str, int, int, int, int, str]:
     return call.rstrip(b"\0").decode(), fp, leaves, leaf, flat, msg
 
 
-def settle(exchanges: list[tuple[Any, Exchange]], what: str) -> None:
+def settle(
+    exchanges: list[tuple[Any, Exchange]],
+    what: str,
+    differ: str = "parambounds call, parameters or bounds",
+) -> None:
     """Exchange rows over each mesh, then raise the same error on every rank, if any.
 
     Every mesh is exchanged before anything is raised, so that no rank is left waiting.
+    ``differ`` says what ranks with different fingerprints differ in.
 
     Raises:
         BoundsError: when ranks are in different calls or bound different parameters
@@ -177,9 +182,8 @@ def settle(exchanges: list[tuple[Any, Exchange]], what: str) -> None:
                     -1,
                     -1,
                     f"ranks disagree: rank(s) {odd} differ from rank {ranks[0]} in their "
-                    f"parambounds call, parameters or bounds ({desc}, fingerprints differ); "
-                    "every rank of a mesh must make the same calls with the same parameters "
-                    "and bounds",
+                    f"{differ} ({desc}, fingerprints differ); every rank of a mesh must make "
+                    "the same calls with the same parameters, bounds and penalty",
                 )
             )
             continue

@@ -28,6 +28,7 @@ from ._rounding import compute_dtype
 
 __all__ = [
     "BoundedParametrization",
+    "bake_",
     "project_plan_",
     "projection",
     "reparametrize_plan_",
@@ -58,7 +59,8 @@ def projection(plan: Plan, leaves: list[Tensor]) -> list[tuple[list[Tensor], Any
     Each entry is clamped with one multi-tensor op (scalar bounds) or one ``clamp_``
     (a tensor with per-element bounds). Valid while ``plan`` is the plan of the very
     same ``leaves``. ``None`` when some bounded leaf needs the care of
-    :func:`project_plan_` (DTensors, computed tensors, bool and float8 tensors).
+    :func:`project_plan_` (DTensors, computed tensors, bool and float8 tensors, leaves
+    that share memory but get different bounds).
     """
 
     def plain(x: Any) -> bool:
@@ -70,6 +72,8 @@ def projection(plan: Plan, leaves: list[Tensor]) -> list[tuple[list[Tensor], Any
             and not (x.is_floating_point() and x.itemsize == 1)
         )
 
+    if aliased_conflicts(plan, leaves):  # project_plan_ refuses them, naming both
+        return None
     steps: list[tuple[list[Tensor], Any, Any]] = []
     for g in plan.groups:
         xs = [leaves[i] for i in g.indices]
@@ -97,6 +101,114 @@ def run_projection_(steps: list[tuple[list[Tensor], Any, Any]]) -> None:
             torch._foreach_clamp_max_(xs, hi)
 
 
+def _span(x: Any) -> tuple[Any, int, int] | None:
+    """``(storage, first byte, end byte)`` of the memory ``x`` covers, or ``None``."""
+    if not isinstance(x, Tensor) or x.numel() == 0 or is_dtensor(x) or x.is_meta:
+        return None
+    try:
+        storage = x.untyped_storage()
+    except (RuntimeError, NotImplementedError):  # a tensor subclass without storage
+        return None
+    k = x.element_size()
+    first = int(x.storage_offset())
+    last = first + sum((int(n) - 1) * abs(int(s)) for n, s in zip(x.shape, x.stride()))
+    return (x.device, storage.data_ptr()), first * k, (last + 1) * k
+
+
+def _offsets(x: Tensor) -> Tensor:
+    """The storage offset of every element of ``x`` (int64, on the CPU)."""
+    out = torch.full((), int(x.storage_offset()), dtype=torch.int64)
+    for dim, (n, stride) in enumerate(zip(x.shape, x.stride())):
+        shape = [1] * x.dim()
+        shape[dim] = n
+        out = out + (torch.arange(n, dtype=torch.int64) * stride).view(shape)
+    return out.reshape(-1)
+
+
+_EXACT_OVERLAP_MAX = 1 << 24  # elements: beyond, overlapping spans count as overlapping
+
+
+def _overlap(x: Tensor, y: Tensor) -> bool:
+    """Whether two tensors whose byte spans overlap share an element.
+
+    Strided views such as two columns of a matrix interleave without sharing one.
+    """
+    if x.dtype != y.dtype or max(x.numel(), y.numel()) > _EXACT_OVERLAP_MAX:
+        return True
+    return bool(torch.isin(_offsets(x), _offsets(y)).any())
+
+
+def _same_bounds(a: tuple[Any, Any], b: tuple[Any, Any]) -> bool:
+    for u, v in zip(a, b):
+        if isinstance(u, Tensor) or isinstance(v, Tensor):
+            if not (isinstance(u, Tensor) and isinstance(v, Tensor)):
+                return False
+            if u is not v and (u.shape != v.shape or not torch.equal(u, v.to(u.device))):
+                return False
+        elif u != v:
+            return False
+    return True
+
+
+def aliased_conflicts(plan: Plan, leaves: list[Any]) -> list[tuple[int, int]]:
+    """Pairs of leaves that share memory but get different bounds (in leaf order).
+
+    Tied tensors (the same tensor under two names) and overlapping views of one tensor
+    may be projected only when both get the same bounds (an unbounded one counts as
+    different): clamping one into its bounds would otherwise move the other out of its
+    own. Views are compared by the bytes they span, and per-element bounds only when
+    both are the very same view (same offset, shape and strides).
+    """
+    spans = []
+    for i, x in enumerate(leaves):
+        got = _span(x)
+        if got is not None:
+            spans.append((got[0], got[1], got[2], i))
+    if len(spans) < 2:
+        return []
+    spans.sort(key=lambda s: (s[0][1], str(s[0][0]), s[1]))
+    bounds = {i: (lo, hi) for i, lo, hi in plan.bounded_items(exact=True)}
+    pairs = []
+    for k, (where, _, end, i) in enumerate(spans):
+        for other, start2, _, j in spans[k + 1 :]:
+            if other != where or start2 >= end:
+                break
+            a, b = bounds.get(i, (None, None)), bounds.get(j, (None, None))
+            x, y = leaves[i], leaves[j]
+            same_view = (
+                x.storage_offset() == y.storage_offset()
+                and x.shape == y.shape
+                and x.stride() == y.stride()
+            )
+            tensor_bound = any(isinstance(v, Tensor) for v in (*a, *b))
+            if not _same_bounds(a, b) or (tensor_bound and not same_view):
+                if same_view or _overlap(x, y):
+                    pairs.append((min(i, j), max(i, j)))
+    return sorted(set(pairs))
+
+
+def _refuse_aliases(plan: Plan, leaves: list[Any], names: list[str] | None) -> None:
+    pairs = aliased_conflicts(plan, leaves)
+    if not pairs:
+        return
+    i, j = pairs[0]
+    bounds = {k: (lo, hi) for k, lo, hi in plan.bounded_items()}
+
+    def show(k: int) -> str:
+        lo, hi = bounds.get(k, (None, None))
+        if lo is None and hi is None:
+            return "unbounded"
+        shown = ("per-element" if isinstance(b, Tensor) else str(b) for b in (lo, hi))
+        return "[" + ", ".join(shown) + "]"
+
+    raise BoundsError(
+        f"cannot project: {_where(names, i)} and {_where(names, j)} share memory (the same "
+        f"tensor, or views of one tensor) but get different bounds ({show(i)} and "
+        f"{show(j)}); clamping one would move the other out of its bounds. Give every "
+        "alias the same bounds (or bound only one name of a tied tensor); nothing was changed"
+    )
+
+
 @torch.no_grad()
 def project_plan_(plan: Plan, leaves: list[Tensor], names: list[str] | None = None) -> None:
     """Clamp the bounded leaves of ``plan`` in place: one multi-tensor op per group.
@@ -107,8 +219,11 @@ def project_plan_(plan: Plan, leaves: list[Tensor], names: list[str] | None = No
     written: they pass when already inside, and otherwise raise.
 
     Raises:
-        BoundsError: for a bool tensor, or a computed tensor outside its bounds, naming it.
+        BoundsError: for a bool tensor, a computed tensor outside its bounds, or two
+            leaves that share memory but get different bounds, naming them; nothing is
+            changed then.
     """
+    _refuse_aliases(plan, leaves, names)
     computed = []  # checked last: a bool tensor is refused before anything is written
     for lb in plan.tensor_leaves:
         _refuse_bool(leaves[lb.index], names, lb.index)
@@ -200,6 +315,8 @@ class BoundedParametrization(torch.nn.Module):
 
     lower: Tensor | None
     upper: Tensor | None
+    #: The names of its module's parameters, in order, when it was registered.
+    order: tuple[str, ...] = ()
 
     def __init__(self, lower: Any, upper: Any, like: Tensor) -> None:
         super().__init__()
@@ -292,10 +409,58 @@ def _owner(model: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str]:
     return (model.get_submodule(module_path) if module_path else model), attr
 
 
+def _rockpool_base(module: Any) -> Any:
+    """Rockpool's ``TorchModule`` class if ``module`` is one (without importing Rockpool)."""
+    for c in type(module).__mro__:
+        if c.__name__ == "TorchModule" and c.__module__.split(".")[0] == "rockpool":
+            return c
+    return None
+
+
+def _register_with_rockpool(owner: Any, attr: str) -> None:
+    """Make a Rockpool module's own registry list the unconstrained tensor of ``attr``.
+
+    Rockpool lists parameters from a registry of its own (``net.parameters()``, and
+    ``net.parameters().astorch()`` for an optimizer), filled when attributes are set.
+    ``parametrize`` removes ``attr`` from it and puts the unconstrained tensor in
+    ``parametrizations[attr].original`` through ``ModuleDict.__setitem__``, which
+    Rockpool never sees: the tensor would never train. It is registered here as
+    Rockpool registers any torch module assigned to it (``TorchModule.from_torch``), so
+    ``net.parameters()`` lists it under the name torch gives it:
+    ``{"parametrizations": {attr: {"original": z}}}``.
+    """
+    base = _rockpool_base(owner)
+    if base is None:
+        return
+    container = owner.parametrizations
+    if _rockpool_base(container) is None:  # Rockpool converted it on assignment; if not:
+        base.from_torch(container, retain_torch_api=True)
+        owner._register_module("parametrizations", container)
+    plist = container[attr]
+    _, modules = container._get_attribute_registry()
+    if attr not in modules:
+        base.from_torch(plist, retain_torch_api=True)
+        container._register_module(attr, plist)
+
+
+def _unregister_with_rockpool(owner: Any, attr: str) -> None:
+    """Undo :func:`_register_with_rockpool` (when a reparametrization is rolled back)."""
+    container = owner.__dict__.get("_modules", {}).get("parametrizations")
+    if container is None or _rockpool_base(container) is None:
+        return
+    _, modules = container._get_attribute_registry()
+    if attr in modules:
+        del modules[attr]
+        if attr in container._submodulenames:
+            container._submodulenames.remove(attr)
+
+
 def reparametrize_plan_(model: torch.nn.Module, plan: Plan, names: list[str]) -> torch.nn.Module:
     """Register a :class:`BoundedParametrization` on every bounded parameter of ``plan``.
 
-    Everything is checked first; if anything fails, the model is left as it was.
+    Everything is checked first; if anything fails, the model is left as it was. On a
+    Rockpool module the unconstrained tensors are also entered in Rockpool's own
+    registry, so that ``net.parameters().astorch()`` hands them to the optimizer.
 
     Raises:
         BoundsError: for a parameter that is already parametrized, tied to another name,
@@ -337,15 +502,55 @@ def reparametrize_plan_(model: torch.nn.Module, plan: Plan, names: list[str]) ->
     try:
         for name, owner, attr, par, p in todo:
             saved = p.detach().clone()
+            par.order = tuple(owner._parameters)  # for bake_: the parameters' order
             try:
                 parametrize.register_parametrization(owner, attr, par)
             except Exception as err:  # a module type that parametrize does not support
                 raise BoundsError(f"cannot reparametrize '{name}': {err}") from err
             done.append((owner, attr, p, saved))
+            _register_with_rockpool(owner, attr)
     except BoundsError:
         for owner, attr, param, saved in reversed(done):  # undo: same Parameter, its values
+            _unregister_with_rockpool(owner, attr)
             parametrize.remove_parametrizations(owner, attr, leave_parametrized=False)
             with torch.no_grad():
                 param.copy_(saved)
         raise
+    return model
+
+
+def bake_(model: torch.nn.Module, names: list[str]) -> torch.nn.Module:
+    """Turn the bounded parametrizations of ``names`` back into plain parameters.
+
+    Each one keeps its current bounded value, under its original name (the
+    ``original`` Parameter object itself, now holding that value). Parameters that are
+    not parametrized are left as they are. Everything is checked first.
+
+    Raises:
+        BoundsError: for a parameter whose parametrizations are not only the bounded
+            one of ``reparametrize_`` (such as ``weight_norm`` stacked on it), naming it.
+    """
+    todo = []
+    for name in names:
+        owner, attr = _owner(model, name)
+        if not parametrize.is_parametrized(owner, attr):
+            continue
+        chain = list(getattr(owner.parametrizations, attr))
+        if not all(isinstance(p, BoundedParametrization) for p in chain):
+            kinds = ", ".join(type(p).__name__ for p in chain)
+            raise BoundsError(
+                f"cannot bake '{name}': its parametrizations are {kinds}, not only the "
+                "BoundedParametrization of reparametrize_; remove the others first "
+                "(torch.nn.utils.parametrize.remove_parametrizations)"
+            )
+        todo.append((owner, attr))
+    for owner, attr in todo:
+        order = getattr(getattr(owner.parametrizations, attr)[0], "order", ())
+        parametrize.remove_parametrizations(owner, attr, leave_parametrized=True)
+        if attr in order:  # back in its place: parameters() in the order optimizers saw
+            rank = {n: k for k, n in enumerate(order)}
+            params = owner._parameters
+            kept = sorted(params.items(), key=lambda kv: rank.get(kv[0], len(rank)))
+            params.clear()
+            params.update(kept)
     return model

@@ -18,7 +18,7 @@ from torch import Tensor
 from ..errors import verifying
 from ..penalties import Penalty, get_penalty
 from . import _kernels, _verify
-from ._distributed import combine, shard_cost
+from ._distributed import agree_penalty, combine, shard_cost
 from ._plan import get_plan, traced_bounds
 from ._rounding import compute_dtype
 from ._trees import as_tree, flatten
@@ -69,6 +69,10 @@ def tree_cost(
     if not plain:
         plan = get_plan(tree, treedef, leaves, lower, upper, root_name=root_name)
         plain = plan.grad_bounds
+        if plan.dtensors and plan.cache.get(("penalty", id(penalty))) is not penalty:
+            # once per plan and penalty, alike on every rank: the same penalty everywhere
+            agree_penalty([leaves[i] for i in sorted(plan.dtensors)], penalty)
+            plan.cache[("penalty", id(penalty))] = penalty
     if plain:
         # Traced by torch.compile or a torch.func transform, or learnable bounds: plain
         # differentiable ops (that inductor fuses); no cache, no host reads.

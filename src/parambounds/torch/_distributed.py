@@ -26,7 +26,10 @@ Under ``DistributedDataParallel`` parameters are plain tensors and nothing here 
 from __future__ import annotations
 
 import functools
-from typing import Any
+import hashlib
+import sys
+import weakref
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -36,13 +39,16 @@ from ._collectives import Exchange, fingerprint, gather_rows, mesh_ranks, settle
 
 __all__ = [
     "agree",
+    "agree_penalty",
     "clamp_",
     "combine",
     "cost_layout",
+    "fsdp_originals",
     "full_bound",
     "is_dtensor",
     "is_partial",
     "local_bound",
+    "map_local",
     "order_violation",
     "partial_cost",
     "placement_kind",
@@ -52,20 +58,29 @@ __all__ = [
 ]
 
 
+#: The ``DTensor`` class, once ``torch.distributed.tensor`` is imported (by the user:
+#: whoever has a DTensor imported it). Never imported here: the distributed stack costs
+#: ~0.7 s and ~500 modules, which a user without DTensors should not pay.
+_DTENSOR: Any = None
+
+
 def _dtensor_cls() -> Any:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - a build without torch.distributed
-        return None
-    return DTensor
-
-
-_DTENSOR = _dtensor_cls()
+    global _DTENSOR
+    if _DTENSOR is None:
+        module = sys.modules.get("torch.distributed.tensor")
+        # getattr: a module still being imported may not have the class yet.
+        _DTENSOR = getattr(module, "DTensor", None)
+    return _DTENSOR
 
 
 def is_dtensor(x: Any) -> bool:
-    """Whether ``x`` is a ``torch.distributed.tensor.DTensor``."""
-    return _DTENSOR is not None and isinstance(x, _DTENSOR)
+    """Whether ``x`` is a ``torch.distributed.tensor.DTensor``.
+
+    Looks only at an already imported ``torch.distributed.tensor``: nothing can be a
+    DTensor before it is imported, so a plain model never imports the distributed stack.
+    """
+    cls = _DTENSOR if _DTENSOR is not None else _dtensor_cls()
+    return cls is not None and isinstance(x, cls)
 
 
 def placement_kind(p: Any) -> str:
@@ -121,6 +136,8 @@ def local_bound(b: Any, x: Any) -> Any:
     from torch.distributed.tensor import distribute_tensor
 
     placements = _reduced_placements(x)
+    if torch.compiler.is_compiling() and not is_dtensor(b):
+        return _traced_local_bound(b, x, placements)
     if b.requires_grad and torch.is_grad_enabled() and not is_dtensor(b):
         return _learnable_local_bound(b, x)
     if is_dtensor(b):
@@ -138,6 +155,27 @@ def local_bound(b: Any, x: Any) -> Any:
     return distribute_tensor(full, x.device_mesh, placements, src_data_rank=None).to_local()
 
 
+def _traced_local_bound(b: Tensor, x: Any, placements: tuple[Any, ...]) -> Tensor:
+    """A plain bound restricted to ``x``'s local values by DTensor's own ops (traceable).
+
+    Under ``torch.compile``: a replicated DTensor of the full bound, redistributed to
+    ``x``'s layout (slicing, no communication). The gradient of a learnable bound flows
+    back through DTensor's redistribution, which gathers it over the sharded dimensions:
+    every rank gets the gradient of the whole cost, as in eager mode.
+    """
+    mesh = x.device_mesh
+    full = _DTENSOR.from_local(
+        b.expand(x.shape).contiguous(), mesh, [_replicate()] * mesh.ndim, run_check=False
+    )
+    return full.redistribute(mesh, placements).to_local()  # type: ignore[no-any-return]
+
+
+def _replicate() -> Any:
+    from torch.distributed.tensor import Replicate
+
+    return Replicate()
+
+
 def _local_positions(x: Any) -> Tensor:
     """The global flat index of each of this rank's values of ``x`` (no communication)."""
     from torch.distributed.tensor import distribute_tensor
@@ -153,17 +191,8 @@ def _learnable_local_bound(b: Tensor, x: Any) -> Tensor:
 
     Its gradient is summed over the ranks of ``x``'s mesh in the backward pass (each
     element once), so that every rank holds the gradient of the whole cost, as for an
-    unsharded parameter.
-
-    Raises:
-        BoundsError: under ``torch.compile`` (the backward pass is a collective).
+    unsharded parameter. Under ``torch.compile`` see :func:`_traced_local_bound`.
     """
-    if torch.compiler.is_compiling():
-        raise BoundsError(
-            "a bound that requires grad on a DTensor parameter cannot be compiled: its "
-            "gradient is summed over the ranks in the backward pass; compute the cost "
-            "outside torch.compile, or detach the bound"
-        )
     shared = _SumGradAcross.apply(b, x.device_mesh, _counts_here(x))
     flat = shared.expand(x.shape).reshape(-1)
     return flat[_local_positions(x).to(flat.device)]
@@ -190,6 +219,66 @@ def full_bound(b: Any) -> Any:
     the forward pass; their DTensor bounds are gathered once, when the plan is built.
     """
     return _reduce(b).full_tensor() if is_dtensor(b) else b
+
+
+def map_local(b: Any, fn: Any) -> Any:
+    """``fn`` applied to the values of the DTensor ``b``, keeping its layout (no communication).
+
+    ``fn`` maps a local tensor elementwise (such as rounding a bound inward). A
+    ``Partial`` DTensor is reduced first (a collective), so ``fn`` sees values.
+    """
+    d = _reduce(b)
+    return _DTENSOR.from_local(
+        fn(d.to_local()),
+        d.device_mesh,
+        d.placements,
+        run_check=False,
+        shape=d.shape,
+        stride=d.stride(),
+    )
+
+
+#: Per module: (the leaves last looked at, their FSDP2 originals by leaf index).
+_ORIGINALS: weakref.WeakKeyDictionary[Any, tuple[list[Any], dict[int, Any]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def fsdp_originals(model: Any, leaves: list[Any]) -> dict[int, Any]:
+    """The sharded parameters behind the copies FSDP2 has registered in their place.
+
+    Between FSDP2's all-gather and its reshard (after a forward pass that does not
+    reshard: the root module by default, ``reshard_after_forward=False`` or an int),
+    a module holds an unsharded copy of each of its parameters (a plain tensor, or a
+    DTensor on a smaller mesh); the optimizer and the checkpoint hold the sharded
+    ``DTensor``. Returns ``{leaf index: sharded parameter}`` for every leaf of
+    ``model.named_parameters()`` that is such a copy; empty when FSDP2 is not in use.
+    Looked up again only when the leaves change (FSDP2 swaps the registered tensors).
+    """
+    if "torch.distributed.fsdp" not in sys.modules:  # never imported: no FSDP2 module
+        return {}
+    seen = _ORIGINALS.get(model)
+    if seen is not None and seen[0] is leaves:
+        return seen[1]
+    from torch.distributed.fsdp import FSDPModule
+
+    behind: dict[int, Any] = {}
+    for module in model.modules():
+        if not isinstance(module, FSDPModule):
+            continue
+        state: Any = module._get_fsdp_state()
+        groups = getattr(state, "_fsdp_param_groups", None)
+        if groups is None:  # torch before 2.9: one group per module
+            groups = [g for g in [state._fsdp_param_group] if g is not None]
+        for group in groups:
+            for fp in group.fsdp_params:
+                info = fp._module_info
+                registered = info.module._parameters.get(info.param_name)
+                if registered is not None and registered is not fp.sharded_param:
+                    behind[id(registered)] = fp.sharded_param
+    found = {i: behind[id(x)] for i, x in enumerate(leaves) if id(x) in behind}
+    _ORIGINALS[model] = (leaves, found)
+    return found
 
 
 def order_violation(lo: Any, hi: Any, x: Any) -> tuple[int, tuple[int, ...], float, float] | None:
@@ -248,9 +337,46 @@ def _describe(x: Any) -> tuple[Any, ...]:
 
 
 def _bound(b: Any) -> Any:
-    if isinstance(b, Tensor):
-        return ("tensor", tuple(b.shape)) if b.dim() else float(b.detach())
-    return b
+    """What must be the same on every rank about one bound, for the plan's fingerprint.
+
+    Numbers by value; a plain tensor by shape, dtype and a digest of its values (one
+    host copy, once per plan: ranks that pass different per-element bounds of the same
+    shape disagree); a DTensor bound by its layout (each rank holds its own part).
+    """
+    if not isinstance(b, Tensor):
+        return b
+    if is_dtensor(b):
+        d: Any = b
+        # its mesh by shape: a submesh holds other ranks on other ranks (HSDP)
+        return ("dtensor", tuple(d.shape), tuple(map(repr, d.placements)), d.device_mesh.shape)
+    if not b.dim():
+        return float(b.detach())
+    data = b.detach().to("cpu").contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+    return ("tensor", tuple(b.shape), str(b.dtype), hashlib.blake2b(data, digest_size=16).digest())
+
+
+def agree_penalty(dtensors: list[Any], penalty: Any) -> None:
+    """Check, once per plan and penalty, that every rank computes the cost with ``penalty``.
+
+    ``dtensors`` are the plan's DTensor parameters, in leaf order; one exchange per mesh.
+
+    Raises:
+        BoundsError: on every rank, when the ranks of a mesh use different penalties.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    kind = type(penalty)
+    fp = fingerprint([kind.__module__, kind.__qualname__, penalty.name, penalty.jump])
+    counts: dict[Any, int] = {}
+    for x in dtensors:
+        counts[x.device_mesh] = counts.get(x.device_mesh, 0) + 1
+    settle(
+        [(mesh, Exchange("penalty", fp, n)) for mesh, n in counts.items()],
+        "the cost",
+        differ="penalty",
+    )
 
 
 def cost_layout(x: Any) -> tuple[Any, tuple[Any, ...]]:
@@ -269,7 +395,7 @@ def cost_layout(x: Any) -> tuple[Any, tuple[Any, ...]]:
 def partial_cost(local_cost: Tensor, layout: tuple[Any, tuple[Any, ...]]) -> Any:
     """Wrap the summed local costs of one layout as a DTensor that sums to the global cost."""
     mesh, placements = layout
-    return _DTENSOR.from_local(local_cost, mesh, list(placements), run_check=False)
+    return _dtensor_cls().from_local(local_cost, mesh, list(placements), run_check=False)
 
 
 def shard_cost(fn: Any, x: Any, lo: Any, hi: Any, *args: Any) -> Any:
@@ -331,6 +457,8 @@ class _SumAcross(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Any, ...]:
+        if is_dtensor(grad):  # the cost added to a DTensor loss (loss_parallel): Replicate
+            grad = cast(Any, grad).full_tensor()
         return (None, None, *(grad.to(dtype) for dtype in ctx.dtypes))
 
 

@@ -12,9 +12,9 @@ Three kernels evaluate :func:`value_and_grad`:
 
 - native (``csrc/bounds.cpp``, :mod:`parambounds.torch._native`): one C++ call per group of
   float32/float64 contiguous CPU tensors with scalar bounds, reading them in place,
-  vectorized and split over threads, writing the gradients into a few buffers (of at
-  most 16 MiB, from a pool of their own: see :func:`parambounds.empty_cache`) that they
-  share. Imported in the first step when built already;
+  vectorized and split over threads, writing each gradient into a storage of its own
+  (from a pool: see :func:`parambounds.empty_cache`). Imported in the first step when
+  built already;
   otherwise built in the background on first use (or ahead of time with ``parambounds
   build-kernels``) and the eager kernel runs until it is ready.
 - eager: plain PyTorch ops over chunks of :data:`CHUNK` elements, so the temporaries
@@ -33,12 +33,17 @@ they fail, with one warning), ``"eager"``, ``"compiled"`` or ``"native"`` (the l
 wait for their build instead of running eager meanwhile).
 
 Without the native kernel, leaves smaller than :data:`SMALL` elements that share
-scalar bounds are concatenated and computed as one tensor; their gradients are views
-into one buffer.
+scalar bounds are concatenated and computed as one tensor; their gradients are copied
+out of that buffer in the backward pass, each to a storage of its own (a ``.grad``
+behaves as autograd's own: resizing, saving or pickling one touches no other).
+
+Inside its bounds an element's gradient is exactly 0, whatever the incoming gradient
+(``cost * inf`` or NaN included): the gradients are scaled by :func:`scale_`.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import types
@@ -54,7 +59,7 @@ from ..penalties import PENALTIES, Penalty, overflow_threshold
 from . import _native
 from ._distributed import cost_layout, partial_cost, to_local
 from ._plan import Bound, Plan
-from ._rounding import compute_dtype
+from ._rounding import compute_dtype, inward
 
 __all__ = [
     "AUTO_COMPILE_MIN",
@@ -138,16 +143,58 @@ def signed_excess(x: Tensor, lower: Any, upper: Any) -> Tensor:
         return (x - upper).clamp_min(0)
     if upper is None:
         return (x - lower).clamp_max(0)
+    if torch.compiler.is_compiling():
+        # Numbers that change between calls are traced as symbols, which ``clamp`` would
+        # specialise (a recompilation per value); the same values, in ops that take them.
+        return (x - upper).clamp_min(0) - (lower - x).clamp_min(0)
     return x - torch.clamp(x, lower, upper)  # both finite: clamp is finite
+
+
+def integer_excess(x: Tensor, lower: Any, upper: Any, dtype: torch.dtype) -> Tensor:
+    r"""The signed excess :math:`d` of an integer tensor, in the float ``dtype``, exact in sign.
+
+    ``lower`` and ``upper`` are whole numbers of ``x``'s dtype (Python ``int``, integer
+    tensors or ``None``: :func:`~parambounds.torch._rounding.inward`). The comparisons
+    are made in the integers, so an element is outside exactly when the report counts
+    it and ``project_`` moves it, however large (float32 holds every integer only up to
+    2**24, float64 up to 2**53); the difference is exact in int64 and rounded once to
+    ``dtype`` (at least 1 in magnitude outside).
+    """
+    x = x.to(torch.int64)
+    zero = torch.zeros((), dtype=dtype, device=x.device)
+
+    def side(b: Any, above: bool) -> Tensor:
+        if isinstance(b, Tensor):
+            b = b.to(device=x.device, dtype=torch.int64)
+        out = x > b if above else x < b
+        diff = (x - b) if above else (b - x)  # int64: wraps past 2**63
+        far = (x.to(torch.float64) - b) if above else (b - x.to(torch.float64))
+        e = torch.where(diff > 0, diff.to(dtype), far.to(dtype).clamp_min(1))
+        return torch.where(out, e, zero)
+
+    d = torch.zeros(x.shape, dtype=dtype, device=x.device)
+    if upper is not None:
+        d = d + side(upper, True)
+    if lower is not None:
+        d = d - side(lower, False)
+    return d
+
+
+def _exact_integer_bounds(x: Tensor, lower: Any, upper: Any) -> tuple[Any, Any]:
+    return inward(lower, "lower", x.dtype), inward(upper, "upper", x.dtype)
 
 
 def leaf_cost(x: Tensor, lower: Any, upper: Any, penalty: Penalty) -> Tensor:
     """The cost of one tensor with plain differentiable ops (the traceable reference path)."""
-    if not x.is_floating_point() or x.itemsize == 1:  # integers, bool, float8
-        x = x.to(compute_dtype(x.dtype))
+    if _is_integer(x) and not torch.compiler.is_compiling():
+        # integers: the exact excess (compared in the integers), bounded by [0, 0]
+        x = integer_excess(x, *_exact_integer_bounds(x, lower, upper), compute_dtype(x.dtype))
+        lower = upper = 0.0
+    elif not x.is_floating_point() or x.itemsize == 1:  # integers traced, bool, float8
+        x = x.to(torch.float64 if _is_integer(x) else compute_dtype(x.dtype))
     lower, upper = clamp_args(lower, upper)
     d = signed_excess(x, lower, upper)
-    value, _ = penalty.value_and_slope(d.abs())
+    value = penalty.value(d.abs())
     # ``d != 0`` is True for NaN, so a NaN parameter makes the cost NaN.
     return torch.where(d != 0, value, 0.0).sum()
 
@@ -271,15 +318,74 @@ def _as_bound_tensor(b: Bound, like: Tensor) -> Any:
     return torch.full((), b, dtype=like.dtype, device=like.device)
 
 
+def scale_(grads: list[Tensor], grad_out: Tensor) -> None:
+    """Scale the gradients in place by the incoming gradient (skipped when it is exactly 1).
+
+    Inside the bounds a gradient is exactly 0 whatever comes from above: a non-finite
+    incoming gradient (``cost * inf``, or NaN) scales only the elements outside, where
+    ``0 * inf`` would make NaN. On accelerators (where reading ``grad_out`` would wait
+    for the device) every gradient is scaled that way.
+    """
+    if grad_out.device.type == "cpu":
+        factor = grad_out.item()
+        if factor == 1.0:
+            return
+        if math.isfinite(factor):
+            torch._foreach_mul_(grads, grad_out)
+            return
+    for g in grads:
+        inside = g == 0
+        g.mul_(grad_out).masked_fill_(inside, 0)
+
+
+def _scaled(grads: list[Tensor], grad_out: Tensor) -> list[Tensor]:
+    scale_(grads, grad_out)
+    return grads
+
+
+#: ``torch.split_with_sizes_copy``: one op, a new storage per piece (typed as returning
+#: ``None`` in torch's stubs when called without ``out``).
+_split_copy: Any = torch.split_with_sizes_copy
+
+
+class _Pending:
+    """The gradients of a group whose small tensors were computed as one flat buffer.
+
+    The buffer is scaled in the backward pass (one op, not one per tensor), then copied
+    into a storage of its own per tensor, as autograd's own gradients have.
+    """
+
+    __slots__ = ("flat", "grads", "shapes", "sizes", "small")
+
+    def __init__(
+        self, grads: list[Any], flat: Tensor, small: list[int], sizes: list[int], shapes: Any
+    ) -> None:
+        self.grads, self.flat, self.small, self.sizes, self.shapes = (
+            grads,
+            flat,
+            small,
+            sizes,
+            shapes,
+        )
+
+    def finish(self, grad_out: Tensor) -> list[Tensor]:
+        """The gradients, scaled by ``grad_out``, each on a storage of its own."""
+        grads = self.grads
+        scale_([self.flat, *(g for g in grads if g is not None)], grad_out)
+        with torch.no_grad():
+            own = _split_copy(self.flat, self.sizes) if len(self.small) > 1 else [self.flat]
+        for k, g, s in zip(self.small, own, self.shapes):
+            grads[k] = g if len(s) == 1 else g.view(s)
+        return grads
+
+
 class _GroupCost(torch.autograd.Function):
     """Cost of a group of tensors, with its gradient computed in the forward pass."""
 
     @staticmethod
     def forward(ctx: Any, compute: Callable[..., Any], *xs: Tensor) -> Tensor:
-        value, grads, flat = compute(xs)
         ctx.compute = compute
-        ctx.grads = grads
-        ctx.flat = flat
+        value, ctx.grads = compute(xs)
         ctx.save_for_backward(*xs)
         return value
 
@@ -287,16 +393,14 @@ class _GroupCost(torch.autograd.Function):
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         needs = ctx.needs_input_grad[1:]
         if torch.is_grad_enabled():  # create_graph=True: a backward that autograd can differentiate
-            ctx.grads = ctx.flat = None
+            ctx.grads = None
             return (None, *_differentiable_grads(ctx.compute, ctx.saved_tensors, needs, grad_out))
-        grads, flat = ctx.grads, ctx.flat
-        # Drop our references so autograd can adopt the buffers as ``.grad`` (no copy).
-        ctx.grads = ctx.flat = None
+        grads = ctx.grads
+        # Drop our references so autograd can adopt the gradients as ``.grad`` (no copy).
+        ctx.grads = None
         if grads is None:  # a second backward with retain_graph=True: compute again
-            _, grads, flat = ctx.compute(ctx.saved_tensors)
-        if grad_out.device.type != "cpu" or grad_out.item() != 1.0:
-            # Scale the buffers the gradients share (fewer than the gradients), in place.
-            torch._foreach_mul_(list(flat if flat is not None else grads), grad_out)
+            _, grads = ctx.compute(ctx.saved_tensors)
+        grads = grads.finish(grad_out) if isinstance(grads, _Pending) else _scaled(grads, grad_out)
         if all(needs):  # the common case, without a loop in Python
             return (None, *grads)
         return (None, *(g if need else None for g, need in zip(grads, needs)))
@@ -348,7 +452,8 @@ def _slopes(
             out.append(None)
             continue
         d = signed_excess(x, lower, upper)
-        out.append(torch.sign(d) * penalty.slope(d.abs()) * grad_out)
+        # Exactly 0 inside, whatever grad_out is (0 * inf would be NaN).
+        out.append(torch.where(d != 0, torch.sign(d) * penalty.slope(d.abs()) * grad_out, 0.0))
     return out
 
 
@@ -395,14 +500,15 @@ def _native_penalty(penalty: Penalty) -> int | None:
 
 def _group_runner(
     lower: Bound, upper: Bound, penalty: Penalty, shapes: list[torch.Size]
-) -> Callable[[Sequence[Tensor]], tuple[Tensor, list[Tensor], list[Tensor] | None]]:
+) -> Callable[[Sequence[Tensor]], tuple[Tensor, Any]]:
     """Runner for leaves sharing scalar bounds, a dtype and a device (``shapes``: theirs).
 
-    The runner returns the value, the gradients and the buffers that hold them all (or
-    ``None``). The native kernel (when built) reads every leaf in place and writes the
-    gradients into a few buffers that they share. Otherwise leaves under :data:`SMALL`
-    elements are concatenated (their gradients are views of one buffer) and larger ones
-    computed one by one.
+    The runner returns the value and the gradients (a list, or a :class:`_Pending` that
+    the backward pass finishes), each gradient on a storage of its own. The native kernel
+    (when built) reads every leaf in place and writes each gradient into a storage from
+    its pool. Otherwise leaves under :data:`SMALL` elements are concatenated (their
+    gradients computed as one buffer, scaled in the backward pass and copied out per
+    tensor) and larger ones computed one by one.
     """
     mode = _kernel
     native = _native_penalty(penalty) if mode in ("auto", "native") else None
@@ -459,17 +565,15 @@ def _group_runner(
             thr = thresholds[x0.dtype] = overflow_threshold(x0.dtype)
         return module, thr
 
-    def native_run(
-        xs: Sequence[Tensor],
-    ) -> tuple[Tensor, list[Tensor], list[Tensor] | None] | None:
+    def native_run(xs: Sequence[Tensor]) -> tuple[Tensor, list[Tensor]] | None:
         got = native_module(xs)
         if got is None:
             return None
         try:
-            value, buffers, grads = got[0].value_and_grad(xs, lower, upper, native, got[1])
+            value, grads = got[0].value_and_grad(xs, lower, upper, native, got[1])
         except RuntimeError:  # non-contiguous, mixed, or wrapped (torch.func) tensors
             return None
-        return value, grads, buffers
+        return value, grads
 
     def fast(xs: Sequence[Tensor]) -> Tensor | None:
         """The cost through the native kernel's own autograd node, or ``None``."""
@@ -481,7 +585,7 @@ def _group_runner(
         except RuntimeError:  # non-contiguous, mixed, or wrapped (torch.func) tensors
             return None
 
-    def run(xs: Sequence[Tensor]) -> tuple[Tensor, list[Tensor], list[Tensor] | None]:
+    def run(xs: Sequence[Tensor]) -> tuple[Tensor, Any]:
         with torch.no_grad():
             if native is not None:
                 got = native_run(xs)
@@ -493,16 +597,15 @@ def _group_runner(
             if small:
                 value, flat = flat_cost(gather([xs[k] for k in small]))
                 values.append(value)
-                for k, g, s in zip(small, flat.split(sizes), small_shapes):
-                    grads[k] = g if len(s) == 1 else g.view(s)
             for k in big:
                 x = xs[k]
                 v, g = flat_cost(x.reshape(-1))
                 values.append(v)
                 grads[k] = g.view(x.shape)
             value = torch.stack(values).sum() if len(values) > 1 else values[0]
-            # With leaves of both sizes the gradients are in several buffers: none listed.
-            return value, grads, [flat] if flat is not None and not big else None
+            if flat is None:
+                return value, grads
+            return value, _Pending(grads, flat, small, sizes, small_shapes)
 
     run.bounds = (lower, upper, penalty)  # type: ignore[attr-defined]
     run.fast = fast if native is not None else None  # type: ignore[attr-defined]
@@ -511,13 +614,13 @@ def _group_runner(
 
 def _tensor_runner(
     lower: Bound, upper: Bound, penalty: Penalty
-) -> Callable[[Sequence[Tensor]], tuple[Tensor, list[Tensor], None]]:
+) -> Callable[[Sequence[Tensor]], tuple[Tensor, list[Tensor]]]:
     lower, upper = clamp_args(lower, upper)
 
-    def run(xs: Sequence[Tensor]) -> tuple[Tensor, list[Tensor], None]:
+    def run(xs: Sequence[Tensor]) -> tuple[Tensor, list[Tensor]]:
         with torch.no_grad():
             value, grad = value_and_grad(xs[0], lower, upper, penalty)
-        return value, [grad], None
+        return value, [grad]
 
     run.bounds = (lower, upper, penalty)  # type: ignore[attr-defined]
     run.fast = None  # type: ignore[attr-defined]
@@ -541,7 +644,12 @@ def apply(plan: Plan, leaves: list[Any], penalty: Penalty) -> list[Tensor]:
             )
             continue
         if not xs[0].is_floating_point() or xs[0].itemsize == 1:  # integers, bool, float8
-            xs = [x.to(compute_dtype(x.dtype)) for x in xs]
+            excess = getattr(run, "excess", None)
+            if excess is not None:  # integers: their exact excess, bounded by [0, 0]
+                lo, hi = excess
+                xs = [integer_excess(x, lo, hi, compute_dtype(x.dtype)) for x in xs]
+            else:
+                xs = [x.to(compute_dtype(x.dtype)) for x in xs]
         fast = run.fast
         if fast is not None:  # the native kernel's own autograd node: no Python inside
             value = fast(xs)
@@ -554,13 +662,22 @@ def apply(plan: Plan, leaves: list[Any], penalty: Penalty) -> list[Tensor]:
     return parts
 
 
+def _is_integer(x: Any) -> bool:
+    return isinstance(x, Tensor) and not x.is_floating_point() and x.dtype != torch.bool
+
+
 def _make_runners(plan: Plan, leaves: list[Any], penalty: Penalty) -> list[Any]:
     runners: list[Any] = []
     for g in plan.groups:
         plain = [i for i in g.indices if i not in plan.dtensors]
         if plain:
             shapes = [leaves[i].shape for i in plain]
-            runners.append((plain, _group_runner(g.lower, g.upper, penalty, shapes), None))
+            if _is_integer(leaves[plain[0]]):  # the exact excess, bounded by [0, 0]
+                run = _group_runner(0.0, 0.0, penalty, shapes)
+                run.excess = (g.exact_lower, g.exact_upper)  # type: ignore[attr-defined]
+            else:
+                run = _group_runner(g.lower, g.upper, penalty, shapes)
+            runners.append((plain, run, None))
     for i, lo, hi in plan.bounded_items():
         if i in plan.dtensors:
             lo, hi = plan.local_bounds(i, lo, hi, leaves[i])
@@ -573,5 +690,10 @@ def _make_runners(plan: Plan, leaves: list[Any], penalty: Penalty) -> list[Any]:
             runners.append(([i], run, cost_layout(leaves[i])))
     for lb in plan.tensor_leaves:
         if lb.index not in plan.dtensors:
-            runners.append(([lb.index], _tensor_runner(lb.lower, lb.upper, penalty), None))
+            if _is_integer(leaves[lb.index]):
+                run = _tensor_runner(0.0, 0.0, penalty)
+                run.excess = (lb.exact_lower, lb.exact_upper)  # type: ignore[attr-defined]
+            else:
+                run = _tensor_runner(lb.lower, lb.upper, penalty)
+            runners.append(([lb.index], run, None))
     return runners

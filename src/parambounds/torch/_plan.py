@@ -25,7 +25,14 @@ from torch.overrides import TorchFunctionMode
 
 from ..errors import BoundsError, number_bound, order_error, verifying
 from . import _verify
-from ._distributed import agree, full_bound, is_dtensor, local_bound, order_violation
+from ._distributed import (
+    agree,
+    full_bound,
+    is_dtensor,
+    local_bound,
+    map_local,
+    order_violation,
+)
 from ._plan_cache import PlanCache, reap, serials, tensor_key
 from ._rounding import compute_dtype, inward
 from ._trees import align, flatten, named_leaves
@@ -124,9 +131,12 @@ def _bound_key(b: Any) -> Any:
         return b
     if isinstance(b, numbers.Real) and not isinstance(b, bool):
         try:
-            return float(b)
+            f = float(b)
         except OverflowError:  # an integer beyond float64: itself (checked as +-inf)
             return ("n", b)
+        if isinstance(b, numbers.Integral) and f != b:  # past 2**53: exact for integers
+            return ("n", int(b))
+        return f
     return ("o", id(b))
 
 
@@ -150,7 +160,7 @@ def _normalise(b: Any, side: str, path: str, param: Any, traced: bool = False) -
     if isinstance(b, Tensor) and b.dim() == 0 and not b.requires_grad and not traced:
         b = b.item()
     if isinstance(b, numbers.Real):
-        v = number_bound(where, side, b)
+        v = _traced_number(where, side, b) if traced else number_bound(where, side, b)
         dtype = compute_dtype(param.dtype)
         largest = torch.finfo(dtype).max
         if abs(v) > largest:  # beyond the dtype's range: open, or unsatisfiable
@@ -160,7 +170,7 @@ def _normalise(b: Any, side: str, path: str, param: Any, traced: bool = False) -
                 f"{where} is {v:g}, beyond the largest {str(dtype).replace('torch.', '')} "
                 f"value ({largest:g}): no value can satisfy it"
             )
-        return None if math.isinf(v) else v
+        return v  # finite: an infinite one is beyond the range
     assert isinstance(b, Tensor)
     try:
         shape = torch.broadcast_shapes(b.shape, param.shape)
@@ -174,8 +184,7 @@ def _normalise(b: Any, side: str, path: str, param: Any, traced: bool = False) -
     dtype = compute_dtype(param.dtype)
     if is_dtensor(b) and not is_dtensor(param):  # an unsharded parameter (FSDP2 after
         b = full_bound(b)  # forward with reshard_after_forward=False): gather the bound once
-    if is_dtensor(b):  # check this rank's part; every rank learns of errors in agree()
-        _check_values(cast(Any, b).to_local(), side, where)
+    if is_dtensor(b):  # its values are checked by _check_parts, after the collectives
         return b.detach().to(dtype=dtype, copy=True)
     if traced:  # keep the graph of a learnable bound: the traced path differentiates it
         return b.to(device=param.device, dtype=dtype)
@@ -189,6 +198,22 @@ def _normalise(b: Any, side: str, path: str, param: Any, traced: bool = False) -
     return t
 
 
+def _traced_number(where: str, side: str, b: Any) -> Any:
+    """:func:`~parambounds.errors.number_bound` in comparisons only, for traced code.
+
+    ``torch.compile`` traces a number that changes between calls (an annealed bound) as
+    a symbol: ``math.isnan`` and ``float()`` of it cannot be traced, comparisons can
+    (each becomes a guard, checked on every call). Plain numbers get the same checks.
+    """
+    if isinstance(b, int) and not (-(2**1023) < b < 2**1023):  # beyond float64: +-inf
+        return number_bound(where, side, cast(Any, b))
+    if b != b:  # noqa: PLR0124 - NaN
+        raise BoundsError(f"{where} is NaN")
+    if (side == "lower" and b == math.inf) or (side == "upper" and b == -math.inf):
+        raise BoundsError(f"{where} is {b}, which no value can satisfy")
+    return b
+
+
 def _check_values(t: Tensor, side: str, where: str) -> None:
     """Reject NaN, and infinities on the wrong side, in a tensor bound."""
     if bool(torch.isnan(t).any()):
@@ -198,9 +223,24 @@ def _check_values(t: Tensor, side: str, where: str) -> None:
         raise BoundsError(f"{where} contains {bad}, which no value can satisfy")
 
 
+def _check_parts(path: str, lo: Any, hi: Any) -> None:
+    """Check this rank's part of each DTensor bound for NaN and wrong-side infinities.
+
+    Called after every step of the plan that communicates (redistributing, gathering),
+    so that a rank that finds an error in its part has taken part in the same
+    collectives as the others; every rank learns of the error in ``agree()``.
+    """
+    for b, side in ((lo, "lower"), (hi, "upper")):
+        if is_dtensor(b):
+            where = f"{side} bound for '{path or '<root>'}'"
+            _check_values(cast(Any, b).to_local(), side, where)
+
+
 def _check_order(lo: Any, hi: Any, path: str, traced: bool = False, param: Any = None) -> None:
     if lo is None or hi is None:
         return
+    if traced and (isinstance(lo, Tensor) or isinstance(hi, Tensor)):
+        return  # reading tensor values would break the graph (checked in eager mode)
     if is_dtensor(param) and (isinstance(lo, Tensor) or isinstance(hi, Tensor)):
         found = order_violation(lo, hi, param)  # this rank's part, named by global index
         if found is not None:
@@ -208,8 +248,6 @@ def _check_order(lo: Any, hi: Any, path: str, traced: bool = False, param: Any =
             err = order_error(f"'{path or '<root>'}'", lo_v, hi_v, idx)
             err.flat_index = flat  # type: ignore[attr-defined]
             raise err
-        return
-    if traced and (isinstance(lo, Tensor) or isinstance(hi, Tensor)):
         return
     if isinstance(lo, float) and isinstance(hi, float):
         if lo > hi:
@@ -240,30 +278,64 @@ def _resolve(path: str, p: Any, lo: Any, hi: Any, traced: bool = False) -> tuple
 def _exact_bounds(path: str, p: Tensor, lo: Any, hi: Any, lo_n: Any, hi_n: Any) -> tuple[Any, Any]:
     """The normalised bounds rounded inward to ``p``'s dtype, from the bounds as given.
 
+    For a DTensor ``p`` the same, shard by shard: a DTensor bound keeps its layout and
+    each rank rounds its own values; an empty interval is named by its global index.
+
     Raises:
         BoundsError: when no value of the dtype lies within the bounds.
     """
-    if p.dtype == torch.float64 or is_dtensor(p):
+    if p.dtype == torch.float64:
         return lo_n, hi_n
 
-    def source(raw: Any, normalised: Any) -> Any:  # full precision, not rounded to p.dtype
-        if isinstance(normalised, Tensor) and isinstance(raw, Tensor) and not is_dtensor(raw):
-            return raw.detach().to(device=p.device, dtype=torch.float64)
-        return normalised
+    integer = not p.is_floating_point() and p.dtype != torch.bool
 
-    lo_x = inward(source(lo, lo_n), "lower", p.dtype)
-    hi_x = inward(source(hi, hi_n), "upper", p.dtype)
-    if not p.dtype.is_floating_point and p.dtype != torch.bool:
+    def source(raw: Any, normalised: Any) -> Any:  # full precision, not rounded to p.dtype
+        if normalised is None:
+            return None
+        if integer and isinstance(raw, numbers.Integral) and not isinstance(raw, bool):
+            return raw  # exact: an int past 2**53 is not a float64
+        if not isinstance(normalised, Tensor) or not isinstance(raw, Tensor):
+            return normalised
+        if is_dtensor(normalised):  # the bound's own layout, its values as given
+            return map_local(raw.detach(), lambda t: t.to(torch.float64))
+        if integer and not raw.is_floating_point() and not is_dtensor(raw):
+            return raw.detach().to(device=p.device)  # exact, clamped by inward
+        # a plain tensor, or a DTensor bound of an unsharded parameter (gathered again)
+        return full_bound(raw).detach().to(device=p.device, dtype=torch.float64)
+
+    def rounded(raw: Any, normalised: Any, side: str) -> Any:
+        b = source(raw, normalised)
+        if is_dtensor(b):  # NaN kept NaN, for _check_parts to name
+            return map_local(b, lambda t: _keep_nan(t, inward(t, side, p.dtype)))
+        return inward(b, side, p.dtype)
+
+    lo_x = rounded(lo, lo_n, "lower")
+    hi_x = rounded(hi, hi_n, "upper")
+    if integer and not is_dtensor(p):
         _check_integer_range(path, p.dtype, source(lo, lo_n), source(hi, hi_n))
-    if lo_x is not None and hi_x is not None:
-        bad = torch.as_tensor(lo_x) > torch.as_tensor(hi_x)
-        if bool(bad.any()):
-            where = "" if bad.dim() == 0 else f" at index {tuple(int(i) for i in bad.nonzero()[0])}"
-            raise BoundsError(
-                f"no {str(p.dtype).replace('torch.', '')} value lies within the bounds of "
-                f"'{path or '<root>'}'{where}: they are closer than the dtype's resolution"
-            )
+    if lo_x is None or hi_x is None:
+        return lo_x, hi_x
+    dtype = str(p.dtype).replace("torch.", "")
+    empty = (
+        f"no {dtype} value lies within the bounds of '{path or '<root>'}'{{}}: they are "
+        "closer than the dtype's resolution"
+    )
+    if is_dtensor(p) and (isinstance(lo_x, Tensor) or isinstance(hi_x, Tensor)):
+        found = order_violation(lo_x, hi_x, p)  # this rank's part, named by global index
+        if found is not None:
+            err = BoundsError(empty.format(f" at index {found[1]}"))
+            err.flat_index = found[0]  # type: ignore[attr-defined]
+            raise err
+        return lo_x, hi_x
+    bad = torch.as_tensor(lo_x) > torch.as_tensor(hi_x)
+    if bool(bad.any()):
+        where = "" if bad.dim() == 0 else f" at index {tuple(int(i) for i in bad.nonzero()[0])}"
+        raise BoundsError(empty.format(where))
     return lo_x, hi_x
+
+
+def _keep_nan(t: Tensor, rounded: Tensor) -> Tensor:
+    return torch.where(torch.isnan(t), t.to(rounded.dtype), rounded)
 
 
 def _check_integer_range(path: str, dtype: torch.dtype, lo: Any, hi: Any) -> None:
@@ -272,19 +344,25 @@ def _check_integer_range(path: str, dtype: torch.dtype, lo: Any, hi: Any) -> Non
     Rounded inward it would become that value, which is still outside the bound.
     """
     info = torch.iinfo(dtype)
-    for b, side in ((lo, "lower"), (hi, "upper")):
+    name = str(dtype).replace("torch.", "")
+    for b, side, limit in ((lo, "lower", info.max), (hi, "upper", info.min)):
         if b is None:
             continue
-        t = torch.as_tensor(b, dtype=torch.float64)
-        bad = t > info.max if side == "lower" else t < info.min
-        if bool(bad.any()):
-            v = float(t[bad][0]) if t.dim() else float(t)
-            end = f"largest {str(dtype).replace('torch.', '')} value ({info.max})"
-            if side == "upper":
-                end = f"smallest {str(dtype).replace('torch.', '')} value ({info.min})"
+        beyond: Any = None
+        if isinstance(b, numbers.Integral):  # exact, however large
+            n = int(b)
+            if (n > limit) if side == "lower" else (n < limit):
+                beyond = n
+        else:
+            t = torch.as_tensor(b).to(torch.float64)
+            bad = t > limit if side == "lower" else t < limit
+            if bool(bad.any()):
+                beyond = float(t[bad][0]) if t.dim() else float(t)
+        if beyond is not None:
+            which = "largest" if side == "lower" else "smallest"
             raise BoundsError(
-                f"{side} bound for '{path or '<root>'}' is {v:g}, beyond the {end}: "
-                "no value can satisfy it"
+                f"{side} bound for '{path or '<root>'}' is {beyond:g}, beyond the {which} "
+                f"{name} value ({limit}): no value can satisfy it"
             )
 
 
@@ -354,15 +432,17 @@ def _build(named: list[tuple[str, Any]], lowers: list[Any], uppers: list[Any]) -
         else:
             try:
                 lo_n, hi_n = _resolve(path, p, lo, hi)
+                if lo_n is None and hi_n is None:
+                    continue
+                lo_x, hi_x = _exact_bounds(path, p, lo, hi, lo_n, hi_n)
+                if is_dtensor(p):
+                    _check_parts(path, lo, hi)
             except BoundsError as err:
                 if not is_dtensor(p):
                     raise
                 errors[i] = err
                 continue
-            if lo_n is None and hi_n is None:
-                continue
             bounded.append(i)
-            lo_x, hi_x = _exact_bounds(path, p, lo, hi, lo_n, hi_n)
         if isinstance(lo_n, Tensor) or isinstance(hi_n, Tensor):
             tensor_leaves.append(LeafBounds(i, path, lo_n, hi_n, lo_x, hi_x))
         else:
@@ -539,7 +619,11 @@ def _bound_tensors(bounds: Any) -> list[Tensor]:
 
 
 def _layouts(plan: Plan, leaves: list[Any]) -> list[tuple[Any, ...]]:
-    return [(leaves[i].shape, leaves[i].dtype, leaves[i].device) for i in plan.bounded]
+    # The type too: a DTensor of the same shape, dtype and device as a plain tensor needs
+    # the distributed plan (its shards, its collectives), never a plain one seen before.
+    return [
+        (type(leaves[i]), leaves[i].shape, leaves[i].dtype, leaves[i].device) for i in plan.bounded
+    ]
 
 
 def _seen_plan(key: Any, treedef: Any, leaves: list[Any], lower: Any, upper: Any) -> Plan | None:

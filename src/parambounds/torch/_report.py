@@ -24,11 +24,11 @@ from torch import Tensor
 from ..report import ParamReport, Report
 from . import _native
 from ._distributed import reduce_stats, to_local
-from ._kernels import clamp_args, signed_excess
+from ._kernels import clamp_args, integer_excess, signed_excess
 from ._plan import Plan
 from ._rounding import compute_dtype
 
-__all__ = ["compute_report", "group_stats", "tensor_stats"]
+__all__ = ["compute_report", "group_stats", "stat_rows", "tensor_stats"]
 
 #: Tensors with fewer elements are concatenated and reduced together, in batches of at
 #: least this many elements. Segment counts are summed in float32, exact below 2**24.
@@ -52,11 +52,15 @@ def tensor_stats(x: Tensor, lower: Any, upper: Any) -> Tensor:
     inward to its dtype by the caller, for exact counts).
     """
     x = x.detach()
-    if not x.is_floating_point() or x.itemsize == 1:  # integers exactly, float8 in float32
-        x = _compute_view(x)
-        lower, upper = (b.to(x.dtype) if isinstance(b, Tensor) else b for b in (lower, upper))
-    lo, hi = clamp_args(lower, upper)
-    d = signed_excess(x, lo, hi)  # > 0 above, < 0 below, NaN for NaN
+    if not x.is_floating_point() and x.dtype != torch.bool:  # integers: compared exactly
+        d = integer_excess(x, lower, upper, torch.float64)
+        x = d  # no NaN
+    else:
+        if not x.is_floating_point() or x.itemsize == 1:  # bool as numbers, float8 in float32
+            x = _compute_view(x)
+            lower, upper = (b.to(x.dtype) if isinstance(b, Tensor) else b for b in (lower, upper))
+        lo, hi = clamp_args(lower, upper)
+        d = signed_excess(x, lo, hi)  # > 0 above, < 0 below, NaN for NaN
     zero = torch.zeros((), dtype=torch.float64, device=x.device)
     above = (d > 0).sum().to(torch.float64)
     below = (d < 0).sum().to(torch.float64)
@@ -172,7 +176,7 @@ def group_stats(plan: Plan, xs: list[Tensor], lo: Any, hi: Any) -> Rows:
         n = x.numel()
         if j in taken or n == 0:
             continue
-        if n >= _SMALL or not _batched(device):
+        if n >= _SMALL or not _batched(device) or not x.is_floating_point():
             batches.append([j])
             continue
         batch.append(j)
@@ -185,7 +189,8 @@ def group_stats(plan: Plan, xs: list[Tensor], lo: Any, hi: Any) -> Rows:
     for batch in batches:
         if len(batch) == 1:
             x = xs[batch[0]]
-            one = _one(x, lo, hi) if _batched(device) else tensor_stats(x, lo, hi)
+            batched = _batched(device) and x.is_floating_point()  # integers: exactly
+            one = _one(x, lo, hi) if batched else tensor_stats(x, lo, hi)
             pieces.append((batch, one[None]))
             continue
         numels = tuple([xs[j].numel() for j in batch])
@@ -206,11 +211,15 @@ def _items(plan: Plan) -> tuple[list[tuple[int, Any, Any]], list[tuple[int, Any,
 
 
 @torch.no_grad()
-def compute_report(plan: Plan, leaves: list[Tensor], names: list[str]) -> Report:
-    """Compute the :class:`Report` of the bounded leaves of ``plan``.
+def stat_rows(
+    plan: Plan, leaves: list[Tensor]
+) -> tuple[list[tuple[int, Any, Any]], list[tuple[list[int], Tensor]]]:
+    """The ``[below, above, max_excess, nan]`` rows of the bounded leaves, on their devices.
 
-    All statistics are computed where the parameters live and copied to the host once,
-    at the end (one transfer per device), not once per parameter.
+    Returns:
+        the plan's bounded items ``(leaf index, lower, upper)`` (bounds as given), and per
+        device ``(positions into the items, float64 rows)``; an empty tensor has no row.
+        Nothing is copied to the host.
     """
     items, exact = _items(plan)
     position = {i: pos for pos, (i, _, _) in enumerate(items)}
@@ -231,12 +240,25 @@ def compute_report(plan: Plan, leaves: list[Tensor], names: list[str]) -> Report
         if i in plan.dtensors or i in tensor_bound:
             lo, hi = plan.local_bounds(i, lo, hi, leaves[i])
             add([pos], tensor_stats(to_local(leaves[i]), lo, hi)[None])
-    values: list[list[float]] = [[0.0] * 4 for _ in items]  # empty tensors: no row
+    out = []
     for parts in by_device.values():
         order = [pos for positions, _ in parts for pos in positions]
         stacked = torch.cat([rows for _, rows in parts])
         # DTensor shards: one collective for the whole report, the same result everywhere.
-        stacked = reduce_stats(stacked, [leaves[items[pos][0]] for pos in order])
+        out.append((order, reduce_stats(stacked, [leaves[items[pos][0]] for pos in order])))
+    return items, out
+
+
+@torch.no_grad()
+def compute_report(plan: Plan, leaves: list[Tensor], names: list[str]) -> Report:
+    """Compute the :class:`Report` of the bounded leaves of ``plan``.
+
+    All statistics are computed where the parameters live and copied to the host once,
+    at the end (one transfer per device), not once per parameter.
+    """
+    items, by_device = stat_rows(plan, leaves)
+    values: list[list[float]] = [[0.0] * 4 for _ in items]  # empty tensors: no row
+    for order, stacked in by_device:
         for pos, v in zip(order, stacked.tolist()):  # the one transfer per device
             values[pos] = v
     return Report(

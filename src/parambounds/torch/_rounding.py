@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from typing import Any
 
 import torch
@@ -73,17 +74,43 @@ def inward(b: Any, side: str, dtype: torch.dtype) -> Any:
     """
     if b is None or dtype in (torch.float64, torch.bool):  # bool: compared as numbers
         return b
+    if not dtype.is_floating_point:
+        return _inward_integer(b, side, dtype)
     scalar = not isinstance(b, Tensor)
     t = torch.tensor(b, dtype=torch.float64) if scalar else b.detach().to(torch.float64)
-    if dtype.is_floating_point:
-        out = _inward_float(t, side, dtype).to(compute_dtype(dtype))
-        if dtype.itemsize == 1:  # float8 has no infinity: keep the open sides open
-            out = torch.where(torch.isinf(t), t.to(out.dtype), out)
-    else:  # integers: whole numbers within the dtype's range
-        info = torch.iinfo(dtype)
-        r = torch.ceil(t) if side == "lower" else torch.floor(t)
-        out = r.clamp(info.min, info.max)  # beyond the range: the extreme value
+    out = _inward_float(t, side, dtype).to(compute_dtype(dtype))
+    if dtype.itemsize == 1:  # float8 has no infinity: keep the open sides open
+        out = torch.where(torch.isinf(t), t.to(out.dtype), out)
     if scalar:
-        return float(out) if dtype.is_floating_point else int(out)
+        return float(out)
     # float8 has no infinity: tensors are kept in the dtype the clamp is computed in
-    return out.to(dtype=compute_dtype(dtype) if dtype.is_floating_point else dtype, device=b.device)
+    return out.to(dtype=compute_dtype(dtype), device=b.device)
+
+
+def _inward_integer(b: Any, side: str, dtype: torch.dtype) -> Any:
+    """The whole numbers of the integer ``dtype`` inside ``b``, exactly.
+
+    A Python ``int`` (or an integer tensor) is kept exactly, however large: converting
+    it to float64 first would round anything past 2**53. A float is rounded up for a
+    lower bound and down for an upper one. Beyond the dtype's range: its extreme value.
+    """
+    info = torch.iinfo(dtype)
+    if not isinstance(b, Tensor):
+        if isinstance(b, numbers.Integral):
+            v = int(b)
+        elif math.isinf(b):
+            v = info.max if b > 0 else info.min
+        else:
+            v = math.ceil(b) if side == "lower" else math.floor(b)
+        return min(max(v, info.min), info.max)
+    t = b.detach()
+    if not t.is_floating_point():  # integers: clamped exactly, in int64
+        wide = t.to(torch.int64)
+        return wide.clamp(info.min, info.max).to(dtype=dtype, device=b.device)
+    t = t.to(torch.float64)
+    r = torch.ceil(t) if side == "lower" else torch.floor(t)
+    # float64 cannot hold iinfo(int64).max: decide the ends by comparison, not by clamp
+    over, under = r >= float(info.max), r <= float(info.min)
+    middle = torch.where(over | under, 0.0, r).to(dtype)
+    out = torch.where(over, info.max, torch.where(under, info.min, middle))
+    return out.to(dtype=dtype, device=b.device)

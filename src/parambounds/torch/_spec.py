@@ -18,8 +18,11 @@ from ..errors import BoundsError, verifying
 from ..matching import Resolved, Spec, match_indices, with_pattern
 from ..report import Report
 from . import _verify
+from ._constraints import bake_ as bake_names_
 from ._constraints import project_plan_, projection, reparametrize_plan_, run_projection_
 from ._cost import tree_cost
+from ._distributed import fsdp_originals
+from ._metrics import compute_metrics
 from ._plan import Plan, get_plan
 from ._report import compute_report
 from ._trees import flatten
@@ -27,12 +30,15 @@ from ._trees import flatten
 __all__ = [
     "Model",
     "attach",
+    "bake_",
+    "bounded_parameters",
     "bounds_of",
     "compute_report",
     "constrain",
     "cost",
     "framework_name",
     "is_appropriate_type",
+    "metrics",
     "plan",
     "project",
     "project_",
@@ -49,11 +55,16 @@ framework_name = "torch"
 Model = torch.nn.Module | Mapping[str, Tensor]
 
 
-#: Inside ``torch.compile``: run the (untraceable) ``fnmatch`` matching when tracing,
-#: and keep its result (a tuple of integers) as a constant of the graph.
-@torch.compiler.assume_constant_result
 def _constant_match(patterns: tuple[str, ...], names: tuple[str, ...]) -> tuple[int, ...]:
     return match_indices(patterns, names)
+
+
+#: Inside ``torch.compile``: run the (untraceable) ``fnmatch`` matching when tracing,
+#: and keep its result (a tuple of integers) as a constant of the graph. This is all
+#: that ``torch.compiler.assume_constant_result`` does, without the import of
+#: ``torch._dynamo`` (~300 modules) it makes, which a user who never compiles should not
+#: pay (``tests/test_imports.py`` checks the two agree).
+_constant_match._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 def is_appropriate_type(tree: Any) -> bool:
@@ -123,7 +134,11 @@ def cost(bounds: Spec, model: Model) -> Tensor:
 
 
 def project_(bounds: Spec, model: Model) -> None:
-    """Clamp every bounded parameter into its bounds, in place."""
+    """Clamp every bounded parameter into its bounds, in place.
+
+    Under FSDP2, a module whose parameters are unsharded (after a forward pass that did
+    not reshard) has both its copies and the sharded parameters behind them clamped.
+    """
     if verifying():
         _verified_projection(bounds, model)
     else:
@@ -150,6 +165,10 @@ def _verified_projection(bounds: Spec, model: Model) -> None:
 
 def _project(bounds: Spec, model: Model) -> None:
     got, leaves, resolved = plan(bounds, model)
+    if isinstance(model, torch.nn.Module):
+        originals = fsdp_originals(model, leaves)
+        if originals:
+            _project_originals(originals, resolved)
     seen = _PARAMS.get(model) if isinstance(model, torch.nn.Module) else None
     if seen is None or seen[2][1] is not leaves:  # a state_dict, or parametrized values
         project_plan_(got, leaves, list(resolved.names))
@@ -164,9 +183,55 @@ def _project(bounds: Spec, model: Model) -> None:
         run_projection_(steps[1])
 
 
+def _project_originals(originals: dict[int, Tensor], resolved: Resolved) -> None:
+    """Clamp FSDP2's sharded parameters (by leaf index) under their copies' bounds."""
+    sharded = {resolved.names[i]: x for i, x in sorted(originals.items())}
+    lower = {name: resolved.lower[name] for name in sharded}
+    upper = {name: resolved.upper[name] for name in sharded}
+    treedef, leaves = flatten(sharded)
+    try:
+        got = get_plan(sharded, treedef, leaves, lower, upper)
+    except BoundsError as err:
+        raise with_pattern(err, resolved) from None
+    project_plan_(got, leaves, list(sharded))
+
+
+def bounded_parameters(bounds: Spec, model: torch.nn.Module) -> dict[str, Tensor]:
+    """The tensors an optimizer trains for each bounded name of ``model``, by name.
+
+    A plain parameter is itself; a parameter changed by ``reparametrize_`` is its
+    unconstrained ``original``.
+    """
+    got, leaves, resolved = plan(bounds, model)
+    out: dict[str, Tensor] = {}
+    for i in got.bounded:
+        name, x = resolved.names[i], leaves[i]
+        if not x.is_leaf and isinstance(model, torch.nn.Module):
+            owner_path, _, attr = name.rpartition(".")
+            owner = model.get_submodule(owner_path) if owner_path else model
+            chain = getattr(getattr(owner, "parametrizations", None), attr, None)
+            x = getattr(chain, "original", x)
+        out[name] = x
+    return out
+
+
 def attach(bounds: Spec, optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> Any:
-    """Project ``model`` after every ``optimizer.step()``; returns the hook's handle."""
-    plan(bounds, model)  # validate now, not at the first step
+    """Project ``model`` after every ``optimizer.step()``; returns the hook's handle.
+
+    Raises:
+        BoundsError: when ``optimizer`` holds none of the bounded parameters, naming them.
+    """
+    bounded = bounded_parameters(bounds, model)  # validate now, not at the first step
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    if bounded and not any(id(p) in held for p in bounded.values()):
+        names = list(bounded)
+        shown = ", ".join(f"'{n}'" for n in names[:5]) + (
+            f" and {len(names) - 5} more" if len(names) > 5 else ""
+        )
+        raise BoundsError(
+            f"the optimizer holds none of the bounded parameters ({shown}); attach the "
+            "optimizer that trains them, or call bounds.project_(model) yourself"
+        )
 
     def hook(opt: Any, args: Any, kwargs: Any) -> None:  # noqa: ARG001
         project_(bounds, model)
@@ -178,6 +243,27 @@ def reparametrize_(bounds: Spec, model: torch.nn.Module) -> torch.nn.Module:
     """Register bounded parametrizations on every bounded parameter of ``model``."""
     got, _, resolved = plan(bounds, model)
     return reparametrize_plan_(model, got, list(resolved.names))
+
+
+def bake_(bounds: Spec, model: torch.nn.Module) -> torch.nn.Module:
+    """Turn the parametrizations of ``reparametrize_`` back into plain parameters."""
+    if not isinstance(model, torch.nn.Module):
+        raise BoundsError(f"bake_ needs a torch.nn.Module, got {type(model).__name__}")
+    resolved, _ = resolve(bounds, model)
+    return bake_names_(model, [n for n in resolved.names if n in resolved.patterns])
+
+
+def metrics(bounds: Spec, model: Model, *, prefix: str, per_parameter: bool) -> dict[str, Tensor]:
+    """Totals and per-parameter metrics as 0-d tensors on the parameters' device."""
+    got, leaves, resolved = plan(bounds, model)
+    return compute_metrics(
+        got,
+        leaves,
+        list(resolved.names),
+        bounds.penalty,
+        prefix=prefix,
+        per_parameter=per_parameter,
+    )
 
 
 def report(bounds: Spec, model: Model) -> Report:
@@ -277,6 +363,8 @@ def _parameters(model: torch.nn.Module) -> dict[str, Tensor]:
     :func:`get_plan` find its plan at once. A model with parametrizations is walked
     every time (its values are computed).
     """
+    if torch.compiler.is_compiling():  # traced: no hooks to register, no cache to keep
+        return _effective_parameters(model)
     seen = _PARAMS.get(model)
     if seen is not None and _unchanged(model, seen[0]):
         if verifying():
