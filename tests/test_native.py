@@ -515,12 +515,13 @@ def test_native_autograd_node_refuses_what_autograd_refuses(native):
     cost.backward(retain_graph=True)  # the gradients computed in the forward
     with torch.no_grad():
         p.mul_(2.0)
-    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+    # (in verify mode p reaches the node through a checking view: autograd's words differ)
+    with pytest.raises(RuntimeError, match="modified (by an )?inplace"):
         cost.backward()  # has to compute them again from p
     cost = bounds_cost({"p": p}, {"p": -1.0}, {"p": 1.0})
     with torch.no_grad():
         p.add_(1.0)
-    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+    with pytest.raises(RuntimeError, match="modified (by an )?inplace"):
         torch.autograd.grad(cost, [p], create_graph=True)
 
 
