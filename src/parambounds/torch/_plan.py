@@ -593,10 +593,6 @@ class _Seen:
     """What a plan was last used with, for the per-step identity check of :func:`get_plan`."""
 
     treedef: Any
-    #: The types of the parameter leaves: none is a DTensor (plans of DTensors are not
-    #: remembered here), so a call with one, at a reused address, is never served here
-    #: (every rank must find or build such a plan alike, in the distributed store).
-    types: frozenset[type]
     lower: _Snap
     upper: _Snap
     tensors: list[tuple[weakref.ref[Tensor], tuple[Any, ...]]]
@@ -628,7 +624,7 @@ def _layouts(plan: Plan, leaves: list[Any]) -> list[tuple[Any, ...]]:
 
 def _seen_plan(key: Any, treedef: Any, leaves: list[Any], lower: Any, upper: Any) -> Plan | None:
     seen = _SEEN.get(key)
-    if seen is None or seen.treedef != treedef or frozenset(map(type, leaves)) != seen.types:
+    if seen is None or seen.treedef != treedef:
         return None
     plan = seen.plan()
     if plan is None or not (_same(lower, seen.lower) and _same(upper, seen.upper)):
@@ -650,8 +646,7 @@ def _remember(
     lo, hi = _snapshot(lower), _snapshot(upper)
     tensors = [(weakref.ref(t), _tensor_state(t)) for t in _bound_tensors(lower)]
     tensors += [(weakref.ref(t), _tensor_state(t)) for t in _bound_tensors(upper)]
-    types = frozenset(map(type, leaves))
-    seen = _Seen(treedef, types, lo, hi, tensors, _layouts(plan, leaves), weakref.ref(plan))
+    seen = _Seen(treedef, lo, hi, tensors, _layouts(plan, leaves), weakref.ref(plan))
     with _LOCK:
         _SEEN[key] = seen
         _SEEN.move_to_end(key)
