@@ -6,10 +6,9 @@ work goes through the cached plans and kernels of :mod:`parambounds.torch._plan`
 
 from __future__ import annotations
 
-import operator
 import weakref
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -298,60 +297,63 @@ def constrain(bounds: Spec, model: Model) -> Any:  # noqa: ARG001
 #: Per model: (its structure, its effective parameters, flatten(them), projections by plan).
 _PARAMS: weakref.WeakKeyDictionary[torch.nn.Module, Any] = weakref.WeakKeyDictionary()
 
-#: One module of a model's structure, in a walk from the root: the names and objects
-#: of its parameters, the names of its children and weak references to them.
-_Node = tuple[list[str], list[Any], list[str], list[Any]]
 
-
-def _structure(model: torch.nn.Module) -> list[_Node]:
+class _Structure(NamedTuple):
     """What ``named_parameters()`` is made of: every ``_parameters`` and ``_modules`` dict.
 
-    Children are held weakly (a child that refers back to its model must not keep it
-    alive through this cache); parameters strongly (they are in the cached dict anyway).
+    ``modules`` are weak references to every module in a walk from the root (a child that
+    refers back to its model must not keep it alive through this cache); ``state`` is,
+    per module, the sizes, names and object ids of its two dicts, all in one flat list.
+    ``params`` holds the parameters strongly, so no other object can take one of their
+    ids; a child's id is safe while its weak reference is alive.
     """
-    out: list[_Node] = []
-    stack = [model]
-    while stack:
-        m = stack.pop()
-        children = list(m._modules.values())
-        out.append(
-            (
-                list(m._parameters),
-                list(m._parameters.values()),
-                list(m._modules),
-                [None if c is None else weakref.ref(c) for c in children],
-            )
-        )
-        stack.extend(c for c in reversed(children) if c is not None)
+
+    modules: list[weakref.ref[torch.nn.Module]]
+    state: list[Any]
+    params: list[Any]
+
+
+def _state(modules: list[torch.nn.Module | None]) -> list[Any] | None:
+    """The flat list :class:`_Structure` compares, or ``None`` when a module is gone."""
+    out: list[Any] = []
+    extend = out.extend
+    for m in modules:
+        if m is None:
+            return None
+        ps, ms = m._parameters, m._modules
+        extend((len(ps), len(ms)))
+        extend(ps)
+        extend(map(id, ps.values()))
+        extend(ms)
+        extend(map(id, ms.values()))
     return out
 
 
-def _is_child(ref: Any, child: Any) -> bool:
-    return ref is child if ref is None else ref() is child
+def _structure(model: torch.nn.Module) -> _Structure:
+    """The :class:`_Structure` of ``model`` now."""
+    modules: list[torch.nn.Module] = []
+    stack = [model]
+    while stack:
+        m = stack.pop()
+        modules.append(m)
+        stack.extend(c for c in reversed(m._modules.values()) if c is not None)
+    state = _state(list(modules))
+    assert state is not None
+    params = [p for m in modules for p in m._parameters.values()]
+    return _Structure([weakref.ref(m) for m in modules], state, params)
 
 
-def _unchanged(model: torch.nn.Module, structure: list[_Node]) -> bool:
+def _unchanged(model: torch.nn.Module, structure: _Structure) -> bool:  # noqa: ARG001
     """Whether every ``_parameters`` and ``_modules`` dict of ``model`` holds what it held.
 
-    Walked from the root each call: a child swapped in through ``module._modules[k] =``
-    or a parameter through ``module._parameters[k] =`` (which bypass ``__setattr__`` and
-    the registration hooks) is a change, whenever the new object was made.
+    Each module of the last walk, compared in one flat list (:func:`_state`): a child
+    swapped in through ``module._modules[k] =`` or a parameter through
+    ``module._parameters[k] =`` (which bypass ``__setattr__`` and the registration
+    hooks) is a change, whenever the new object was made. Every module reachable now is
+    one of the last walk's: the root is, and each module's children are the same objects.
     """
-    stack = [model]
-    for pnames, params, cnames, crefs in structure:
-        if not stack:
-            return False
-        m = stack.pop()
-        ps, ms = m._parameters, m._modules
-        if len(ps) != len(params) or len(ms) != len(crefs):
-            return False
-        if not all(map(operator.is_, ps.values(), params)) or list(ps) != pnames:
-            return False
-        children = list(ms.values())
-        if not all(map(_is_child, crefs, children)) or list(ms) != cnames:
-            return False
-        stack.extend(c for c in reversed(children) if c is not None)
-    return not stack
+    now = _state([r() for r in structure.modules])
+    return now is not None and now == structure.state
 
 
 def _parameters(model: torch.nn.Module) -> dict[str, Tensor]:
