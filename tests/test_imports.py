@@ -7,6 +7,7 @@ distributed stack (``torch.distributed.tensor``, ~0.7 s), ``torch._dynamo`` and
 imported them.
 """
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -39,11 +40,13 @@ print(" ".join(new))
 
 
 def run_probe(code: str) -> list[str]:
+    env = {k: v for k, v in os.environ.items() if k != "PARAMBOUNDS_VERIFY"}  # normal use
     out = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)],
         capture_output=True,
         text=True,
         timeout=300,
+        env=env,
     )
     assert out.returncode == 0, out.stderr[-4000:]
     return out.stdout.split()
@@ -54,6 +57,8 @@ def test_first_steps_import_no_distributed_stack_nor_compiler():
     assert "parambounds.torch._kernels" in new  # the probe did reach the torch backend
     heavy = [m for m in new if m.startswith(HEAVY)]
     assert heavy == [], heavy
+    # verify mode's float64 reference is imported only in verify mode
+    assert "parambounds.torch._verify" not in new
 
 
 @pytest.mark.skipif(

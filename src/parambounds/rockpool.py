@@ -46,7 +46,7 @@ except ImportError as err:  # pragma: no cover - exercised in a subprocess by th
 
 from .errors import BoundsError, verifying
 from .penalties import PENALTIES
-from .torch import _verify
+from .torch._cost import cost_check
 from .torch._kernels import integer_excess
 from .torch._plan import get_plan
 from .torch._rounding import compute_dtype, inward
@@ -190,9 +190,10 @@ def bounds_cost(params: Any, lower_bounds: Any, upper_bounds: Any) -> Tensor:
         return torch.zeros(())
     check = None
     xs = leaves
-    if verifying() and _verify.checkable(tree, lower_bounds, upper_bounds):
-        check = _verify.CostCheck(tree, lower_bounds, upper_bounds, _EXP)
-        xs = check.tap(leaves)
+    if verifying():
+        check = cost_check(tree, lower_bounds, upper_bounds, _EXP, "")
+        if check is not None:
+            xs = check.tap(leaves)
     parts = [_leaf_cost(x, *bounded[i]) if i in bounded else _zero(x) for i, x in enumerate(xs)]
     device = parts[0].device
     if any(p.device != device for p in parts):
@@ -235,8 +236,8 @@ def summed_exp_boundary_loss(
     bounded = _bounds(data, None, [data], lower_bound, upper_bound, root_name="data")
     if not bounded:
         return _zero(data)
-    if verifying() and _verify.checkable(data, lower_bound, upper_bound):
-        check = _verify.CostCheck(data, lower_bound, upper_bound, _EXP, "data")
+    check = cost_check(data, lower_bound, upper_bound, _EXP, "data") if verifying() else None
+    if check is not None:
         return check.check(_leaf_cost(check.tap([data])[0], *bounded[0]))
     return _leaf_cost(data, *bounded[0])
 

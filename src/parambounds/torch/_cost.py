@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ..errors import verifying
 from ..penalties import Penalty, get_penalty
-from . import _kernels, _verify
+from . import _kernels
 from ._distributed import agree_penalty, combine, shard_cost
 from ._plan import get_plan, traced_bounds
 from ._rounding import compute_dtype
@@ -39,6 +39,18 @@ class _Anchor(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[None, ...]:  # noqa: ARG004
         return (None,) * len(ctx.needs_input_grad)
+
+
+def cost_check(tree: Any, lower: Any, upper: Any, penalty: Penalty, root_name: str) -> Any:
+    """Verify mode's check of one cost, or ``None`` where the reference cannot judge it.
+
+    ``_verify`` is imported here, in verify mode only: a first step does not import it.
+    """
+    from . import _verify
+
+    if not _verify.checkable(tree, lower, upper):
+        return None
+    return _verify.CostCheck(tree, lower, upper, penalty, root_name)
 
 
 def _result_dtype(leaves: list[Any]) -> torch.dtype:
@@ -84,9 +96,10 @@ def tree_cost(
         # The step: the plan, then its kernels. DTensor partial costs (known to the plan)
         # are reduced across ranks; plain tensors never go through the distributed layer.
         xs = leaves
-        if verifying() and _verify.checkable(tree, lower, upper):
-            check = _verify.CostCheck(tree, lower, upper, penalty, root_name)
-            xs = check.tap(leaves)  # each gradient is checked as backward reaches it
+        if verifying():
+            check = cost_check(tree, lower, upper, penalty, root_name)
+            if check is not None:
+                xs = check.tap(leaves)  # each gradient is checked as backward reaches it
         parts = _kernels.apply(plan, xs, penalty)
         if plan.dtensors:
             parts = combine(parts)
@@ -102,8 +115,8 @@ def tree_cost(
         needs = [p for p in leaves if isinstance(p, Tensor) and p.requires_grad]
         if needs:
             total = _Anchor.apply(total, *needs)
-    if check is None and verifying() and _verify.checkable(tree, lower, upper):
-        check = _verify.CostCheck(tree, lower, upper, penalty, root_name)  # learnable bounds
+    if check is None and verifying():
+        check = cost_check(tree, lower, upper, penalty, root_name)  # learnable bounds
     if check is not None:
         total = check.check(total)
     return total

@@ -16,7 +16,6 @@ from torch import Tensor
 from ..errors import BoundsError, verifying
 from ..matching import Resolved, Spec, match_indices, with_pattern
 from ..report import Report
-from . import _verify
 from ._constraints import bake_ as bake_names_
 from ._constraints import project_plan_, projection, reparametrize_plan_, run_projection_
 from ._cost import tree_cost
@@ -98,6 +97,8 @@ def resolve(bounds: Spec, model: Model) -> tuple[Resolved, dict[str, Tensor]]:
         resolved = bounds._match(names)
         bounds._cache[model] = resolved
     elif verifying():
+        from . import _verify  # only in verify mode: a first step does not import it
+
         _verify.same_resolved(resolved, bounds._match(names, match_indices.__wrapped__))
     return resolved, params
 
@@ -152,6 +153,8 @@ def _fresh(bounds: Spec, model: Model) -> tuple[dict[str, Any], Resolved]:
 
 def _verified_projection(bounds: Spec, model: Model) -> None:
     """:func:`_project`, checked element by element against the projection's rule."""
+    from . import _verify
+
     params, resolved = _fresh(bounds, model)
     check = _verify.checkable(params, resolved.lower, resolved.upper)
     bounded = [n for n in params if resolved.lower[n] is not None or resolved.upper[n] is not None]
@@ -270,6 +273,8 @@ def report(bounds: Spec, model: Model) -> Report:
     got, leaves, resolved = plan(bounds, model)
     out = compute_report(got, leaves, list(resolved.names))
     if verifying():
+        from . import _verify
+
         params, fresh = _fresh(bounds, model)
         _verify.check_report(out, params, fresh.lower, fresh.upper)
     return out
@@ -370,6 +375,8 @@ def _parameters(model: torch.nn.Module) -> dict[str, Tensor]:
     seen = _PARAMS.get(model)
     if seen is not None and _unchanged(model, seen[0]):
         if verifying():
+            from . import _verify
+
             _verify.same_parameters(seen[1], _effective_parameters(model))
         return seen[1]  # type: ignore[no-any-return]
     structure = _structure(model)
