@@ -260,7 +260,7 @@ def cmd_clamp(args: argparse.Namespace) -> int:
 
 
 def _clamp(args: argparse.Namespace, target: Path) -> int:
-    from .checkpoints import save_checkpoint, scan_targets
+    from .checkpoints import clamp_checkpoint
 
     loaded = _inspect(args)
     _refuse_conflicting_aliases(loaded)
@@ -268,15 +268,10 @@ def _clamp(args: argparse.Namespace, target: Path) -> int:
     try:
         if ckpt.format == "dcp":  # read, checked, clamped and written one tensor at a time
             before = _clamp_dcp(loaded, target)
-        else:
-            before = scan_targets(loaded.targets, clamp=True)  # the counts before clamping
-            for t, e in zip(loaded.targets, before):
-                if e.below or e.above:
-                    ckpt.changed.add(t.derived.source if t.derived is not None else t.name)
+        else:  # the counts before clamping; the copy written as the pieces are clamped
+            before = clamp_checkpoint(ckpt, loaded.targets, target)
     except BoundsError as err:
         raise BoundsError(_with_file(err, ckpt.path)) from None
-    if ckpt.format != "dcp":
-        save_checkpoint(ckpt, target)
     moved = sum(e.below + e.above for e in before)
     nan = sum(e.nan for e in before)
     touched = sum(1 for e in before if e.below or e.above)
