@@ -134,9 +134,31 @@ def _with_file(err: BoundsError, path: Path) -> str:
     return msg if msg.startswith(str(path)) else f"{path}: {msg}"
 
 
+def _return_freed_memory() -> None:
+    """Have glibc give every freed block of 1 MiB or more back to the system at once.
+
+    The scan allocates temporaries of a piece (4 MiB) on each worker thread; by default
+    glibc raises its mmap threshold after the first such block is freed and then keeps
+    freed blocks in each thread's arena: tens of MiB that stay private (80 MiB with two
+    workers on a file with a value outside in every page). A fixed threshold returns
+    them at once. Elsewhere than glibc, nothing changes.
+    """
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return
+    m_mmap_threshold = -3
+    mallopt(m_mmap_threshold, 1 << 20)
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     """Print the report of a checkpoint against a bounds file."""
     from .checkpoints import aliases, scan_targets
+
+    _return_freed_memory()
 
     if args.device is not None or args.dt is not None:
         return _check_device(args)
@@ -254,6 +276,7 @@ def cmd_clamp(args: argparse.Namespace) -> int:
     """Write a copy of a checkpoint with every bounded tensor clamped into its bounds."""
     from .checkpoints import lock_target
 
+    _return_freed_memory()
     target = _output(args)
     with lock_target(target):  # a second run on the same target refuses: nothing lost
         return _clamp(args, target)

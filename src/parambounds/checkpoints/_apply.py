@@ -200,7 +200,10 @@ def _count(x: Tensor, bound: float, side: str) -> int:
         return int(mask.sum())
     d = torch.sub(x, bound)
     d = d.clamp_(max=0) if side == "lower" else d.clamp_(min=0)
-    return abs(int(d.sign_().sum(dtype=torch.float64)))
+    # in the piece's own dtype: a sum of at most PIECE (2**20) ones is exact in float32
+    # (and 16-bit pieces are counted in float32), where a float64 sum would first copy
+    # the piece into float64 (8 MiB more per worker)
+    return abs(int(d.sign_().sum()))
 
 
 def _piece(
