@@ -251,7 +251,31 @@ def _output(args: argparse.Namespace) -> Path:
             raise BoundsError(f"{target}: refusing to overwrite the bounds file")
         if not args.force:  # a file or a folder (a DCP checkpoint): never without --force
             raise BoundsError(f"{target}: exists; give --force to replace it")
-    return resolve_target(target)
+    real = resolve_target(target)
+    _same_format(source, target, real)
+    return real
+
+
+def _same_format(source: Path, target: Path, real: Path) -> None:
+    """Refuse, before anything is read, an output whose name (resolved) says another format.
+
+    A symlink ``x.pt`` to ``y.json`` is judged by ``y.json``: that is the file written.
+    A resolved name with no suffix (a content-addressed blob, as in Hugging Face's
+    cache, where ``model.safetensors`` links to ``blobs/<hash>``) says nothing: the
+    link's name is judged.
+    """
+    from .checkpoints import format_of, is_dcp
+
+    if is_dcp(source) or is_dcp(real):
+        return  # a folder: checked when it is written
+    named = real if real.suffix else target
+    want, got = format_of(source), format_of(named)
+    if want != got:
+        via = f" (a symlink to {real})" if named is real and real.name != target.name else ""
+        raise BoundsError(
+            f"{target}{via}: the output must have the same format as the input "
+            f"({source.name}: {want}; the output's name says {got})"
+        )
 
 
 def _refuse_conflicting_aliases(loaded: _Loaded) -> None:

@@ -38,10 +38,11 @@ from ._torch import load_torch_file
 from ._tree import Named, name_tensors, walk_tensors
 from ._write import atomic_write
 
-__all__ = ["clamp_checkpoint", "load_checkpoint", "save_checkpoint"]
+__all__ = ["clamp_checkpoint", "format_of", "load_checkpoint", "save_checkpoint"]
 
 
-def _format_of(path: Path) -> str:
+def format_of(path: Path) -> str:
+    """The format a file name says: ``safetensors``, ``rockpool-json`` or ``torch``."""
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
         return "safetensors"
@@ -81,7 +82,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
 
         return load_dcp(path)
     _check_readable(path)
-    fmt = _format_of(path)
+    fmt = format_of(path)
     try:
         if fmt == "safetensors":
             st = open_safetensors(path)
@@ -115,7 +116,8 @@ def _check_target(ckpt: Checkpoint, target: Path) -> None:
         raise CheckpointError(f"{target}: folder {target.parent} does not exist")
     if target.is_dir():
         raise CheckpointError(f"{target}: is a directory")
-    if _format_of(target) != ckpt.format:
+    if target.suffix and format_of(target) != ckpt.format:  # no suffix: a blob, as
+        # Hugging Face's cache keeps behind its named links (the command line judged the link)
         raise CheckpointError(
             f"{target}: the output must have the same format as the input ({ckpt.path.name})"
         )
