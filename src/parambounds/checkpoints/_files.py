@@ -95,9 +95,11 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
             ckpt = _from_named(path, fmt, js.named, js.data, js)
             ckpt.loaded_as = torch.float32  # Rockpool's modules hold float32 parameters
             return ckpt
-        data = load_torch_file(path)
+        data, shards = load_torch_file(path)
         named, _ = name_tensors(data, str(path))
-        return _from_named(path, fmt, named, data, None)
+        ckpt = _from_named(path, fmt, named, data, None)
+        ckpt.local_shards = shards
+        return ckpt
     except CheckpointError:
         raise
     except BoundsError as err:
@@ -219,6 +221,11 @@ def save_checkpoint(ckpt: Checkpoint, target: str | Path) -> None:
                     whole = torch.empty(0, dtype=torch.uint8).set_(st)
                     sink.put(whole, whole)
 
+    elif ckpt.local_shards:  # torch.save would write the local shards, not the DTensors
+        raise CheckpointError(
+            f"{ckpt.path}: holds DTensors and cannot be patched in place (its layout is "
+            "not torch.save's usual one); refused: nothing was written"
+        )
     else:  # not memory-mapped (an old-format file), or laid out unlike torch.save's
 
         def write(tmp: Path) -> None:
