@@ -34,7 +34,7 @@ from ._reparam import find_reparametrized
 from ._rockpool_json import JsonFile, load_json_file
 from ._safetensors import SafetensorsFile, open_safetensors
 from ._sink import copy_and_patch
-from ._torch import load_torch_file
+from ._torch import load_torch_file, sniff
 from ._tree import Named, name_tensors, walk_tensors
 from ._write import atomic_write
 
@@ -227,9 +227,11 @@ def save_checkpoint(ckpt: Checkpoint, target: str | Path) -> None:
             "not torch.save's usual one); refused: nothing was written"
         )
     else:  # not memory-mapped (an old-format file), or laid out unlike torch.save's
+        zip_format = sniff(ckpt.path) != "legacy"  # an old-format file stays one (torch < 1.6
+        # reads no other)
 
         def write(tmp: Path) -> None:
-            torch.save(ckpt.data, tmp)
+            torch.save(ckpt.data, tmp, _use_new_zipfile_serialization=zip_format)
 
     try:
         atomic_write(target, write, mode_from)
