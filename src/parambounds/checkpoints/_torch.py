@@ -170,7 +170,7 @@ def local_shards(node: Any, memo: dict[int, Any] | None = None) -> tuple[Any, bo
             items = [(k, swap(v)) for k, v in x.items()]
             if any(v is not x[k] for k, v in items):
                 try:
-                    out = type(x)(items)
+                    out = type(x)(items)  # type: ignore[call-arg]  # dict, OrderedDict
                 except TypeError:
                     out = dict(items)
         elif isinstance(x, (list, tuple)):
