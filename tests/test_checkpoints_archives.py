@@ -187,3 +187,42 @@ def test_forged_legacy_archive_runs_nothing(tmp, capsys):
         line = one_line(err)
         assert "refused" in line and "os.system" in line
         assert not marker.exists() and sorted(p.name for p in tmp.iterdir()) == before
+
+
+@pytest.mark.parametrize("alignment", [64, 4096])
+def test_archive_saved_without_crcs_is_patched_not_rewritten(tmp, capsys, alignment):
+    """``compute_crc32 = False`` writes 0 for every CRC: zipfile refuses to read a member.
+
+    The patch writer read the byte order record through zipfile, failed, and fell back
+    to clamping in memory and ``torch.save``: private memory the size of the clamped
+    tensors, and an archive renamed inside (``.o.pt.parambounds-PID/...``).
+    """
+    from torch.utils.serialization import config
+
+    before = config.save.compute_crc32, config.save.storage_alignment
+    config.save.compute_crc32, config.save.storage_alignment = False, alignment
+    try:
+        torch.save(_state(), tmp / "nocrc.pt")
+    finally:
+        config.save.compute_crc32, config.save.storage_alignment = before
+    src, new = tmp / "nocrc.pt", tmp / "o.pt"
+    with zipfile.ZipFile(src) as z:
+        assert {i.CRC for i in z.infolist()} == {0}  # the fixture has no CRCs
+        names = z.namelist()
+    raw = src.read_bytes()
+    code, _, err = run(capsys, "clamp", src, "--bounds", tmp / "b.toml", "-o", new)
+    assert code == 0, err
+    assert src.read_bytes() == raw
+    out = new.read_bytes()
+    assert len(out) == len(raw)
+    with zipfile.ZipFile(new) as z:
+        assert z.namelist() == names  # the same archive, patched
+    plain = torch.load(src, weights_only=True)
+    clamped = torch.load(new, weights_only=True)
+    for k, v in plain.items():
+        if isinstance(v, torch.Tensor) and v.is_floating_point():
+            assert torch.equal(clamped[k].nan_to_num(-9), v.clamp(LO, HI).nan_to_num(-9)), k
+    changed = sum(a != b for a, b in zip(raw, out))
+    values = sum(int(((v < LO) | (v > HI)).sum()) * v.element_size() for k, v in plain.items()
+                 if k in ("a.w", "a.h", "a.d"))  # fmt: skip
+    assert changed <= values + 3 * 4 * 3  # the clamped bytes, and CRC fields of 3 members

@@ -32,6 +32,7 @@ from typing import BinaryIO
 import torch
 from torch import Tensor
 
+from ._torch import read_member
 from ._tree import in_memory
 
 __all__ = ["Patch", "plan_patch"]
@@ -153,11 +154,16 @@ def _foreign_order(path: Path) -> bool | None:
     """Whether the file's storages are in the other byte order than this machine's.
 
     ``torch.load`` swaps them as it reads (so the tensors in memory are native); the
-    patch must swap them back. ``None`` for a byte order record that is neither.
+    patch must swap them back. ``None`` for a byte order record that is neither (or
+    more than one). The record is read from its offset: a file saved without CRC-32s
+    (``compute_crc32 = False``) is one ``zipfile`` would refuse to read.
     """
     with zipfile.ZipFile(path) as z:
-        names = [n for n in z.namelist() if n.rpartition("/")[2] == "byteorder"]
-        order = z.read(names[0]).decode("ascii", "replace") if names else "little"
+        present = any(n.rpartition("/")[2] == "byteorder" for n in z.namelist())
+    if not present:
+        return sys.byteorder != "little"  # no record: torch.load reads it as little-endian
+    raw = read_member(path, "byteorder")
+    order = raw.decode("ascii", "replace") if raw is not None else None
     if order not in ("little", "big"):
         return None
     return order != sys.byteorder

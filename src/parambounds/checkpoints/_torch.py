@@ -34,7 +34,7 @@ import torch
 
 from ..errors import BoundsError
 
-__all__ = ["load_torch_file", "local_shards", "sniff"]
+__all__ = ["load_torch_file", "local_shards", "read_member", "sniff"]
 
 
 # pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2)[2:]: the magic number of old torch.save
@@ -107,12 +107,33 @@ def _check_archive(path: Path) -> None:
             )
 
 
+def read_member(path: Path, leaf: str) -> bytes | None:
+    """The stored bytes of the one member named ``.../leaf``, or ``None`` if not one.
+
+    Read from the member's offset, not through ``zipfile``'s reader, which refuses a
+    member whose CRC-32 does not match: ``torch.save`` writes 0 for every CRC under
+    ``torch.utils.serialization.config.save.compute_crc32 = False``, and torch reads
+    such files.
+    """
+    with zipfile.ZipFile(path) as z, open(path, "rb") as f:
+        infos = [i for i in z.infolist() if i.filename.rpartition("/")[2] == leaf]
+        if len(infos) != 1 or infos[0].compress_type != zipfile.ZIP_STORED:
+            return None
+        info = infos[0]
+        f.seek(info.header_offset)
+        local = f.read(30)
+        if local[:4] != b"PK\x03\x04":
+            return None
+        n, m = int.from_bytes(local[26:28], "little"), int.from_bytes(local[28:30], "little")
+        f.seek(info.header_offset + 30 + n + m)
+        data = f.read(info.file_size)
+    return data if len(data) == info.file_size else None
+
+
 def _names_dtensor(path: Path) -> bool:
     """Whether the archive's pickle names ``torch.distributed.tensor``'s ``DTensor``."""
     try:
-        with zipfile.ZipFile(path) as z:
-            pkl = [n for n in z.namelist() if n.rpartition("/")[2] == "data.pkl"]
-            data = z.read(pkl[0]) if len(pkl) == 1 else b""
+        data = read_member(path, "data.pkl") or b""
     except (zipfile.BadZipFile, OSError, ValueError, EOFError):
         return False
     return b"torch.distributed.tensor" in data and b"DTensor" in data
