@@ -200,7 +200,8 @@ _CHILD = textwrap.dedent(
     os.replace = replace
     thread = threading.Thread(target=sample, daemon=True)
     thread.start()
-    code = main(sys.argv[1:])
+    sys.argv[0] = 'parambounds'
+    code = main()  # as the program runs it: sys.argv
     done.set()
     thread.join()
     print(code, peak[0] - start_anon, at_rename[0] if at_rename else -1)

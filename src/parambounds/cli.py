@@ -141,7 +141,9 @@ def _return_freed_memory() -> None:
     glibc raises its mmap threshold after the first such block is freed and then keeps
     freed blocks in each thread's arena: tens of MiB that stay private (80 MiB with two
     workers on a file with a value outside in every page). A fixed threshold returns
-    them at once. Elsewhere than glibc, nothing changes.
+    them at once. Elsewhere than glibc, nothing changes. Done only when the command
+    line runs as a program (``main()`` with no arguments), never when a process calls
+    ``main([...])`` as a function: the setting is the whole process's.
     """
     import ctypes
 
@@ -157,8 +159,6 @@ def _return_freed_memory() -> None:
 def cmd_check(args: argparse.Namespace) -> int:
     """Print the report of a checkpoint against a bounds file."""
     from .checkpoints import aliases, scan_targets
-
-    _return_freed_memory()
 
     if args.device is not None or args.dt is not None:
         return _check_device(args)
@@ -300,7 +300,6 @@ def cmd_clamp(args: argparse.Namespace) -> int:
     """Write a copy of a checkpoint with every bounded tensor clamped into its bounds."""
     from .checkpoints import lock_target
 
-    _return_freed_memory()
     target = _output(args)
     with lock_target(target):  # a second run on the same target refuses: nothing lost
         return _clamp(args, target)
@@ -461,6 +460,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     args = parser.parse_args(argv)
+    if argv is None and args.command in ("check", "clamp"):
+        _return_freed_memory()
     if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:  # a kill cleans up its temp file
         signal.signal(signal.SIGTERM, _terminate)
     try:
