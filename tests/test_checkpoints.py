@@ -39,6 +39,7 @@ def test_output_format_and_folder_are_checked(tmp_path):
 @pytest.mark.parametrize("writer", ["torch.save", "patch"])
 def test_a_failed_write_leaves_no_file(tmp_path, monkeypatch, writer):
     import parambounds.checkpoints._patch as patch
+    import parambounds.checkpoints._sink as sink
 
     path = tmp_path / "c.pt"
     torch.save({"w": torch.ones(1)}, path)
@@ -51,7 +52,7 @@ def test_a_failed_write_leaves_no_file(tmp_path, monkeypatch, writer):
         monkeypatch.setattr(patch, "_mappings", lambda _path: [])
         monkeypatch.setattr(torch, "save", boom)
     else:
-        monkeypatch.setattr(patch.shutil, "copyfile", boom)
+        monkeypatch.setattr(sink.shutil, "copyfile", boom)
     with pytest.raises(CheckpointError, match=r"out\.pt: cannot write: disk full"):
         save_checkpoint(ckpt, tmp_path / "out.pt")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt"]

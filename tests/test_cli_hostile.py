@@ -8,6 +8,7 @@ here.
 import io
 import os
 import pickle
+import re
 import zipfile
 from pathlib import Path
 
@@ -272,6 +273,42 @@ def test_output_through_a_dangling_symlink_is_refused_without_force(tmp, capsys)
     assert not link.is_symlink() and not (tmp / "elsewhere.pt").exists()
     got = torch.load(link, weights_only=True)["lif.tau_mem"]
     assert torch.equal(got, CLAMPED)
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_output_suffix_is_judged_on_the_resolved_path(tmp, capsys, force):
+    """``-o x.pt`` linking to ``y.json``: the file written would be y.json, a .pt in it."""
+    (tmp / "y.json").write_text('{"note": "a Rockpool file"}')
+    link = tmp / "x.pt"
+    link.symlink_to("y.json")
+    before = snapshot(tmp)
+    args = ["clamp", tmp / "m.pt", "--bounds", tmp / "b.toml", "-o", link]
+    code, _, err = run(capsys, *args, *(["--force"] if force else []))
+    assert code == 2
+    line = one_line(err)
+    if force:  # refused before anything is read, naming the link and where it leads
+        assert re.search(r"x\.pt \(a symlink to .*y\.json\): the output must have the same "
+                         r"format as the input \(m\.pt: torch; the output's name says "
+                         r"rockpool-json\)", line)  # fmt: skip
+    else:
+        assert "exists; give --force" in line
+    assert snapshot(tmp) == before and link.is_symlink()
+
+
+def test_in_place_through_a_suffixless_blob_link_judges_the_link(tmp, capsys):
+    """Hugging Face's cache: ``model.safetensors`` links to ``blobs/<hash>`` (no suffix)."""
+    pytest.importorskip("safetensors")
+    from safetensors.torch import load_file, save_file
+
+    blobs = tmp / "blobs"
+    blobs.mkdir()
+    save_file({"lif.tau_mem": torch.tensor([0.001, 0.02, 0.5])}, str(blobs / "0a1b2c"))
+    link = tmp / "model.safetensors"
+    link.symlink_to(Path("blobs") / "0a1b2c")
+    code, _, err = run(capsys, "clamp", link, "--bounds", tmp / "b.toml", "--in-place")
+    assert code == 0, err
+    assert link.is_symlink()
+    assert torch.equal(load_file(str(blobs / "0a1b2c"))["lif.tau_mem"], CLAMPED)
 
 
 # ------------------------------------------------------------------ DCP folders

@@ -20,7 +20,7 @@ The library never imports this package: the command line does.
 from ._apply import Target, aliases, make_targets, scalar, scan_targets
 from ._checkpoint import Checkpoint, CheckpointError
 from ._dcp import is_dcp, load_dcp, read_metadata, read_tensor, report_dcp, save_dcp
-from ._files import load_checkpoint, save_checkpoint
+from ._files import clamp_checkpoint, format_of, load_checkpoint, save_checkpoint
 from ._write import atomic_write, lock_target, resolve_target
 
 __all__ = [
@@ -29,6 +29,8 @@ __all__ = [
     "Target",
     "aliases",
     "atomic_write",
+    "clamp_checkpoint",
+    "format_of",
     "is_dcp",
     "load_checkpoint",
     "load_dcp",

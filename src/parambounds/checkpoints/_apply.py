@@ -31,6 +31,7 @@ from ..errors import BoundsError
 from ..report import ParamReport
 from ..torch._rounding import inward
 from ._reparam import Reparametrized
+from ._sink import PieceWriter
 from ._tree import in_memory
 
 __all__ = ["PIECE", "Target", "aliases", "chunks", "make_targets", "scalar", "scan_targets"]
@@ -199,19 +200,32 @@ def _count(x: Tensor, bound: float, side: str) -> int:
         return int(mask.sum())
     d = torch.sub(x, bound)
     d = d.clamp_(max=0) if side == "lower" else d.clamp_(min=0)
-    return abs(int(d.sign_().sum(dtype=torch.float64)))
+    # in the piece's own dtype: a sum of at most PIECE (2**20) ones is exact in float32
+    # (and 16-bit pieces are counted in float32), where a float64 sum would first copy
+    # the piece into float64 (8 MiB more per worker)
+    return abs(int(d.sign_().sum()))
 
 
-def _piece(c: Tensor, lo: float | None, hi: float | None, clamp: bool) -> list[float]:
-    """``[below, above, nan, max excess]`` of one piece; clamped in place when asked.
+def _piece(
+    c: Tensor, lo: float | None, hi: float | None, clamp: bool, sink: PieceWriter | None = None
+) -> list[float]:
+    """``[below, above, nan, max excess]`` of one piece; clamped when asked.
 
     One ``aminmax`` decides: a piece inside costs nothing more (NaN fails both tests).
+    With a ``sink``, a piece that is not inside is counted and clamped in the output's
+    copy of it (:class:`._sink.PieceWriter`), never in place.
     """
     if c.numel() == 0:
         return [0, 0, 0, 0.0]
     mn, mx = (float(v) for v in torch.aminmax(c))
     if (lo is None or mn >= lo) and (hi is None or mx <= hi):
         return [0, 0, 0, 0.0]
+    commit = None
+    if clamp and sink is not None:  # the output's current values: a tied tensor's clamped
+        c, commit = sink.read(c)
+        mn, mx = (float(v) for v in torch.aminmax(c))
+        if (lo is None or mn >= lo) and (hi is None or mx <= hi):
+            return [0, 0, 0, 0.0]
     x = c if c.dtype in (torch.float32, torch.float64) else c.float()  # exact for 16 bits
     nan = 0
     if math.isnan(mn) or math.isnan(mx):
@@ -229,6 +243,8 @@ def _piece(c: Tensor, lo: float | None, hi: float | None, clamp: bool) -> list[f
         above, excess = _count(x, hi, "upper"), max(excess, mx - hi)
     if clamp and (below or above):
         c.clamp_(lo, hi)
+        if commit is not None:
+            commit()
     return [below, above, nan, excess]
 
 
@@ -238,8 +254,12 @@ def _add(total: list[float], r: list[float]) -> None:
 
 
 @torch.no_grad()  # grad mode is per thread: a saved nn.Parameter is clamped in place
-def _batch(tasks: list[tuple[int, Tensor, float | None, float | None]], clamp: bool) -> list[Any]:
-    return [(i, _piece(c, lo, hi, clamp)) for i, c, lo, hi in tasks]
+def _batch(
+    tasks: list[tuple[int, Tensor, float | None, float | None]],
+    clamp: bool,
+    sink: PieceWriter | None = None,
+) -> list[Any]:
+    return [(i, _piece(c, lo, hi, clamp, sink)) for i, c, lo, hi in tasks]
 
 
 def _batches(
@@ -267,7 +287,9 @@ def _batches(
         yield batch
 
 
-def _in_pool(workers: int, batches: Iterator[Any], clamp: bool) -> list[Any]:
+def _in_pool(
+    workers: int, batches: Iterator[Any], clamp: bool, sink: PieceWriter | None
+) -> list[Any]:
     """Run the batches on ``workers`` threads, a few at a time, results in order.
 
     At most two batches per worker are queued, so that an error, Ctrl-C or a kill stops
@@ -278,7 +300,7 @@ def _in_pool(workers: int, batches: Iterator[Any], clamp: bool) -> list[Any]:
     done = []
     try:
         for b in batches:
-            pending.append(pool.submit(_batch, b, clamp))
+            pending.append(pool.submit(_batch, b, clamp, sink))
             if len(pending) >= 2 * workers:
                 done.append(pending.popleft().result())
         while pending:
@@ -289,16 +311,20 @@ def _in_pool(workers: int, batches: Iterator[Any], clamp: bool) -> list[Any]:
 
 
 @torch.no_grad()
-def scan_targets(targets: list[Target], clamp: bool = False) -> list[ParamReport]:
+def scan_targets(
+    targets: list[Target], clamp: bool = False, sink: PieceWriter | None = None
+) -> list[ParamReport]:
     """Count the elements of each target below, above, NaN, and the largest excess.
 
-    With ``clamp``, also clamp each target in place (pieces that are inside are never
-    written, so the untouched pages of a memory-mapped file stay shared). The pieces are
+    With ``clamp``, also clamp each target: in place, or, with a ``sink``, in the output
+    file that ``sink`` writes (:mod:`._sink`: the tensors, pages of a memory-mapped
+    input, are only read, so private memory never grows with the file). The pieces are
     scanned by a pool of ``torch.get_num_threads()`` Python threads, each running torch
     on one thread: the pieces are small, and an intra-op thread pool would spend more
     time waking its threads than scanning. Clamping tensors that share memory (tied
     weights, with the same bounds) is done one after the other, in file order: the
-    first counts and clamps, the next find it clamped.
+    first counts and clamps, the next find it clamped; so is clamping a strided view
+    into a ``sink`` (its pieces' spans interleave).
     """
     totals: list[list[float]] = [[0, 0, 0, 0.0] for _ in targets]
     workers = previous = torch.get_num_threads()
@@ -310,17 +336,22 @@ def scan_targets(targets: list[Target], clamp: bool = False) -> list[ParamReport
     shared = [
         i
         for i, t in enumerate(targets)
-        if clamp and t.tensor is not None and users[t.tensor.untyped_storage().data_ptr()] > 1
+        if clamp
+        and t.tensor is not None
+        and (
+            users[t.tensor.untyped_storage().data_ptr()] > 1
+            or (sink is not None and not _reduce(t.tensor)[0].is_contiguous())
+        )
     ]
     alone = sorted(set(range(len(targets))) - set(shared))
     torch.set_num_threads(1)
     try:
         batches = _batches(targets, alone, clamp)
         if workers > 1:
-            done = _in_pool(workers, batches, clamp)
+            done = _in_pool(workers, batches, clamp, sink)
         else:
-            done = [_batch(b, clamp) for b in batches]
-        done += [_batch(b, clamp) for b in _batches(targets, shared, clamp)]
+            done = [_batch(b, clamp, sink) for b in batches]
+        done += [_batch(b, clamp, sink) for b in _batches(targets, shared, clamp)]
     finally:
         torch.set_num_threads(previous)
     for results in done:
@@ -334,7 +365,11 @@ def scan_targets(targets: list[Target], clamp: bool = False) -> list[ParamReport
             for c in chunks(value):
                 _add(tot, _piece(c, t.lo, t.hi, clamp=False))
             if clamp and (tot[0] or tot[1]):
-                t.derived.clamp_(t.name, t.lo, t.hi)
+                new = t.derived.clamped(t.name, t.lo, t.hi)
+                if sink is None:
+                    t.derived.original.copy_(new)
+                else:
+                    sink.put(t.derived.original, new)
         else:
             assert t.tensor is not None
             numel, weight = t.tensor.numel(), _reduce(t.tensor)[1]

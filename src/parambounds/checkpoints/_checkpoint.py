@@ -31,6 +31,8 @@ class Checkpoint:
         changed: names of the parameters that clamping changed.
         loaded_as: the dtype the format's own loader casts the parameters to, when it
             differs from the one they are read in (float32 for Rockpool's JSON files).
+        local_shards: a ``.pt`` of DTensors, each replaced in ``data`` by its local
+            shard: written back only by patching the file.
     """
 
     path: Path
@@ -43,6 +45,7 @@ class Checkpoint:
     handle: Any = None
     paths: dict[str, tuple[Any, ...]] = field(default_factory=dict)
     loaded_as: Any = None
+    local_shards: bool = False
 
     @property
     def metadata(self) -> dict[str, str] | None:

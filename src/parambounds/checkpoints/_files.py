@@ -26,19 +26,23 @@ import torch
 from torch import Tensor
 
 from ..errors import BoundsError
+from ..report import ParamReport
+from ._apply import Target, scan_targets
 from ._checkpoint import Checkpoint, CheckpointError
 from ._patch import plan_patch
 from ._reparam import find_reparametrized
 from ._rockpool_json import JsonFile, load_json_file
 from ._safetensors import SafetensorsFile, open_safetensors
-from ._torch import load_torch_file
+from ._sink import copy_and_patch
+from ._torch import load_torch_file, sniff
 from ._tree import Named, name_tensors, walk_tensors
 from ._write import atomic_write
 
-__all__ = ["load_checkpoint", "save_checkpoint"]
+__all__ = ["clamp_checkpoint", "format_of", "load_checkpoint", "save_checkpoint"]
 
 
-def _format_of(path: Path) -> str:
+def format_of(path: Path) -> str:
+    """The format a file name says: ``safetensors``, ``rockpool-json`` or ``torch``."""
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
         return "safetensors"
@@ -78,7 +82,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
 
         return load_dcp(path)
     _check_readable(path)
-    fmt = _format_of(path)
+    fmt = format_of(path)
     try:
         if fmt == "safetensors":
             st = open_safetensors(path)
@@ -91,9 +95,11 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
             ckpt = _from_named(path, fmt, js.named, js.data, js)
             ckpt.loaded_as = torch.float32  # Rockpool's modules hold float32 parameters
             return ckpt
-        data = load_torch_file(path)
+        data, shards = load_torch_file(path)
         named, _ = name_tensors(data, str(path))
-        return _from_named(path, fmt, named, data, None)
+        ckpt = _from_named(path, fmt, named, data, None)
+        ckpt.local_shards = shards
+        return ckpt
     except CheckpointError:
         raise
     except BoundsError as err:
@@ -105,6 +111,69 @@ def _changed_tensor(ckpt: Checkpoint, name: str) -> Tensor:
     if name in ckpt.tensors:
         return ckpt.tensors[name]
     return next(d.original for d in ckpt.derived.values() if d.source == name)
+
+
+def _check_target(ckpt: Checkpoint, target: Path) -> None:
+    if not target.parent.is_dir():
+        raise CheckpointError(f"{target}: folder {target.parent} does not exist")
+    if target.is_dir():
+        raise CheckpointError(f"{target}: is a directory")
+    if target.suffix and format_of(target) != ckpt.format:  # no suffix: a blob, as
+        # Hugging Face's cache keeps behind its named links (the command line judged the link)
+        raise CheckpointError(
+            f"{target}: the output must have the same format as the input ({ckpt.path.name})"
+        )
+
+
+def clamp_checkpoint(
+    ckpt: Checkpoint, targets: list[Target], target: str | Path
+) -> list[ParamReport]:
+    """Clamp the ``targets`` of ``ckpt`` and write the clamped copy to ``target``, atomically.
+
+    A memory-mapped file (a ``.pt`` that :func:`._patch.plan_patch` can patch, a
+    ``.safetensors``) is copied and the clamped pieces are written into the copy
+    (:mod:`._sink`): the input's pages are only read, so private memory stays a few
+    pieces whatever the file's size. Anything else (an old-format ``.pt``, a Rockpool
+    file) is clamped in memory and written by :func:`save_checkpoint`. Not for DCP
+    folders, which the command line clamps one tensor at a time.
+
+    Returns:
+        the report of each target before clamping.
+
+    Raises:
+        CheckpointError: as :func:`save_checkpoint`.
+        BoundsError: for a target that cannot be clamped (a view whose elements overlap).
+    """
+    target = Path(target)
+    _check_target(ckpt, target)
+    locate: Any = None
+    finish: Any = None
+    if isinstance(ckpt.handle, SafetensorsFile):
+        locate = ckpt.handle.locate
+    elif ckpt.format == "torch":
+        patch = plan_patch(ckpt.path, [t for _, t in walk_tensors(ckpt.data)])
+        if patch is not None:
+            locate, finish = patch.locate, patch.fix_crcs
+    if locate is None:
+        reports = scan_targets(targets, clamp=True)
+        _note_changed(ckpt, targets, reports)
+        save_checkpoint(ckpt, target)
+        return reports
+    reports = []
+
+    def write(tmp: Path) -> None:
+        with copy_and_patch(ckpt.path, tmp, locate, finish) as sink:
+            reports[:] = scan_targets(targets, clamp=True, sink=sink)
+
+    atomic_write(target, write, target if target.exists() else ckpt.path)
+    _note_changed(ckpt, targets, reports)
+    return reports
+
+
+def _note_changed(ckpt: Checkpoint, targets: list[Target], reports: list[ParamReport]) -> None:
+    for t, e in zip(targets, reports):
+        if e.below or e.above:
+            ckpt.changed.add(t.derived.source if t.derived is not None else t.name)
 
 
 def save_checkpoint(ckpt: Checkpoint, target: str | Path) -> None:
@@ -126,14 +195,7 @@ def save_checkpoint(ckpt: Checkpoint, target: str | Path) -> None:
         from ._dcp import save_dcp
 
         return save_dcp(ckpt, target)
-    if not target.parent.is_dir():
-        raise CheckpointError(f"{target}: folder {target.parent} does not exist")
-    if target.is_dir():
-        raise CheckpointError(f"{target}: is a directory")
-    if _format_of(target) != ckpt.format:
-        raise CheckpointError(
-            f"{target}: the output must have the same format as the input ({ckpt.path.name})"
-        )
+    _check_target(ckpt, target)
     mode_from = target if target.exists() else ckpt.path
     handle = ckpt.handle
     if isinstance(handle, SafetensorsFile):
@@ -152,13 +214,24 @@ def save_checkpoint(ckpt: Checkpoint, target: str | Path) -> None:
     elif (patch := plan_patch(ckpt.path, [t for _, t in walk_tensors(ckpt.data)])) is not None:
         changed = [_changed_tensor(ckpt, name) for name in ckpt.changed]
 
-        def write(tmp: Path) -> None:
-            patch.write(tmp, changed)  # the original's bytes, the changed storages patched
+        def write(tmp: Path) -> None:  # the original's bytes, the changed storages patched
+            with copy_and_patch(ckpt.path, tmp, patch.locate, patch.fix_crcs) as sink:
+                storages = {t.untyped_storage().data_ptr(): t.untyped_storage() for t in changed}
+                for st in storages.values():
+                    whole = torch.empty(0, dtype=torch.uint8).set_(st)
+                    sink.put(whole, whole)
 
+    elif ckpt.local_shards:  # torch.save would write the local shards, not the DTensors
+        raise CheckpointError(
+            f"{ckpt.path}: holds DTensors and cannot be patched in place (its layout is "
+            "not torch.save's usual one); refused: nothing was written"
+        )
     else:  # not memory-mapped (an old-format file), or laid out unlike torch.save's
+        zip_format = sniff(ckpt.path) != "legacy"  # an old-format file stays one (torch < 1.6
+        # reads no other)
 
         def write(tmp: Path) -> None:
-            torch.save(ckpt.data, tmp)
+            torch.save(ckpt.data, tmp, _use_new_zipfile_serialization=zip_format)
 
     try:
         atomic_write(target, write, mode_from)

@@ -1,9 +1,10 @@
 """Writing a clamped ``.pt`` file as a copy of the original with the changed bytes patched.
 
 Clamping changes values, never shapes, dtypes or layout, so the clamped checkpoint is
-the original file with the bytes of the changed storages replaced and their CRC-32
-updated (in the zip's central directory, the data descriptor after the data and the
-local header, wherever the original has one). Copying a file is a kernel copy
+the original file with the bytes of the clamped pieces replaced (written by
+:class:`._sink.PieceWriter` at the offsets :meth:`Patch.locate` gives) and the CRC-32 of
+each changed member updated (in the zip's central directory, the data descriptor after
+the data and the local header, wherever the original has one). Copying a file is a kernel copy
 (``copy_file_range``; a reflink where the filesystem has them), several times faster
 than ``torch.save`` serialising every tensor again, and every byte of the file that no
 clamp changed stays as it was, the pickle included.
@@ -20,24 +21,24 @@ patched in that order: ``torch.load`` swapped its storages as it read them.
 from __future__ import annotations
 
 import os
-import shutil
 import struct
 import sys
 import zipfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 import torch
 from torch import Tensor
 
+from ._torch import read_member
 from ._tree import in_memory
 
 __all__ = ["Patch", "plan_patch"]
 
 _LOCAL, _CENTRAL, _DESCRIPTOR = b"PK\x03\x04", b"PK\x01\x02", b"PK\x07\x08"
-_STEP = 64 * 2**20
+_STEP = 4 * 2**20  # read back to compute a CRC: private memory
 
 
 @dataclass
@@ -54,33 +55,38 @@ class Patch:
     """How to write a clamped copy of ``source``: the storages to patch, by file offset."""
 
     source: Path
-    storages: dict[int, tuple[_Member, Tensor]]  # storage address -> its member, its bytes
+    storages: dict[int, _Member]  # storage address -> its member
     swap: dict[int, int] = field(default_factory=dict)  # storage address -> bytes to reverse
 
-    def write(self, tmp: Path, changed: list[Tensor]) -> None:
-        """Write the copy to ``tmp``: the original, with the storages of ``changed`` patched.
+    def locate(self, ptr: int) -> tuple[int, int] | None:
+        """Where the storage at address ``ptr`` lies in the file, and its swap unit."""
+        member = self.storages.get(ptr)
+        if member is None:
+            return None
+        return member.offset, self.swap.get(ptr, 1)
 
-        Raises:
-            OSError: when the copy fails (a full disk, ...).
+    def fix_crcs(self, tmp: Path, touched: set[int]) -> None:
+        """Give the members of the storages ``touched`` in ``tmp`` the CRC-32 of their data.
+
+        The data is read back from ``tmp`` a few MiB at a time (it is in the page cache).
         """
-        shutil.copyfile(self.source, tmp)
         with open(tmp, "r+b") as f:
-            for ptr in dict.fromkeys(t.untyped_storage().data_ptr() for t in changed):
-                member, data = self.storages[ptr]
-                _patch(f, member, data, self.swap.get(ptr, 1))
+            for ptr in touched:
+                _fix_crc(f, self.storages[ptr])
 
 
-def _patch(f: BinaryIO, m: _Member, data: Tensor, unit: int) -> None:
-    """Write ``data`` over member ``m``, each ``unit`` bytes reversed (the file's order)."""
+def _fix_crc(f: BinaryIO, m: _Member) -> None:
+    """Write the CRC-32 of member ``m``'s data (as it is in ``f`` now) where ``m`` has one."""
     crc = 0
-    f.seek(m.offset)
-    step = _STEP - _STEP % max(unit, 1)
-    for pos in range(0, m.size, step):
-        piece = data[pos : pos + step].numpy()
-        if unit > 1:  # a big-endian file on a little-endian machine, or the other way
-            piece = piece.reshape(-1, unit)[:, ::-1].reshape(-1)
-        f.write(piece.tobytes() if unit > 1 else piece.data)
-        crc = zlib.crc32(piece.data, crc)
+    buf = bytearray(_STEP)
+    view = memoryview(buf)
+    for pos in range(0, m.size, _STEP):
+        n = min(_STEP, m.size - pos)
+        got = os.preadv(f.fileno(), [view[:n]], m.offset + pos)
+        if got != n:
+            raise OSError(f"short read at {m.offset + pos}")
+        crc = zlib.crc32(view[:n], crc)
+    view.release()
     new = struct.pack("<I", crc)
     old = struct.pack("<I", m.crc)
     f.seek(m.central + 16)
@@ -148,11 +154,16 @@ def _foreign_order(path: Path) -> bool | None:
     """Whether the file's storages are in the other byte order than this machine's.
 
     ``torch.load`` swaps them as it reads (so the tensors in memory are native); the
-    patch must swap them back. ``None`` for a byte order record that is neither.
+    patch must swap them back. ``None`` for a byte order record that is neither (or
+    more than one). The record is read from its offset: a file saved without CRC-32s
+    (``compute_crc32 = False``) is one ``zipfile`` would refuse to read.
     """
     with zipfile.ZipFile(path) as z:
-        names = [n for n in z.namelist() if n.rpartition("/")[2] == "byteorder"]
-        order = z.read(names[0]).decode("ascii", "replace") if names else "little"
+        present = any(n.rpartition("/")[2] == "byteorder" for n in z.namelist())
+    if not present:
+        return sys.byteorder != "little"  # no record: torch.load reads it as little-endian
+    raw = read_member(path, "byteorder")
+    order = raw.decode("ascii", "replace") if raw is not None else None
     if order not in ("little", "big"):
         return None
     return order != sys.byteorder
@@ -178,7 +189,7 @@ def plan_patch(path: Path, tensors: list[Tensor]) -> Patch | None:
         return None
     if members is None or foreign is None:
         return None
-    storages: dict[int, tuple[_Member, Tensor]] = {}
+    storages: dict[int, _Member] = {}
     swap: dict[int, int] = {}
     for t in tensors:
         if not in_memory(t) or t.device.type != "cpu":
@@ -190,8 +201,7 @@ def plan_patch(path: Path, tensors: list[Tensor]) -> Patch | None:
         member = members.get(offset) if offset is not None else None
         if member is None or member.size != st.nbytes():
             return None  # not a whole member of this file: let torch.save write it
-        data: Any = torch.empty(0, dtype=torch.uint8).set_(st)
-        storages[st.data_ptr()] = (member, data)
+        storages[st.data_ptr()] = member
         if foreign:
             unit = _swap_unit(t.dtype)
             if swap.setdefault(st.data_ptr(), unit) != unit or member.size % unit:

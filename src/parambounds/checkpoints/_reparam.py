@@ -45,10 +45,10 @@ class Reparametrized:
         return self._module()(self.original)
 
     @torch.no_grad()
-    def clamp_(self, name: str, lo: float | None, hi: float | None) -> int:
-        """Clamp the value into ``[lo, hi]`` by rewriting the unconstrained tensor.
+    def clamped(self, name: str, lo: float | None, hi: float | None) -> Tensor:
+        """The unconstrained tensor whose value is this one's clamped into ``[lo, hi]``.
 
-        Only the elements that are outside change. Returns how many did.
+        Only the elements whose value is outside change; ``original`` is not written.
 
         Raises:
             BoundsError: when the saved bounds do not reach ``[lo, hi]``.
@@ -58,9 +58,8 @@ class Reparametrized:
         c = v.clamp(lo, hi)
         changed = c != v
         changed &= ~torch.isnan(v)
-        n = int(changed.sum())
-        if not n:
-            return 0
+        if not bool(changed.any()):
+            return self.original.clone()
         z = torch.where(changed, p.right_inverse(c), self.original)
         increasing = self.lower is not None
         step = torch.full_like(z, torch.finfo(z.dtype).eps) * z.abs().clamp_min(1.0)
@@ -69,8 +68,7 @@ class Reparametrized:
             low = changed & (y < lo) if lo is not None else torch.zeros_like(changed)
             high = changed & (y > hi) if hi is not None else torch.zeros_like(changed)
             if not bool((low | high).any()):
-                self.original.copy_(z)
-                return n
+                return z
             up = low if increasing else high
             down = high if increasing else low
             z = torch.where(up, z + step, torch.where(down, z - step, z))

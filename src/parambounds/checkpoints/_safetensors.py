@@ -1,10 +1,11 @@
 """``.safetensors`` files, lazily: tensors are views of a copy-on-write memory map.
 
 The file is validated by the ``safetensors`` package, then mapped privately: reading a
-tensor reads the file's pages from the page cache, and clamping one changes only the
-pages it writes, in this process. Writing the clamped copy streams the original header
-(metadata, names, offsets: unchanged, since clamping changes no shape or dtype) and then
-the mapped data, so no tensor is ever copied whole.
+tensor reads the file's pages from the page cache. The clamped copy is the original
+file (header, metadata, names, offsets: unchanged, since clamping changes no shape or
+dtype) with the clamped pieces written over it at their offsets
+(:meth:`SafetensorsFile.locate`, :mod:`._sink`): the map is never written, so no page
+of it becomes private memory.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ class SafetensorsFile:
         self.start = 8 + header_len
         self.metadata: dict[str, str] | None = header.pop("__metadata__", None)
         self.mm = mm
+        self.base = torch.frombuffer(mm, dtype=torch.uint8, count=1).data_ptr() if len(mm) else 0
         self.tensors: dict[str, Tensor] = {}
         self.other_names: list[str] = []
         for name, info in header.items():
@@ -65,6 +67,12 @@ class SafetensorsFile:
                 self.tensors[name] = t
             else:
                 self.other_names.append(name)
+
+    def locate(self, ptr: int) -> tuple[int, int] | None:
+        """Where the storage at address ``ptr`` lies in the file (little-endian: no swap)."""
+        if not self.base <= ptr < self.base + len(self.mm):
+            return None
+        return ptr - self.base, 1
 
     def write(self, out: BinaryIO) -> None:
         """Write the file, with the mapped (possibly clamped) data, to ``out``."""

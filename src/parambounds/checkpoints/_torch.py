@@ -8,14 +8,25 @@ would be read as raw bytes through the memory map, or expand without bound, so i
 refused. Old (pre-1.6) files are pickles that cannot be mapped; they are read whole, still
 with ``weights_only=True``. Anything else is named for what it is: a safetensors file, a
 plain pickle, a text file.
+
+A file of DTensors (a rank's ``torch.save`` of an FSDP2 or tensor-parallel state_dict)
+loads with ``weights_only=True`` once ``torch.distributed.tensor`` is imported (it
+allows its own classes); that heavy import is done only when the archive's pickle names
+``torch.distributed.tensor`` and ``DTensor``. Each DTensor is then judged by its local
+shard (the values this file holds), which takes its place in the tree, so that it is
+checked, and clamped by patching the file, as a plain tensor is.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import pickle
 import re
+import sys
 import warnings
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +34,8 @@ import torch
 
 from ..errors import BoundsError
 
-__all__ = ["load_torch_file", "sniff"]
+__all__ = ["load_torch_file", "local_shards", "read_member", "sniff"]
+
 
 # pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2)[2:]: the magic number of old torch.save
 _LEGACY_MAGIC = b"\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19"
@@ -95,10 +107,101 @@ def _check_archive(path: Path) -> None:
             )
 
 
+def read_member(path: Path, leaf: str) -> bytes | None:
+    """The stored bytes of the one member named ``.../leaf``, or ``None`` if not one.
+
+    Read from the member's offset, not through ``zipfile``'s reader, which refuses a
+    member whose CRC-32 does not match: ``torch.save`` writes 0 for every CRC under
+    ``torch.utils.serialization.config.save.compute_crc32 = False``, and torch reads
+    such files.
+    """
+    with zipfile.ZipFile(path) as z, open(path, "rb") as f:
+        infos = [i for i in z.infolist() if i.filename.rpartition("/")[2] == leaf]
+        if len(infos) != 1 or infos[0].compress_type != zipfile.ZIP_STORED:
+            return None
+        info = infos[0]
+        f.seek(info.header_offset)
+        local = f.read(30)
+        if local[:4] != b"PK\x03\x04":
+            return None
+        n, m = int.from_bytes(local[26:28], "little"), int.from_bytes(local[28:30], "little")
+        f.seek(info.header_offset + 30 + n + m)
+        data = f.read(info.file_size)
+    return data if len(data) == info.file_size else None
+
+
+def _names_dtensor(path: Path) -> bool:
+    """Whether the archive's pickle names ``torch.distributed.tensor``'s ``DTensor``."""
+    try:
+        data = read_member(path, "data.pkl") or b""
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+        return False
+    return b"torch.distributed.tensor" in data and b"DTensor" in data
+
+
+def _allow_dtensors() -> bool:
+    """Import ``torch.distributed.tensor`` (it registers DTensor's classes as safe)."""
+    try:
+        import torch.distributed.tensor  # noqa: F401
+    except ImportError:  # a torch built without torch.distributed: refused as before
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def _quiet_device_mesh() -> Any:
+    """No log line from DeviceMesh unpickled outside a process group (one line on stderr)."""
+    log = logging.getLogger("torch.distributed.device_mesh")
+    before = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(before)
+
+
 def _load(path: Path, mmap: bool) -> Any:
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _quiet_device_mesh():
         warnings.simplefilter("ignore")  # torch's pickle-protocol and mmap notes
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+
+
+def local_shards(node: Any, memo: dict[int, Any] | None = None) -> tuple[Any, bool]:
+    """``node`` with every DTensor replaced by its local shard; whether there was one.
+
+    Containers holding a DTensor are rebuilt (dicts keep their type where it can be
+    built from pairs); one object seen twice (tied weights) stays one object.
+    """
+    if "torch.distributed.tensor" not in sys.modules:
+        return node, False
+    from torch.distributed.tensor import DTensor
+
+    memo = {} if memo is None else memo
+    found = False
+
+    def swap(x: Any) -> Any:
+        nonlocal found
+        if id(x) in memo:
+            return memo[id(x)]
+        out = x
+        if isinstance(x, DTensor):
+            found = True
+            out = x._local_tensor
+        elif isinstance(x, Mapping):
+            items = [(k, swap(v)) for k, v in x.items()]
+            if any(v is not x[k] for k, v in items):
+                try:
+                    out = type(x)(items)  # type: ignore[call-arg]  # dict, OrderedDict
+                except TypeError:
+                    out = dict(items)
+        elif isinstance(x, (list, tuple)):
+            values = [swap(v) for v in x]
+            if any(a is not b for a, b in zip(values, x)):
+                out = values if isinstance(x, list) else tuple(values)
+        memo[id(x)] = out
+        return out
+
+    return swap(node), found
 
 
 def _check_storages(path: Path, data: Any) -> None:
@@ -117,8 +220,12 @@ def _check_storages(path: Path, data: Any) -> None:
             )
 
 
-def load_torch_file(path: Path) -> Any:
+def load_torch_file(path: Path) -> tuple[Any, bool]:
     """``torch.load`` a ``.pt`` file memory-mapped and without running code.
+
+    Returns:
+        the loaded tree, its DTensors replaced by their local shards
+        (:func:`local_shards`); and whether it held any.
 
     Raises:
         BoundsError: naming the file and what it is, when it is not a safe checkpoint.
@@ -136,6 +243,8 @@ def load_torch_file(path: Path) -> Any:
         raise BoundsError(f"{path}: not a PyTorch checkpoint ({what[kind]})")
     if kind == "zip":
         _check_archive(path)
+        if _names_dtensor(path):
+            _allow_dtensors()
     try:
         data = _load(path, mmap=kind == "zip")
     except pickle.UnpicklingError as err:
@@ -151,6 +260,7 @@ def load_torch_file(path: Path) -> Any:
         ) from None
     from ._tree import unreachable_tensor
 
+    data, shards = local_shards(data)
     hidden = unreachable_tensor(data)
     if hidden is not None:
         raise BoundsError(
@@ -158,4 +268,4 @@ def load_torch_file(path: Path) -> Any:
             "check nor clamp; refused (keep tensors in dicts, lists and tuples)"
         )
     _check_storages(path, data)
-    return data
+    return data, shards
