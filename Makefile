@@ -42,7 +42,7 @@ VERIFY_TESTS := tests/test_cost.py tests/test_torch_report.py tests/test_constra
 	tests/test_stale_caches.py tests/test_state_machine.py
 
 test: lint docs
-	$(PY) -m pytest
+	$(PY) -m pytest --durations=20  # the slowest tests, in every log
 	$(MAKE) test-kernels
 	$(MAKE) test-verify
 	$(PY) benchmarks/bench_bounds.py --quick
