@@ -19,7 +19,7 @@ from parambounds import Bounds, bounds_cost
 BIG = 2**62  # float64 cannot tell BIG from BIG + 1
 
 
-@pytest.fixture(params=[False, True], ids=["plain", "verify"])
+@pytest.fixture(params=[False, True], ids=["plain", "verify"], autouse=True)
 def verify(request):
     before = parambounds.get_verify()
     parambounds.set_verify(request.param)
@@ -37,7 +37,7 @@ def ref_int_cost(pairs):
     return total
 
 
-def test_integer_bounds_equal_as_floats_are_not_merged(verify):
+def test_integer_bounds_equal_as_floats_are_not_merged():
     """Two Python int lower bounds that float64 cannot tell apart (2**62, 2**62 + 1) on
     two int64 parameters: each keeps its own bound, in either order (they were grouped by
     their float value, and the group kept the first one's exact bound)."""
@@ -57,7 +57,7 @@ def test_integer_bounds_equal_as_floats_are_not_merged(verify):
         assert int(sd["b"][0]) == max(BIG, lo_b)
 
 
-def test_numpy_integer_bound_is_not_served_a_float_bounds_plan(verify):
+def test_numpy_integer_bound_is_not_served_a_float_bounds_plan():
     """A numpy int64 bound of 2**62 + 1 after a float bound of 2**62 on the same tree:
     the plan cache took them for the same key (numpy compares an int64 with a float in
     float64) and served the float bound's plan."""
@@ -67,7 +67,7 @@ def test_numpy_integer_bound_is_not_served_a_float_bounds_plan(verify):
     assert math.isclose(float(got), math.e, rel_tol=1e-6), float(got)
 
 
-def test_fraction_bound_after_float_bound_is_not_served_its_plan(verify):
+def test_fraction_bound_after_float_bound_is_not_served_its_plan():
     """A Fraction bound whose float value equals an earlier float bound is another bound."""
     x = torch.tensor([BIG], dtype=torch.int64)
     assert float(bounds_cost({"x": x}, {"x": float(BIG)}, {"x": None})) == 0.0
@@ -81,7 +81,7 @@ def test_fraction_bound_after_float_bound_is_not_served_its_plan(verify):
     [torch.tensor(BIG + 1), Fraction(2 * BIG + 1, 2), np.int64(BIG + 1)],
     ids=["0d-int-tensor", "fraction", "numpy-int64"],
 )
-def test_exact_integer_bounds_of_every_number_type(verify, lower):
+def test_exact_integer_bounds_of_every_number_type(lower):
     """An integer bound kept exactly whatever its type (a 0-d integer tensor was read as a
     float, a Fraction rounded to a float before being rounded inward), by cost, report,
     check and project_ alike."""
