@@ -94,3 +94,65 @@ def test_exact_integer_bounds_of_every_number_type(lower):
     assert (entry.below, entry.above, entry.max_excess) == (1, 0, 1.0)
     spec.project_(sd)
     assert sd["w"].tolist() == [want_lower, BIG + 5]
+
+
+class _Double(torch.nn.Module):
+    def forward(self, x):
+        return 2 * x
+
+
+def _ref_report(named, lo, hi):
+    """(elements below, elements above, largest excess) of plain float64 tensors."""
+    below = above = 0
+    excess = 0.0
+    for t in named.values():
+        x = t.detach().double()
+        below += int((x < lo).sum())
+        above += int((x > hi).sum())
+        excess = max(excess, float((lo - x).clamp_min(0).max()), float((x - hi).clamp_min(0).max()))
+    return below, above, excess
+
+
+@pytest.mark.parametrize("parametrized", [0, 1])
+def test_weight_tied_then_parametrized_in_one_module_is_bounded(parametrized):
+    """``m[1].weight = m[0].weight``, then a parametrization (``2 * w``) on one of them:
+    the model sees two different weights, 0.4 and 0.8. ``named_parameters()`` lists the
+    shared original once, so the parametrized ``weight`` was left out when the plain name
+    came first: 0.8 outside [-0.5, 0.5] reported inside, cost 0."""
+    import torch.nn.utils.parametrize as parametrize
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    with torch.no_grad():
+        model[0].weight.fill_(0.4)
+    model[1].weight = model[0].weight
+    parametrize.register_parametrization(model[parametrized], "weight", _Double())
+    seen = {"0.weight": model[0].weight, "1.weight": model[1].weight}  # what the model uses
+    lo, hi = -0.5, 0.5
+    want_cost = sum(
+        float(torch.where(x.double() > hi, torch.exp(x.double() - hi), 0.0).sum())
+        for x in seen.values()
+    )
+    bounds = Bounds({"*.weight": (lo, hi)})
+    assert math.isclose(float(bounds.cost(model)), want_cost, rel_tol=1e-6)
+    report = bounds.report(model)
+    got = (
+        sum(e.below for e in report.entries),
+        sum(e.above for e in report.entries),
+        max(e.max_excess for e in report.entries),
+    )
+    want = _ref_report(seen, lo, hi)
+    assert got[:2] == want[:2] and math.isclose(got[2], want[2], rel_tol=1e-6), (got, want)
+
+
+def test_shared_parametrized_module_is_listed_once():
+    """One parametrized module under two names counts once, as a plain shared module."""
+    import torch.nn.utils.parametrize as parametrize
+
+    shared = torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        shared.weight.fill_(0.4)  # seen as 0.8
+    parametrize.register_parametrization(shared, "weight", _Double())
+    model = torch.nn.Sequential(shared, shared)
+    bounds = Bounds({"*.weight": (-0.5, 0.5)})
+    want = 4 * math.exp(0.8 - 0.5)  # four elements, counted once
+    assert math.isclose(float(bounds.cost(model)), want, rel_tol=1e-5)
