@@ -156,3 +156,20 @@ def test_shared_parametrized_module_is_listed_once():
     bounds = Bounds({"*.weight": (-0.5, 0.5)})
     want = 4 * math.exp(0.8 - 0.5)  # four elements, counted once
     assert math.isclose(float(bounds.cost(model)), want, rel_tol=1e-5)
+
+
+def test_numpy_float64_bound_then_a_tensor_bound_in_its_place():
+    """A numpy.float64 bound (a float subclass) was kept as is in the plan cache's key;
+    the next key with a bound tensor in its place was compared with it by NumPy, which
+    raised ``ValueError: setting an array element with a sequence``."""
+    x = torch.tensor([2.0, -3.0, 0.5, 1.5])
+    lower = torch.zeros(4)
+
+    def ref(hi):
+        x64 = x.double()
+        below = torch.where(x64 < 0, torch.exp(-x64), 0.0).sum()
+        return float(below + torch.where(x64 > hi, torch.exp(x64 - hi), 0.0).sum())
+
+    for upper, hi in ((np.float64(1.0), 1.0), (torch.full((4,), 2.0), 2.0), (np.float64(1.0), 1.0)):
+        got = bounds_cost({"x": x}, {"x": lower}, {"x": upper})
+        assert math.isclose(float(got), ref(hi), rel_tol=1e-6), (float(got), ref(hi))

@@ -127,8 +127,8 @@ def _bound_key(b: Any) -> Any:
         return b
     if isinstance(b, Tensor):
         return tensor_key(b)
-    if isinstance(b, float):
-        return b
+    if isinstance(b, float):  # a subclass (numpy.float64): a plain float, which
+        return float(b)  # compares with the other keys' tuples without NumPy's broadcast
     if isinstance(b, numbers.Real) and not isinstance(b, bool):
         try:
             f = float(b)
