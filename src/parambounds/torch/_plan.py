@@ -17,6 +17,7 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Any, cast
 
 import torch
@@ -126,15 +127,18 @@ def _bound_key(b: Any) -> Any:
         return b
     if isinstance(b, Tensor):
         return tensor_key(b)
-    if isinstance(b, float):
-        return b
+    if isinstance(b, float):  # a subclass (numpy.float64): a plain float, which
+        return float(b)  # compares with the other keys' tuples without NumPy's broadcast
     if isinstance(b, numbers.Real) and not isinstance(b, bool):
         try:
             f = float(b)
         except OverflowError:  # an integer beyond float64: itself (checked as +-inf)
             return ("n", b)
-        if isinstance(b, numbers.Integral) and f != b:  # past 2**53: exact for integers
-            return ("n", int(b))
+        # Past 2**53 (an integer, a Fraction) the float is another bound: keyed exactly.
+        # ``int`` first: NumPy compares its integers with a float in float64.
+        exact = int(b) if isinstance(b, numbers.Integral) else b
+        if f != exact:
+            return ("n", exact)
         return f
     return ("o", id(b))
 
@@ -291,8 +295,10 @@ def _exact_bounds(path: str, p: Tensor, lo: Any, hi: Any, lo_n: Any, hi_n: Any) 
     def source(raw: Any, normalised: Any) -> Any:  # full precision, not rounded to p.dtype
         if normalised is None:
             return None
-        if integer and isinstance(raw, numbers.Integral) and not isinstance(raw, bool):
-            return raw  # exact: an int past 2**53 is not a float64
+        if isinstance(raw, Tensor) and not isinstance(normalised, Tensor):
+            raw = raw.item()  # a 0-d bound is a number (an integer one kept exactly)
+        if integer and isinstance(raw, numbers.Rational) and not isinstance(raw, bool):
+            return raw  # exact: an int past 2**53 (or a Fraction) is not a float64
         if not isinstance(normalised, Tensor) or not isinstance(raw, Tensor):
             return normalised
         if is_dtensor(normalised):  # the bound's own layout, its values as given
@@ -348,10 +354,10 @@ def _check_integer_range(path: str, dtype: torch.dtype, lo: Any, hi: Any) -> Non
         if b is None:
             continue
         beyond: Any = None
-        if isinstance(b, numbers.Integral):  # exact, however large
-            n = int(b)
-            if (n > limit) if side == "lower" else (n < limit):
-                beyond = n
+        if isinstance(b, numbers.Rational):  # exact, however large
+            exact = Fraction(int(b.numerator), int(b.denominator))
+            if (exact > limit) if side == "lower" else (exact < limit):
+                beyond = int(b) if isinstance(b, numbers.Integral) else float(b)
         else:
             t = torch.as_tensor(b).to(torch.float64)
             bad = t > limit if side == "lower" else t < limit
@@ -445,7 +451,8 @@ def _build(named: list[tuple[str, Any]], lowers: list[Any], uppers: list[Any]) -
         if isinstance(lo_n, Tensor) or isinstance(hi_n, Tensor):
             tensor_leaves.append(LeafBounds(i, path, lo_n, hi_n, lo_x, hi_x))
         else:
-            key = (lo_n, hi_n, p.dtype, p.device)
+            # the exact bounds too: integers past 2**53 share a float but not a bound
+            key = (lo_n, hi_n, lo_x, hi_x, p.dtype, p.device)
             group = groups.setdefault(key, Group(lo_n, hi_n, [], lo_x, hi_x))  # type: ignore[arg-type]
             group.indices.append(i)
     numels = {i: named[i][1].numel() for i in bounded}

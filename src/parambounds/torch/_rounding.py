@@ -98,6 +98,8 @@ def _inward_integer(b: Any, side: str, dtype: torch.dtype) -> Any:
     if not isinstance(b, Tensor):
         if isinstance(b, numbers.Integral):
             v = int(b)
+        elif isinstance(b, numbers.Rational):  # a Fraction: rounded exactly
+            v = int(math.ceil(b) if side == "lower" else math.floor(b))
         elif math.isinf(b):
             v = info.max if b > 0 else info.min
         else:

@@ -400,18 +400,28 @@ def _effective_parameters(model: torch.nn.Module) -> dict[str, Tensor]:
     ``torch.nn.utils.parametrize`` stores ``m.weight`` as
     ``m.parametrizations.weight.original``; bounds talk about ``m.weight``, the value
     the model uses, which is computed here through the parametrization.
+
+    A tensor under several names (tied weights) is listed once, under its first plain
+    name, as ``named_parameters()`` does; but each parametrized name is listed whatever
+    other name its ``original`` also has, since its value is another tensor (a weight
+    tied to ``m.weight`` and parametrized in ``n`` only: both ``m.weight`` and the
+    computed ``n.weight``). A module under two names is listed once, as there.
     """
     out: dict[str, Tensor] = {}
-    for name, p in model.named_parameters():
-        if _PARAMETRIZED not in name:
-            out[name] = p
-            continue
+    plain: set[int] = set()
+    computed: set[tuple[int, str]] = set()
+    for name, p in model.named_parameters(remove_duplicate=False):
         head, _, tail = name.rpartition(_PARAMETRIZED)
         attr, _, rest = tail.partition(".")
-        if rest not in ("original", "original0"):
-            out[name] = p  # a multi-tensor parametrization: keep its own names
+        if _PARAMETRIZED not in name or rest not in ("original", "original0"):
+            # plain (or a multi-tensor parametrization's own names): once per tensor
+            if id(p) not in plain:
+                plain.add(id(p))
+                out[name] = p
             continue
         owner_path = head[:-1]
         owner = model.get_submodule(owner_path) if owner_path else model
-        out[owner_path + ("." if owner_path else "") + attr] = getattr(owner, attr)
+        if (id(owner), attr) not in computed:  # a module under two names: once
+            computed.add((id(owner), attr))
+            out[owner_path + ("." if owner_path else "") + attr] = getattr(owner, attr)
     return out

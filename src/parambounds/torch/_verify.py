@@ -149,6 +149,8 @@ def _whole(b: Any, side: str, device: Any) -> Tensor:
     v = b.item() if isinstance(b, Tensor) else b
     if isinstance(v, numbers.Integral):
         n = int(v)
+    elif isinstance(v, numbers.Rational):  # a Fraction: rounded exactly, not via float
+        n = int(math.ceil(v) if side == "lower" else math.floor(v))
     else:
         f = float(v)
         if math.isinf(f):
