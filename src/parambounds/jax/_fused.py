@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.custom_derivatives import SymbolicZero
+from jax.extend.core import Primitive
+from jax.interpreters import ad, batching, mlir
 
 from ..penalties import PENALTIES, Penalty, threshold_for_max
 from . import _math, _native
@@ -68,9 +70,10 @@ class Config:
         return self._hash
 
     def __eq__(self, other: object) -> bool:
-        return (
-            isinstance(other, Config)
-            and (self.penalty, self.dtype, self.sides) == (other.penalty, other.dtype, other.sides)
+        return isinstance(other, Config) and (self.penalty, self.dtype, self.sides) == (
+            other.penalty,
+            other.dtype,
+            other.sides,
         )
 
 
@@ -90,6 +93,10 @@ def _call(cfg: Config, xs: tuple[Any, ...], bounds: Any, grad: bool) -> Any:
             grad=np.int64(grad),
             threshold=np.float64(cfg.threshold),
         )
+        # Inside jax.shard_map: the results vary over the mesh axes the inputs vary over.
+        vma = frozenset().union(*(_varying(a) for a in (bounds, *xs)))
+        if vma:
+            res = [jax.lax.pcast(r, tuple(vma), to="varying") for r in res]
         return (res[0], tuple(res[1:])) if grad else (res[0], ())
 
     def plain(xs: tuple[Any, ...], bounds: Any) -> Any:
@@ -98,6 +105,15 @@ def _call(cfg: Config, xs: tuple[Any, ...], bounds: Any, grad: bool) -> Any:
         return _reference_costs(cfg, xs, bounds), ()
 
     return jax.lax.platform_dependent(xs, bounds, cpu=native, default=plain)
+
+
+def _varying(x: Any) -> frozenset[str]:
+    """The mesh axes ``x`` varies over inside ``jax.shard_map`` (empty outside)."""
+    aval = jax.typeof(x)
+    mat = getattr(aval, "manual_axis_type", None)
+    if mat is not None:
+        return frozenset(mat.varying)
+    return frozenset(getattr(aval, "vma", ()))
 
 
 def _leaf_bounds(cfg: Config, bounds: Any, i: int) -> tuple[Any, Any]:
@@ -151,19 +167,114 @@ def costs(cfg: Config, xs: tuple[Any, ...], bounds: Any) -> Any:
     return _call(cfg, xs, bounds, False)[0]
 
 
+# ------------------------------------------------- the gradient handed over, times a cotangent
+
+
+def _scaled_plain(g: Any, c: Any) -> Any:
+    return jnp.where(g == 0, jnp.zeros((), g.dtype), g * c)
+
+
+@jax.custom_jvp
+def _scale(g: Any, c: Any) -> Any:
+    r"""``g * c``, with :math:`0` wherever ``g`` is :math:`0` (even for ``c`` infinite or NaN).
+
+    On the CPU the native kernel writes it in place (``g``'s buffer aliased to the result):
+    for ``c == 1``, as in ``jax.value_and_grad``, it does nothing at all.
+    """
+
+    def native(g: Any, c: Any) -> Any:
+        call = jax.ffi.ffi_call(
+            _native.SCALE,
+            jax.ShapeDtypeStruct(g.shape, g.dtype),
+            vmap_method="broadcast_all",
+            input_output_aliases={0: 0},
+        )
+        return call(g, jnp.asarray(c, g.dtype))
+
+    if np.dtype(g.dtype) not in _DTYPES or _varying(g) or _varying(c) or _native.target() is None:
+        return _scaled_plain(g, c)
+    return jax.lax.platform_dependent(g, c, cpu=native, default=_scaled_plain)
+
+
+@_scale.defjvp
+def _scale_jvp(primals: Any, tangents: Any) -> Any:
+    g, c = primals
+    dg, dc = tangents
+    return _scale(g, c), jnp.where(g == 0, jnp.zeros((), g.dtype), dg * c + g * dc)
+
+
+#: ``sum(g * dx)`` of one array: the tangent of a cost, linear in ``dx`` (and in ``g``),
+#: whose transpose in ``dx`` is :func:`_scale` (a gradient handed over, not recomputed).
+_dot_p = Primitive("parambounds_grad_dot")
+
+
+def _dot_plain(g: Any, dx: Any) -> Any:
+    return jnp.sum(g * dx)
+
+
+def _dot(g: Any, dx: Any) -> Any:
+    return _dot_p.bind(g, dx)
+
+
+_dot_p.def_impl(_dot_plain)
+_dot_p.def_abstract_eval(lambda _g, dx: jax.core.ShapedArray((), dx.dtype))
+mlir.register_lowering(_dot_p, mlir.lower_fun(_dot_plain, multiple_results=False))
+
+
+def _dot_jvp(primals: Any, tangents: Any) -> Any:
+    g, dx = primals
+    tg, tdx = tangents
+    out = _dot(g, dx)
+    terms = []
+    if type(tg) is not ad.Zero:
+        terms.append(_dot(tg, dx))
+    if type(tdx) is not ad.Zero:
+        terms.append(_dot(g, tdx))
+    if not terms:
+        return out, ad.Zero(jax.core.ShapedArray((), out.dtype))
+    return out, functools.reduce(lambda a, b: a + b, terms)
+
+
+def _dot_transpose(ct: Any, g: Any, dx: Any) -> Any:
+    if ad.is_undefined_primal(dx) and not ad.is_undefined_primal(g):
+        if type(ct) is ad.Zero:
+            return None, ad.Zero(dx.aval)
+        return None, _scale(g, ct)
+    if ad.is_undefined_primal(g) and not ad.is_undefined_primal(dx):
+        if type(ct) is ad.Zero:
+            return ad.Zero(g.aval), None
+        return dx * ct, None
+    raise NotImplementedError("parambounds: the tangent of a cost is linear in one argument")
+
+
+def _dot_batch(args: Any, dims: Any) -> Any:
+    g, dx = args
+    size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
+    g, dx = (
+        jnp.broadcast_to(a, (size, *a.shape)) if d is None else jnp.moveaxis(a, d, 0)
+        for a, d in zip((g, dx), dims)
+    )
+    return jnp.sum((g * dx).reshape(size, -1), axis=1), 0
+
+
+ad.primitive_jvps[_dot_p] = _dot_jvp
+ad.primitive_transposes[_dot_p] = _dot_transpose
+batching.primitive_batchers[_dot_p] = _dot_batch
+
+
 @functools.partial(costs.defjvp, symbolic_zeros=True)
 def _costs_jvp(cfg: Config, primals: Any, tangents: Any) -> Any:
     xs, bounds = primals
     dxs, dbounds = tangents
     values, grads = _pair(cfg, xs, bounds)
+    # Inside jax.shard_map the plain product (the primitive's type carries no mesh axes).
+    dot = _dot_plain if any(_varying(x) for x in xs) else _dot
     parts = [
-        jnp.zeros((), cfg.dtype) if isinstance(dx, SymbolicZero) else jnp.sum(g * dx)
+        jnp.zeros((), cfg.dtype) if isinstance(dx, SymbolicZero) else dot(g, dx)
         for g, dx in zip(grads, dxs)
     ]
     tangent = jnp.stack(parts) if parts else jnp.zeros((0,), cfg.dtype)
     if not isinstance(dbounds, SymbolicZero):  # bounds that are differentiated
-        _, db = jax.jvp(
-            lambda b: _reference_costs(cfg, xs, b), (bounds,), (dbounds,)
-        )
+        _, db = jax.jvp(lambda b: _reference_costs(cfg, xs, b), (bounds,), (dbounds,))
         tangent = tangent + db
     return values, tangent

@@ -35,11 +35,12 @@ import jax
 
 from ..errors import BoundsError
 
-__all__ = ["NAME", "SOURCE", "build", "cache_directory", "mode", "target"]
+__all__ = ["NAME", "SCALE", "SOURCE", "build", "cache_directory", "mode", "target"]
 
 SOURCE = Path(__file__).parent / "csrc" / "bounds_ffi.cc"
-#: The FFI target's name, as registered with XLA.
+#: The FFI targets' names, as registered with XLA: the cost (and gradient), the scaling.
 NAME = "parambounds_bounds_cost"
+SCALE = "parambounds_scale"
 _MODES = ("auto", "native", "jnp")
 
 _lock = threading.Lock()
@@ -134,9 +135,8 @@ def build(compiler: str | None = None) -> Path:
 
 def _load() -> str:
     lib = ctypes.CDLL(str(build()))
-    jax.ffi.register_ffi_target(
-        NAME, jax.ffi.pycapsule(lib.ParamboundsBoundsCost), platform="cpu"
-    )
+    jax.ffi.register_ffi_target(NAME, jax.ffi.pycapsule(lib.ParamboundsBoundsCost), platform="cpu")
+    jax.ffi.register_ffi_target(SCALE, jax.ffi.pycapsule(lib.ParamboundsScale), platform="cpu")
     _state["lib"] = lib  # kept alive for the process
     return NAME
 

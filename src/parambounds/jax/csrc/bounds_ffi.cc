@@ -21,11 +21,19 @@
 // float32 exponential vectorised, within 2 ulp), while the block is still in L1.
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
+#include <memory>
+#include <thread>
+#include <vector>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+
+#ifdef __AVX__
+#include <immintrin.h>
+#endif
 
 #include "xla/ffi/api/ffi.h"
 
@@ -52,10 +60,16 @@ struct Vec<double> {
 
 template <typename M>
 inline bool any_lane(M m) {
+#ifdef __AVX__
+  __m256i v;
+  std::memcpy(&v, &m, sizeof(v));
+  return !_mm256_testz_si256(v, v);
+#else
   constexpr int w = sizeof(M) / sizeof(m[0]);
   bool r = false;
   for (int k = 0; k < w; ++k) r |= m[k] != 0;
   return r;
+#endif
 }
 
 // The larger gap of one value; NaN when x is NaN.
@@ -130,7 +144,8 @@ inline Vec<double>::type vexp(Vec<double>::type c) {  // not used: float64 goes 
   return c;
 }
 
-template <typename T, bool LO, bool HI>
+// One array (or a piece of one): its summed penalty, and with STORE its gradient.
+template <typename T, bool LO, bool HI, bool STORE>
 double leaf(const T* x, T* g, int64_t n, T l, T u, int p, T t) {
   typedef typename Vec<T>::type V;
   typedef typename Vec<T>::mask M;
@@ -139,54 +154,70 @@ double leaf(const T* x, T* g, int64_t n, T l, T u, int p, T t) {
   const T neg_inf = -std::numeric_limits<T>::infinity();
   double total = 0.0;
   V acc = V{};
-  const V lv = V{} + l, uv = V{} + u, tv = V{} + t, zero = V{};
+  const V lv = V{} + l, uv = V{} + u, tv = V{} + t, zero = V{}, two = V{} + T(2);
   const int64_t nv = n / W;
   int list[kBlock / W];
   for (int64_t b0 = 0; b0 < nv; b0 += kBlock / W) {
     const int64_t b1 = std::min<int64_t>(nv, b0 + kBlock / W);
     int k = 0;
+    // First sweep: a zero gradient, and the list of vectors with a value outside.
     for (int64_t j = b0; j < b1; ++j) {
       V xv;
       std::memcpy(&xv, x + j * W, sizeof(V));
-      V above = HI ? xv - uv : zero + neg_inf;
-      V below = LO ? lv - xv : zero + neg_inf;
-      V e = above >= below ? above : below;
+      V e;  // NaN where x is NaN
+      if (LO && HI) {
+        V above = xv - uv, below = lv - xv;
+        e = above >= below ? above : below;
+      } else {
+        e = HI ? xv - uv : lv - xv;
+      }
       M out = !(e <= zero);
-      std::memcpy(g + j * W, &zero, sizeof(V));
+      if (STORE) std::memcpy(g + j * W, &zero, sizeof(V));
       list[k] = static_cast<int>(j - b0);
       k += any_lane(out);
     }
+    // Second sweep: the listed vectors, still in L1.
     for (int i = 0; i < k; ++i) {
       const int64_t j = b0 + list[i];
-      if (is_float && p == 0) {
-        V xv;
-        std::memcpy(&xv, x + j * W, sizeof(V));
-        V above = HI ? xv - uv : zero + neg_inf;
-        V below = LO ? lv - xv : zero + neg_inf;
-        M up = above >= below;
-        V e = up ? above : below;
-        M out = !(e <= zero);
-        V c = e > tv ? tv : e;
-        c = out ? c : zero;
-        V s = vexp(c);
-        V over = (e - tv) > zero ? e - tv : zero;
-        V v = s + s * over;
-        v = out ? v : zero;
+      V xv;
+      std::memcpy(&xv, x + j * W, sizeof(V));
+      V e;
+      M up;  // the upper side is the larger gap
+      if (LO && HI) {
+        V above = xv - uv, below = lv - xv;
+        up = above >= below;
+        e = up ? above : below;
+      } else {
+        e = HI ? xv - uv : lv - xv;
+        up = HI ? M(zero == zero) : M(zero != zero);
+      }
+      M out = !(e <= zero);
+      V v, s;
+      if ((is_float && p == 0) || p == 2 || p == 3) {
+        if (p == 0) {
+          V c = e > tv ? tv : e;  // NaN stays NaN
+          s = vexp(out ? c : zero);
+          V over = (e - tv) > zero ? e - tv : zero;
+          v = s + s * over;
+        } else if (p == 2) {
+          v = e * e;
+          s = two * e;
+        } else {
+          v = e;
+          s = e != e ? e : zero + T(1);
+        }
+      } else {  // the other exponentials lane by lane
+        for (int q = 0; q < W; ++q) {
+          T sq = T(0);
+          v[q] = out[q] ? penalty<T>(p, e[q], t, &sq) : T(0);
+          s[q] = sq;
+        }
+      }
+      acc += out ? v : zero;
+      if (STORE) {
         V gv = up ? s : -s;
         gv = out ? gv : zero;
-        acc += v;
         std::memcpy(g + j * W, &gv, sizeof(V));
-      } else {
-        for (int q = 0; q < W; ++q) {
-          const int64_t idx = j * W + q;
-          T e = excess<T, LO, HI>(x[idx], l, u);
-          if (e <= T(0)) continue;
-          T s;
-          total += static_cast<double>(penalty<T>(p, e, t, &s));
-          T above = HI ? x[idx] - u : neg_inf;
-          T below = LO ? l - x[idx] : neg_inf;
-          g[idx] = above >= below ? s : -s;
-        }
       }
     }
     for (int q = 0; q < W; ++q) total += static_cast<double>(acc[q]);
@@ -194,26 +225,13 @@ double leaf(const T* x, T* g, int64_t n, T l, T u, int p, T t) {
   }
   for (int64_t idx = nv * W; idx < n; ++idx) {
     T e = excess<T, LO, HI>(x[idx], l, u);
-    g[idx] = T(0);
+    if (STORE) g[idx] = T(0);
     if (e <= T(0)) continue;
     T s;
     total += static_cast<double>(penalty<T>(p, e, t, &s));
     T above = HI ? x[idx] - u : neg_inf;
     T below = LO ? l - x[idx] : neg_inf;
-    g[idx] = above >= below ? s : -s;
-  }
-  return total;
-}
-
-// The cost alone (no gradient written): one sweep.
-template <typename T, bool LO, bool HI>
-double leaf_value(const T* x, int64_t n, T l, T u, int p, T t) {
-  double total = 0.0;
-  for (int64_t i = 0; i < n; ++i) {
-    T e = excess<T, LO, HI>(x[i], l, u);
-    if (e <= T(0)) continue;
-    T s;
-    total += static_cast<double>(penalty<T>(p, e, t, &s));
+    if (STORE) g[idx] = above >= below ? s : -s;
   }
   return total;
 }
@@ -222,25 +240,59 @@ template <typename T>
 double one(const T* x, T* g, int64_t n, T l, T u, int64_t sides, int p, T t) {
   if (g == nullptr) {
     switch (sides) {
-      case 1: return leaf_value<T, true, false>(x, n, l, u, p, t);
-      case 2: return leaf_value<T, false, true>(x, n, l, u, p, t);
-      case 3: return leaf_value<T, true, true>(x, n, l, u, p, t);
+      case 1: return leaf<T, true, false, false>(x, g, n, l, u, p, t);
+      case 2: return leaf<T, false, true, false>(x, g, n, l, u, p, t);
+      case 3: return leaf<T, true, true, false>(x, g, n, l, u, p, t);
       default: return 0.0;
     }
   }
   switch (sides) {
-    case 1: return leaf<T, true, false>(x, g, n, l, u, p, t);
-    case 2: return leaf<T, false, true>(x, g, n, l, u, p, t);
-    case 3: return leaf<T, true, true>(x, g, n, l, u, p, t);
+    case 1: return leaf<T, true, false, true>(x, g, n, l, u, p, t);
+    case 2: return leaf<T, false, true, true>(x, g, n, l, u, p, t);
+    case 3: return leaf<T, true, true, true>(x, g, n, l, u, p, t);
     default:
       std::memset(g, 0, sizeof(T) * n);
       return 0.0;
   }
 }
 
+// Elements per piece of work: pieces of large arrays go to XLA's intra-op threads.
+constexpr int64_t kPiece = 1 << 16;
+
+// The pieces of one call, shared with the pool's tasks (which may start after the call
+// has finished: they then find no piece left, and the shared_ptr keeps this alive).
 template <typename T>
-ffi::Error run(ffi::AnyBuffer bounds, ffi::RemainingArgs xs, ffi::RemainingRets rets,
-               ffi::Span<const int64_t> sides, int64_t p, int64_t grad, double threshold) {
+struct Work {
+  struct Piece {
+    const T* x;
+    T* g;
+    int64_t n;
+    int64_t leaf;
+  };
+  std::vector<Piece> pieces;
+  std::vector<double> results;
+  std::vector<T> lo, hi;
+  std::vector<int64_t> sides;
+  int p = 0;
+  T t = T(0);
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+
+  void run() {
+    for (;;) {
+      const int64_t k = next.fetch_add(1, std::memory_order_relaxed);
+      if (k >= static_cast<int64_t>(pieces.size())) return;
+      const Piece& w = pieces[k];
+      results[k] = one<T>(w.x, w.g, w.n, lo[w.leaf], hi[w.leaf], sides[w.leaf], p, t);
+      done.fetch_add(1, std::memory_order_release);
+    }
+  }
+};
+
+template <typename T>
+ffi::Error run(ffi::ThreadPool pool, ffi::AnyBuffer bounds, ffi::RemainingArgs xs,
+               ffi::RemainingRets rets, ffi::Span<const int64_t> sides, int64_t p,
+               int64_t grad, double threshold) {
   const size_t n = xs.size();
   if (sides.size() != n || bounds.element_count() != 2 * n ||
       rets.size() != (grad ? n + 1 : 1)) {
@@ -250,7 +302,10 @@ ffi::Error run(ffi::AnyBuffer bounds, ffi::RemainingArgs xs, ffi::RemainingRets 
   if (!costs_or.has_value()) return costs_or.error();
   T* costs = (*costs_or)->template typed_data<T>();
   const T* b = bounds.typed_data<T>();
-  const T t = static_cast<T>(threshold);
+  auto work = std::make_shared<Work<T>>();
+  work->p = static_cast<int>(p);
+  work->t = static_cast<T>(threshold);
+  int64_t total = 0;
   for (size_t i = 0; i < n; ++i) {
     auto x = xs.get<ffi::AnyBuffer>(i);
     if (!x.has_value()) return x.error();
@@ -260,21 +315,81 @@ ffi::Error run(ffi::AnyBuffer bounds, ffi::RemainingArgs xs, ffi::RemainingRets 
       if (!r.has_value()) return r.error();
       g = (*r)->template typed_data<T>();
     }
+    work->lo.push_back(b[2 * i]);
+    work->hi.push_back(b[2 * i + 1]);
+    work->sides.push_back(sides[i]);
+    const T* data = x->template typed_data<T>();
     const int64_t size = static_cast<int64_t>(x->element_count());
-    costs[i] = static_cast<T>(one<T>(x->template typed_data<T>(), g, size, b[2 * i],
-                                     b[2 * i + 1], sides[i], static_cast<int>(p), t));
+    total += size;
+    for (int64_t at = 0; at < size || at == 0; at += kPiece) {
+      const int64_t len = std::min(kPiece, size - at);
+      work->pieces.push_back({data + at, g == nullptr ? nullptr : g + at, len,
+                              static_cast<int64_t>(i)});
+      if (size == 0) break;
+    }
+  }
+  const int64_t count = static_cast<int64_t>(work->pieces.size());
+  work->results.assign(count, 0.0);
+  const int64_t helpers =
+      std::min<int64_t>(pool.num_threads(), total / (4 * kPiece));  // small calls: inline
+  for (int64_t h = 0; h < helpers; ++h) pool.Schedule([work] { work->run(); });
+  work->run();
+  while (work->done.load(std::memory_order_acquire) < count) std::this_thread::yield();
+  std::vector<double> sums(n, 0.0);
+  for (int64_t k = 0; k < count; ++k) sums[work->pieces[k].leaf] += work->results[k];
+  for (size_t i = 0; i < n; ++i) costs[i] = static_cast<T>(sums[i]);
+  return ffi::Error::Success();
+}
+
+ffi::Error bounds_cost(ffi::ThreadPool pool, ffi::AnyBuffer bounds, ffi::RemainingArgs xs,
+                       ffi::RemainingRets rets, ffi::Span<const int64_t> sides, int64_t p,
+                       int64_t grad, double threshold) {
+  switch (bounds.element_type()) {
+    case ffi::DataType::F32:
+      return run<float>(pool, bounds, xs, rets, sides, p, grad, threshold);
+    case ffi::DataType::F64:
+      return run<double>(pool, bounds, xs, rets, sides, p, grad, threshold);
+    default:
+      return ffi::Error::InvalidArgument("parambounds: float32 or float64 only");
+  }
+}
+
+// g * c into out (the same buffer when XLA aliased them), 0 where g is 0 whatever c is
+// (an infinite or NaN cotangent leaves a value inside its bounds at exactly 0). c holds
+// one factor per equal slice of g (one for all, or one per batch element under vmap).
+template <typename T>
+ffi::Error scale_run(ffi::AnyBuffer g, ffi::AnyBuffer c, ffi::Result<ffi::AnyBuffer> out) {
+  const int64_t n = static_cast<int64_t>(g.element_count());
+  const int64_t k = static_cast<int64_t>(c.element_count());
+  if (static_cast<int64_t>(out->element_count()) != n || k == 0 || n % k != 0) {
+    return ffi::Error::InvalidArgument("parambounds: scale arguments do not match");
+  }
+  const T* src = g.typed_data<T>();
+  T* dst = out->template typed_data<T>();
+  const T* f = c.typed_data<T>();
+  const int64_t slice = n / k;
+  for (int64_t b = 0; b < k; ++b) {
+    const T s = f[b];
+    const T* from = src + b * slice;
+    T* to = dst + b * slice;
+    if (s == T(1)) {  // value_and_grad: nothing to do when aliased
+      if (from != to) std::memcpy(to, from, sizeof(T) * slice);
+      continue;
+    }
+    for (int64_t i = 0; i < slice; ++i) to[i] = from[i] == T(0) ? T(0) : from[i] * s;
   }
   return ffi::Error::Success();
 }
 
-ffi::Error bounds_cost(ffi::AnyBuffer bounds, ffi::RemainingArgs xs, ffi::RemainingRets rets,
-                       ffi::Span<const int64_t> sides, int64_t p, int64_t grad,
-                       double threshold) {
-  switch (bounds.element_type()) {
+ffi::Error scale(ffi::AnyBuffer g, ffi::AnyBuffer c, ffi::Result<ffi::AnyBuffer> out) {
+  if (g.element_type() != c.element_type()) {
+    return ffi::Error::InvalidArgument("parambounds: scale dtypes differ");
+  }
+  switch (g.element_type()) {
     case ffi::DataType::F32:
-      return run<float>(bounds, xs, rets, sides, p, grad, threshold);
+      return scale_run<float>(g, c, out);
     case ffi::DataType::F64:
-      return run<double>(bounds, xs, rets, sides, p, grad, threshold);
+      return scale_run<double>(g, c, out);
     default:
       return ffi::Error::InvalidArgument("parambounds: float32 or float64 only");
   }
@@ -282,8 +397,15 @@ ffi::Error bounds_cost(ffi::AnyBuffer bounds, ffi::RemainingArgs xs, ffi::Remain
 
 }  // namespace
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ParamboundsScale, scale,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>());
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ParamboundsBoundsCost, bounds_cost,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()
                                   .RemainingArgs()
                                   .RemainingRets()
