@@ -183,6 +183,17 @@ def test_random_trees_match_the_jnp_path_and_a_float64_reference(shapes, data, p
         assert (a[inside] == 0).all()  # exactly zero inside
 
 
+def test_large_arrays_split_over_threads_give_the_jnp_paths_answer_for_subnormals():
+    # Pieces of a large array may run on XLA's other threads; each computes as the
+    # calling thread does (XLA flushes float32 subnormals to zero), so no piece differs.
+    x = jnp.full((1 << 20,), 1e-40, jnp.float32).at[::1000].set(0.5)
+    f = lambda q: bounds_cost({"w": q}, {"w": None}, {"w": 0.0})  # noqa: E731
+    (v1, g1), (v2, g2) = both(lambda: jax.jit(jax.value_and_grad(f))(x))
+    assert float(v1) == pytest.approx(float(v2), rel=1e-6)
+    assert float(v1) == pytest.approx(1049 * math.exp(0.5), rel=1e-5)
+    np.testing.assert_array_equal(np.asarray(g1) != 0, np.asarray(g2) != 0)
+
+
 # ------------------------------------------------------------- derivatives of derivatives
 
 

@@ -31,7 +31,7 @@
 #include <cstring>
 #include <type_traits>
 
-#ifdef __AVX__
+#if defined(__AVX__) || defined(__SSE__)
 #include <immintrin.h>
 #endif
 
@@ -277,8 +277,22 @@ struct Work {
   T t = T(0);
   std::atomic<int64_t> next{0};
   std::atomic<int64_t> done{0};
+#ifdef __SSE__
+  unsigned csr = 0;  // the calling thread's floating-point mode (XLA flushes subnormals)
+#endif
 
   void run() {
+#ifdef __SSE__
+    const unsigned old = _mm_getcsr();
+    _mm_setcsr(csr);  // every thread computes as the calling one: the same answer
+#endif
+    work();
+#ifdef __SSE__
+    _mm_setcsr(old);
+#endif
+  }
+
+  void work() {
     for (;;) {
       const int64_t k = next.fetch_add(1, std::memory_order_relaxed);
       if (k >= static_cast<int64_t>(pieces.size())) return;
@@ -304,6 +318,9 @@ ffi::Error run(ffi::ThreadPool pool, ffi::AnyBuffer bounds, ffi::RemainingArgs x
   const T* b = bounds.typed_data<T>();
   auto work = std::make_shared<Work<T>>();
   work->p = static_cast<int>(p);
+#ifdef __SSE__
+  work->csr = _mm_getcsr();
+#endif
   work->t = static_cast<T>(threshold);
   int64_t total = 0;
   for (size_t i = 0; i < n; ++i) {
