@@ -80,6 +80,19 @@ def compile_time(fn: Callable[[Any], Any], params: Any) -> float:
     return time.perf_counter() - t0
 
 
+def compile_rows(case: str, quick: bool, rounds: int = 2) -> list[tuple[float, float]]:
+    """``compile_time`` of ours and of Rockpool's, in turns (the order rotating)."""
+    params, _, _ = workload(case, quick)
+    fns = {"ours": bounds_cost, "theirs": jax_loss.bounds_cost}
+    out = []
+    for r in range(rounds):
+        got = {}
+        for name in ("ours", "theirs") if r % 2 == 0 else ("theirs", "ours"):
+            got[name] = compile_time(fns[name], params)
+        out.append((got["ours"], got["theirs"]))
+    return out
+
+
 def in_turns(fns: dict[str, Callable[[], Any]], reps: int) -> dict[str, float]:
     """Median seconds of each ``fn``, timed in turns (each round runs every one once, in
     an order rotating from round to round), so that a shared machine's load falls on all
@@ -224,18 +237,32 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for CI")
     parser.add_argument("--reps", type=int, default=0, help="repetitions (default 20, large 5)")
+    parser.add_argument(
+        "--floor-only",
+        action="store_true",
+        help="only the floor table, compile time on large in turns, and the first call",
+    )
     args = parser.parse_args()
     cpus = os.cpu_count()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}, {cpus} CPUs, load {load:.1f}")
-    print("| case | call | parambounds.jax (ms) | Rockpool jax_loss (ms) | speed-up |")
-    print("|---|---|---:|---:|---:|")
-    for case in ("many", "large"):
-        reps = args.reps or (5 if case == "large" and not args.quick else 20)
-        for label, ours, theirs in run(case, args.quick, reps):
-            cells = f"{ours * 1e3:.1f} | {theirs * 1e3:.1f} | {theirs / ours:.1f}x"
-            print(f"| {case} | {label} | {cells} |", flush=True)
-    print()
+    if not args.floor_only:
+        print("| case | call | parambounds.jax (ms) | Rockpool jax_loss (ms) | speed-up |")
+        print("|---|---|---:|---:|---:|")
+        for case in ("many", "large"):
+            reps = args.reps or (5 if case == "large" and not args.quick else 20)
+            for label, ours, theirs in run(case, args.quick, reps):
+                cells = f"{ours * 1e3:.1f} | {theirs * 1e3:.1f} | {theirs / ours:.1f}x"
+                print(f"| {case} | {label} | {cells} |", flush=True)
+        print()
+    else:
+        print("Compile time on `large`, ours and Rockpool's in turns:")
+        print()
+        print("| round | ours ms | Rockpool ms | ours / Rockpool |")
+        print("|---|---:|---:|---:|")
+        for r, (ours, theirs) in enumerate(compile_rows("large", args.quick)):
+            print(f"| {r + 1} | {ours * 1e3:.0f} | {theirs * 1e3:.0f} | {ours / theirs:.2f}x |")
+        print()
     print("Jitted value and gradient against XLA's floor, component by component, in turns:")
     print()
     print("| case | component | ms | / floor |")
@@ -246,6 +273,8 @@ def main() -> None:
         floor = rows[0][1]
         for label, sec in rows:
             print(f"| {case} | {label} | {sec * 1e3:.2f} | {sec / floor:.2f}x |", flush=True)
+    print()
+    print(f"load average after the floor table: {os.getloadavg()[0]:.1f}")
     print()
     print("The first jitted value and gradient in a fresh process (`many`):")
     print()
