@@ -166,12 +166,13 @@ def test_random_trees_match_the_jnp_path_and_a_float64_reference(shapes, data, p
     (v1, g1), (v2, g2) = both(lambda: jax.jit(jax.value_and_grad(f))(params))
     e1, e2 = both(lambda: f(params))  # eager value alone (the kernel without a gradient)
     parts = [ref_leaf(params[k], lower[k], upper[k], penalty) for k in params]
-    want = sum(v for v, _ in parts)
+    with np.errstate(over="ignore"):
+        want = float(np.float32(sum(v for v, _ in parts)))  # beyond float32: inf
     if math.isnan(want):
         assert math.isnan(float(v1)) and math.isnan(float(e1)) and math.isnan(float(v2))
     else:
         for got in (v1, e1):
-            assert float(got) == pytest.approx(want, rel=1e-5, abs=1e-30)
+            assert float(got) == pytest.approx(want, rel=1e-5, abs=1e-30) or float(got) == want
         for k, (_, grad) in zip(params, parts):
             if grad is not None:
                 np.testing.assert_allclose(np.asarray(g1[k]).ravel(), grad, rtol=2e-6)

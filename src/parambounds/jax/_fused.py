@@ -116,32 +116,44 @@ def _varying(x: Any) -> frozenset[str]:
     return frozenset(getattr(aval, "vma", ()))
 
 
-def _leaf_bounds(cfg: Config, bounds: Any, i: int) -> tuple[Any, Any]:
-    s = cfg.sides[i]
-    lo = _math.Finite(bounds[2 * i]) if s & 1 else None
-    hi = _math.Finite(bounds[2 * i + 1]) if s & 2 else None
-    return lo, hi
+def _leaf_bounds(side: int, lo: Any, hi: Any) -> tuple[Any, Any]:
+    return (_math.Finite(lo) if side & 1 else None, _math.Finite(hi) if side & 2 else None)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _leaf_value(penalty: Penalty, side: int, x: Any, lo: Any, hi: Any) -> Any:
+    """One array's cost on the ``jax.numpy`` path (jitted: leaves of one shape share a trace)."""
+    return _math.leaf_cost(x, *_leaf_bounds(side, lo, hi), penalty)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _leaf_pair(penalty: Penalty, side: int, x: Any, lo: Any, hi: Any) -> Any:
+    """One array's cost and gradient on the ``jax.numpy`` path."""
+    return jax.value_and_grad(lambda x: _leaf_value(penalty, side, x, lo, hi))(x)
+
+
+def _stack(values: list[Any], cfg: Config) -> Any:
+    return jnp.stack(values) if values else jnp.zeros((0,), cfg.dtype)
 
 
 def _reference_costs(cfg: Config, xs: tuple[Any, ...], bounds: Any) -> Any:
     """The ``jax.numpy`` path's costs: the oracle and the derivative of the kernel's."""
-    parts = [
-        _math.leaf_cost(x, *_leaf_bounds(cfg, bounds, i), cfg.penalty) for i, x in enumerate(xs)
-    ]
-    return jnp.stack(parts) if parts else jnp.zeros((0,), cfg.dtype)
+    return _stack(
+        [
+            _leaf_value(cfg.penalty, cfg.sides[i], x, bounds[2 * i], bounds[2 * i + 1])
+            for i, x in enumerate(xs)
+        ],
+        cfg,
+    )
 
 
 def _reference(cfg: Config, xs: tuple[Any, ...], bounds: Any) -> Any:
     """``(costs, gradients)`` computed by the ``jax.numpy`` path."""
-
-    def one(i: int, x: Any) -> Any:
-        return jax.value_and_grad(
-            lambda x: _math.leaf_cost(x, *_leaf_bounds(cfg, bounds, i), cfg.penalty)
-        )(x)
-
-    pairs = [one(i, x) for i, x in enumerate(xs)]
-    values = jnp.stack([v for v, _ in pairs]) if pairs else jnp.zeros((0,), cfg.dtype)
-    return values, tuple(g for _, g in pairs)
+    pairs = [
+        _leaf_pair(cfg.penalty, cfg.sides[i], x, bounds[2 * i], bounds[2 * i + 1])
+        for i, x in enumerate(xs)
+    ]
+    return _stack([v for v, _ in pairs], cfg), tuple(g for _, g in pairs)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
