@@ -182,91 +182,116 @@ def costs(cfg: Config, xs: tuple[Any, ...], bounds: Any) -> Any:
 # ------------------------------------------------- the gradient handed over, times a cotangent
 
 
-def _scaled_plain(g: Any, c: Any) -> Any:
-    return jnp.where(g == 0, jnp.zeros((), g.dtype), g * c)
+def _scaled_plain(gs: tuple[Any, ...], c: Any) -> tuple[Any, ...]:
+    return tuple(jnp.where(g == 0, jnp.zeros((), g.dtype), g * c[i]) for i, g in enumerate(gs))
 
 
 @jax.custom_jvp
-def _scale(g: Any, c: Any) -> Any:
-    r"""``g * c``, with :math:`0` wherever ``g`` is :math:`0` (even for ``c`` infinite or NaN).
+def _scale(gs: tuple[Any, ...], c: Any) -> tuple[Any, ...]:
+    r"""``g_i * c_i`` for each array, :math:`0` wherever ``g_i`` is :math:`0`.
 
-    On the CPU the native kernel writes it in place (``g``'s buffer aliased to the result):
-    for ``c == 1``, as in ``jax.value_and_grad``, it does nothing at all.
+    Even for an infinite or NaN ``c_i``, a value inside its bounds keeps a gradient of 0.
+    On the CPU one native call writes them in place (each ``g_i``'s buffer aliased to its
+    result): for ``c_i == 1``, as in ``jax.value_and_grad``, it does nothing at all.
     """
 
-    def native(g: Any, c: Any) -> Any:
+    def native(gs: tuple[Any, ...], c: Any) -> Any:
         call = jax.ffi.ffi_call(
             _native.SCALE,
-            jax.ShapeDtypeStruct(g.shape, g.dtype),
+            [jax.ShapeDtypeStruct(g.shape, g.dtype) for g in gs],
             vmap_method="broadcast_all",
-            input_output_aliases={0: 0},
+            input_output_aliases={i + 1: i for i in range(len(gs))},
         )
-        return call(g, jnp.asarray(c, g.dtype))
+        return tuple(call(c, *gs))
 
-    if np.dtype(g.dtype) not in _DTYPES or _varying(g) or _varying(c) or _native.target() is None:
-        return _scaled_plain(g, c)
-    return jax.lax.platform_dependent(g, c, cpu=native, default=_scaled_plain)
+    dtypes = {np.dtype(g.dtype) for g in gs}
+    if (
+        len(dtypes) != 1
+        or dtypes - set(_DTYPES)
+        or any(_varying(a) for a in (*gs, c))
+        or _native.target() is None
+    ):
+        return _scaled_plain(gs, c)
+    c = c.astype(next(iter(dtypes)))
+    return jax.lax.platform_dependent(gs, c, cpu=native, default=_scaled_plain)
 
 
 @_scale.defjvp
 def _scale_jvp(primals: Any, tangents: Any) -> Any:
-    g, c = primals
-    dg, dc = tangents
-    return _scale(g, c), jnp.where(g == 0, jnp.zeros((), g.dtype), dg * c + g * dc)
+    gs, c = primals
+    dgs, dc = tangents
+    out = tuple(
+        jnp.where(g == 0, jnp.zeros((), g.dtype), dg * c[i] + g * dc[i])
+        for i, (g, dg) in enumerate(zip(gs, dgs))
+    )
+    return _scale(gs, c), out
 
 
-#: ``sum(g * dx)`` of one array: the tangent of a cost, linear in ``dx`` (and in ``g``),
-#: whose transpose in ``dx`` is :func:`_scale` (a gradient handed over, not recomputed).
+#: ``[sum(g_i * dx_i) for each array]``: the tangent of the costs, linear in the ``dx``
+#: (and in the ``g``), whose transpose in the ``dx`` is :func:`_scale` (the gradients
+#: handed over, not recomputed). Bound as ``_dot_p.bind(*gs, *dxs)``.
 _dot_p = Primitive("parambounds_grad_dot")
 
 
-def _dot_plain(g: Any, dx: Any) -> Any:
-    return jnp.sum(g * dx)
+def _dot_plain(*args: Any) -> Any:
+    n = len(args) // 2
+    return jnp.stack([jnp.sum(g * dx) for g, dx in zip(args[:n], args[n:])])
 
 
-def _dot(g: Any, dx: Any) -> Any:
-    return _dot_p.bind(g, dx)
+def _dot(gs: tuple[Any, ...], dxs: tuple[Any, ...]) -> Any:
+    return _dot_p.bind(*gs, *dxs)
+
+
+def _dot_abstract(*args: Any) -> Any:
+    return jax.core.ShapedArray((len(args) // 2,), args[-1].dtype)
 
 
 _dot_p.def_impl(_dot_plain)
-_dot_p.def_abstract_eval(lambda _g, dx: jax.core.ShapedArray((), dx.dtype))
+_dot_p.def_abstract_eval(_dot_abstract)
 mlir.register_lowering(_dot_p, mlir.lower_fun(_dot_plain, multiple_results=False))
 
 
 def _dot_jvp(primals: Any, tangents: Any) -> Any:
-    g, dx = primals
-    tg, tdx = tangents
-    out = _dot(g, dx)
+    n = len(primals) // 2
+    gs, dxs = primals[:n], primals[n:]
+    tgs, tdxs = tangents[:n], tangents[n:]
+    out = _dot(gs, dxs)
+    zero = ad.Zero(jax.core.ShapedArray((n,), out.dtype))
     terms = []
-    if type(tg) is not ad.Zero:
-        terms.append(_dot(tg, dx))
-    if type(tdx) is not ad.Zero:
-        terms.append(_dot(g, tdx))
+    if any(type(t) is not ad.Zero for t in tgs):
+        terms.append(_dot(tuple(ad.instantiate_zeros(t) for t in tgs), dxs))
+    if any(type(t) is not ad.Zero for t in tdxs):
+        terms.append(_dot(gs, tuple(ad.instantiate_zeros(t) for t in tdxs)))
     if not terms:
-        return out, ad.Zero(jax.core.ShapedArray((), out.dtype))
+        return out, zero
     return out, functools.reduce(lambda a, b: a + b, terms)
 
 
-def _dot_transpose(ct: Any, g: Any, dx: Any) -> Any:
-    if ad.is_undefined_primal(dx) and not ad.is_undefined_primal(g):
+def _dot_transpose(ct: Any, *args: Any) -> Any:
+    n = len(args) // 2
+    gs, dxs = args[:n], args[n:]
+    g_lin = [ad.is_undefined_primal(g) for g in gs]
+    x_lin = [ad.is_undefined_primal(x) for x in dxs]
+    if all(x_lin) and not any(g_lin):
         if type(ct) is ad.Zero:
-            return None, ad.Zero(dx.aval)
-        return None, _scale(g, ct)
-    if ad.is_undefined_primal(g) and not ad.is_undefined_primal(dx):
+            return [None] * n + [ad.Zero(x.aval) for x in dxs]
+        return [None] * n + list(_scale(tuple(gs), ct))
+    if all(g_lin) and not any(x_lin):
         if type(ct) is ad.Zero:
-            return ad.Zero(g.aval), None
-        return dx * ct, None
+            return [ad.Zero(g.aval) for g in gs] + [None] * n
+        return [dx * ct[i] for i, dx in enumerate(dxs)] + [None] * n
     raise NotImplementedError("parambounds: the tangent of a cost is linear in one argument")
 
 
 def _dot_batch(args: Any, dims: Any) -> Any:
-    g, dx = args
     size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
-    g, dx = (
+    moved = [
         jnp.broadcast_to(a, (size, *a.shape)) if d is None else jnp.moveaxis(a, d, 0)
-        for a, d in zip((g, dx), dims)
-    )
-    return jnp.sum((g * dx).reshape(size, -1), axis=1), 0
+        for a, d in zip(args, dims)
+    ]
+    n = len(args) // 2
+    parts = [jnp.sum((g * dx).reshape(size, -1), axis=1) for g, dx in zip(moved[:n], moved[n:])]
+    return jnp.stack(parts, axis=1), 0
 
 
 ad.primitive_jvps[_dot_p] = _dot_jvp
@@ -279,13 +304,16 @@ def _costs_jvp(cfg: Config, primals: Any, tangents: Any) -> Any:
     xs, bounds = primals
     dxs, dbounds = tangents
     values, grads = _pair(cfg, xs, bounds)
-    # Inside jax.shard_map the plain product (the primitive's type carries no mesh axes).
-    dot = _dot_plain if any(_varying(x) for x in xs) else _dot
-    parts = [
-        jnp.zeros((), cfg.dtype) if isinstance(dx, SymbolicZero) else dot(g, dx)
-        for g, dx in zip(grads, dxs)
-    ]
-    tangent = jnp.stack(parts) if parts else jnp.zeros((0,), cfg.dtype)
+    live = [i for i, dx in enumerate(dxs) if not isinstance(dx, SymbolicZero)]
+    tangent = jnp.zeros((len(xs),), cfg.dtype)
+    if live:
+        gs, ts = tuple(grads[i] for i in live), tuple(dxs[i] for i in live)
+        # Inside jax.shard_map the plain product (the primitive's type carries no mesh axes).
+        if any(_varying(x) for x in xs):
+            dots = _dot_plain(*gs, *ts)
+        else:
+            dots = _dot(gs, ts)
+        tangent = dots if len(live) == len(xs) else tangent.at[np.asarray(live)].set(dots)
     if not isinstance(dbounds, SymbolicZero):  # bounds that are differentiated
         _, db = jax.jvp(lambda b: _reference_costs(cfg, xs, b), (bounds,), (dbounds,))
         tangent = tangent + db

@@ -371,42 +371,51 @@ ffi::Error bounds_cost(ffi::ThreadPool pool, ffi::AnyBuffer bounds, ffi::Remaini
   }
 }
 
-// g * c into out (the same buffer when XLA aliased them), 0 where g is 0 whatever c is
-// (an infinite or NaN cotangent leaves a value inside its bounds at exactly 0). c holds
-// one factor per equal slice of g (one for all, or one per batch element under vmap).
+// g_i * c_i into out_i (the same buffer when XLA aliased them), 0 where g_i is 0
+// whatever c_i is (an infinite or NaN cotangent leaves a value inside its bounds at
+// exactly 0). c holds one factor per array, or per array and batch element under vmap
+// (c of shape (B, n), each g_i of B equal slices).
 template <typename T>
-ffi::Error scale_run(ffi::AnyBuffer g, ffi::AnyBuffer c, ffi::Result<ffi::AnyBuffer> out) {
-  const int64_t n = static_cast<int64_t>(g.element_count());
+ffi::Error scale_run(ffi::AnyBuffer c, ffi::RemainingArgs gs, ffi::RemainingRets outs) {
+  const size_t n = gs.size();
   const int64_t k = static_cast<int64_t>(c.element_count());
-  if (static_cast<int64_t>(out->element_count()) != n || k == 0 || n % k != 0) {
+  if (outs.size() != n || n == 0 || k % static_cast<int64_t>(n) != 0) {
     return ffi::Error::InvalidArgument("parambounds: scale arguments do not match");
   }
-  const T* src = g.typed_data<T>();
-  T* dst = out->template typed_data<T>();
+  const int64_t batch = k / static_cast<int64_t>(n);
   const T* f = c.typed_data<T>();
-  const int64_t slice = n / k;
-  for (int64_t b = 0; b < k; ++b) {
-    const T s = f[b];
-    const T* from = src + b * slice;
-    T* to = dst + b * slice;
-    if (s == T(1)) {  // value_and_grad: nothing to do when aliased
-      if (from != to) std::memcpy(to, from, sizeof(T) * slice);
-      continue;
+  for (size_t i = 0; i < n; ++i) {
+    auto g = gs.get<ffi::AnyBuffer>(i);
+    if (!g.has_value()) return g.error();
+    auto out = outs.get<ffi::AnyBuffer>(i);
+    if (!out.has_value()) return out.error();
+    const int64_t size = static_cast<int64_t>(g->element_count());
+    if (static_cast<int64_t>((*out)->element_count()) != size || size % batch != 0) {
+      return ffi::Error::InvalidArgument("parambounds: scale shapes do not match");
     }
-    for (int64_t i = 0; i < slice; ++i) to[i] = from[i] == T(0) ? T(0) : from[i] * s;
+    const int64_t slice = size / batch;
+    const T* src = g->template typed_data<T>();
+    T* dst = (*out)->template typed_data<T>();
+    for (int64_t b = 0; b < batch; ++b) {
+      const T s = f[b * static_cast<int64_t>(n) + static_cast<int64_t>(i)];
+      const T* from = src + b * slice;
+      T* to = dst + b * slice;
+      if (s == T(1)) {  // value_and_grad: nothing to do when aliased
+        if (from != to) std::memcpy(to, from, sizeof(T) * slice);
+        continue;
+      }
+      for (int64_t j = 0; j < slice; ++j) to[j] = from[j] == T(0) ? T(0) : from[j] * s;
+    }
   }
   return ffi::Error::Success();
 }
 
-ffi::Error scale(ffi::AnyBuffer g, ffi::AnyBuffer c, ffi::Result<ffi::AnyBuffer> out) {
-  if (g.element_type() != c.element_type()) {
-    return ffi::Error::InvalidArgument("parambounds: scale dtypes differ");
-  }
-  switch (g.element_type()) {
+ffi::Error scale(ffi::AnyBuffer c, ffi::RemainingArgs gs, ffi::RemainingRets outs) {
+  switch (c.element_type()) {
     case ffi::DataType::F32:
-      return scale_run<float>(g, c, out);
+      return scale_run<float>(c, gs, outs);
     case ffi::DataType::F64:
-      return scale_run<double>(g, c, out);
+      return scale_run<double>(c, gs, outs);
     default:
       return ffi::Error::InvalidArgument("parambounds: float32 or float64 only");
   }
@@ -417,8 +426,8 @@ ffi::Error scale(ffi::AnyBuffer g, ffi::AnyBuffer c, ffi::Result<ffi::AnyBuffer>
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ParamboundsScale, scale,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>());
+                                  .RemainingArgs()
+                                  .RemainingRets());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ParamboundsBoundsCost, bounds_cost,
                               ffi::Ffi::Bind()
