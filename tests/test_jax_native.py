@@ -88,3 +88,15 @@ def test_an_unknown_switch_value_is_a_bounds_error(monkeypatch):
     monkeypatch.setenv("PARAMBOUNDS_JAX_KERNEL", "fast")
     with pytest.raises(BoundsError, match="PARAMBOUNDS_JAX_KERNEL='fast'"):
         _native.target()
+
+
+def test_a_process_whose_default_backend_is_an_accelerator_builds_nothing(monkeypatch, tmp_path):
+    import jax
+
+    from parambounds.jax import _native
+
+    monkeypatch.setenv("PARAMBOUNDS_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("PARAMBOUNDS_JAX_KERNEL", raising=False)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert _native.target() is None
+    assert not (tmp_path / "cache").exists()

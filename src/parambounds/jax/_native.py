@@ -13,8 +13,9 @@ at once both finish, and neither ever loads half a file.
 The library is loaded with :mod:`ctypes` and its handler registered with
 :func:`jax.ffi.register_ffi_target` for the CPU. :func:`target` does all that once per
 process, on first use (the first trace of a cost): it returns the target's name, or
-``None`` when the kernel is switched off (``PARAMBOUNDS_JAX_KERNEL=jnp``), or when no
-compiler is found or the build fails; then one warning says why, and the ``jax.numpy``
+``None`` when the kernel is switched off (``PARAMBOUNDS_JAX_KERNEL=jnp``), when JAX's
+default backend is not the CPU (in ``auto`` mode), or when no compiler is found or the
+build fails; then one warning says why, and the ``jax.numpy``
 path computes the same values.
 """
 
@@ -151,8 +152,8 @@ def target() -> str | None:
             ``native`` mode.
     """
     want = mode()
-    if want == "jnp":
-        return None
+    if want == "jnp" or (want == "auto" and jax.default_backend() != "cpu"):
+        return None  # off, or an accelerator's process: no CPU build it would not use
     with _lock:
         if "target" not in _state:
             try:
