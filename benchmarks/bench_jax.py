@@ -17,8 +17,13 @@ neither pays JAX's own first-use costs).
 The second table puts ``jit v&g`` beside XLA's floor (one read of the parameters for a
 sum, the gradient tree written once: ``(sum(jnp.sum(x)), tree_map(lambda x: 2 * x))``),
 its two halves, the exponential cost's value and gradient written by hand in ``jnp``
-(one ``exp`` per element: what any implementation computes) and Rockpool's, all timed
-in turns (each round runs every one once, the order rotating).
+(one ``exp`` per element: what any implementation computes), ours with the native
+kernel switched off (``PARAMBOUNDS_JAX_KERNEL=jnp``) and Rockpool's, all timed in turns
+(each round runs every one once, the order rotating).
+
+The third table is the first call in a fresh process: the imports, then the first
+jitted value and gradient (tracing, compiling and, with an empty cache folder, building
+the native kernel), then a later call.
 """
 
 from __future__ import annotations
@@ -26,6 +31,9 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable
 from functools import partial
@@ -72,6 +80,24 @@ def compile_time(fn: Callable[[Any], Any], params: Any) -> float:
     return time.perf_counter() - t0
 
 
+def compile_rows(case: str, quick: bool, rounds: int = 4) -> list[tuple[float, float]]:
+    """``compile_time`` of ours and of Rockpool's, in turns (the order rotating).
+
+    JAX's caches are cleared before each (``jax.clear_caches``): ours jits its per-leaf
+    kernels, whose traces a later round would otherwise find cached.
+    """
+    params, _, _ = workload(case, quick)
+    fns = {"ours": bounds_cost, "theirs": jax_loss.bounds_cost}
+    out = []
+    for r in range(rounds):
+        got = {}
+        for name in ("ours", "theirs") if r % 2 == 0 else ("theirs", "ours"):
+            jax.clear_caches()
+            got[name] = compile_time(fns[name], params)
+        out.append((got["ours"], got["theirs"]))
+    return out
+
+
 def in_turns(fns: dict[str, Callable[[], Any]], reps: int) -> dict[str, float]:
     """Median seconds of each ``fn``, timed in turns (each round runs every one once, in
     an order rotating from round to round), so that a shared machine's load falls on all
@@ -101,6 +127,63 @@ def _exp_value(x: Any) -> Any:
     return jnp.sum(jnp.where(e <= 0, 0, jnp.exp(e)))
 
 
+def _jnp_path(fn: Callable[[Any], Any], params: Any) -> Any:
+    """``fn`` jitted and compiled now with the native kernel switched off."""
+    old = os.environ.get("PARAMBOUNDS_JAX_KERNEL")
+    os.environ["PARAMBOUNDS_JAX_KERNEL"] = "jnp"
+    try:
+        return jax.jit(fn).lower(params).compile()
+    finally:
+        if old is None:
+            del os.environ["PARAMBOUNDS_JAX_KERNEL"]
+        else:
+            os.environ["PARAMBOUNDS_JAX_KERNEL"] = old
+
+
+_FIRST = """
+import time
+t0 = time.perf_counter()
+import jax, jax.numpy as jnp
+from {module} import bounds_cost
+params = {{f"p{{i}}": jnp.full(s, 3.0, jnp.float32) for i, s in enumerate({shapes!r})}}
+lo, hi = dict.fromkeys(params, -2.0), dict.fromkeys(params, 2.0)
+t1 = time.perf_counter()
+f = jax.jit(jax.value_and_grad(lambda p: bounds_cost(p, lo, hi)))
+jax.block_until_ready(f(params))
+t2 = time.perf_counter()
+jax.block_until_ready(f(params))
+t3 = time.perf_counter()
+print(t1 - t0, t2 - t1, t3 - t2)
+"""
+
+
+def first_call_rows(case: str, quick: bool) -> list[tuple[str, float, float, float]]:
+    """The first jitted value-and-gradient in a fresh process: imports, then the call.
+
+    ``native, not built``: an empty cache folder (the kernel is compiled in that call);
+    ``native, built``: the library found in the cache and loaded; ``jnp path``: the
+    kernel switched off; Rockpool's ``jax_loss`` beside them.
+    """
+    params, _, _ = workload(case, quick)
+    shapes = [tuple(x.shape) for x in params.values()]
+    rows = []
+    with tempfile.TemporaryDirectory() as cache:
+        for label, module, env in (
+            ("ours, native, not built", "parambounds.jax", {"PARAMBOUNDS_JAX_KERNEL": "auto"}),
+            ("ours, native, built", "parambounds.jax", {"PARAMBOUNDS_JAX_KERNEL": "auto"}),
+            ("ours, jnp path", "parambounds.jax", {"PARAMBOUNDS_JAX_KERNEL": "jnp"}),
+            ("Rockpool jax_loss", "rockpool.training.jax_loss", {}),
+        ):
+            script = _FIRST.format(module=module, shapes=shapes)
+            full = {**os.environ, "PARAMBOUNDS_CACHE_DIR": cache, **env}
+            out = subprocess.run(
+                [sys.executable, "-c", script], capture_output=True, text=True, env=full, check=True
+            )
+            imp, first, later = map(float, out.stdout.split())
+            rows.append((label, imp, first, later))
+    return rows
+
+
 def floor_rows(case: str, quick: bool, reps: int) -> list[tuple[str, float]]:
     """The jitted value-and-gradient against XLA's floor, component by component, in turns.
 
@@ -124,6 +207,9 @@ def floor_rows(case: str, quick: bool, reps: int) -> list[tuple[str, float]]:
         ),
         "ours: jit value_and_grad": jax.jit(
             jax.value_and_grad(lambda p: bounds_cost(p, lower, upper))
+        ),
+        "ours, jnp path (PARAMBOUNDS_JAX_KERNEL=jnp)": _jnp_path(
+            jax.value_and_grad(lambda p: bounds_cost(p, lower, upper)), params
         ),
         "Rockpool: jit value_and_grad": jax.jit(
             jax.value_and_grad(lambda p: jax_loss.bounds_cost(p, lower, upper))
@@ -156,18 +242,32 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for CI")
     parser.add_argument("--reps", type=int, default=0, help="repetitions (default 20, large 5)")
+    parser.add_argument(
+        "--floor-only",
+        action="store_true",
+        help="only the floor table, compile time on large in turns, and the first call",
+    )
     args = parser.parse_args()
     cpus = os.cpu_count()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}, {cpus} CPUs, load {load:.1f}")
-    print("| case | call | parambounds.jax (ms) | Rockpool jax_loss (ms) | speed-up |")
-    print("|---|---|---:|---:|---:|")
-    for case in ("many", "large"):
-        reps = args.reps or (5 if case == "large" and not args.quick else 20)
-        for label, ours, theirs in run(case, args.quick, reps):
-            cells = f"{ours * 1e3:.1f} | {theirs * 1e3:.1f} | {theirs / ours:.1f}x"
-            print(f"| {case} | {label} | {cells} |", flush=True)
-    print()
+    if not args.floor_only:
+        print("| case | call | parambounds.jax (ms) | Rockpool jax_loss (ms) | speed-up |")
+        print("|---|---|---:|---:|---:|")
+        for case in ("many", "large"):
+            reps = args.reps or (5 if case == "large" and not args.quick else 20)
+            for label, ours, theirs in run(case, args.quick, reps):
+                cells = f"{ours * 1e3:.1f} | {theirs * 1e3:.1f} | {theirs / ours:.1f}x"
+                print(f"| {case} | {label} | {cells} |", flush=True)
+        print()
+    else:
+        print("Compile time on `large`, ours and Rockpool's in turns:")
+        print()
+        print("| round | ours ms | Rockpool ms | ours / Rockpool |")
+        print("|---|---:|---:|---:|")
+        for r, (ours, theirs) in enumerate(compile_rows("large", args.quick)):
+            print(f"| {r + 1} | {ours * 1e3:.0f} | {theirs * 1e3:.0f} | {ours / theirs:.2f}x |")
+        print()
     print("Jitted value and gradient against XLA's floor, component by component, in turns:")
     print()
     print("| case | component | ms | / floor |")
@@ -178,6 +278,15 @@ def main() -> None:
         floor = rows[0][1]
         for label, sec in rows:
             print(f"| {case} | {label} | {sec * 1e3:.2f} | {sec / floor:.2f}x |", flush=True)
+    print()
+    print(f"load average after the floor table: {os.getloadavg()[0]:.1f}")
+    print()
+    print("The first jitted value and gradient in a fresh process (`many`):")
+    print()
+    print("| | imports ms | first call ms | later call ms |")
+    print("|---|---:|---:|---:|")
+    for label, imp, first, later in first_call_rows("many", args.quick):
+        print(f"| {label} | {imp * 1e3:.0f} | {first * 1e3:.0f} | {later * 1e3:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

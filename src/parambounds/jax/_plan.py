@@ -32,7 +32,7 @@ import numpy as np
 
 from ..errors import BoundsError, mismatch, number_bound, order_error, verifying
 from ..penalties import Penalty
-from . import _math
+from . import _fused, _math, _native
 
 __all__ = [
     "Plan",
@@ -289,7 +289,7 @@ def _leaf_kernel(penalty: Penalty, dtype: Any, lo_kind: Any, hi_kind: Any, *args
 
 @functools.partial(jax.jit, static_argnums=0)
 def _cost_kernel(static: _Static, xs: list[Any], scalars: Any, arrays: list[Any]) -> Any:
-    penalty, dtype, kinds = static.key
+    penalty, dtype, kinds, native = static.key
 
     def bound(kind: Any) -> Any:
         if kind is None:
@@ -298,10 +298,27 @@ def _cost_kernel(static: _Static, xs: list[Any], scalars: Any, arrays: list[Any]
             return arrays[kind[1]]
         return jax.lax.index_in_dim(scalars, kind[1], keepdims=False)
 
-    total = jnp.zeros((), dtype)
-    for x, (lo, hi) in zip(xs, kinds):
+    terms: list[Any] = [None] * len(xs)
+    groups: dict[Any, list[int]] = {}
+    for j, (x, (lo, hi)) in enumerate(zip(xs, kinds)):
         kind = (None if lo is None else lo[0], None if hi is None else hi[0])
-        total = total + _leaf_kernel(penalty, dtype, *kind, x, bound(lo), bound(hi))
+        if native and _fused.supports(penalty, x, *kind):
+            groups.setdefault(jnp.dtype(jnp.result_type(x)), []).append(j)
+        else:
+            terms[j] = _leaf_kernel(penalty, dtype, *kind, x, bound(lo), bound(hi))
+    for dt, members in groups.items():  # one native call per dtype: costs and gradients
+        sides = tuple((kinds[j][0] is not None) | (kinds[j][1] is not None) << 1 for j in members)
+        at = [b[1] if b is not None else 0 for j in members for b in kinds[j]]
+        values = _fused.costs(
+            _fused.Config(penalty, dt, sides),
+            tuple(xs[j] for j in members),
+            scalars[np.asarray(at, np.int32)].astype(dt),
+        )
+        for k, j in enumerate(members):
+            terms[j] = values[k].astype(dtype)
+    total = jnp.zeros((), dtype)
+    for term in terms:
+        total = total + term
     return total
 
 
@@ -358,14 +375,20 @@ class Plan:
         wide = np.float64 if self._dtype == jnp.float64 else np.float32
         with _host():  # a concrete array, even inside an eager jax.shard_map
             self._scalars = jnp.asarray(np.asarray(scalars, dtype=wide))
-        self._statics: dict[Penalty, _Static] = {}
+        self._statics: dict[tuple[Penalty, bool], _Static] = {}
 
     def cost(self, leaves: list[Any], penalty: Penalty) -> Any:
-        """The 0-d cost of the bounded leaves: one jitted call."""
-        static = self._statics.get(penalty)
+        """The 0-d cost of the bounded leaves: one jitted call.
+
+        Leaves the native kernel takes (:func:`parambounds.jax._fused.supports`) go to
+        it, one call per dtype, when it is on (:func:`parambounds.jax._native.target`).
+        """
+        native = _native.target() is not None
+        static = self._statics.get((penalty, native))
         if static is None:
             _math.penalty_value(penalty)  # a clear error now, not from inside jit
-            static = self._statics[penalty] = _Static((penalty, self._dtype, self._kinds))
+            key = (penalty, self._dtype, self._kinds, native)
+            static = self._statics[penalty, native] = _Static(key)
         xs = [leaves[i] for i, _, _ in self.bounded]
         return _cost_kernel(static, xs, self._scalars, self._arrays)
 
