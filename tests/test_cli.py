@@ -345,8 +345,31 @@ def test_build_kernels(capsys):
     from parambounds.torch import _native
 
     assert main(["build-kernels"]) == 0
-    assert f"native kernel {_native.module_name()} ready" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"native kernel {_native.module_name()} ready" in out
     assert _native.state() == "ready"
+    # the JAX kernel too (jax is in the test extra): built into the cache it is loaded from
+    from parambounds.jax import _native as jax_native
+
+    path = jax_native._library_path(jax_native._compiler())
+    assert f"JAX kernel {path.name} ready" in out
+    assert path.is_file()
+
+
+def test_build_kernels_reports_a_failed_jax_build(capsys, monkeypatch):
+    from parambounds.cli import main
+    from parambounds.errors import BoundsError
+    from parambounds.jax import _native as jax_native
+
+    def fail(compiler=None):
+        del compiler
+        raise BoundsError("no C++ compiler found (set CXX, or install g++ or clang++)")
+
+    monkeypatch.setattr(jax_native, "build", fail)
+    assert main(["build-kernels"]) == 2
+    assert capsys.readouterr().err == (
+        "parambounds: error: no C++ compiler found (set CXX, or install g++ or clang++)\n"
+    )
 
 
 def test_build_kernels_without_a_compiler(capsys, monkeypatch):

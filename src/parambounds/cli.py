@@ -8,6 +8,7 @@ traceback, and no file is written. The library never imports this module.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -360,7 +361,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_build_kernels(args: argparse.Namespace) -> int:  # noqa: ARG001
-    """Build the native CPU kernel now (cached), so that no training step waits for it."""
+    """Build the native CPU kernels now (cached), so that no training step waits for them.
+
+    The torch kernel always; the JAX kernel too where jax is installed.
+    """
     from .torch import _native
 
     try:
@@ -369,6 +373,16 @@ def cmd_build_kernels(args: argparse.Namespace) -> int:  # noqa: ARG001
         print(f"parambounds: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     print(f"parambounds: native kernel {_native.module_name()} ready")
+    if importlib.util.find_spec("jax") is None:
+        return EXIT_OK
+    from .jax import _native as jax_native
+
+    try:
+        path = jax_native.build()
+    except BoundsError as err:
+        print(f"parambounds: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(f"parambounds: JAX kernel {path.name} ready")
     return EXIT_OK
 
 
@@ -442,7 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
     command(
         "build-kernels",
-        "build the native CPU kernel ahead of time (C++ compiler and ninja needed)",
+        "build the native CPU kernels now (torch, and JAX where installed; C++ compiler needed)",
         "example:\n  parambounds build-kernels",
         cmd_build_kernels,
     )
