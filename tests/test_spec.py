@@ -2,8 +2,11 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from parambounds import Bounds, BoundsError, bounds_cost, make_bounds
+from parambounds.spec import _check_pair, _check_side, _plainly_valid
 
 from .conftest import rockpool_net
 
@@ -380,3 +383,36 @@ def test_huge_integer_bounds_are_infinite_sides():
     with pytest.raises(BoundsError, match=r"upper bound for pattern 'w' is -inf, which no value"):
         Bounds({"w": (1.0, -(10**400))})
     assert Bounds({"w": (0, 10**400)}).spec == {"w": (0, 10**400)}
+
+
+_BOUND = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.integers(min_value=-(2**1100), max_value=2**1100),
+    st.sampled_from([2**53, 2**53 + 1, -(2**53) - 1, 2**1024, -(2**1024), math.inf, -math.inf]),
+    st.sampled_from([-0.0, 0.0, 0.5]).map(torch.tensor),
+)
+
+
+@settings(max_examples=500, deadline=None, derandomize=True)
+@given(_BOUND, _BOUND)
+def test_fast_bound_check_accepts_only_what_the_full_checks_accept(lo, hi):
+    """The fast path for plain numbers never accepts a pair the full checks refuse."""
+    try:
+        _check_side("p", "lower", lo)
+        _check_side("p", "upper", hi)
+        _check_pair("p", lo, hi)
+        full = True
+    except BoundsError:
+        full = False
+    if _plainly_valid(lo, hi):
+        assert full, (lo, hi)
+    plain = all(type(b) is float or (type(b) is int and abs(b) <= 2**53) for b in (lo, hi))
+    if plain:  # for two plain numbers it is the full answer
+        assert _plainly_valid(lo, hi) == full, (lo, hi)
+    if full:
+        assert Bounds({"p": (lo, hi)}).spec == {"p": (lo, hi)}
+    else:
+        with pytest.raises(BoundsError, match="pattern 'p'"):
+            Bounds({"p": (lo, hi)})
