@@ -3,7 +3,10 @@
 import random
 from fnmatch import fnmatchcase
 
-from parambounds.matching import _Index, match_indices, matched_patterns
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from parambounds.matching import _Index, _index, match_indices, matched_patterns
 
 
 def plain_first(patterns, name):
@@ -55,3 +58,38 @@ def test_many_patterns_literal_and_prefixed():
     got = index.first_all(names)
     assert got == tuple(plain_first(patterns, n) for n in names)
     assert got[-1] == 2000 and got[-2] == 1007  # "x" only by "*"; a literal wins
+
+
+_NAME_PARTS = st.sampled_from(["a", "b", "w", "0", "1", ".", "weight", "tau", "[", "]", "\\", "!"])
+_WILDCARDS = st.sampled_from(["*", "?", "[ab]", "[!a]", "[a-c]", "[]]", "[!]]", "[", "\\*", "**"])
+_names = st.lists(st.lists(_NAME_PARTS, max_size=5).map("".join), min_size=1, max_size=30)
+
+
+@st.composite
+def _patterns_and_names(draw):
+    names = tuple(draw(_names))
+    piece = st.one_of(_NAME_PARTS, _WILDCARDS)
+    made = st.lists(piece, max_size=5).map("".join)
+    literal = st.sampled_from(names)  # a name used as a pattern (a literal one, or with '[')
+    patterns = tuple(draw(st.lists(st.one_of(made, literal), min_size=1, max_size=25)))
+    return patterns, names
+
+
+@settings(max_examples=400, deadline=None, derandomize=True)
+@given(_patterns_and_names())
+def test_fast_matcher_is_the_plain_loop(case):
+    """Random patterns (classes, '?', escapes, repeats) and names: the reference's answers."""
+    patterns, names = case
+    assert match_indices(patterns, names) == tuple(plain_first(patterns, n) for n in names)
+    assert matched_patterns(patterns, names) == {
+        p for p in patterns if any(fnmatchcase(n, p) for n in names)
+    }
+
+
+def test_unused_patterns_are_never_compiled():
+    """10 000 patterns whose literal prefix begins no name cost nothing to rule out."""
+    patterns = ("*.tau", *(f"block.{i}.*.w" for i in range(5000)), "*.nothing")
+    names = ("a.tau", "b.tau", "c.w")
+    assert matched_patterns(patterns, names) == {"*.tau"}
+    compiled = set(_index(patterns).compiled)
+    assert compiled == {"*.tau", "*.nothing"}  # the only candidates of these names
