@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from parambounds import Bounds, BoundsError, bounds_cost, make_bounds
-from parambounds.spec import _check_pair, _check_side, _plainly_valid, _simple_toml
+from parambounds.spec import _check_pair, _check_side, _plainly_valid
 
 from .conftest import rockpool_net
 
@@ -416,99 +416,3 @@ def test_fast_bound_check_accepts_only_what_the_full_checks_accept(lo, hi):
     else:
         with pytest.raises(BoundsError, match="pattern 'p'"):
             Bounds({"p": (lo, hi)})
-
-
-_TOML_BITS = st.sampled_from(
-    [
-        "[bounds]",
-        "[ bounds ]",
-        "[other]",
-        '"*.tau"',
-        "tau",
-        "a.b",
-        '"a\\b"',
-        '""',
-        "bounds",
-        "penalty",
-        '"exp"',
-        "=",
-        " = ",
-        "[",
-        "]",
-        ",",
-        ", ",
-        "0",
-        "-0",
-        "01",
-        "1.5",
-        "-0.0",
-        "1e5",
-        "1E+05",
-        "2.5e-3",
-        "1.",
-        ".5",
-        "+1",
-        "inf",
-        "nan",
-        "1_000",
-        "123456789012345678",
-        "1e400",
-        "true",
-        "{ lower = 0 }",
-        " ",
-        "\t",
-        "# note",
-        "#\x01",
-        "\x7f",
-        "\r",
-        "é",
-        "'x'",
-    ]
-)
-_TOML_VALID_NUMBER = st.one_of(
-    st.integers(-(10**16), 10**16).map(str),
-    st.floats(allow_nan=False, allow_infinity=False).map(repr),
-    st.sampled_from(["0", "-0", "-0.0", "1e5", "1E+05", "2.5e-3", "1e400", "0e0", "1e05"]),
-)
-_TOML_NUMBER = st.one_of(
-    *[_TOML_VALID_NUMBER] * 5,
-    st.sampled_from(["1.", ".5", "+1", "inf", "nan", "1_0", "01", "0x1"]),  # tomllib's
-)
-_TOML_KEY = st.one_of(
-    st.sampled_from(['"*.tau"', "w", "tau_mem", '"[ab]?"', '""', '"é"', "a.b", "'x'", "bounds"]),
-    st.text(st.characters(codec="utf-8"), max_size=4).map(lambda k: f'"{k}"'),
-)
-_TOML_ENTRY = st.tuples(
-    _TOML_KEY,
-    st.sampled_from([" = ", "=", "\t=  "]),
-    _TOML_NUMBER,
-    st.sampled_from([", ", ",", " ,\t"]),
-    _TOML_NUMBER,
-    st.sampled_from(["", " # c", "\t", ",", "#\x01"]),
-).map(lambda t: f"{t[0]}{t[1]}[{t[2]}{t[3]}{t[4]}]{t[5]}")
-_TOML_LINE = st.one_of(*[_TOML_ENTRY] * 5, st.lists(_TOML_BITS, max_size=7).map("".join))
-_TOML_TEXT = st.tuples(
-    st.lists(st.sampled_from(['penalty = "exp"', "# top", "", 'penalty = "quadratic"'])),
-    st.sampled_from(["[bounds]", "[bounds]", "[bounds] # b", "[ bounds ]", ""]),
-    st.lists(_TOML_LINE, max_size=12),
-    st.sampled_from(["\n", "\n", "\r\n", "\r"]),
-).map(lambda t: t[3].join([*t[0], t[1], *t[2]]))
-
-
-@settings(max_examples=600, deadline=None, derandomize=True)
-@given(_TOML_TEXT)
-def test_simple_toml_reader_is_tomllib(text):
-    """The fast reader of plain bounds files answers as tomllib does, or leaves it to tomllib."""
-    import tomllib
-
-    fast = _simple_toml(text)
-    if fast is None:
-        return
-    assert repr(fast) == repr(tomllib.loads(text))  # order, int or float, -0.0 included
-
-
-def test_simple_toml_reader_reads_the_plain_forms():
-    text = 'penalty = "exp"\r\n[bounds] # b\r\n"*.tau" = [0.001, 1e-1]\r\nw = [-0, 2]  # c\r\n'
-    assert _simple_toml(text) == {"penalty": "exp", "bounds": {"*.tau": [0.001, 0.1], "w": [0, 2]}}
-    for other in ('[bounds]\n"a" = [0, 1]\n"a" = [0, 2]', "[bounds]\na = { lower = 0 }"):
-        assert _simple_toml(other) is None  # a repeated key, an inline table: tomllib's
