@@ -432,7 +432,7 @@ class CostCheck:
             near = (g - want).abs() <= tol * want.abs()
             bad = ~(equal | near)
             if bool(bad.any()):
-                k = tuple(int(j) for j in bad.nonzero()[0]) if bad.dim() else ()
+                k = _first(bad)
                 raise mismatch(
                     f"gradient of '{path}' at index {k} (upstream {up.tolist()})",
                     float(g[k]),
@@ -570,7 +570,7 @@ def check_projection(
             ok &= torch.where(above, (y <= hi) & _below(y_t, hi, "upper"), True)
             ok &= torch.where(nan, True, y <= hi)
         if not bool(ok.all()):
-            k = tuple(int(j) for j in (~ok).nonzero()[0]) if ok.dim() else ()
+            k = _first(~ok)
             b = lo if lo is not None and bool(below.expand_as(ok)[k]) else hi
             bound = float(b.expand_as(ok)[k]) if b is not None else None
             raise mismatch(
@@ -593,12 +593,17 @@ def _check_integer_projection(r: RefLeaf, before: Tensor) -> None:
         want = torch.where(above, r.upper.whole.expand(x0.shape), want)
     bad = y != want
     if bool(bad.any()):
-        k = tuple(int(j) for j in bad.nonzero()[0]) if bad.dim() else ()
+        k = _first(bad)
         raise mismatch(
             f"projection of '{r.path}' at index {k} (from {int(x0[k])})",
             int(y[k]),
             int(want[k]),
         )
+
+
+def _first(bad: Tensor) -> tuple[int, ...]:
+    """The index of the first ``True`` in ``bad`` (``()`` for a 0-d tensor)."""
+    return tuple(int(j) for j in bad.nonzero()[0]) if bad.dim() else ()
 
 
 def _below(y: Tensor, b: Tensor, side: str) -> Tensor:
