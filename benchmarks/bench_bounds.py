@@ -46,6 +46,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import subprocess
 import sys
@@ -528,18 +529,124 @@ def cold_step(mode: str, quick: bool) -> tuple[float, float, float]:
     return first, later, 1e3 * (t_import - t0)
 
 
+COLD_PARTS = (
+    "import parambounds",
+    "import the torch backend",
+    "load the native kernel",
+    "autograd engine: first backward (1 element)",
+    "fresh memory: the gradients' bytes",
+    "first step, all of the above done",
+    "later step",
+)
+
+
+def cold_parts(quick: bool) -> list[float]:
+    """In this (fresh) process: what a first step does beyond a later one, part by part.
+
+    Each part done on its own, in order (ms), then the first step (which still writes
+    its gradients into fresh pages: the mapping timed before is given back) and a later
+    one. The rows of ``COLD_PARTS``.
+    """
+    import mmap
+
+    k, n = (4, 1 << 12) if quick else COLD_SHAPE
+    torch.manual_seed(0)
+    params = {f"w{i}": torch.randn(n, requires_grad=True) for i in range(k)}
+    torch.ones(1 << 20).sum()
+    out = []
+
+    def timed(fn: Callable[[], Any]) -> None:
+        t0 = time.perf_counter()
+        fn()
+        out.append(1e3 * (time.perf_counter() - t0))
+
+    def backend() -> None:
+        from parambounds.torch import _cost, _kernels, _spec  # noqa: F401
+
+    def engine() -> None:
+        x = torch.ones(1, requires_grad=True)
+        (x * 2).sum().backward()
+
+    def fresh() -> None:
+        buf = mmap.mmap(-1, 4 * k * n)
+        torch.frombuffer(buf, dtype=torch.uint8).fill_(1)
+        del buf
+
+    timed(lambda: __import__("parambounds"))
+    timed(backend)
+    timed(lambda: __import__("parambounds.torch._native").torch._native.get(wait=True))
+    timed(engine)
+    timed(fresh)
+    import parambounds
+
+    bounds = parambounds.Bounds({"w*": (-2.0, 2.0)})
+
+    def one_step() -> None:
+        for p in params.values():
+            p.grad = None
+        bounds.cost(params).backward()
+
+    timed(one_step)
+    out.append(median_ms(one_step, "cpu", 7))
+    return out
+
+
+def probe_env() -> dict[str, str]:
+    """The environment of the fresh processes: Python may cache byte code, as it does for
+    any installed package (``pip`` compiles it at install time). Where
+    ``PYTHONDONTWRITEBYTECODE`` is set (this workplace sets it), every fresh process
+    would compile parambounds' source again: ~70 ms on a first step here, a cost of the
+    setting, not of the library; torch's own files are compiled at install."""
+    return {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+
+
+def probe(args: list[str]) -> list[float] | None:
+    """The last line of ``bench_bounds.py ARGS`` in a fresh process, as numbers."""
+    out = subprocess.run(
+        [sys.executable, __file__, *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=probe_env(),
+    )
+    if out.returncode != 0:
+        print(out.stderr, file=sys.stderr)
+        return None
+    return [float(v) for v in out.stdout.strip().splitlines()[-1].split()]
+
+
+def cold_parts_table(quick: bool, rounds: int) -> list[str]:
+    probe(["--cold-parts-probe"] + ["--quick"] * quick)  # writes the byte-code caches
+    runs = [
+        got for _ in range(rounds) if (got := probe(["--cold-parts-probe"] + ["--quick"] * quick))
+    ]
+    if not runs:
+        return []
+    med = [statistics.median(run[i] for run in runs) for i in range(len(COLD_PARTS))]
+    later = med[-1]
+    lines = ["", "What the first step does beyond a later one, part by part (medians of"]
+    lines += [f"{len(runs)} fresh processes; each part done on its own, in this order):", ""]
+    lines += ["| part | ms | / later step |", "|---|---|---|"]
+    lines += [f"| {name} | {ms:.2f} | {ms / later:.2f}x |" for name, ms in zip(COLD_PARTS, med)]
+    floor = later + med[4]
+    lines.append(
+        f"| floor of a first step: later step + fresh memory | {floor:.2f} | {floor / later:.2f}x |"
+    )
+    return lines
+
+
 def cold_rows(quick: bool, rounds: int) -> dict[str, list[tuple[float, float, float]]]:
-    """``cold_step`` for ``ours`` and ``plain``, each in fresh processes, in turns."""
+    """``cold_step`` for ``ours`` and ``plain``, each in fresh processes, in turns (after
+    one untimed process of each, which writes the byte-code caches)."""
     got: dict[str, list[tuple[float, float, float]]] = {"ours": [], "plain": []}
+    for mode in ("ours", "plain"):
+        probe(["--cold-probe", mode] + ["--quick"] * quick)
     for r in range(rounds):
         for mode in ("ours", "plain") if r % 2 == 0 else ("plain", "ours"):
-            args = [sys.executable, __file__, "--cold-probe", mode] + (["--quick"] * quick)
-            out = subprocess.run(args, capture_output=True, text=True, timeout=600)
-            if out.returncode != 0:
-                print(out.stderr, file=sys.stderr)
-                continue
-            first, later, imp = out.stdout.strip().splitlines()[-1].split()
-            got[mode].append((float(first), float(later), float(imp)))
+            row = probe(["--cold-probe", mode] + ["--quick"] * quick)
+            if row is not None:
+                first, later, imp = row
+                got[mode].append((first, later, imp))
     return got
 
 
@@ -572,17 +679,16 @@ def cold_table(quick: bool) -> list[str]:
         f"| {plain_first / plain_later:.2f}x |"
     )
     lines.append(f"| ours - plain, first step | {ours_first - plain_first:+.2f} | | |")
-    return lines
+    return lines + cold_parts_table(quick, 3 if quick else 9)
 
 
 def first_step_in_fresh_process(case: str, quick: bool) -> tuple[float, float, float] | None:
-    args = [sys.executable, __file__, "--first-step-probe", case] + (["--quick"] if quick else [])
-    out = subprocess.run(args, capture_output=True, text=True, timeout=600)
-    if out.returncode != 0:
-        print(out.stderr, file=sys.stderr)
+    probe(["--first-step-probe", case] + ["--quick"] * quick)  # writes the byte-code caches
+    row = probe(["--first-step-probe", case] + ["--quick"] * quick)
+    if row is None:
         return None
-    first, later, fresh = out.stdout.strip().splitlines()[-1].split()
-    return float(first), float(later), float(fresh)
+    first, later, fresh = row
+    return first, later, fresh
 
 
 def extra_tables(quick: bool) -> str:
@@ -628,12 +734,16 @@ def main() -> None:
     parser.add_argument("--memory-probe", nargs=2, metavar=("CASE", "IMPL"), help=argparse.SUPPRESS)
     parser.add_argument("--first-step-probe", metavar="CASE", help=argparse.SUPPRESS)
     parser.add_argument("--cold-probe", choices=("ours", "plain"), help=argparse.SUPPRESS)
+    parser.add_argument("--cold-parts-probe", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument(
         "--cold-only", action="store_true", help="only the cold-start table (fresh processes)"
     )
     args = parser.parse_args()
     if args.memory_probe:
         print(measure_memory(*args.memory_probe, quick=args.quick))
+        return
+    if args.cold_parts_probe:
+        print(*cold_parts(args.quick))
         return
     if args.cold_probe:
         print(*cold_step(args.cold_probe, args.quick))
