@@ -16,9 +16,9 @@ import numpy as np
 from ..errors import BoundsError
 from ..matching import Spec, match_indices, with_pattern
 from ..report import ParamReport, Report
-from . import _math
+from . import _integers, _math
 from ._cost import clip_leaf
-from ._plan import Plan, bounded_leaves, cached, clip_bound, is_array, tree_key
+from ._plan import Plan, cached, clip_bound, is_array, tree_key
 from ._trees import named_leaves
 
 __all__ = [
@@ -78,7 +78,7 @@ def _plan(bounds: Spec, tree: Any) -> tuple[Plan, list[Any]]:
             lowers[i] = resolved.lower[names[i]]
             uppers[i] = resolved.upper[names[i]]
         try:
-            return Plan(treedef, names, leaves, bounded_leaves(names, leaves, lowers, uppers))
+            return Plan(treedef, names, leaves, lowers, uppers)
         except BoundsError as err:
             raise with_pattern(err, resolved) from None
 
@@ -141,7 +141,15 @@ def report(bounds: Spec, tree: Any) -> Report:
             "transformation; call it between steps (cost() and project() can be traced)"
         )
     if bounded:
-        stacked = jax.numpy.stack([_math.stats(leaves[i], lo, hi) for i, lo, hi in bounded])
+        stacked = jax.numpy.stack(
+            [
+                # integers: compared in their dtype with their bounds rounded inward, exactly
+                _integers.stats(leaves[i], *inner)
+                if _integers.is_integer(jnp.result_type(leaves[i]))
+                else _math.stats(leaves[i], lo, hi)
+                for (i, lo, hi), inner in zip(bounded, plan.inner)
+            ]
+        )
         values = np.asarray(stacked).tolist()  # the one transfer
     else:
         values = []
