@@ -28,6 +28,7 @@ import math
 import numbers
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -38,11 +39,13 @@ from . import _math
 __all__ = [
     "array_bound",
     "check_array_range",
+    "check_host_leaf",
     "is_integer",
     "leaf_cost",
     "number_bound",
     "signed_excess",
     "stats",
+    "wraps",
 ]
 
 Array = Any
@@ -221,3 +224,36 @@ def stats(x: Array, lower: Array | None, upper: Array | None) -> Array:
     d = signed_excess(x, lo, hi, jnp.result_type(float))
     worst = jnp.max(jnp.abs(d), initial=0.0)
     return jnp.stack([below, above, worst, jnp.zeros((), worst.dtype)]).astype(jnp.float32)
+
+
+def wraps(x: Any) -> bool:
+    """Whether ``x`` is a NumPy 64-bit integer leaf that JAX, without x64, makes 32-bit."""
+    return (
+        isinstance(x, (np.ndarray, np.generic))
+        and x.dtype.kind in "iu"
+        and x.dtype.itemsize == 8  # noqa: PLR2004
+        and not jax.config.jax_enable_x64
+    )
+
+
+def check_host_leaf(x: Any, name: str) -> None:
+    """Refuse a NumPy 64-bit integer leaf with a value beyond the 32-bit integers.
+
+    JAX without ``jax_enable_x64`` converts it to int32 (uint32) as NumPy casts do,
+    wrapping such a value: ``2**40`` would be judged as ``0``.
+
+    Raises:
+        BoundsError: naming the parameter and the first such value.
+    """
+    narrow = np.dtype(f"{x.dtype.kind}int32".replace("iint", "int"))
+    low, high = _limits(narrow)
+    host = np.asarray(x)
+    bad = np.argwhere((host < x.dtype.type(low)) | (host > x.dtype.type(high)))
+    if len(bad):
+        idx = tuple(int(i) for i in bad[0])
+        at = f" at index {idx}" if host.ndim else ""
+        raise BoundsError(
+            f"parameter '{_show(name)}' is a NumPy {x.dtype} array holding {host[idx]}{at}, "
+            f"which JAX without jax_enable_x64 wraps to {narrow}: enable jax_enable_x64 "
+            f"or pass a {narrow} array"
+        )

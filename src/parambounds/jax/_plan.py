@@ -414,10 +414,22 @@ class Plan:
             else (kind(lo), kind(hi))
             for (i, lo, hi), (lo_in, hi_in) in zip(bounded, self.inner)
         )
+        self._wrapped = [i for i, _, _ in bounded if _integers.wraps(leaves[i])]
         wide = np.float64 if self._dtype == jnp.float64 else np.float32
         with _host():  # a concrete array, even inside an eager jax.shard_map
             self._scalars = jnp.asarray(np.asarray(scalars, dtype=wide))
         self._statics: dict[tuple[Penalty, bool], _Static] = {}
+
+    def leaves(self, leaves: list[Any]) -> list[Any]:
+        """The bounded leaves of ``leaves``, NumPy integer leaves checked to enter JAX whole.
+
+        Raises:
+            BoundsError: for a NumPy int64 (or uint64) leaf with a value that JAX without
+                ``jax_enable_x64`` would wrap to 32 bits (silently, as NumPy casts do).
+        """
+        for i in self._wrapped:
+            _integers.check_host_leaf(leaves[i], self.names[i])
+        return [leaves[i] for i, _, _ in self.bounded]
 
     def cost(self, leaves: list[Any], penalty: Penalty) -> Any:
         """The 0-d cost of the bounded leaves: one jitted call.
@@ -431,7 +443,7 @@ class Plan:
             _math.penalty_value(penalty)  # a clear error now, not from inside jit
             key = (penalty, self._dtype, self._kinds, native)
             static = self._statics[penalty, native] = _Static(key)
-        xs = [leaves[i] for i, _, _ in self.bounded]
+        xs = self.leaves(leaves)
         return _cost_kernel(static, xs, self._scalars, self._arrays)
 
     def map(self, leaves: list[Any], fn: Any) -> Any:
@@ -440,7 +452,7 @@ class Plan:
         One jitted call (``fn`` is static; the bounds are arguments).
         """
         out = list(leaves)
-        xs = [leaves[i] for i, _, _ in self.bounded]
+        xs = self.leaves(leaves)
         args = [(lo, hi, inner) for (_, lo, hi), inner in zip(self.bounded, self.inner)]
         for (i, _, _), y in zip(self.bounded, _map_kernel(fn, xs, args)):
             out[i] = y
@@ -457,8 +469,12 @@ def _leaf_key(x: Any) -> Any:
 
 
 def tree_key(leaves: list[Any], treedef: Any) -> tuple[Any, ...]:
-    """The parameters' part of a plan's key: structure, shapes and dtypes."""
-    return (treedef, tuple(_leaf_key(x) for x in leaves))
+    """The parameters' part of a plan's key: structure, shapes and dtypes, and x64.
+
+    ``jax_enable_x64`` decides the dtypes a plan computes in (a NumPy leaf's key is the
+    same in both modes): a plan built in one mode is not used in the other.
+    """
+    return (treedef, jax.config.jax_enable_x64, tuple(_leaf_key(x) for x in leaves))
 
 
 def _bound_key(b: Any, keep: list[Any]) -> Any:

@@ -135,7 +135,8 @@ def report(bounds: Spec, tree: Any) -> Report:
     """
     plan, leaves = _plan(bounds, tree)
     bounded, names = plan.bounded, plan.names
-    if any(isinstance(leaves[i], jax.core.Tracer) for i, _, _ in bounded):
+    xs = plan.leaves(leaves)
+    if any(isinstance(x, jax.core.Tracer) for x in xs):
         raise BoundsError(
             "report() reads values on the host and cannot run inside jax.jit or another "
             "transformation; call it between steps (cost() and project() can be traced)"
@@ -144,10 +145,10 @@ def report(bounds: Spec, tree: Any) -> Report:
         stacked = jax.numpy.stack(
             [
                 # integers: compared in their dtype with their bounds rounded inward, exactly
-                _integers.stats(leaves[i], *inner)
-                if _integers.is_integer(jnp.result_type(leaves[i]))
-                else _math.stats(leaves[i], lo, hi)
-                for (i, lo, hi), inner in zip(bounded, plan.inner)
+                _integers.stats(x, *inner)
+                if _integers.is_integer(jnp.result_type(x))
+                else _math.stats(x, lo, hi)
+                for x, (_, lo, hi), inner in zip(xs, bounded, plan.inner)
             ]
         )
         values = np.asarray(stacked).tolist()  # the one transfer
