@@ -94,7 +94,7 @@ def number_bound(b: Any, side: str, dtype: Any, name: str) -> Any:
     if isinstance(b, numbers.Integral):
         v = int(b)
     elif isinstance(b, numbers.Rational):  # a Fraction: rounded exactly
-        v = math.ceil(b) if side == "lower" else math.floor(b)
+        v = int(math.ceil(b) if side == "lower" else math.floor(b))
     else:
         f = float(b)
         v = math.ceil(f) if side == "lower" else math.floor(f)
@@ -232,7 +232,7 @@ def wraps(x: Any) -> bool:
         isinstance(x, (np.ndarray, np.generic))
         and x.dtype.kind in "iu"
         and x.dtype.itemsize == 8  # noqa: PLR2004
-        and not jax.config.jax_enable_x64
+        and not jax.config.read("jax_enable_x64")
     )
 
 

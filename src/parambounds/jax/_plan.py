@@ -474,7 +474,7 @@ def tree_key(leaves: list[Any], treedef: Any) -> tuple[Any, ...]:
     ``jax_enable_x64`` decides the dtypes a plan computes in (a NumPy leaf's key is the
     same in both modes): a plan built in one mode is not used in the other.
     """
-    return (treedef, jax.config.jax_enable_x64, tuple(_leaf_key(x) for x in leaves))
+    return (treedef, jax.config.read("jax_enable_x64"), tuple(_leaf_key(x) for x in leaves))
 
 
 def _bound_key(b: Any, keep: list[Any]) -> Any:
