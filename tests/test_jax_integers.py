@@ -29,6 +29,8 @@ from parambounds.jax import (
     summed_exp_boundary_loss,
 )
 
+from .test_jax_fused import both, calls_kernel, kernel
+
 NARROW = ["int8", "int16", "int32", "uint8", "uint16", "uint32"]
 WIDE = ["int64", "uint64"]  # with jax_enable_x64 only
 N = 6  # elements per leaf: one shape, so that examples share their traces
@@ -426,3 +428,21 @@ def test_numpy_64_bit_leaves_that_jax_would_wrap_are_refused_without_x64(dtype):
     assert float(bounds_cost(small, {"w": None}, {"w": 6}, penalty="linear")) == 1.0
     with x64(True):  # held exactly
         assert float(bounds_cost(x, {"w": None}, {"w": 2**40 - 1}, penalty="linear")) == 1.0
+
+
+@pytest.mark.parametrize("wide", [False, True])
+def test_integer_leaves_never_reach_the_native_kernel(wide):
+    """The kernel takes float32/float64 only: integer leaves take the exact path, in both modes."""
+    with x64(wide):
+        big = 2**62 if wide else 2**30
+        dtype = jnp.int64 if wide else jnp.int32
+        tree = {"i": jnp.array([big, big + 5], dtype), "f": jnp.array([-3.0, 0.5])}
+        lower, upper = {"i": big + 1, "f": 0.0}, {"i": None, "f": 1.0}
+
+        def cost(t):
+            return bounds_cost(t, lower, upper, penalty="linear")
+
+        with kernel("native"):
+            assert calls_kernel(cost, tree) == 1  # the float leaf only
+        native, plain = both(lambda: jax.jit(cost)(tree))
+        assert float(native) == float(plain) == 1.0 + 3.0  # big + 1 - big, 0 - (-3)
