@@ -446,3 +446,37 @@ def test_integer_leaves_never_reach_the_native_kernel(wide):
             assert calls_kernel(cost, tree) == 1  # the float leaf only
         native, plain = both(lambda: jax.jit(cost)(tree))
         assert float(native) == float(plain) == 1.0 + 3.0  # big + 1 - big, 0 - (-3)
+
+
+@settings(max_examples=25)
+@given(
+    steps=st.lists(
+        st.tuples(
+            st.sampled_from(
+                [2**62 - 1, 2**62, 2**62 + 1, float(2**62), Fraction(2**62) + Fraction(1, 3)]
+            ),
+            st.sampled_from(["lower", "upper"]),
+        ),
+        min_size=2,
+        max_size=8,
+    ),
+    verify=st.booleans(),
+)
+def test_plan_cache_keeps_bounds_float64_cannot_tell_apart(steps, verify):
+    """Property: a sequence of bounds equal in float64 (cached plans, verify mode on or off)."""
+    import parambounds
+
+    before = parambounds.get_verify()
+    parambounds.set_verify(verify)
+    try:
+        with x64(True):
+            values = [2**62 - 1, 2**62, 2**62 + 1]
+            x = {"w": jnp.array(values, jnp.int64)}
+            for b, side in steps:
+                lo, hi = (b, None) if side == "lower" else (None, b)
+                excesses, below, above, projected = expect(values, "int64", lo, hi)
+                got = bounds_cost(x, {"w": lo}, {"w": hi}, penalty="linear")
+                assert_cost(got, excesses, "linear", np.float64)
+                assert bounds_clip(x, {"w": lo}, {"w": hi})["w"].tolist() == projected
+    finally:
+        parambounds.set_verify(before)
