@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from ..errors import BoundsError
 from ..penalties import Penalty, get_penalty
 from . import _math
-from ._plan import Plan, bounded_leaves, bounds_key, cached, is_array, tree_key
+from ._plan import Plan, bounds_key, cached, is_array, tree_key
 from ._trees import align, named_leaves
 
 __all__ = ["bounds_clip", "bounds_cost", "clip_leaf", "summed_exp_boundary_loss"]
@@ -36,7 +36,7 @@ def _plan(params: Any, lower: Any, upper: Any) -> tuple[Plan, list[Any]]:
         names, _, _ = named_leaves(params)
         lowers = align(names, lower, "lower_bounds")
         uppers = align(names, upper, "upper_bounds")
-        return Plan(treedef, names, leaves, bounded_leaves(names, leaves, lowers, uppers))
+        return Plan(treedef, names, leaves, lowers, uppers)
 
     return cached(_PLANS, key, keep, build), leaves
 

@@ -33,7 +33,6 @@ __all__ = [
     "excess",
     "float_dtype",
     "inward",
-    "inward_integer",
     "leaf_cost",
     "penalty_slope",
     "penalty_value",
@@ -341,22 +340,6 @@ def inward(b: Array, side: str, dtype: Any) -> Array:
         return jnp.where(wrong, jnp.nextafter(v, jnp.asarray(jnp.inf, dtype)), v)
     wrong = v.astype(wide) > b.astype(wide)
     return jnp.where(wrong, jnp.nextafter(v, jnp.asarray(-jnp.inf, dtype)), v)
-
-
-def inward_integer(b: Array, side: str, dtype: Any) -> Array:
-    """An array bound as the integers (or booleans) of ``dtype`` inside it (traceable).
-
-    A lower bound rounds up, an upper bound down, then saturates to the dtype's range.
-    """
-    b = jnp.asarray(b)
-    dtype = jnp.dtype(dtype)
-    if b.dtype == dtype:
-        return b
-    lo, hi = (0, 1) if dtype == jnp.bool_ else (jnp.iinfo(dtype).min, jnp.iinfo(dtype).max)
-    if jnp.issubdtype(b.dtype, jnp.floating):
-        b = jnp.ceil(b) if side == "lower" else jnp.floor(b)
-        return jnp.clip(b, float(lo), float(hi)).astype(dtype)
-    return jnp.clip(b, lo, hi).astype(dtype)
 
 
 def _sides(x: Array, lower: Any, upper: Any) -> tuple[Array, Array, Array, Array]:

@@ -32,7 +32,7 @@ import numpy as np
 
 from ..errors import BoundsError, mismatch, number_bound, order_error, verifying
 from ..penalties import Penalty
-from . import _fused, _math, _native
+from . import _fused, _integers, _math, _native
 
 __all__ = [
     "Plan",
@@ -169,27 +169,12 @@ def _inward_scalar(v: float, side: str, dtype: Any) -> Any:
     return c
 
 
-def _integer_bound(b: Any, side: str, dtype: Any, name: str) -> Any:
-    """A number bound as the integers (or booleans) of ``dtype`` inside it."""
-    v = math.ceil(b) if side == "lower" else math.floor(b)
-    info = (0, 1) if dtype == np.bool_ else (int(jnp.iinfo(dtype).min), int(jnp.iinfo(dtype).max))
-    if (side == "lower" and v > info[1]) or (side == "upper" and v < info[0]):
-        raise BoundsError(
-            f"{side} bound for '{_show(name)}' is {b}, which no value of {jnp.dtype(dtype)} "
-            "can satisfy"
-        )
-    return np.asarray(min(max(v, info[0]), info[1]), dtype=dtype)
-
-
 def _check_range(b: Any, side: str, dtype: Any, name: str) -> None:
-    """Reject a concrete array bound that no value of ``dtype`` can meet."""
+    """Reject a concrete array bound that no value of the float ``dtype`` can meet."""
     if not _concrete(b):
         return
-    if dtype == jnp.bool_:
-        low, high = 0.0, 1.0
-    else:
-        info: Any = jnp.finfo(dtype) if jnp.issubdtype(dtype, jnp.floating) else jnp.iinfo(dtype)
-        low, high = float(info.min), float(info.max)
+    info = jnp.finfo(dtype)
+    low, high = float(info.min), float(info.max)
     host = np.asarray(b, dtype=np.float64)
     bad = np.argwhere(host > high) if side == "lower" else np.argwhere(host < low)
     if len(bad):
@@ -203,17 +188,22 @@ def _check_range(b: Any, side: str, dtype: Any, name: str) -> None:
 def clip_bound(b: Any, side: str, dtype: Any, name: str) -> Any:
     """A normalised bound as values of ``dtype`` on the inside of the bound.
 
+    For an integer (or bool) ``dtype``, the whole numbers inside, exactly
+    (:mod:`parambounds.jax._integers`); ``b`` may then be any real number (an ``int``
+    past 2**53, a ``Fraction``), not only a float.
+
     Raises:
         BoundsError: for a number beyond the dtype's range on the side no value can meet.
     """
     if b is None:
         return None
     dtype = jnp.dtype(dtype)
-    if not jnp.issubdtype(dtype, jnp.floating):
-        if isinstance(b, float):
-            return _integer_bound(b, side, dtype, name)
-        _check_range(b, side, dtype, name)
-        return _math.inward_integer(b, side, dtype)
+    if not jnp.issubdtype(dtype, jnp.floating):  # integers and bool: whole numbers, exactly
+        if isinstance(b, numbers.Real):
+            return _integers.number_bound(b, side, dtype, name)
+        if _concrete(b):
+            _integers.check_array_range(b, side, dtype, name)
+        return _integers.array_bound(b, side, dtype)
     if isinstance(b, float):
         c = _inward_scalar(b, side, dtype)
         if (side == "lower" and c == np.inf) or (side == "upper" and c == -np.inf):
@@ -225,21 +215,36 @@ def clip_bound(b: Any, side: str, dtype: Any, name: str) -> Any:
     return _math.inward(b, side, dtype)
 
 
-def _inner(x: Any, lo: Any, hi: Any, name: str) -> tuple[Any, Any]:
+def _exact(raw: Any, normalised: Any) -> Any:
+    """A number bound as given (an ``int`` past 2**53, a ``Fraction``), else the normalised one."""
+    if normalised is not None and isinstance(raw, numbers.Real):
+        return raw
+    return normalised
+
+
+def _inner(x: Any, lo: Any, hi: Any, name: str, raw: tuple[Any, Any]) -> tuple[Any, Any]:
     """Both bounds of ``x`` rounded inward to its dtype, checked to leave a value between.
+
+    ``raw`` are the bounds as given: an integer leaf's number bounds are rounded from
+    them, exactly, not from their floats.
 
     Raises:
         BoundsError: where no value of the dtype lies between concrete bounds.
     """
     dtype = jnp.dtype(jnp.result_type(x))
+    if not jnp.issubdtype(dtype, jnp.floating):
+        lo, hi = _exact(raw[0], lo), _exact(raw[1], hi)
     with _host(lo, hi):
         lo_in = clip_bound(lo, "lower", dtype, name)
         hi_in = clip_bound(hi, "upper", dtype, name)
     if lo_in is None or hi_in is None or not (_concrete(lo_in) and _concrete(hi_in)):
         return lo_in, hi_in
     with _host():
-        lo_h = np.asarray(jnp.asarray(lo_in).astype(jnp.float32), np.float64)
-        hi_h = np.asarray(jnp.asarray(hi_in).astype(jnp.float32), np.float64)
+        if jnp.issubdtype(dtype, jnp.floating):
+            lo_h = np.asarray(jnp.asarray(lo_in).astype(jnp.float32), np.float64)
+            hi_h = np.asarray(jnp.asarray(hi_in).astype(jnp.float32), np.float64)
+        else:  # compared in the dtype itself: exact past 2**53
+            lo_h, hi_h = np.asarray(lo_in), np.asarray(hi_in)
     lo_h, hi_h = np.broadcast_arrays(lo_h, hi_h)
     bad = np.argwhere(lo_h > hi_h)
     if len(bad):
@@ -280,6 +285,8 @@ def _leaf_kernel(penalty: Penalty, dtype: Any, lo_kind: Any, hi_kind: Any, *args
     hundreds of leaves.
     """
     x, lo, hi = args
+    if "i" in (lo_kind, hi_kind):  # an integer leaf: compared in its own dtype
+        return _integers.leaf_cost(x, lo, hi, penalty).astype(dtype)
     if lo_kind == "s":  # as a Python float would be: in the leaf's float dtype, finite
         lo = _math.Finite(lo.astype(_math.float_dtype(x)))
     if hi_kind == "s":
@@ -294,7 +301,7 @@ def _cost_kernel(static: _Static, xs: list[Any], scalars: Any, arrays: list[Any]
     def bound(kind: Any) -> Any:
         if kind is None:
             return None
-        if kind[0] == "a":
+        if kind[0] in ("a", "i"):
             return arrays[kind[1]]
         return jax.lax.index_in_dim(scalars, kind[1], keepdims=False)
 
@@ -345,19 +352,42 @@ class Plan:
         treedef: the parameters' tree structure.
         names: every leaf's dotted key path.
         bounded: ``(index, lower, upper)`` of the bounded leaves, normalised.
-        inner: ``(lower, upper)`` of each bounded leaf rounded inward to its dtype.
+        inner: ``(lower, upper)`` of each bounded leaf rounded inward to its dtype (for
+            an integer leaf, from the bounds as given: exactly).
     """
 
-    def __init__(self, treedef: Any, names: list[str], leaves: list[Any], bounded: Any) -> None:
+    def __init__(
+        self,
+        treedef: Any,
+        names: list[str],
+        leaves: list[Any],
+        lowers: list[Any],
+        uppers: list[Any],
+    ) -> None:
+        """Check ``lowers`` and ``uppers`` (one bound per leaf, as given) against ``leaves``.
+
+        Raises:
+            BoundsError: naming the parameter, as :func:`bounded_leaves` and for bounds
+                that no value of a leaf's dtype can meet.
+        """
         # Concrete bounds are prepared now, even under a trace: a cached plan holds no tracer.
         with jax.ensure_compile_time_eval():
-            self._build(treedef, names, leaves, bounded)
+            self._build(treedef, names, leaves, lowers, uppers)
 
-    def _build(self, treedef: Any, names: list[str], leaves: list[Any], bounded: Any) -> None:
+    def _build(
+        self,
+        treedef: Any,
+        names: list[str],
+        leaves: list[Any],
+        lowers: list[Any],
+        uppers: list[Any],
+    ) -> None:
         self.treedef = treedef
         self.names = names
-        self.bounded: list[tuple[int, Any, Any]] = bounded
-        self.inner = [_inner(leaves[i], lo, hi, names[i]) for i, lo, hi in bounded]
+        self.bounded = bounded = bounded_leaves(names, leaves, lowers, uppers)
+        self.inner = [
+            _inner(leaves[i], lo, hi, names[i], (lowers[i], uppers[i])) for i, lo, hi in bounded
+        ]
         self._dtype = jnp.dtype(_result_dtype(leaves))
         scalars: list[float] = []
         self._arrays: list[Any] = []
@@ -371,11 +401,35 @@ class Plan:
             self._arrays.append(b)
             return ("a", len(self._arrays) - 1)
 
-        self._kinds = tuple((kind(lo), kind(hi)) for _, lo, hi in bounded)
+        def exact(b: Any, b_in: Any) -> Any:  # an integer leaf's: compared in its dtype
+            if b is None:
+                return None
+            # concrete: rounded inward once, now; traced: in the kernel (NaN kept NaN)
+            self._arrays.append(jnp.asarray(b_in) if _concrete(b_in) else b)
+            return ("i", len(self._arrays) - 1)
+
+        self._kinds = tuple(
+            (exact(lo, lo_in), exact(hi, hi_in))
+            if _integers.is_integer(jnp.result_type(leaves[i]))
+            else (kind(lo), kind(hi))
+            for (i, lo, hi), (lo_in, hi_in) in zip(bounded, self.inner)
+        )
+        self._wrapped = [i for i, _, _ in bounded if _integers.wraps(leaves[i])]
         wide = np.float64 if self._dtype == jnp.float64 else np.float32
         with _host():  # a concrete array, even inside an eager jax.shard_map
             self._scalars = jnp.asarray(np.asarray(scalars, dtype=wide))
         self._statics: dict[tuple[Penalty, bool], _Static] = {}
+
+    def leaves(self, leaves: list[Any]) -> list[Any]:
+        """The bounded leaves of ``leaves``, NumPy integer leaves checked to enter JAX whole.
+
+        Raises:
+            BoundsError: for a NumPy int64 (or uint64) leaf with a value that JAX without
+                ``jax_enable_x64`` would wrap to 32 bits (silently, as NumPy casts do).
+        """
+        for i in self._wrapped:
+            _integers.check_host_leaf(leaves[i], self.names[i])
+        return [leaves[i] for i, _, _ in self.bounded]
 
     def cost(self, leaves: list[Any], penalty: Penalty) -> Any:
         """The 0-d cost of the bounded leaves: one jitted call.
@@ -389,7 +443,7 @@ class Plan:
             _math.penalty_value(penalty)  # a clear error now, not from inside jit
             key = (penalty, self._dtype, self._kinds, native)
             static = self._statics[penalty, native] = _Static(key)
-        xs = [leaves[i] for i, _, _ in self.bounded]
+        xs = self.leaves(leaves)
         return _cost_kernel(static, xs, self._scalars, self._arrays)
 
     def map(self, leaves: list[Any], fn: Any) -> Any:
@@ -398,7 +452,7 @@ class Plan:
         One jitted call (``fn`` is static; the bounds are arguments).
         """
         out = list(leaves)
-        xs = [leaves[i] for i, _, _ in self.bounded]
+        xs = self.leaves(leaves)
         args = [(lo, hi, inner) for (_, lo, hi), inner in zip(self.bounded, self.inner)]
         for (i, _, _), y in zip(self.bounded, _map_kernel(fn, xs, args)):
             out[i] = y
@@ -415,8 +469,12 @@ def _leaf_key(x: Any) -> Any:
 
 
 def tree_key(leaves: list[Any], treedef: Any) -> tuple[Any, ...]:
-    """The parameters' part of a plan's key: structure, shapes and dtypes."""
-    return (treedef, tuple(_leaf_key(x) for x in leaves))
+    """The parameters' part of a plan's key: structure, shapes and dtypes, and x64.
+
+    ``jax_enable_x64`` decides the dtypes a plan computes in (a NumPy leaf's key is the
+    same in both modes): a plan built in one mode is not used in the other.
+    """
+    return (treedef, jax.config.read("jax_enable_x64"), tuple(_leaf_key(x) for x in leaves))
 
 
 def _bound_key(b: Any, keep: list[Any]) -> Any:
@@ -472,7 +530,8 @@ def _as_host(b: Any) -> Any:
         return b
     if not _concrete(b):
         return "traced"
-    return np.asarray(b, dtype=np.float64)
+    host = np.asarray(b)
+    return host if host.dtype.kind in "biu" else host.astype(np.float64)  # integers: exact
 
 
 def _same_bound(a: Any, b: Any) -> bool:
@@ -482,7 +541,7 @@ def _same_bound(a: Any, b: Any) -> bool:
             isinstance(a, np.ndarray)
             and isinstance(b, np.ndarray)
             and a.shape == b.shape
-            and bool(np.array_equal(a, b, equal_nan=True))
+            and bool(np.array_equal(a, b, equal_nan=a.dtype.kind == "f" and b.dtype.kind == "f"))
         )
     return a == b and type(a) is type(b)
 

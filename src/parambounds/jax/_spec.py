@@ -16,9 +16,9 @@ import numpy as np
 from ..errors import BoundsError
 from ..matching import Spec, match_indices, with_pattern
 from ..report import ParamReport, Report
-from . import _math
+from . import _integers, _math
 from ._cost import clip_leaf
-from ._plan import Plan, bounded_leaves, cached, clip_bound, is_array, tree_key
+from ._plan import Plan, cached, clip_bound, is_array, tree_key
 from ._trees import named_leaves
 
 __all__ = [
@@ -78,7 +78,7 @@ def _plan(bounds: Spec, tree: Any) -> tuple[Plan, list[Any]]:
             lowers[i] = resolved.lower[names[i]]
             uppers[i] = resolved.upper[names[i]]
         try:
-            return Plan(treedef, names, leaves, bounded_leaves(names, leaves, lowers, uppers))
+            return Plan(treedef, names, leaves, lowers, uppers)
         except BoundsError as err:
             raise with_pattern(err, resolved) from None
 
@@ -135,13 +135,22 @@ def report(bounds: Spec, tree: Any) -> Report:
     """
     plan, leaves = _plan(bounds, tree)
     bounded, names = plan.bounded, plan.names
-    if any(isinstance(leaves[i], jax.core.Tracer) for i, _, _ in bounded):
+    xs = plan.leaves(leaves)
+    if any(isinstance(x, jax.core.Tracer) for x in xs):
         raise BoundsError(
             "report() reads values on the host and cannot run inside jax.jit or another "
             "transformation; call it between steps (cost() and project() can be traced)"
         )
     if bounded:
-        stacked = jax.numpy.stack([_math.stats(leaves[i], lo, hi) for i, lo, hi in bounded])
+        stacked = jax.numpy.stack(
+            [
+                # integers: compared in their dtype with their bounds rounded inward, exactly
+                _integers.stats(x, *inner)
+                if _integers.is_integer(jnp.result_type(x))
+                else _math.stats(x, lo, hi)
+                for x, (_, lo, hi), inner in zip(xs, bounded, plan.inner)
+            ]
+        )
         values = np.asarray(stacked).tolist()  # the one transfer
     else:
         values = []
