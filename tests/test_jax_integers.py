@@ -480,3 +480,15 @@ def test_plan_cache_keeps_bounds_float64_cannot_tell_apart(steps, verify):
                 assert bounds_clip(x, {"w": lo}, {"w": hi})["w"].tolist() == projected
     finally:
         parambounds.set_verify(before)
+
+
+@pytest.mark.parametrize("x64", [False, True])
+@pytest.mark.parametrize("dtype", ["float32", "int8"])
+def test_report_counts_are_exact_past_2_to_the_24(dtype, x64):
+    """Counts were carried as float32: 2**24 + 1 elements outside read 2**24."""
+    n = 2**24 + 1
+    with jax.enable_x64(x64):
+        x = {"w": jnp.concatenate([jnp.full(n, 5, dtype), jnp.full(3, -5, dtype)])}
+        entry = Bounds({"w": (-1, 1)}).report(x).entries[0]
+    assert (entry.above, entry.below, entry.numel) == (n, 3, n + 3)
+    assert entry.max_excess == 4.0

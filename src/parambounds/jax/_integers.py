@@ -211,19 +211,20 @@ def leaf_cost(x: Array, lower: Array | None, upper: Array | None, penalty: Penal
     return _math.leaf_cost(d, 0.0, 0.0, penalty)
 
 
-def stats(x: Array, lower: Array | None, upper: Array | None) -> Array:
-    """``[below, above, max_excess, nan]`` of one integer array, compared in its dtype.
+def stats(x: Array, lower: Array | None, upper: Array | None) -> tuple[Array, Array]:
+    """``([below, above, nan], max_excess)`` of one integer array, compared in its dtype.
 
     ``lower`` and ``upper`` are the bounds rounded inward (:func:`array_bound`).
     """
     x = jnp.asarray(x)
     lo, _ = _whole(x, lower, "lower")
     hi, _ = _whole(x, upper, "upper")
-    below = jnp.zeros((), jnp.int32) if lo is None else (x < lo).sum()
-    above = jnp.zeros((), jnp.int32) if hi is None else (x > hi).sum()
+    none = jnp.zeros((), jnp.result_type(int))
+    below = none if lo is None else (x < lo).sum()
+    above = none if hi is None else (x > hi).sum()
     d = signed_excess(x, lo, hi, jnp.result_type(float))
     worst = jnp.max(jnp.abs(d), initial=0.0)
-    return jnp.stack([below, above, worst, jnp.zeros((), worst.dtype)]).astype(jnp.float32)
+    return jnp.stack([below, above, none]), worst
 
 
 def wraps(x: Any) -> bool:

@@ -396,8 +396,12 @@ def unconstrain(x: Array, lower: Any, upper: Any) -> Array:
     return z.astype(out_dtype)
 
 
-def stats(x: Array, lower: Any, upper: Any) -> Array:
-    """``[below, above, max_excess, nan]`` of one array, as float32 (on its device)."""
+def stats(x: Array, lower: Any, upper: Any) -> tuple[Array, Array]:
+    """``([below, above, nan], max_excess)`` of one array, on its device.
+
+    The counts stay integers (JAX's default: int32, int64 under x64), exact for any
+    array JAX can index; as float32 they were exact only below 2**24 elements.
+    """
     x = _float(x)
     lo = -jnp.inf if lower is None else lower
     hi = jnp.inf if upper is None else upper
@@ -406,4 +410,4 @@ def stats(x: Array, lower: Any, upper: Any) -> Array:
     e = excess(x, lower, upper)
     worst = jnp.max(jnp.where(e > 0, e, 0), initial=0.0)
     nan = jnp.isnan(x).sum()
-    return jnp.stack([below, above, worst, nan]).astype(jnp.float32)
+    return jnp.stack([below, above, nan]), worst

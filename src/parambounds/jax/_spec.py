@@ -142,16 +142,17 @@ def report(bounds: Spec, tree: Any) -> Report:
             "transformation; call it between steps (cost() and project() can be traced)"
         )
     if bounded:
-        stacked = jax.numpy.stack(
-            [
-                # integers: compared in their dtype with their bounds rounded inward, exactly
-                _integers.stats(x, *inner)
-                if _integers.is_integer(jnp.result_type(x))
-                else _math.stats(x, lo, hi)
-                for x, (_, lo, hi), inner in zip(xs, bounded, plan.inner)
-            ]
+        rows = [
+            # integers: compared in their dtype with their bounds rounded inward, exactly
+            _integers.stats(x, *inner)
+            if _integers.is_integer(jnp.result_type(x))
+            else _math.stats(x, lo, hi)
+            for x, (_, lo, hi), inner in zip(xs, bounded, plan.inner)
+        ]
+        counts, worst = jax.device_get(  # the one transfer; counts stay integers
+            (jnp.stack([c for c, _ in rows]), jnp.stack([w.astype(float) for _, w in rows]))
         )
-        values = np.asarray(stacked).tolist()  # the one transfer
+        values = [(b, a, w, n) for (b, a, n), w in zip(counts.tolist(), worst.tolist())]
     else:
         values = []
     return Report(
