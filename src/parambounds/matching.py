@@ -15,7 +15,6 @@ import functools
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from fnmatch import fnmatchcase
 from typing import Any, Protocol
 
 from .errors import BoundsError
@@ -131,6 +130,24 @@ def _quoted(items: list[str]) -> str:
     return ", ".join(f"'{i}'" for i in items)
 
 
+def _hits(patterns: list[str], names: tuple[str, ...]) -> dict[str, list[str]]:
+    """The names each pattern matches, in name order.
+
+    Each name is tried against the patterns that could match it (:class:`_Index`), not
+    each pattern against every name: it costs what matching costs.
+    """
+    unique = tuple(dict.fromkeys(patterns))
+    index = _index(unique)
+    hits: dict[str, list[str]] = {p: [] for p in unique}
+    for name in names:
+        if name in index.literal:
+            hits[name].append(name)
+        for _, p in index.candidates(name):
+            if index.matches(p, name):
+                hits[p].append(name)
+    return hits
+
+
 def unused_message(unused: list[str], names: tuple[str, ...], winners: dict[str, str]) -> str:
     """Say why each pattern in ``unused`` bounds nothing: shadowed, or matching no name.
 
@@ -139,8 +156,9 @@ def unused_message(unused: list[str], names: tuple[str, ...], winners: dict[str,
     """
     shadowed: list[str] = []
     missing: list[str] = []
+    matched = _hits(unused, names)
     for pattern in unused:
-        hits = [n for n in names if fnmatchcase(n, pattern)]
+        hits = matched[pattern]
         if hits:
             earlier = list(dict.fromkeys(winners[n] for n in hits))
             which = "pattern" if len(earlier) == 1 else "patterns"
