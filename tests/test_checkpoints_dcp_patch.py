@@ -378,9 +378,10 @@ def test_what_is_not_proven_goes_through_dcp(tmp_path, forge):
         assert torch.equal(got[name], want[name].clamp(LO, HI)), name
 
 
-def test_a_big_endian_folder_is_patched_in_its_own_byte_order(tmp_path):
-    """Chunks written on s390x (archives with byte order record ``big``): read and patched
-    swapped, in place in the data files; DCP's loader reads the clamped values."""
+def test_a_big_endian_folder_goes_through_dcp_and_is_clamped_right(tmp_path):
+    """Chunks written on s390x (archives with byte order record ``big``) are not read in
+    the data files: ``torch.load`` on the meta device crashes the process on them (torch
+    2.13). DCP's reader reads them, and the clamped copy is right."""
     g = torch.Generator().manual_seed(3)
     full = {f"a.{d}": (torch.randn(50, generator=g, dtype=torch.float64) * 2).to(d)
             for d in FLOATS}  # fmt: skip
@@ -397,7 +398,8 @@ def test_a_big_endian_folder_is_patched_in_its_own_byte_order(tmp_path):
     original = load_dcp(src, full)
     for name, x in full.items():  # the forged folder reads back as the values saved
         assert torch.equal(bits(original[name]), bits(x)), name
-    assert _dcp_layout.locate(src, _dcp.read_metadata(src), [n for n in full if n != "n"])
+    floats = [n for n in full if n != "n"]
+    assert _dcp_layout.locate(src, _dcp.read_metadata(src), floats) is None
     (tmp_path / "b.toml").write_text(BOUNDS)
     code, _, err = _cli("clamp", src, "--bounds", tmp_path / "b.toml", "-o", tmp_path / "out",
                         "--allow-unmatched")  # fmt: skip

@@ -21,8 +21,10 @@ through DCP's own reader otherwise (correct, one tensor in memory at a time):
   storage holds exactly its elements (offset 0, no gap, no element twice: dense strides)
   and is the member that the archive's central directory places where ``torch.load``
   found it, inside the slice;
-- the byte order is the archive's ``byteorder`` record (``little`` where there is none,
-  as ``torch.load`` reads it by default).
+- the archive is in this machine's byte order (its ``byteorder`` record, or ``little``
+  where it has none, as ``torch.load`` reads it by default). An archive in the other
+  order (written on s390x) goes through DCP's reader: ``torch.load`` on the meta device
+  crashes on it (torch 2.13 byte-swaps the meta storage).
 
 The scan needs no element order: counting and clamping with scalar bounds are element
 by element, so a chunk's storage is read as the flat run of its elements, whatever its
@@ -60,7 +62,6 @@ class Chunk:
     start: int  # file offset of the first element
     numel: int
     dtype: torch.dtype
-    unit: int  # bytes reversed per element to read it here; 1 in this machine's order
     member: Member | None  # its zip member (for the CRC-32); None when empty
 
 
@@ -107,15 +108,20 @@ def _dense(t: torch.Tensor) -> bool:
     return True
 
 
-def _byteorder(fd: int, members: dict[int, Member], prefix: str) -> str | None:
-    """The archive's ``byteorder`` record; ``little`` where it has none (torch.load's default)."""
-    found = [m for m in members.values() if m.name == f"{prefix}/byteorder"]
+def _native_order(fd: int, members: dict[int, Member]) -> bool:
+    """Whether the archive's storages are in this machine's byte order.
+
+    Its ``byteorder`` record, or ``little`` where it has none (``torch.load``'s default).
+    Read before ``torch.load`` sees the archive: on the meta device, ``torch.load`` of an
+    archive in the other order crashes the process (torch 2.13 byte-swaps the meta
+    storage), so such an archive is left to DCP's reader.
+    """
+    found = [m for m in members.values() if m.name.rpartition("/")[2] == "byteorder"]
     if not found:
-        return "little"
+        return sys.byteorder == "little"
     if len(found) > 1 or found[0].size > 8:
-        return None
-    raw = os.pread(fd, found[0].size, found[0].offset)
-    return raw.decode("ascii") if raw in (b"little", b"big") else None
+        return False
+    return os.pread(fd, found[0].size, found[0].offset) == sys.byteorder.encode()
 
 
 def _chunk(
@@ -129,6 +135,8 @@ def _chunk(
             m.name.endswith("data.pkl") and m.size > _MAX_PICKLE for m in members.values()
         ):
             return None
+        if not _native_order(fd, members):
+            return None
         window.seek(0)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -141,10 +149,10 @@ def _chunk(
         return None
     st = t.untyped_storage()
     numel = math.prod(sizes)
+    if numel == 0:  # no values (its strides and offset may be any a view had)
+        return Chunk(rel, info.offset, 0, dtype, None)
     if t.storage_offset() != 0 or st.nbytes() != numel * dtype.itemsize or not _dense(t):
         return None
-    if numel == 0:
-        return Chunk(rel, info.offset, 0, dtype, 1, None)
     at = getattr(st, "_checkpoint_offset", None)
     member = members.get(info.offset + at) if isinstance(at, int) else None
     if member is None or member.size != st.nbytes():
@@ -152,14 +160,12 @@ def _chunk(
     if member.offset + member.size > info.offset + info.length:
         return None
     prefix, sep, key = member.name.rpartition("/data/")
-    pickles = [m for m in members.values() if m.name == f"{prefix}/data.pkl"]
-    if not sep or key != "0" or len(pickles) != 1:
+    named = [m.name for m in members.values()]
+    if not sep or key != "0" or named.count(f"{prefix}/data.pkl") != 1:
         return None
-    order = _byteorder(fd, members, prefix)
-    if order is None:
-        return None
-    unit = 1 if order == sys.byteorder else dtype.itemsize
-    return Chunk(rel, member.offset, numel, dtype, unit, member)
+    if any(n.rpartition("/")[2] == "byteorder" and n != f"{prefix}/byteorder" for n in named):
+        return None  # the order record of another archive name: not torch.load's
+    return Chunk(rel, member.offset, numel, dtype, member)
 
 
 def _slices_apart(path: Path, storage: dict[Any, Any]) -> bool:

@@ -78,7 +78,7 @@ class _Scan:
         out = []
         for i, ch, offset, nbytes in tasks:
             t = self.targets[i]
-            values, commit = read_piece(self.fds[ch.file], offset, nbytes, ch.unit, ch.dtype)
+            values, commit = read_piece(self.fds[ch.file], offset, nbytes, 1, ch.dtype)
             counts = _piece(values, t.lo, t.hi, self.clamp)  # clamped in the buffer
             if self.clamp and (counts[0] or counts[1]):
                 commit()
