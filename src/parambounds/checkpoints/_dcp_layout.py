@@ -42,7 +42,7 @@ import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, cast
 
 import torch
 
@@ -128,7 +128,7 @@ def _chunk(
     fd: int, info: Any, rel: str, dtype: torch.dtype, sizes: tuple[int, ...]
 ) -> Chunk | None:
     """The :class:`Chunk` stored by the record ``info``, or ``None`` where it is not proven."""
-    window = _Window(fd, info.offset, info.length)
+    window = cast(BinaryIO, _Window(fd, info.offset, info.length))  # a file, read-only
     try:
         members = members_of(window, base=info.offset)
         if members is None or any(
