@@ -22,7 +22,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import textwrap
 import warnings
 from pathlib import Path
 from unittest import mock
@@ -35,6 +34,7 @@ from hypothesis import strategies as st
 from parambounds.checkpoints import _dcp, _dcp_layout, _dcp_patch
 from parambounds.cli import main
 
+from .test_checkpoints_sink import _CHILD
 from .test_cli_hostile import one_line, run, snapshot, to_big_endian
 
 dcp = pytest.importorskip("torch.distributed.checkpoint")
@@ -431,52 +431,10 @@ def test_a_full_disk_while_patching_is_one_line(tmp_path, capsys, monkeypatch):
 
 # ------------------------------------------------------------------ memory
 
-_CHILD = textwrap.dedent(
-    """
-    import os, sys, threading, time
-    from parambounds.cli import main
-    import parambounds.checkpoints, parambounds.checkpoints._apply
-    import torch.distributed.checkpoint  # DCP's own modules: the same for any folder
-
-    def anon():
-        for line in open('/proc/self/status'):
-            if line.startswith('RssAnon:'):
-                return int(line.split()[1]) * 1024
-        raise SystemExit('no RssAnon')
-
-    start_anon = anon()
-    peak, done = [start_anon], threading.Event()
-
-    def sample():
-        while not done.is_set():
-            peak[0] = max(peak[0], anon())
-            time.sleep(0.001)
-
-    at_rename = []
-    real_rename, real_replace = os.rename, os.replace
-
-    def rename(a, b, **kw):  # the moment the copy is complete
-        at_rename.append(anon() - start_anon)
-        return real_rename(a, b, **kw)
-
-    def replace(a, b, **kw):
-        at_rename.append(anon() - start_anon)
-        return real_replace(a, b, **kw)
-
-    os.rename, os.replace = rename, replace
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    sys.argv[0] = 'parambounds'
-    code = main()  # as the program runs it: sys.argv
-    done.set()
-    thread.join()
-    print(code, peak[0] - start_anon, max(at_rename) if at_rename else -1)
-    """
-)
-
 
 def _child(args: list[str]) -> tuple[int, int, int]:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env["PB_STARTUP_IMPORTS"] = "torch.distributed.checkpoint"  # DCP's modules: any folder
     proc = subprocess.run(
         [sys.executable, "-c", _CHILD, *args], env=env, capture_output=True, text=True, check=False
     )

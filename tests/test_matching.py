@@ -95,59 +95,21 @@ def test_unused_patterns_are_never_compiled():
     assert compiled == {"*.tau", "*.nothing"}  # the only candidates of these names
 
 
-def plain_unused_message(unused, names, winners):
-    """The message as it was written first: each pattern tried against every name."""
-    import difflib
-
-    def quoted(items):
-        return ", ".join(f"'{i}'" for i in items)
-
-    shadowed, missing = [], []
-    for pattern in unused:
-        hits = [n for n in names if fnmatchcase(n, pattern)]
-        if hits:
-            earlier = list(dict.fromkeys(winners[n] for n in hits))
-            which = "pattern" if len(earlier) == 1 else "patterns"
-            shadowed.append(
-                f"pattern '{pattern}' is shadowed by the earlier {which} {quoted(earlier)}: "
-                f"every parameter it matches ({quoted(hits[:3])}"
-                f"{', ...' if len(hits) > 3 else ''}) is bounded by {quoted(earlier)} "
-                "first (the first matching pattern wins; put the more specific one first)"
-            )
-        else:
-            missing.append(pattern)
-    parts = []
-    if missing:
-        shown = quoted(list(names[:6])) + (", ..." if len(names) > 6 else "")
-        subject = (
-            f"pattern '{missing[0]}' matches"
-            if len(missing) == 1
-            else f"patterns {quoted(missing)} match"
-        )
-        hints = []
-        for pattern in missing:
-            if pattern in names:
-                literal = "".join(f"[{c}]" if c in "*?[" else c for c in pattern)
-                hints.append(
-                    f"'{pattern}' is the name of a parameter, but '[' starts a character "
-                    f"class in a pattern: write '{literal}' to match it literally"
-                )
-                continue
-            close = difflib.get_close_matches(pattern, names, n=3, cutoff=0.5)
-            if close:
-                hints.append(f"'{pattern}' is closest to {quoted(close)}")
-        parts.append(
-            f"{subject} no parameter of the model (its parameters: {shown or 'none'})"
-            + (f"; {'; '.join(hints)}" if hints else "")
-        )
-    return "; ".join(parts + shadowed)
-
-
 @settings(max_examples=300, deadline=None, derandomize=True)
 @given(_patterns_and_names())
 def test_unused_message_is_the_plain_loops(case):
-    """Shadowed and unmatched patterns: the same message as trying every pair."""
+    """Shadowed and unmatched patterns: the same message as trying every pair.
+
+    The reference is the message built from each pattern tried on every name (plain
+    ``fnmatchcase``) instead of through the compiled index.
+    """
+    from unittest import mock
+
+    import parambounds.matching as matching
     from parambounds.matching import unused_message
+
+    def plain_hits(patterns, names):
+        return {p: [n for n in names if fnmatchcase(n, p)] for p in patterns}
 
     patterns, names = case
     patterns = tuple(dict.fromkeys(patterns))  # a spec's patterns are a dict's keys
@@ -155,7 +117,9 @@ def test_unused_message_is_the_plain_loops(case):
     winners = {n: patterns[k] for n, k in zip(names, first) if k >= 0}
     used = set(first)
     unused = [p for k, p in enumerate(patterns) if k not in used]
-    want = plain_unused_message(unused, names, winners)
+    assert matching._hits(unused, names) == plain_hits(unused, names)
+    with mock.patch.object(matching, "_hits", plain_hits):
+        want = unused_message(unused, names, winners)
     assert unused_message(unused, names, winners) == want
 
 
@@ -163,7 +127,8 @@ def test_the_unused_message_costs_what_matching_costs(monkeypatch):
     """Strict mode, 5 000 unused patterns over 5 000 names: no pattern x name loop.
 
     Patterns whose literal prefix begins no name are never even compiled; each name is
-    tried against its few candidates only (counted, not timed).
+    tried against its few candidates only; the closest names are looked up for the first
+    few unmatched patterns only (counted, not timed).
     """
     import parambounds.matching as matching
     from parambounds import Bounds, BoundsError
@@ -178,6 +143,14 @@ def test_the_unused_message_costs_what_matching_costs(monkeypatch):
         return real(self, pattern, name)
 
     monkeypatch.setattr(matching._Index, "matches", counting)
+    hinted = []
+    real_close = matching.difflib.get_close_matches
+
+    def close(pattern, *args, **kwargs):  # a pass over every name each
+        hinted.append(pattern)
+        return real_close(pattern, *args, **kwargs)
+
+    monkeypatch.setattr(matching.difflib, "get_close_matches", close)
     monkeypatch.setattr(matching, "fnmatchcase", None, raising=False)  # never the plain loop
     try:
         Bounds(spec)._match(names)
@@ -186,3 +159,4 @@ def test_the_unused_message_costs_what_matching_costs(monkeypatch):
     else:
         raise AssertionError("strict mode must refuse unused patterns")
     assert len(tried) <= 2 * len(names), len(tried)  # matching and the message: 1 each
+    assert len(hinted) <= 5, len(hinted)  # the closest names of the first few only

@@ -130,6 +130,10 @@ def _quoted(items: list[str]) -> str:
     return ", ".join(f"'{i}'" for i in items)
 
 
+#: Patterns that match nothing given the closest names (each costs a pass over the names).
+_HINTS = 5
+
+
 def _hits(patterns: list[str], names: tuple[str, ...]) -> dict[str, list[str]]:
     """The names each pattern matches, in name order.
 
@@ -152,7 +156,8 @@ def unused_message(unused: list[str], names: tuple[str, ...], winners: dict[str,
     """Say why each pattern in ``unused`` bounds nothing: shadowed, or matching no name.
 
     A pattern is shadowed when every name it matches is taken by an earlier pattern
-    (the first match wins); the others match no name at all and get the closest names.
+    (the first match wins); the others match no name at all, and the first few of them
+    get the closest names.
     """
     shadowed: list[str] = []
     missing: list[str] = []
@@ -179,7 +184,7 @@ def unused_message(unused: list[str], names: tuple[str, ...], winners: dict[str,
             else f"patterns {_quoted(missing)} match"
         )
         hints = []
-        for pattern in missing:
+        for pattern in missing[:_HINTS]:  # difflib costs a pass over the names each
             if pattern in names:  # a literal name with '[': a character class in fnmatch
                 literal = "".join(f"[{c}]" if c in "*?[" else c for c in pattern)
                 hints.append(
