@@ -13,6 +13,8 @@ it replaces only what DCP owns (the data files its metadata names, then ``.metad
 in one rename), keeping every other file and the folder's mode and owner. The metadata
 is checked first: every data file it names lies inside the folder, and the chunks of
 every tensor cover it exactly; the new metadata keeps the original's ``planner_data``.
+:func:`write_folder` is that writing, for any way of filling the new folder: the command
+line fills it with patched copies of the data files where it can (:mod:`._dcp_patch`).
 
 The library never imports this module.
 """
