@@ -1,7 +1,10 @@
 """Benchmark ``parambounds check`` and ``clamp`` on a synthetic multi-GB checkpoint.
 
 Run ``python benchmarks/bench_checkpoints.py`` (``--gb 2`` sets the size, ``--format
-safetensors`` the format, ``--dir`` where the files go; they are removed afterwards).
+safetensors`` or ``--format dcp`` the format, ``--dir`` where the files go; they are
+removed afterwards). ``--format dcp`` writes each checkpoint as a DCP folder
+(``dcp.save``: one ``.distcp`` file and a ``.metadata``); its start-up includes importing
+``torch.distributed.checkpoint``, which any DCP folder costs.
 
 The checkpoint holds float32 tensors of 64 MiB, a few with values outside their bounds
 (so ``clamp`` has work to do, in a few pieces only); a second one of the same size has a
@@ -63,6 +66,7 @@ TIMED = (
     "t0 = time.perf_counter()\n"
     "from parambounds.cli import main\n"
     "import parambounds.checkpoints._apply, parambounds.checkpoints  # what check imports\n"
+    "{extra}"
     "t1 = time.perf_counter()\n"
     "rss = [ln for ln in open('/proc/self/status') if ln.startswith('RssAnon:')]\n"
     "start = int(rss[0].split()[1]) * 1024 if rss else 0\n"
@@ -91,6 +95,14 @@ def make(path: Path, gb: float, fmt: str, scattered: bool = False) -> None:
         from safetensors.torch import save_file
 
         save_file(sd, str(path))
+    elif fmt == "dcp":
+        import warnings
+
+        import torch.distributed.checkpoint as dcp
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dcp.save(sd, checkpoint_id=str(path), no_dist=True)
     else:
         torch.save(sd, path)
 
@@ -243,10 +255,22 @@ def against(args: argparse.Namespace, cmd: list[str], size: int, what: str, roun
     print(f"\nthis tree / --against: {med['this tree'] / med[other]:.3f}\n")
 
 
+def _size(path: Path) -> int:
+    """A file's size; a folder's (a DCP checkpoint): the sum of its files'."""
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.iterdir())
+    return path.stat().st_size
+
+
+def _files(path: Path) -> str:
+    """``path`` for ``sh``; a folder's files, ``.metadata`` included."""
+    return f"'{path}'/* '{path}'/.metadata" if path.is_dir() else f"'{path}'"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gb", type=float, default=2.0, help="checkpoint size in GiB")
-    parser.add_argument("--format", choices=["torch", "safetensors"], default="torch")
+    parser.add_argument("--format", choices=["torch", "safetensors", "dcp"], default="torch")
     parser.add_argument("--dir", default=None, help="folder for the files (default: a temp dir)")
     parser.add_argument("--repeat", type=int, default=3, help="runs per command (the best)")
     parser.add_argument(
@@ -259,7 +283,7 @@ def main() -> None:
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-ckpt-", dir=args.dir))
     try:
-        suffix = ".safetensors" if args.format == "safetensors" else ".pt"
+        suffix = {"safetensors": ".safetensors", "dcp": ""}.get(args.format, ".pt")
         ckpt, out, bounds = work / f"m{suffix}", work / f"c{suffix}", work / "b.toml"
         bounds.write_text('[bounds]\n"*.tau_mem" = [0.005, 0.04]\n')
         many = work / "many.toml"  # 10 000 patterns: matching must not cost patterns x tensors
@@ -270,11 +294,12 @@ def main() -> None:
         )
         t0 = time.perf_counter()
         make(ckpt, args.gb, args.format)
-        size = ckpt.stat().st_size
+        size = _size(ckpt)
         print(f"made {size / 2**30:.2f} GiB {args.format} in {time.perf_counter() - t0:.1f} s")
-        timed = [sys.executable, "-c", TIMED]
+        extra = "import torch.distributed.checkpoint\n" if args.format == "dcp" else ""
+        timed = [sys.executable, "-c", TIMED.replace("{extra}", extra)]
         check = [*timed, "check", str(ckpt), "--bounds", str(bounds)]
-        run(["sh", "-c", f"cat '{ckpt}' > /dev/null"])  # warm the page cache
+        run(["sh", "-c", f"cat {_files(ckpt)} > /dev/null"])  # warm the page cache
         if args.against:
             against(args, check, size, "check", args.rounds)
         if args.skip_table:
@@ -287,10 +312,10 @@ def main() -> None:
             clamp_against += ["-o", str(out_s), "--force"]
             what = "clamp -o, a value outside in every 4 KiB page,"
             against(args, clamp_against, size, what, 2)
-            out_s.unlink(missing_ok=True)
-        cat = ["sh", "-c", f"cat '{ckpt}' > /dev/null"]
-        copy = ["sh", "-c", f"cp '{ckpt}' '{out}' && sync '{out}' && rm '{out}'"]
-        run(["sh", "-c", f"cat '{scattered}' > /dev/null"])
+            shutil.rmtree(out_s) if out_s.is_dir() else out_s.unlink(missing_ok=True)
+        cat = ["sh", "-c", f"cat {_files(ckpt)} > /dev/null"]
+        copy = ["sh", "-c", f"cp -r '{ckpt}' '{out}' && sync '{out}' && rm -r '{out}'"]
+        run(["sh", "-c", f"cat {_files(scattered)} > /dev/null"])
         run(cat)  # warm the page cache
         clamp = [*timed, "clamp", str(ckpt), "--bounds", str(bounds), "-o", str(out), "--force"]
         check_s = [*timed, "check", str(scattered), "--bounds", str(bounds)]
@@ -336,7 +361,8 @@ def main() -> None:
         print("\nthe floor of check, component by component (this process, 1 thread):\n")
         print("| component | time s | GB/s | time / cat |")
         print("|---|---:|---:|---:|")
-        for name, t in floor(ckpt):
+        data = max(ckpt.iterdir(), key=lambda p: p.stat().st_size) if ckpt.is_dir() else ckpt
+        for name, t in floor(data):  # a DCP folder: its data file
             print(f"| {name} | {t:.2f} | {gb / t:.2f} | {t / cat_s:.2f} |")
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -495,9 +495,15 @@ def test_damaged_distcp_is_one_line(tmp_path, capsys, how):
 
 
 def test_dcp_onto_a_full_disk_is_one_line(tmp_path, capsys, monkeypatch):
+    """DCP's own writer (a folder read through DCP); the patch writer's full disk is in
+    tests/test_checkpoints_dcp_patch.py."""
     import errno
 
     import torch.distributed.checkpoint.filesystem as fs
+
+    from parambounds.checkpoints import _dcp_patch
+
+    monkeypatch.setattr(_dcp_patch, "locate", lambda *_: None)
 
     src = tmp_path / "src"
     dcp_save(src, {"w": torch.arange(64.0)})

@@ -114,6 +114,13 @@ def _bad_inputs(t: Path):
         r"text\.pt: not a PyTorch checkpoint \(a text file\)",
     )
     ckpt(
+        "legacy_tar",
+        _legacy_tar,
+        r"legacy_tar\.pt: a legacy tar-format torch checkpoint \(torch\.save before torch 0\.4\)"
+        r".*load it with the torch that wrote it and save it again",
+    )
+    ckpt("other_tar", _other_tar, r"other_tar\.pt: a tar archive, not a PyTorch checkpoint")
+    ckpt(
         "empty",
         lambda p: p.write_bytes(b""),
         r"empty\.pt: not a PyTorch checkpoint \(an empty file\)",
@@ -195,6 +202,29 @@ def _bad_inputs(t: Path):
         r"refused: it needs posix\.system, which only full unpickling could load",
     )
     return cases
+
+
+def _tar(path: Path, members: dict[str, bytes]) -> None:
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:  # as torch 0.3 wrote it
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def _legacy_tar(path: Path) -> None:
+    """The layout of torch.save before 0.4: a tar of sys_info, pickle, tensors, storages."""
+    _tar(path, {"sys_info": pickle.dumps({"protocol_version": 1001}), "pickle": b"\x80\x02N.",
+                "tensors": b"\x80\x02K\x00.", "storages": b"\x80\x02K\x00."})  # fmt: skip
+    with pytest.raises(Exception, match="legacy .tar format"):  # torch refuses it too
+        torch.load(path, weights_only=True)
+
+
+def _other_tar(path: Path) -> None:
+    _tar(path, {"notes.txt": b"not a checkpoint"})
 
 
 def _snapshot(t: Path):

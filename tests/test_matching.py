@@ -93,3 +93,70 @@ def test_unused_patterns_are_never_compiled():
     assert matched_patterns(patterns, names) == {"*.tau"}
     compiled = set(_index(patterns).compiled)
     assert compiled == {"*.tau", "*.nothing"}  # the only candidates of these names
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(_patterns_and_names())
+def test_unused_message_is_the_plain_loops(case):
+    """Shadowed and unmatched patterns: the same message as trying every pair.
+
+    The reference is the message built from each pattern tried on every name (plain
+    ``fnmatchcase``) instead of through the compiled index.
+    """
+    from unittest import mock
+
+    import parambounds.matching as matching
+    from parambounds.matching import unused_message
+
+    def plain_hits(patterns, names):
+        return {p: [n for n in names if fnmatchcase(n, p)] for p in patterns}
+
+    patterns, names = case
+    patterns = tuple(dict.fromkeys(patterns))  # a spec's patterns are a dict's keys
+    first = match_indices(patterns, names)
+    winners = {n: patterns[k] for n, k in zip(names, first) if k >= 0}
+    used = set(first)
+    unused = [p for k, p in enumerate(patterns) if k not in used]
+    assert matching._hits(unused, names) == plain_hits(unused, names)
+    with mock.patch.object(matching, "_hits", plain_hits):
+        want = unused_message(unused, names, winners)
+    assert unused_message(unused, names, winners) == want
+
+
+def test_the_unused_message_costs_what_matching_costs(monkeypatch):
+    """Strict mode, 5 000 unused patterns over 5 000 names: no pattern x name loop.
+
+    Patterns whose literal prefix begins no name are never even compiled; each name is
+    tried against its few candidates only; the closest names are looked up for the first
+    few unmatched patterns only (counted, not timed).
+    """
+    import parambounds.matching as matching
+    from parambounds import Bounds, BoundsError
+
+    names = tuple(f"layer{i}.tau" for i in range(5000))
+    spec = {"*.tau": (0.0, 1.0), **{f"block.{i}.*.w": (0.0, 1.0) for i in range(5000)}}
+    tried = []
+    real = matching._Index.matches
+
+    def counting(self, pattern, name):
+        tried.append((pattern, name))
+        return real(self, pattern, name)
+
+    monkeypatch.setattr(matching._Index, "matches", counting)
+    hinted = []
+    real_close = matching.difflib.get_close_matches
+
+    def close(pattern, *args, **kwargs):  # a pass over every name each
+        hinted.append(pattern)
+        return real_close(pattern, *args, **kwargs)
+
+    monkeypatch.setattr(matching.difflib, "get_close_matches", close)
+    monkeypatch.setattr(matching, "fnmatchcase", None, raising=False)  # never the plain loop
+    try:
+        Bounds(spec)._match(names)
+    except BoundsError as err:
+        assert "pattern 'block.0.*.w'" in str(err) or "patterns 'block.0.*.w'" in str(err)
+    else:
+        raise AssertionError("strict mode must refuse unused patterns")
+    assert len(tried) <= 2 * len(names), len(tried)  # matching and the message: 1 each
+    assert len(hinted) <= 5, len(hinted)  # the closest names of the first few only

@@ -168,8 +168,13 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     loaded = _inspect(args)
     try:
-        if loaded.ckpt.format == "dcp":  # one tensor in memory at a time
-            entries = [scan_targets([_in_memory(loaded.ckpt, t)])[0] for t in loaded.targets]
+        if loaded.ckpt.format == "dcp":  # in its data files, else one tensor at a time
+            from .checkpoints import scan_dcp
+
+            found = scan_dcp(loaded.ckpt, loaded.targets)
+            if found is None:
+                found = [scan_targets([_in_memory(loaded.ckpt, t)])[0] for t in loaded.targets]
+            entries = found
         else:
             entries = scan_targets(loaded.targets)
         report = Report(tuple(entries))
@@ -313,7 +318,7 @@ def _clamp(args: argparse.Namespace, target: Path) -> int:
     _refuse_conflicting_aliases(loaded)
     ckpt = loaded.ckpt
     try:
-        if ckpt.format == "dcp":  # read, checked, clamped and written one tensor at a time
+        if ckpt.format == "dcp":  # a folder: its data files patched, or tensor by tensor
             before = _clamp_dcp(loaded, target)
         else:  # the counts before clamping; the copy written as the pieces are clamped
             before = clamp_checkpoint(ckpt, loaded.targets, target)
@@ -330,10 +335,17 @@ def _clamp(args: argparse.Namespace, target: Path) -> int:
 
 
 def _clamp_dcp(loaded: _Loaded, target: Path) -> list[ParamReport]:
-    """Write the clamped copy of a lazy DCP checkpoint; the reports before clamping."""
-    from .checkpoints import read_tensor, save_dcp, scan_targets
+    """Write the clamped copy of a lazy DCP checkpoint; the reports before clamping.
+
+    Its data files copied and patched where their layout is proven, else read, clamped
+    and written one tensor at a time through DCP.
+    """
+    from .checkpoints import clamp_dcp, read_tensor, save_dcp, scan_targets
 
     ckpt = loaded.ckpt
+    patched = clamp_dcp(ckpt, loaded.targets, target)
+    if patched is not None:
+        return patched
     targets = {t.name: t for t in loaded.targets}
     before: dict[str, ParamReport] = {}
 

@@ -15,7 +15,6 @@ import functools
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from fnmatch import fnmatchcase
 from typing import Any, Protocol
 
 from .errors import BoundsError
@@ -131,16 +130,40 @@ def _quoted(items: list[str]) -> str:
     return ", ".join(f"'{i}'" for i in items)
 
 
+#: Patterns that match nothing given the closest names (each costs a pass over the names).
+_HINTS = 5
+
+
+def _hits(patterns: list[str], names: tuple[str, ...]) -> dict[str, list[str]]:
+    """The names each pattern matches, in name order.
+
+    Each name is tried against the patterns that could match it (:class:`_Index`), not
+    each pattern against every name: it costs what matching costs.
+    """
+    unique = tuple(dict.fromkeys(patterns))
+    index = _index(unique)
+    hits: dict[str, list[str]] = {p: [] for p in unique}
+    for name in names:
+        if name in index.literal:
+            hits[name].append(name)
+        for _, p in index.candidates(name):
+            if index.matches(p, name):
+                hits[p].append(name)
+    return hits
+
+
 def unused_message(unused: list[str], names: tuple[str, ...], winners: dict[str, str]) -> str:
     """Say why each pattern in ``unused`` bounds nothing: shadowed, or matching no name.
 
     A pattern is shadowed when every name it matches is taken by an earlier pattern
-    (the first match wins); the others match no name at all and get the closest names.
+    (the first match wins); the others match no name at all, and the first few of them
+    get the closest names.
     """
     shadowed: list[str] = []
     missing: list[str] = []
+    matched = _hits(unused, names)
     for pattern in unused:
-        hits = [n for n in names if fnmatchcase(n, pattern)]
+        hits = matched[pattern]
         if hits:
             earlier = list(dict.fromkeys(winners[n] for n in hits))
             which = "pattern" if len(earlier) == 1 else "patterns"
@@ -161,7 +184,7 @@ def unused_message(unused: list[str], names: tuple[str, ...], winners: dict[str,
             else f"patterns {_quoted(missing)} match"
         )
         hints = []
-        for pattern in missing:
+        for pattern in missing[:_HINTS]:  # difflib costs a pass over the names each
             if pattern in names:  # a literal name with '[': a character class in fnmatch
                 literal = "".join(f"[{c}]" if c in "*?[" else c for c in pattern)
                 hints.append(

@@ -10,7 +10,8 @@ One module per format, each reading a file into a :class:`Checkpoint` and writin
 
 Beside them: :mod:`._tree` (which tensors of a file are parameters, by name),
 :mod:`._reparam` (parameters saved after ``Bounds.reparametrize_``), :mod:`._patch`
-(a clamped ``.pt`` as the original with the changed storages patched), :mod:`._write`
+(a clamped ``.pt`` as the original with the changed storages patched), :mod:`._dcp_layout`
+and :mod:`._dcp_patch` (a DCP folder checked and clamped in its data files), :mod:`._write`
 (atomic writes, never over a user's file without ``--force``), :mod:`._apply` (bounds
 applied to a checkpoint's tensors) and :mod:`._files` (the format chosen for a path).
 
@@ -20,6 +21,7 @@ The library never imports this package: the command line does.
 from ._apply import Target, aliases, make_targets, scalar, scan_targets
 from ._checkpoint import Checkpoint, CheckpointError
 from ._dcp import is_dcp, load_dcp, read_metadata, read_tensor, report_dcp, save_dcp
+from ._dcp_patch import clamp_dcp, scan_dcp
 from ._files import clamp_checkpoint, format_of, load_checkpoint, save_checkpoint
 from ._write import atomic_write, lock_target, resolve_target
 
@@ -30,6 +32,7 @@ __all__ = [
     "aliases",
     "atomic_write",
     "clamp_checkpoint",
+    "clamp_dcp",
     "format_of",
     "is_dcp",
     "load_checkpoint",
@@ -43,5 +46,6 @@ __all__ = [
     "save_checkpoint",
     "save_dcp",
     "scalar",
+    "scan_dcp",
     "scan_targets",
 ]

@@ -19,10 +19,10 @@ import functools
 import math
 import numbers
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
@@ -34,7 +34,19 @@ from ._reparam import Reparametrized
 from ._sink import PieceWriter
 from ._tree import in_memory
 
-__all__ = ["PIECE", "Target", "aliases", "chunks", "make_targets", "scalar", "scan_targets"]
+__all__ = [
+    "PIECE",
+    "Target",
+    "aliases",
+    "chunks",
+    "in_pool",
+    "make_targets",
+    "report_of",
+    "scalar",
+    "scan_targets",
+]
+
+R = TypeVar("R")
 
 #: Elements per piece (4 MiB of float32): one ``aminmax`` each; a piece that is not inside
 #: is counted (and clamped) at once, while it is still in the CPU's cache.
@@ -287,20 +299,19 @@ def _batches(
         yield batch
 
 
-def _in_pool(
-    workers: int, batches: Iterator[Any], clamp: bool, sink: PieceWriter | None
-) -> list[Any]:
-    """Run the batches on ``workers`` threads, a few at a time, results in order.
+def in_pool(workers: int, batches: Iterator[Any], run: Callable[[Any], R]) -> list[R]:
+    """``run(batch)`` of each batch on ``workers`` threads, a few at a time, results in order.
 
     At most two batches per worker are queued, so that an error, Ctrl-C or a kill stops
-    the scan at once instead of after the rest of the file.
+    the scan at once instead of after the rest of the file. Call it with torch on one
+    thread (``torch.set_num_threads(1)``): the pieces are small.
     """
     pool = ThreadPoolExecutor(workers, thread_name_prefix="parambounds-scan")
-    pending: deque[Future[list[Any]]] = deque()
+    pending: deque[Future[R]] = deque()
     done = []
     try:
         for b in batches:
-            pending.append(pool.submit(_batch, b, clamp, sink))
+            pending.append(pool.submit(run, b))
             if len(pending) >= 2 * workers:
                 done.append(pending.popleft().result())
         while pending:
@@ -347,10 +358,8 @@ def scan_targets(
     torch.set_num_threads(1)
     try:
         batches = _batches(targets, alone, clamp)
-        if workers > 1:
-            done = _in_pool(workers, batches, clamp, sink)
-        else:
-            done = [_batch(b, clamp, sink) for b in batches]
+        run = functools.partial(_batch, clamp=clamp, sink=sink)
+        done = in_pool(workers, batches, run) if workers > 1 else [run(b) for b in batches]
         done += [_batch(b, clamp, sink) for b in _batches(targets, shared, clamp)]
     finally:
         torch.set_num_threads(previous)
@@ -373,20 +382,26 @@ def scan_targets(
         else:
             assert t.tensor is not None
             numel, weight = t.tensor.numel(), _reduce(t.tensor)[1]
-        b, a, n, e = tot
-        reports.append(
-            ParamReport(
-                name=t.name,
-                numel=numel,
-                below=int(b) * weight,
-                above=int(a) * weight,
-                max_excess=e,
-                nan=int(n) * weight,
-                lower=t.lower,
-                upper=t.upper,
-            )
-        )
+        reports.append(report_of(t, tot, numel, weight))
     return reports
+
+
+def report_of(t: Target, totals: list[float], numel: int, weight: int = 1) -> ParamReport:
+    """The report of target ``t`` from its ``[below, above, nan, max excess]`` totals.
+
+    ``weight``: how many times each counted element is seen (a stride-0 dimension).
+    """
+    b, a, n, e = totals
+    return ParamReport(
+        name=t.name,
+        numel=numel,
+        below=int(b) * weight,
+        above=int(a) * weight,
+        max_excess=e,
+        nan=int(n) * weight,
+        lower=t.lower,
+        upper=t.upper,
+    )
 
 
 def _span(t: Tensor) -> tuple[int, int, int] | None:

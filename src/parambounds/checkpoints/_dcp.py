@@ -13,6 +13,8 @@ it replaces only what DCP owns (the data files its metadata names, then ``.metad
 in one rename), keeping every other file and the folder's mode and owner. The metadata
 is checked first: every data file it names lies inside the folder, and the chunks of
 every tensor cover it exactly; the new metadata keeps the original's ``planner_data``.
+:func:`write_folder` is that writing, for any way of filling the new folder: the command
+line fills it with patched copies of the data files where it can (:mod:`._dcp_patch`).
 
 The library never imports this module.
 """
@@ -46,6 +48,7 @@ __all__ = [
     "report_dcp",
     "save_dcp",
     "tensor_names",
+    "write_folder",
 ]
 
 _METADATA = ".metadata"
@@ -438,13 +441,6 @@ def save_dcp(ckpt: Checkpoint, target: str | Path, fill: Any = None) -> None:
     """
     import torch.distributed.checkpoint as dcp
 
-    target = Path(target)
-    if not target.parent.is_dir():
-        raise CheckpointError(f"{target}: folder {target.parent} does not exist")
-    if target.exists() and not is_dcp(target):
-        raise CheckpointError(
-            f"{target}: exists and is not a DCP checkpoint directory; refusing to replace it"
-        )
     state = dict(ckpt.data)
     state.update(ckpt.tensors)
     _, save_planner = _planners()
@@ -459,8 +455,8 @@ def save_dcp(ckpt: Checkpoint, target: str | Path, fill: Any = None) -> None:
             raise
 
     planner.fill = fill_or_note
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
-    try:
+
+    def build(tmp: Path) -> None:
         with warnings.catch_warnings():  # "no process group: saving in one process"
             warnings.simplefilter("ignore", UserWarning)
             dcp.save(
@@ -470,6 +466,36 @@ def save_dcp(ckpt: Checkpoint, target: str | Path, fill: Any = None) -> None:
                 no_dist=True,
             )
         _keep_planner_data(tmp, ckpt.handle)
+
+    try:
+        write_folder(target, build)
+    except BaseException:
+        if failed:
+            raise failed[0] from None
+        raise
+
+
+def write_folder(target: str | Path, build: Any) -> None:
+    """Put a DCP checkpoint at ``target``: ``build(tmp)`` writes it into a new folder first.
+
+    The new folder is made beside ``target``; a new ``target`` is that folder renamed
+    (with the mode ``mkdir`` would give it); an existing DCP checkpoint has only what
+    DCP owns replaced (:func:`_replace_in`). Nothing is left behind on an error.
+
+    Raises:
+        CheckpointError: when ``target`` exists and is not a DCP directory, its folder
+            does not exist, or the write fails (a full disk).
+    """
+    target = Path(target)
+    if not target.parent.is_dir():
+        raise CheckpointError(f"{target}: folder {target.parent} does not exist")
+    if target.exists() and not is_dcp(target):
+        raise CheckpointError(
+            f"{target}: exists and is not a DCP checkpoint directory; refusing to replace it"
+        )
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+    try:
+        build(tmp)
         if target.exists():
             _replace_in(target, tmp)
         else:
@@ -479,8 +505,6 @@ def save_dcp(ckpt: Checkpoint, target: str | Path, fill: Any = None) -> None:
             tmp.rename(target)
     except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        if failed:
-            raise failed[0] from None
         if isinstance(err, (OSError, _checkpoint_exception())):  # a full disk, ...
             raise CheckpointError(f"{target}: cannot write: {_why(err)}") from None
         raise

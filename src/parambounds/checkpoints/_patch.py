@@ -35,19 +35,22 @@ from torch import Tensor
 from ._torch import read_member
 from ._tree import in_memory
 
-__all__ = ["Patch", "plan_patch"]
+__all__ = ["Member", "Patch", "fix_crc", "members_of", "plan_patch"]
 
 _LOCAL, _CENTRAL, _DESCRIPTOR = b"PK\x03\x04", b"PK\x01\x02", b"PK\x07\x08"
-_STEP = 4 * 2**20  # read back to compute a CRC: private memory
+_STEP = 2**20  # read back to compute a CRC: private memory
 
 
-@dataclass
-class _Member:
+@dataclass(frozen=True)
+class Member:
+    """A stored member of a zip archive: where its data and its headers lie in the file."""
+
     offset: int  # of the data in the file
     size: int
     crc: int
     local: int  # offset of the local header
     central: int  # offset of the central directory entry
+    name: str = ""
 
 
 @dataclass
@@ -55,7 +58,7 @@ class Patch:
     """How to write a clamped copy of ``source``: the storages to patch, by file offset."""
 
     source: Path
-    storages: dict[int, _Member]  # storage address -> its member
+    storages: dict[int, Member]  # storage address -> its member
     swap: dict[int, int] = field(default_factory=dict)  # storage address -> bytes to reverse
 
     def locate(self, ptr: int) -> tuple[int, int] | None:
@@ -72,10 +75,10 @@ class Patch:
         """
         with open(tmp, "r+b") as f:
             for ptr in touched:
-                _fix_crc(f, self.storages[ptr])
+                fix_crc(f, self.storages[ptr])
 
 
-def _fix_crc(f: BinaryIO, m: _Member) -> None:
+def fix_crc(f: BinaryIO, m: Member) -> None:
     """Write the CRC-32 of member ``m``'s data (as it is in ``f`` now) where ``m`` has one."""
     crc = 0
     buf = bytearray(_STEP)
@@ -128,10 +131,21 @@ def _offset_of(ptr: int, maps: list[tuple[int, int, int]]) -> int | None:
     return None
 
 
-def _members(path: Path) -> dict[int, _Member] | None:
+def _members(path: Path) -> dict[int, Member] | None:
     """The stored members of the archive by the file offset of their data."""
+    with open(path, "rb") as f:
+        return members_of(f)
+
+
+def members_of(f: BinaryIO, base: int = 0) -> dict[int, Member] | None:
+    """The stored members of the zip archive ``f``, by the offset of their data.
+
+    ``None`` when a member is compressed or its headers are not where the central
+    directory says. Offsets are ``f``'s plus ``base`` (where ``f`` starts in its file:
+    an archive embedded in a larger file, as DCP's data files hold them).
+    """
     out = {}
-    with zipfile.ZipFile(path) as z, open(path, "rb") as f:
+    with zipfile.ZipFile(f) as z:
         central = z.start_dir  # type: ignore[attr-defined]
         for info in z.infolist():
             f.seek(central)
@@ -144,8 +158,11 @@ def _members(path: Path) -> dict[int, _Member] | None:
             if local[:4] != _LOCAL or info.compress_type != zipfile.ZIP_STORED:
                 return None
             ln, lm = struct.unpack("<HH", local[26:30])
-            offset = info.header_offset + 30 + ln + lm
-            out[offset] = _Member(offset, info.file_size, info.CRC, info.header_offset, central)
+            offset = base + info.header_offset + 30 + ln + lm
+            local_at, central_at = base + info.header_offset, base + central
+            out[offset] = Member(
+                offset, info.file_size, info.CRC, local_at, central_at, info.filename
+            )
             central += 46 + n + m + k
     return out
 
@@ -189,7 +206,7 @@ def plan_patch(path: Path, tensors: list[Tensor]) -> Patch | None:
         return None
     if members is None or foreign is None:
         return None
-    storages: dict[int, _Member] = {}
+    storages: dict[int, Member] = {}
     swap: dict[int, int] = {}
     for t in tensors:
         if not in_memory(t) or t.device.type != "cpu":

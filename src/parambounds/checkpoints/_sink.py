@@ -14,7 +14,9 @@ what an earlier piece wrote: a tied tensor (another name for the same memory, wi
 same bounds) finds its values clamped already, as it would in memory. The pieces of one
 tensor are written in parallel only when they cannot overlap (contiguous pieces); others
 are written one after the other. A file in the other byte order is swapped to this
-machine's order in the buffer and back before the write.
+machine's order in the buffer and back before the write. :func:`read_piece` is that
+read and write-back for a run of bytes at a known offset: DCP folders
+(:mod:`._dcp_patch`) are checked and clamped with it, piece by piece, in their files.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["PieceWriter", "copy_and_patch", "span"]
+__all__ = ["PieceWriter", "copy_and_patch", "read_piece", "span"]
 
 #: storage address -> (file offset of the storage's first byte, bytes per swapped unit;
 #: 1 when the file is in this machine's byte order), or ``None`` when not in the file.
@@ -78,31 +80,52 @@ class PieceWriter:
             writes that buffer back to where it was read from.
         """
         ptr, offset, nbytes, unit = self._where(c)
-        buf = bytearray(nbytes)
-        got = os.preadv(self.fd, [buf], offset)
-        if got != nbytes:
-            raise OSError(f"short read of the output at {offset}: {got} of {nbytes} bytes")
-        raw = np.frombuffer(buf, dtype=np.uint8)
-        if unit > 1:  # the file's byte order is not this machine's: swap into the buffer
-            raw[:] = raw.reshape(-1, unit)[:, ::-1].reshape(-1)
-        flat = torch.frombuffer(buf, dtype=torch.uint8).view(c.dtype)
-        view = flat.as_strided(c.shape, c.stride(), 0)
+        flat, write = read_piece(self.fd, offset, nbytes, unit, c.dtype)
 
         def commit() -> None:
-            data = raw.reshape(-1, unit)[:, ::-1].tobytes() if unit > 1 else memoryview(buf)
-            written = os.pwrite(self.fd, data, offset)
-            if written != nbytes:
-                raise OSError(f"short write of the output at {offset}: {written} of {nbytes}")
+            write()
             with self._lock:
                 self.touched.add(ptr)
 
-        return view, commit
+        return flat.as_strided(c.shape, c.stride(), 0), commit
 
     def put(self, where: Tensor, value: Tensor) -> None:
         """Write ``value`` (``where``'s shape and dtype) over ``where``'s place in the output."""
         view, commit = self.read(where)
         view.copy_(value)
         commit()
+
+
+def read_piece(
+    fd: int, offset: int, nbytes: int, unit: int, dtype: torch.dtype
+) -> tuple[Tensor, Callable[[], None]]:
+    """The ``nbytes`` bytes at ``offset`` of file ``fd`` as a flat tensor, and its write-back.
+
+    ``pread`` into a private buffer (aligned for ``dtype``, whatever the offset's
+    alignment in the file), swapped into this machine's byte order when ``unit > 1``
+    (the bytes reversed per element). ``commit()`` writes the buffer back at ``offset``,
+    swapped back; a partial read or write is an ``OSError``.
+    """
+    buf = bytearray(nbytes)
+    got = os.preadv(fd, [buf], offset) if nbytes else 0
+    if got != nbytes:
+        raise OSError(f"short read at {offset}: {got} of {nbytes} bytes")
+    raw = np.frombuffer(buf, dtype=np.uint8)
+    if unit > 1:  # the file's byte order is not this machine's: swap into the buffer
+        raw[:] = raw.reshape(-1, unit)[:, ::-1].reshape(-1)
+    flat = (
+        torch.frombuffer(buf, dtype=torch.uint8).view(dtype)
+        if nbytes
+        else torch.empty(0, dtype=dtype)
+    )
+
+    def commit() -> None:
+        data = raw.reshape(-1, unit)[:, ::-1].tobytes() if unit > 1 else memoryview(buf)
+        written = os.pwrite(fd, data, offset)
+        if written != nbytes:
+            raise OSError(f"short write at {offset}: {written} of {nbytes} bytes")
+
+    return flat, commit
 
 
 @contextlib.contextmanager

@@ -7,7 +7,8 @@ that, the archive is checked: a compressed member (which ``torch.save`` never wr
 would be read as raw bytes through the memory map, or expand without bound, so it is
 refused. Old (pre-1.6) files are pickles that cannot be mapped; they are read whole, still
 with ``weights_only=True``. Anything else is named for what it is: a safetensors file, a
-plain pickle, a text file.
+plain pickle, a text file, a tar archive (the format of ``torch.save`` before torch 0.4,
+which ``torch.load`` reads only by full unpickling: refused, with how to convert it).
 
 A file of DTensors (a rank's ``torch.save`` of an FSDP2 or tensor-parallel state_dict)
 loads with ``weights_only=True`` once ``torch.distributed.tensor`` is imported (it
@@ -46,14 +47,18 @@ def sniff(path: Path) -> str:
     """Guess a file's format from its first bytes.
 
     Returns:
-        one of ``zip``, ``legacy`` (old torch.save), ``safetensors``, ``pickle``,
-        ``empty``, ``text``, ``unknown``.
+        one of ``zip``, ``legacy`` (old torch.save), ``tar`` (a tar archive: what
+        ``torch.save`` wrote before torch 0.4), ``safetensors``, ``pickle``, ``empty``,
+        ``text``, ``unknown``.
     """
     with open(path, "rb") as f:
-        head = f.read(64)
+        block = f.read(512)
+    head = block[:64]
     size = path.stat().st_size
     if not head:
         return "empty"
+    if len(block) == 512 and block[257:262] == b"ustar":  # a POSIX or GNU tar header
+        return "tar"
     if head.startswith(b"PK\x03\x04") or head.startswith(b"PK\x05\x06"):
         return "zip"
     if head[:1] == b"\x80":
@@ -82,6 +87,25 @@ def _refusal(path: Path, err: BaseException) -> BoundsError:
         f"{path}: refused: {what} only full unpickling could load, and that can run code; "
         "parambounds reads tensors, numbers, strings and containers only"
     )
+
+
+def _tar_refusal(path: Path) -> str:
+    """Name a tar archive for what it is: an old torch checkpoint, or not one at all."""
+    import tarfile
+
+    try:
+        with tarfile.open(path, mode="r:") as tar:  # headers only: nothing is extracted
+            members = set(tar.getnames())
+    except (tarfile.TarError, OSError, EOFError):
+        members = set()
+    if {"storages", "tensors", "pickle"} <= members:
+        return (
+            f"{path}: a legacy tar-format torch checkpoint (torch.save before torch 0.4), "
+            "which parambounds does not read (nor does torch.load with weights_only=True); "
+            "convert it: load it with the torch that wrote it and save it again with "
+            "torch.save"
+        )
+    return f"{path}: a tar archive, not a PyTorch checkpoint"
 
 
 def _check_archive(path: Path) -> None:
@@ -238,6 +262,8 @@ def load_torch_file(path: Path) -> tuple[Any, bool]:
             f"{path}: a plain pickle, not a file written by torch.save; refused "
             "(unpickling arbitrary objects can run code)"
         )
+    if kind == "tar":
+        raise BoundsError(_tar_refusal(path))
     if kind in ("empty", "text", "unknown"):
         what = {"empty": "an empty file", "text": "a text file", "unknown": "unknown format"}
         raise BoundsError(f"{path}: not a PyTorch checkpoint ({what[kind]})")
