@@ -52,7 +52,7 @@ def test_a_failed_write_leaves_no_file(tmp_path, monkeypatch, writer):
         monkeypatch.setattr(patch, "_mappings", lambda _path: [])
         monkeypatch.setattr(torch, "save", boom)
     else:
-        monkeypatch.setattr(sink.shutil, "copyfile", boom)
+        monkeypatch.setattr(sink, "copy_file", boom)
     with pytest.raises(CheckpointError, match=r"out\.pt: cannot write: disk full"):
         save_checkpoint(ckpt, tmp_path / "out.pt")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt"]

@@ -275,3 +275,38 @@ def test_a_failed_piece_write_leaves_no_file(tmp_path, capsys, monkeypatch):
     assert code == 2 and "No space left on device" in one_line(err)
     assert src.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b.toml", "m.pt"]
+
+
+@pytest.mark.parametrize("how", ["copy_file_range", "refused", "missing", "short"])
+def test_copy_file_is_byte_identical_whichever_way_it_copies(tmp_path, monkeypatch, how):
+    """The output starts as a copy: by copy_file_range, or shutil where that is refused
+    (EXDEV across filesystems on old kernels), missing, or stops short (the file changed)."""
+    import errno
+
+    from parambounds.checkpoints._sink import copy_file
+
+    data = os.urandom(3 * (1 << 20) + 12345)
+    src = tmp_path / "in.bin"
+    src.write_bytes(data)
+    calls = []
+    real = getattr(os, "copy_file_range", None)
+    if how == "refused":
+
+        def refuse(*args):
+            calls.append(args)
+            raise OSError(errno.EXDEV, "cross-device")
+
+        monkeypatch.setattr(os, "copy_file_range", refuse, raising=False)
+    elif how == "missing":
+        monkeypatch.delattr(os, "copy_file_range", raising=False)
+    elif how == "short" and real is not None:
+
+        def short(src_fd, dst_fd, count):
+            calls.append(count)
+            return real(src_fd, dst_fd, min(count, 4096)) if len(calls) == 1 else 0
+
+        monkeypatch.setattr(os, "copy_file_range", short)
+    copy_file(src, tmp_path / "out.bin")
+    assert (tmp_path / "out.bin").read_bytes() == data
+    if how == "refused":
+        assert calls  # it was tried, then the portable copy wrote everything

@@ -22,7 +22,6 @@ The library never imports this module.
 from __future__ import annotations
 
 import os
-import shutil
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,7 +34,7 @@ from ._checkpoint import Checkpoint, CheckpointError
 from ._dcp import write_folder
 from ._dcp_layout import Chunk, locate
 from ._patch import fix_crc
-from ._sink import read_piece
+from ._sink import copy_file, read_piece
 
 __all__ = ["PIECE_BYTES", "clamp_dcp", "scan_dcp"]
 
@@ -171,8 +170,8 @@ def clamp_dcp(ckpt: Checkpoint, targets: list[Target], target: Path) -> list[Par
 
     def build(tmp: Path) -> None:
         for rel in sorted(files):
-            shutil.copyfile(ckpt.path / rel, tmp / rel)
-        shutil.copyfile(ckpt.path / ".metadata", tmp / ".metadata")
+            copy_file(ckpt.path / rel, tmp / rel)
+        copy_file(ckpt.path / ".metadata", tmp / ".metadata")
         fds = _open(tmp, files, os.O_RDWR)
         try:
             scan = _Scan(targets, fds, clamp=True)

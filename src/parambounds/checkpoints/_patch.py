@@ -4,10 +4,11 @@ Clamping changes values, never shapes, dtypes or layout, so the clamped checkpoi
 the original file with the bytes of the clamped pieces replaced (written by
 :class:`._sink.PieceWriter` at the offsets :meth:`Patch.locate` gives) and the CRC-32 of
 each changed member updated (in the zip's central directory, the data descriptor after
-the data and the local header, wherever the original has one). Copying a file is a kernel copy
-(``copy_file_range``; a reflink where the filesystem has them), several times faster
-than ``torch.save`` serialising every tensor again, and every byte of the file that no
-clamp changed stays as it was, the pickle included.
+the data and the local header, wherever the original has one). Copying a file is a
+kernel copy (:func:`._sink.copy_file`: ``copy_file_range``, a reflink where the
+filesystem has them), several times faster than ``torch.save`` serialising every tensor
+again, and every byte of the file that no clamp changed stays as it was, the pickle
+included.
 
 The file offset of each storage is found from the process's own mapping of the file
 (``/proc/self/maps``: the memory map ``torch.load(..., mmap=True)`` made) and checked

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["PieceWriter", "copy_and_patch", "read_piece", "span"]
+__all__ = ["PieceWriter", "copy_and_patch", "copy_file", "read_piece", "span"]
 
 #: storage address -> (file offset of the storage's first byte, bytes per swapped unit;
 #: 1 when the file is in this machine's byte order), or ``None`` when not in the file.
@@ -128,17 +128,43 @@ def read_piece(
     return flat, commit
 
 
+def copy_file(source: Path, target: Path) -> None:
+    """Copy ``source`` to a new ``target`` in the kernel, sharing blocks where it can.
+
+    ``os.copy_file_range`` (Linux): the data never passes through this process, and on
+    a filesystem with reflinks (XFS, Btrfs) the copy shares the original's blocks until
+    a piece is written. Where the call is missing or refused (another platform, an old
+    kernel across filesystems), ``shutil.copyfile``, which uses ``sendfile`` on Linux.
+    """
+    copy_range = getattr(os, "copy_file_range", None)
+    if copy_range is not None:
+        try:
+            with open(source, "rb") as src, open(target, "wb") as dst:
+                size = os.fstat(src.fileno()).st_size
+                done = 0
+                while done < size:
+                    n = copy_range(src.fileno(), dst.fileno(), size - done)
+                    if n == 0:  # the file changed under us: the copy below starts over
+                        break
+                    done += n
+            if done == size:
+                return
+        except OSError:
+            pass  # EXDEV, ENOSYS, EINVAL...: the portable copy below starts over
+    shutil.copyfile(source, target)
+
+
 @contextlib.contextmanager
 def copy_and_patch(
     source: Path, tmp: Path, locate: Locate, finish: Callable[[Path, set[int]], None] | None
 ) -> Iterator[PieceWriter]:
     """Copy ``source`` to ``tmp`` and give a :class:`PieceWriter` into the copy.
 
-    The copy is a kernel copy (``copy_file_range``; a reflink where the filesystem has
+    The copy is :func:`copy_file` (in the kernel; a reflink where the filesystem has
     them). After the block, ``finish(tmp, touched)`` fixes what depends on the written
     bytes (a zip member's CRC-32).
     """
-    shutil.copyfile(source, tmp)
+    copy_file(source, tmp)
     fd = os.open(tmp, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
     try:
         sink = PieceWriter(fd, locate)
