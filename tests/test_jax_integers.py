@@ -492,3 +492,56 @@ def test_report_counts_are_exact_past_2_to_the_24(dtype, x64):
         entry = Bounds({"w": (-1, 1)}).report(x).entries[0]
     assert (entry.above, entry.below, entry.numel) == (n, 3, n + 3)
     assert entry.max_excess == 4.0
+
+
+FLOAT_DTYPES = ["float16", "bfloat16", "float32", "float64"]
+
+
+def _normal_float(dtype):
+    """Finite values of ``dtype`` that are not subnormal (XLA:CPU flushes those)."""
+    info = np.finfo(jnp.dtype(dtype))
+    tiny, big = float(info.tiny), float(info.max)
+    return st.floats(-big, big, allow_nan=False, allow_infinity=False, width=64).map(
+        lambda v: 0.0 if abs(v) < tiny else v
+    )
+
+
+@settings(max_examples=80)
+@given(data=st.data(), dtype=st.sampled_from(FLOAT_DTYPES))
+def test_the_torch_side_reports_float_leaves_the_same(data, dtype):
+    """Property: float leaves compared with bounds no float of the leaf's dtype holds
+    (0.1, an int past 2**24, a Fraction) are reported alike by torch and JAX: each
+    compares with the bound rounded inward to the dtype. The JAX report compared in the
+    leaf's dtype with the bound rounded to nearest: a float32 0.1 read inside ``<= 0.1``."""
+    torch = pytest.importorskip("torch")
+    from parambounds import Bounds as TorchBounds
+
+    with x64(dtype == "float64"):
+        near = jnp.asarray(data.draw(_normal_float(dtype)), dtype)
+        rounded = float(near.astype(jnp.float32 if dtype != "float64" else jnp.float64))
+    bound = st.one_of(
+        st.just(rounded),
+        st.just(0.1),
+        st.integers(-(2**30), 2**30),
+        st.fractions(max_denominator=7).map(lambda f: f + Fraction(int(rounded))),
+        _normal_float(dtype),
+    )
+    a, b = sorted(data.draw(st.lists(bound, min_size=2, max_size=2)))
+    lo, hi = data.draw(st.sampled_from([(a, None), (None, b), (a, b)]))
+    values = data.draw(
+        st.lists(st.one_of(st.just(rounded), _normal_float(dtype)), min_size=1, max_size=6)
+    )
+    tdtype = getattr(torch, dtype)
+    t = torch.tensor(values, dtype=torch.float64).to(tdtype)
+    try:
+        t_report = TorchBounds({"x": (lo, hi)}).report({"x": t})
+    except BoundsError:  # no value of the dtype between the bounds: JAX must say so too
+        with x64(dtype == "float64"), pytest.raises(BoundsError):
+            TorchBounds({"x": (lo, hi)}).report({"x": jnp.asarray(t.double().numpy(), dtype)})
+        return
+    with x64(dtype == "float64"):
+        x = {"x": jnp.asarray(t.double().numpy(), dtype)}
+        j_report = TorchBounds({"x": (lo, hi)}).report(x)
+    assert [(e.below, e.above) for e in j_report.entries] == [
+        (e.below, e.above) for e in t_report.entries
+    ], (lo, hi, values)

@@ -143,11 +143,13 @@ def report(bounds: Spec, tree: Any) -> Report:
         )
     if bounded:
         rows = [
-            # integers: compared in their dtype with their bounds rounded inward, exactly
+            # compared with the bounds rounded inward to the leaf's dtype, as the torch
+            # side does: exact (a float32 0.1 is above an upper bound of 0.1; in float32
+            # the bound itself would round to it); integers in their own dtype
             _integers.stats(x, *inner)
             if _integers.is_integer(jnp.result_type(x))
-            else _math.stats(x, lo, hi)
-            for x, (_, lo, hi), inner in zip(xs, bounded, plan.inner)
+            else _math.stats(x, *inner)
+            for x, inner in zip(xs, plan.inner)
         ]
         counts, worst = jax.device_get(  # the one transfer; counts stay integers
             (jnp.stack([c for c, _ in rows]), jnp.stack([w.astype(float) for _, w in rows]))
