@@ -26,8 +26,11 @@ def sign_bits(t: torch.Tensor) -> list[bool]:
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Equal element by element, -0.0 told from 0.0 and NaN equal to NaN."""
-    return a.dtype == b.dtype and a.shape == b.shape and sign_bits(a) == sign_bits(b) and (
-        torch.equal(a, b) or bool(((a == b) | (a.isnan() & b.isnan())).all())
+    return (
+        a.dtype == b.dtype
+        and a.shape == b.shape
+        and sign_bits(a) == sign_bits(b)
+        and (torch.equal(a, b) or bool(((a == b) | (a.isnan() & b.isnan())).all()))
     )
 
 
@@ -54,8 +57,59 @@ def test_clamp_writes_a_zero_bound_with_its_own_sign(tmp_path, capsys, dtype, le
     torch.save({"z.w": x}, tmp_path / "in.pt", _use_new_zipfile_serialization=not legacy)
     (tmp_path / "b.toml").write_text('[bounds]\n"z.*" = [0.0, 1.0]\n')
     code, _, err = run(
-        capsys, "clamp", tmp_path / "in.pt", "--bounds", tmp_path / "b.toml", "-o", tmp_path / "o.pt"
+        capsys,
+        "clamp",
+        tmp_path / "in.pt",
+        "--bounds",
+        tmp_path / "b.toml",
+        "-o",
+        tmp_path / "o.pt",
     )
     assert code == 0, err
     got = torch.load(tmp_path / "o.pt", weights_only=True)["z.w"]
     assert same_bits(got, x.clamp(0.0, 1.0)), (got.tolist(), sign_bits(got))
+
+
+JAX_FLOATS = ["float16", "bfloat16", "float32", "float64"]
+
+
+@pytest.mark.parametrize("dtype", JAX_FLOATS)
+@pytest.mark.parametrize("penalty", ["exp", "expm1"])
+@pytest.mark.parametrize("bound", ["jax", "numpy"])
+def test_jax_array_bounds_continue_linearly_in_the_leafs_dtype(dtype, penalty, bound):
+    """A float16 leaf of ``-50`` under a float64 (or, without x64, float32) array lower
+    bound of ``-2`` got the gradient ``-inf``: the excess was computed in the bound's
+    wider dtype, whose overflow threshold (638.8, 79.85) lets ``exp`` run far past
+    float16's largest value before the slope was rounded back to float16. Past the leaf's
+    threshold ``T = 0.9 log(finfo.max)`` the slope is ``exp(T)`` (docs/correctness.md),
+    finite, as with a number bound; the cost is in the leaf's dtype, as documented."""
+    jax = pytest.importorskip("jax")
+    import jax.numpy as jnp
+    import numpy as np
+
+    from parambounds.jax import bounds_cost as jax_bounds_cost
+
+    enable = getattr(jax, "enable_x64", None)
+    if enable is None:
+        from jax.experimental import enable_x64 as enable
+    dt = jnp.dtype(dtype)
+    info = jnp.finfo(dt)
+    t = 0.9 * math.log(float(info.max))
+    big = 5 * t  # an excess past the threshold, finite in every dtype here
+    # the threshold rounded to the leaf's dtype moves exp(T) by at most half its spacing
+    spacing = float(info.eps) * 2.0 ** math.floor(math.log2(t))
+    rel = math.expm1(spacing / 2) + 8 * float(info.eps)
+    with enable(True):
+        x = jnp.array([-math.inf, -2.0 - big, -2.5, 0.5], dt)
+        lows = np.full(4, -2.0)
+        lo = jnp.asarray(lows) if bound == "jax" else lows  # float64 arrays
+
+        def cost(p):
+            return jax_bounds_cost(p, {"w": lo}, {"w": None}, penalty=penalty)
+
+        grad = np.asarray(jax.grad(cost)({"w": x})["w"].astype(jnp.float64))
+        assert cost({"w": x}).dtype == dt
+    assert np.isfinite(grad).all(), grad.tolist()
+    want = [-math.exp(t), -math.exp(t), -math.exp(0.5), 0.0]  # the slope, float64
+    for g, w in zip(grad.tolist(), want, strict=True):
+        assert abs(g - w) <= rel * abs(w), (grad.tolist(), want, rel)
