@@ -6,12 +6,18 @@ float64, ``fnmatch.fnmatchcase``), never with values the library produced.
 
 from __future__ import annotations
 
+import contextlib
+import fnmatch
+import io
 import math
+import re
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from parambounds import Bounds
+from parambounds import Bounds, BoundsError
 
 from .test_cli_hostile import run
 
@@ -113,3 +119,179 @@ def test_jax_array_bounds_continue_linearly_in_the_leafs_dtype(dtype, penalty, b
     want = [-math.exp(t), -math.exp(t), -math.exp(0.5), 0.0]  # the slope, float64
     for g, w in zip(grad.tolist(), want, strict=True):
         assert abs(g - w) <= rel * abs(w), (grad.tolist(), want, rel)
+
+
+# ------------------------------------------------------------ what held, kept as oracles
+
+_CHARS = ["a", "b", "A", ".", "[", "]", "!", "-", "*", "?", "\\", "é", "0", "^", " "]
+_TOKENS = ["*", "?", "[ab]", "[!a]", "[a-b]", "[]]", "[!]]", "[^a]", "[", "[z-a]", "[*]", "[[]"]
+
+
+@st.composite
+def _names_and_patterns(draw):
+    names = draw(
+        st.lists(st.text(st.sampled_from(_CHARS), max_size=4), min_size=1, max_size=6, unique=True)
+    )
+    patterns = []
+    for _ in range(draw(st.integers(1, 8))):
+        name = draw(st.sampled_from(names))
+        cut = draw(st.integers(0, len(name)))
+        patterns.append(
+            draw(
+                st.one_of(
+                    st.just(name),  # a pattern equal to a name
+                    st.just(name[:cut] + draw(st.sampled_from(_TOKENS)) + name[cut:]),
+                    st.lists(st.sampled_from(_CHARS + _TOKENS), max_size=4).map("".join),
+                )
+            )
+        )
+    return names, list(dict.fromkeys(patterns))
+
+
+@settings(max_examples=60, deadline=None)
+@given(_names_and_patterns())
+def test_property_each_name_gets_the_first_pattern_that_fnmatchcase_matches(case):
+    """``Bounds`` by name against a brute-force ``fnmatchcase`` over the patterns in
+    order: which pattern bounds which name (character classes, ``[!...]``, ``[^...]``,
+    unterminated ``[``, backslashes, patterns equal to names, the empty name); and with
+    ``strict`` (the default) an error exactly when some pattern bounds no name."""
+    names, patterns = case
+    want = {}
+    for name in names:
+        for i, pattern in enumerate(patterns):
+            if fnmatch.fnmatchcase(name, pattern):
+                want[name] = i
+                break
+    sd = {name: torch.zeros(1) for name in names}
+    spec = {p: (float(i), None) for i, p in enumerate(patterns)}
+    lower, _ = Bounds(spec, strict=False).bounds_of(sd)
+    assert {k: int(v) for k, v in lower.items() if v is not None} == want
+    idle = [p for i, p in enumerate(patterns) if i not in want.values()]
+    if idle:
+        with pytest.raises(BoundsError, match=re.escape(f"'{idle[0]}'")):
+            Bounds(spec).bounds_of(sd)
+    else:
+        Bounds(spec).bounds_of(sd)
+
+
+_VALUES = [math.nan, math.inf, -math.inf, -0.0, 0.0, 0.5, -0.5, 2.0, -3.0, 7.0]
+_BOUNDS = [None, -2.0, -0.5, 0.0, 0.25, 1.0, 3.0]
+
+
+@st.composite
+def _state_dicts(draw):
+    """Tensors of every float dtype with views, ties and 0-d/empty shapes, plus integer,
+    bool and float8 ones (never bounded); each base gets one pair of bounds or none."""
+    sd, spec = {}, {}
+    for i in range(draw(st.integers(1, 4))):
+        dtype = draw(st.sampled_from([*ALL_FLOATS, torch.int32, torch.bool, torch.float8_e4m3fn]))
+        shape = draw(st.sampled_from([(), (0,), (5,), (3, 4)]))
+        values = draw(
+            st.lists(st.sampled_from(_VALUES), min_size=math.prod(shape), max_size=math.prod(shape))
+        )
+        finite = [v if math.isfinite(v) else 1.0 for v in values]
+        base = torch.tensor(values if dtype in ALL_FLOATS else finite, dtype=torch.float64)
+        base = base.to(dtype).reshape(shape)
+        sd[f"b{i}.w"] = base
+        for j, view in enumerate(
+            draw(st.lists(st.sampled_from(["tie", "t", "tail", "step"]), max_size=2))
+        ):
+            if view == "tie":
+                sd[f"b{i}.v{j}"] = base
+            elif base.dim() == 2:
+                sd[f"b{i}.v{j}"] = {"t": base.t(), "tail": base[1:], "step": base[:, ::2]}[view]
+        if dtype in ALL_FLOATS and draw(st.booleans()):
+            lo, hi = sorted(draw(st.lists(st.sampled_from(_BOUNDS[1:]), min_size=2, max_size=2)))
+            lo, hi = draw(st.sampled_from([(lo, hi), (None, hi), (lo, None)]))
+            spec[f"b{i}.*"] = (lo, hi)
+    if not spec:
+        sd["z.w"] = torch.tensor([5.0, -5.0, 0.5], dtype=draw(st.sampled_from(ALL_FLOATS)))
+        spec["z.*"] = (0.0, 1.0)
+    return sd, spec
+
+
+def _toml(spec):
+    lines = ["[bounds]"]
+    for pattern, (lo, hi) in spec.items():
+        sides = [f"{k} = {v!r}" for k, v in (("lower", lo), ("upper", hi)) if v is not None]
+        lines.append(f'"{pattern}" = {{ {", ".join(sides)} }}')
+    return "\n".join(lines) + "\n"
+
+
+def _storage_values(t: torch.Tensor) -> list[int]:
+    return torch.empty(0, dtype=torch.uint8).set_(t.untyped_storage()).tolist()
+
+
+@settings(max_examples=25, deadline=None)
+@given(_state_dicts(), st.sampled_from(["zip", "big", "legacy", "zip64"]))
+def test_property_clamped_pt_is_torch_clamp_storage_by_storage(tmp_path_factory, case, layout):
+    """``parambounds clamp`` of a ``.pt`` (zip, big-endian, legacy, ZIP64), loaded with
+    ``weights_only=True``, against the input's storages with each bounded view clamped
+    by ``torch.where`` here: byte for byte (NaN, -0.0 inside, ties and views kept, bytes
+    of a storage outside every view untouched, unbounded dtypes unchanged)."""
+    from .test_checkpoints_archives import _as_zip64
+    from .test_cli_hostile import to_big_endian
+
+    sd, spec = case
+    if layout == "legacy" and any(t.dtype == torch.float8_e4m3fn for t in sd.values()):
+        layout = "zip"  # torch cannot read float8 from the legacy format
+    if layout == "big" and any(t.dtype in (torch.bool, torch.float8_e4m3fn) for t in sd.values()):
+        layout = "zip"  # the helper knows the byte-swapped storages only
+    tmp = tmp_path_factory.mktemp("pt")
+    src = tmp / "in.pt"
+    torch.save(sd, tmp / "le.pt", _use_new_zipfile_serialization=layout != "legacy")
+    {
+        "big": lambda: to_big_endian(tmp / "le.pt", src),
+        "zip64": lambda: _as_zip64(tmp / "le.pt", src, True),
+    }.get(layout, lambda: (tmp / "le.pt").rename(src))()
+    (tmp / "b.toml").write_text(_toml(spec))
+    code, err = _clamp(src, tmp / "b.toml", tmp / "out.pt")
+    assert code == 0, err
+    inp = torch.load(src, weights_only=True)
+    got = torch.load(tmp / "out.pt", weights_only=True)
+    expected = {}  # data_ptr -> the input storage with the bounded views clamped
+    for t in inp.values():
+        expected.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().clone())
+    for name, t in inp.items():
+        bounds = spec.get(name.split(".")[0] + ".*")
+        if bounds is None or t.dtype not in ALL_FLOATS or t.numel() == 0:
+            continue
+        lo, hi = bounds
+        want = t
+        if lo is not None:
+            want = torch.where(t < lo, torch.tensor(lo, dtype=t.dtype), want)
+        if hi is not None:
+            want = torch.where(t > hi, torch.tensor(hi, dtype=t.dtype), want)
+        storage = expected[t.untyped_storage().data_ptr()]
+        torch.empty(0, dtype=t.dtype).set_(storage, t.storage_offset(), t.size(), t.stride()).copy_(
+            want
+        )
+    for name, t in inp.items():
+        g = got[name]
+        assert (g.dtype, g.shape, g.stride(), g.storage_offset()) == (
+            t.dtype,
+            t.shape,
+            t.stride(),
+            t.storage_offset(),
+        )
+        want_bytes = (
+            torch.empty(0, dtype=torch.uint8)
+            .set_(expected[t.untyped_storage().data_ptr()])
+            .tolist()
+        )
+        assert _storage_values(g) == want_bytes, (layout, name, t, g, spec)
+    for a in inp:  # ties and views stay ties and views
+        for b in inp:
+            same_in = inp[a].untyped_storage().data_ptr() == inp[b].untyped_storage().data_ptr()
+            assert same_in == (
+                got[a].untyped_storage().data_ptr() == got[b].untyped_storage().data_ptr()
+            )
+
+
+def _clamp(src, bounds, out):
+    from parambounds.cli import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+        code = main(["clamp", str(src), "--bounds", str(bounds), "-o", str(out)])
+    return code, err.getvalue()
