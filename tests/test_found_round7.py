@@ -295,3 +295,30 @@ def _clamp(src, bounds, out):
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
         code = main(["clamp", str(src), "--bounds", str(bounds), "-o", str(out)])
     return code, err.getvalue()
+
+
+@pytest.mark.parametrize("dtype", JAX_FLOATS)
+@pytest.mark.parametrize("lo, hi", [(0.0, 1.0), (-1.0, 0.0), (0.0, None), (None, 0.0)])
+def test_jax_projection_keeps_values_inside_bit_for_bit(dtype, lo, hi):
+    """``bounds_clip`` and ``Bounds.project`` (eager and jitted) turned ``-0.0`` into
+    ``0.0`` under a lower bound of ``0.0`` (``jnp.maximum(-0.0, 0.0)`` is ``0.0``),
+    though ``-0.0`` is inside: a value inside its bounds comes back bit for bit, as
+    ``torch.clamp`` and the torch side's ``project_`` return it."""
+    jax = pytest.importorskip("jax")
+    import jax.numpy as jnp
+    import numpy as np
+
+    from parambounds.jax import Bounds as JaxBounds
+    from parambounds.jax import bounds_clip
+
+    values = [-5.0, 5.0, -0.0, 0.0, 0.5, -0.5, math.nan]
+    x = {"w": jnp.array(values, dtype)}
+    want = torch.tensor(values, dtype=torch.float64).clamp(lo, hi)  # the reference
+    spec = JaxBounds({"w": (lo, hi)})
+    for got in (
+        bounds_clip(x, {"w": lo}, {"w": hi})["w"],
+        spec.project(x)["w"],
+        jax.jit(spec.project)(x)["w"],
+    ):
+        got64 = torch.tensor(np.asarray(got).astype(np.float64))
+        assert same_bits(got64, want), (got64.tolist(), sign_bits(got64), sign_bits(want))
