@@ -311,14 +311,20 @@ def test_jax_projection_keeps_values_inside_bit_for_bit(dtype, lo, hi):
     from parambounds.jax import Bounds as JaxBounds
     from parambounds.jax import bounds_clip
 
+    enable = getattr(jax, "enable_x64", None)
+    if enable is None:
+        from jax.experimental import enable_x64 as enable
     values = [-5.0, 5.0, -0.0, 0.0, 0.5, -0.5, math.nan]
-    x = {"w": jnp.array(values, dtype)}
     want = torch.tensor(values, dtype=torch.float64).clamp(lo, hi)  # the reference
     spec = JaxBounds({"w": (lo, hi)})
-    for got in (
-        bounds_clip(x, {"w": lo}, {"w": hi})["w"],
-        spec.project(x)["w"],
-        jax.jit(spec.project)(x)["w"],
-    ):
+    with enable(True):
+        x = {"w": jnp.array(values, dtype)}
+        outs = [
+            bounds_clip(x, {"w": lo}, {"w": hi})["w"],
+            spec.project(x)["w"],
+            jax.jit(spec.project)(x)["w"],
+        ]
+    for got in outs:
+        assert got.dtype == jnp.dtype(dtype)
         got64 = torch.tensor(np.asarray(got).astype(np.float64))
         assert same_bits(got64, want), (got64.tolist(), sign_bits(got64), sign_bits(want))
