@@ -312,10 +312,14 @@ def clip(x: Array, lower: Any, upper: Any) -> Array:
     is converted here would be rounded to nearest.
     """
     out = x
+    # where, not maximum/minimum: XLA's max(-0.0, 0.0) is 0.0, and a value inside its
+    # bounds (-0.0 under a lower bound of 0.0) is returned bit for bit
     if lower is not None:
-        out = jnp.maximum(out, jnp.asarray(lower, dtype=x.dtype))
+        lo = jnp.asarray(lower, dtype=x.dtype)
+        out = jnp.where(out < lo, lo, out)
     if upper is not None:
-        out = jnp.minimum(out, jnp.asarray(upper, dtype=x.dtype))
+        hi = jnp.asarray(upper, dtype=x.dtype)
+        out = jnp.where(out > hi, hi, out)
     return out
 
 

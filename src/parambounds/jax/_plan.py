@@ -289,8 +289,12 @@ def _leaf_kernel(penalty: Penalty, dtype: Any, lo_kind: Any, hi_kind: Any, *args
         return _integers.leaf_cost(x, lo, hi, penalty).astype(dtype)
     if lo_kind == "s":  # as a Python float would be: in the leaf's float dtype, finite
         lo = _math.Finite(lo.astype(_math.float_dtype(x)))
-    if hi_kind == "s":
+    elif lo_kind == "a" and jnp.issubdtype(x.dtype, jnp.floating):
+        lo = lo.astype(x.dtype)  # array bounds too: a wider bound would widen the excess,
+    if hi_kind == "s":  # whose exp then overflows the leaf's dtype past its threshold
         hi = _math.Finite(hi.astype(_math.float_dtype(x)))
+    elif hi_kind == "a" and jnp.issubdtype(x.dtype, jnp.floating):
+        hi = hi.astype(x.dtype)
     return _math.leaf_cost(x, lo, hi, penalty).astype(dtype)
 
 

@@ -39,7 +39,8 @@ def _values(dtype: torch.dtype) -> Tensor:
     bits = torch.arange(2 ** (8 * dtype.itemsize), dtype=torch.int32)
     int_dtype = torch.uint8 if dtype.itemsize == 1 else torch.int16
     v = bits.to(int_dtype).view(dtype).to(torch.float64)
-    return torch.unique(v[torch.isfinite(v)])  # sorted; -0.0 and 0.0 are one value
+    # sorted; -0.0 and 0.0 are one value, which unique may keep as -0.0: "+ 0.0" makes it 0.0
+    return torch.unique(v[torch.isfinite(v)]) + 0.0
 
 
 def _inward_float(b: Tensor, side: str, dtype: torch.dtype) -> Tensor:
