@@ -473,7 +473,9 @@ def test_native_autograd_node_matches_the_python_function(native):
     def run(params, kernel):
         K.set_kernel(kernel)
         seen = []
-        params["a"].register_hook(lambda grad: seen.append(grad.clone()))
+        # detached: a copy with a graph would keep "a" (and its native buffers) alive
+        # through a cycle that passes through autograd, which gc cannot see
+        params["a"].register_hook(lambda grad: seen.append(grad.detach().clone()))
         cost = bounds_cost(params, lower, upper)
         assert cost.grad_fn is not None
         (2.5 * cost).backward(retain_graph=True)
