@@ -41,19 +41,25 @@ KERNEL_TESTS_MORE := tests/test_exactness.py tests/test_penalties.py tests/test_
 VERIFY_TESTS := tests/test_cost.py tests/test_torch_report.py tests/test_constraints.py \
 	tests/test_stale_caches.py tests/test_state_machine.py
 
+# The tests run in PYTEST_WORKERS processes (pytest-xdist): CI's machine has 2 cores, and
+# most of the time is fresh interpreters and single-threaded work. "worksteal" hands a
+# worker that is done the queued tests of the other, so one slow test never idles a core.
+PYTEST_WORKERS ?= 2
+XDIST := -n $(PYTEST_WORKERS) --dist worksteal
+
 test: lint docs
-	$(PY) -m pytest --durations=20  # the slowest tests, in every log
+	$(PY) -m pytest $(XDIST) --durations=20  # the slowest tests, in every log
 	$(MAKE) test-kernels
 	$(MAKE) test-verify
 	$(PY) benchmarks/bench_bounds.py --quick
 
 test-verify: $(VENV)/.installed-test
-	PARAMBOUNDS_VERIFY=1 $(PY) -m pytest -q $(VERIFY_TESTS)
+	PARAMBOUNDS_VERIFY=1 $(PY) -m pytest -q $(XDIST) $(VERIFY_TESTS)
 
 test-kernels: $(VENV)/.installed-test
-	$(PY) -m pytest -q --kernel native $(KERNEL_TESTS) $(KERNEL_TESTS_MORE)
-	$(PY) -m pytest -q --kernel eager $(KERNEL_TESTS) $(KERNEL_TESTS_MORE)
-	$(PY) -m pytest -q --kernel compiled $(KERNEL_TESTS)
+	$(PY) -m pytest -q $(XDIST) --kernel native $(KERNEL_TESTS) $(KERNEL_TESTS_MORE)
+	$(PY) -m pytest -q $(XDIST) --kernel eager $(KERNEL_TESTS) $(KERNEL_TESTS_MORE)
+	$(PY) -m pytest -q $(XDIST) --kernel compiled $(KERNEL_TESTS)
 
 demo: $(VENV)/.installed-demo
 	$(VENV)/bin/parambounds demo --out demo-out

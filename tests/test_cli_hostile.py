@@ -241,7 +241,7 @@ def test_concurrent_in_place_clamps_never_lose_one(tmp):
             )
             for b in ("lo.toml", "hi.toml")
         ]
-        codes = [p.wait(timeout=120) for p in procs]
+        codes = [p.wait(timeout=1800) for p in procs]
         errs = [p.stderr.read().decode() for p in procs]
         for p in procs:
             p.stdout.close()

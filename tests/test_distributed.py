@@ -2,7 +2,6 @@
 ``torch.distributed.run`` in a subprocess that is bounded in time, so a hang fails
 fast. The assertions run in tests/distributed_worker.py on every rank."""
 
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,20 +18,18 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(*scenarios, nproc=2, timeout=1800):  # the timeout is a hang guard only
+    """``torch.distributed.run`` with a rendezvous on port 0: the launcher's store binds a
+    free port itself, so launches at once (pytest-xdist workers, other runs) never race for
+    one, as a port found free and then handed over could be taken in between."""
     cmd = [
         sys.executable,
         "-m",
         "torch.distributed.run",
         f"--nproc_per_node={nproc}",
-        "--master_addr=127.0.0.1",
-        f"--master_port={free_port()}",
+        "--rdzv-backend=c10d",
+        "--rdzv-endpoint=127.0.0.1:0",
+        "--local-addr=127.0.0.1",
         str(WORKER),
         *scenarios,
     ]

@@ -45,7 +45,7 @@ def run_probe(code: str) -> list[str]:
         [sys.executable, "-c", textwrap.dedent(code)],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=1800,  # a hang guard only
         env=env,
     )
     assert out.returncode == 0, out.stderr[-4000:]

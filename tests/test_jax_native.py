@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -18,6 +19,11 @@ SCRIPT = textwrap.dedent(
     import jax, jax.numpy as jnp
     from parambounds.jax import bounds_cost
     from parambounds.jax import _native
+    import os, pathlib, time
+    for _ in range(18000):  # PB_START_AFTER: wait for this file (a hang guard only)
+        if pathlib.Path(os.environ.get("PB_START_AFTER", "/")).exists():
+            break
+        time.sleep(0.1)
     x = {"w": jnp.array([-3.0, 0.5, 2.0])}
     with warnings.catch_warnings(record=True) as caught:
         a = float(bounds_cost(x, {"w": -1.0}, {"w": 1.0}))
@@ -45,17 +51,69 @@ def run(tmp_path, **env):
 
 
 def finish(proc):
-    out, err = proc.communicate(timeout=300)
+    out, err = proc.communicate(timeout=1800)  # a hang guard only
     return proc.returncode, out, err
 
 
+#: A C++ compiler for the race below: it writes a library built beforehand (the real one,
+#: ``PB_BUILT``) to its ``-o`` file. The first build writes half of it, says so, and waits
+#: until the test lets it finish; any later build writes it whole at once.
+SLOW_CXX = """#!{python}
+import os, pathlib, sys, time
+out = pathlib.Path(sys.argv[sys.argv.index("-o") + 1])
+lib = pathlib.Path(os.environ["PB_BUILT"]).read_bytes()
+gate = pathlib.Path(os.environ["PB_GATE"])
+try:
+    (gate / "first").mkdir()
+except FileExistsError:
+    out.write_bytes(lib)
+    sys.exit(0)
+with open(out, "wb") as f:
+    f.write(lib[: len(lib) // 2])
+    f.flush()
+    (gate / "half").touch()
+    for _ in range(18000):  # a hang guard only
+        if (gate / "release").exists():
+            break
+        time.sleep(0.1)
+    f.write(lib[len(lib) // 2 :])
+"""
+
+
 def test_two_processes_building_at_once_both_load_one_whole_library(tmp_path):
-    procs = [run(tmp_path), run(tmp_path)]
-    for proc in procs:
-        code, out, err = finish(proc)
+    """A second process starts while the first one's library is half written: it never
+    sees that half (it builds its own, and loads it), and the first then finishes too.
+    The compiler copies the real library, which this process builds into its own cache."""
+    from parambounds.jax import _native
+
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    cxx = tmp_path / "slow-c++"
+    cxx.write_text(SLOW_CXX.format(python=sys.executable))
+    cxx.chmod(0o755)
+    env = {"CXX": str(cxx), "PB_BUILT": str(_native.build()), "PB_GATE": str(gate)}
+    first = run(tmp_path, **env)
+    second = run(tmp_path, **env, PB_START_AFTER=str(gate / "half"))  # imports meanwhile
+    try:
+        for _ in range(18000):  # a hang guard only: until the first build is half-way
+            if (gate / "half").exists() or first.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert (gate / "half").exists(), first.communicate()
+        cache = tmp_path / "cache" / "jax"
+        assert [f.endswith(".tmp") for f in os.listdir(cache)] == [True]  # the half, alone
+        code, out, err = finish(second)
         assert code == 0, err[-3000:]
         assert "TARGET parambounds_bounds_cost" in out and "WARNINGS 0" in out
-    files = os.listdir(tmp_path / "cache" / "jax")
+        (gate / "release").touch()
+        code, out, err = finish(first)
+        assert code == 0, err[-3000:]
+        assert "TARGET parambounds_bounds_cost" in out and "WARNINGS 0" in out
+    finally:  # nothing left waiting when an assertion failed
+        for proc in (first, second):
+            proc.kill()
+            proc.communicate()
+    files = os.listdir(cache)
     assert len([f for f in files if f.endswith(".so")]) == 1
     assert not [f for f in files if f.endswith(".tmp")]  # no temporary file left behind
 

@@ -142,7 +142,7 @@ def test_two_devices_as_rockpool_jax_loss():
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
     env["JAX_PLATFORMS"] = "cpu"
     out = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=1800
     )
     assert out.returncode == 0, out.stderr[-3000:]
     ours_eager, theirs_eager, ours_jit, theirs_jit = eval(out.stdout.strip().splitlines()[-1])

@@ -281,7 +281,7 @@ Bounds({"net.weight": (-0.1, 0.1)}).check(m)
 print("ok")
 """
     out = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=600
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=1800
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().endswith("ok")

@@ -255,8 +255,14 @@ def test_a_killed_build_does_not_block_the_next(native):
     import subprocess
     import sys
 
-    stale = _native.build_directory() / "lock"
-    stale.touch()  # what a build killed half-way leaves
+    directory = _native.build_directory()
+    stale = directory / "lock"
+    # What a build killed half-way leaves: PyTorch's lock file and no flock. It is made
+    # under the flock, so that no live build (another pytest worker's, or `build-kernels`
+    # in one) is inside PyTorch's own locking meanwhile: that build would wait for the
+    # file to go while holding the flock that the build below waits for.
+    with _native._exclusive(directory):
+        stale.touch()
     code = "from parambounds.torch import _native; _native.build(verbose=False); print('ok')"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1800)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
@@ -467,7 +473,9 @@ def test_native_autograd_node_matches_the_python_function(native):
     def run(params, kernel):
         K.set_kernel(kernel)
         seen = []
-        params["a"].register_hook(lambda grad: seen.append(grad.clone()))
+        # detached: a copy with a graph would keep "a" (and its native buffers) alive
+        # through a cycle that passes through autograd, which gc cannot see
+        params["a"].register_hook(lambda grad: seen.append(grad.detach().clone()))
         cost = bounds_cost(params, lower, upper)
         assert cost.grad_fn is not None
         (2.5 * cost).backward(retain_graph=True)
