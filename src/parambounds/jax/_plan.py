@@ -212,7 +212,30 @@ def clip_bound(b: Any, side: str, dtype: Any, name: str) -> Any:
             )
         return c
     _check_range(b, side, dtype, name)
+    if _concrete(b):
+        return _inward_host(b, side, dtype)
     return _math.inward(b, side, dtype)
+
+
+def _inward_host(b: Any, side: str, dtype: Any) -> Any:
+    """A concrete array bound rounded inward to the float ``dtype``, on the host, exactly.
+
+    In NumPy, whatever ``jax_enable_x64`` says: JAX without it makes a float64 bound
+    float32 (rounded to nearest: an upper bound of 0.1 became 0.10000000149, above 0.1)
+    and compares an integer bound in float32 (16777217 became 16777216, below it).
+    Integers past 2**53 are compared as Python integers, exactly.
+    """
+    host = np.asarray(b)
+    wide: Any = host.astype(np.float64)
+    if host.dtype.kind in "iu" and np.abs(wide).max(initial=0.0) >= 2.0**53:
+        wide = host.astype(object)  # Python compares int with float exactly
+    v = np.asarray(wide, dtype=np.float64).astype(dtype)
+    back = v.astype(np.float64)
+    if side == "lower":
+        v = np.where(back < wide, np.nextafter(v, np.asarray(np.inf, dtype)), v)
+    else:
+        v = np.where(back > wide, np.nextafter(v, np.asarray(-np.inf, dtype)), v)
+    return jnp.asarray(v.astype(dtype))
 
 
 def _exact(raw: Any, normalised: Any) -> Any:
