@@ -39,11 +39,12 @@ __all__ = [
     "Target",
     "aliases",
     "chunks",
-    "in_pool",
+    "in_threads",
     "make_targets",
     "report_of",
     "scalar",
     "scan_targets",
+    "totals_of",
 ]
 
 R = TypeVar("R")
@@ -299,26 +300,45 @@ def _batches(
         yield batch
 
 
-def in_pool(workers: int, batches: Iterator[Any], run: Callable[[Any], R]) -> list[R]:
-    """``run(batch)`` of each batch on ``workers`` threads, a few at a time, results in order.
+def in_threads(batches: Iterator[Any], run: Callable[[Any], R], workers: int = 0) -> list[R]:
+    """``run(batch)`` of each batch, results in order, with torch on one thread.
 
-    At most two batches per worker are queued, so that an error, Ctrl-C or a kill stops
-    the scan at once instead of after the rest of the file. Call it with torch on one
-    thread (``torch.set_num_threads(1)``): the pieces are small.
+    On ``workers`` Python threads (default ``torch.get_num_threads()``; one: in this
+    thread), each running torch on one thread: the pieces are small, and an intra-op
+    thread pool would spend more time waking its threads than scanning. At most two
+    batches per worker are queued, so that an error, Ctrl-C or a kill stops the scan at
+    once instead of after the rest of the file.
     """
-    pool = ThreadPoolExecutor(workers, thread_name_prefix="parambounds-scan")
-    pending: deque[Future[R]] = deque()
-    done = []
+    previous = torch.get_num_threads()
+    workers = workers or previous
+    torch.set_num_threads(1)
     try:
-        for b in batches:
-            pending.append(pool.submit(run, b))
-            if len(pending) >= 2 * workers:
+        if workers == 1:
+            return [run(b) for b in batches]
+        pool = ThreadPoolExecutor(workers, thread_name_prefix="parambounds-scan")
+        pending: deque[Future[R]] = deque()
+        done = []
+        try:
+            for b in batches:
+                pending.append(pool.submit(run, b))
+                if len(pending) >= 2 * workers:
+                    done.append(pending.popleft().result())
+            while pending:
                 done.append(pending.popleft().result())
-        while pending:
-            done.append(pending.popleft().result())
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+        return done
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-    return done
+        torch.set_num_threads(previous)
+
+
+def totals_of(done: list[list[tuple[int, list[float]]]], n: int) -> list[list[float]]:
+    """``[below, above, nan, max excess]`` of each of ``n`` targets, from the batches' results."""
+    totals: list[list[float]] = [[0, 0, 0, 0.0] for _ in range(n)]
+    for results in done:
+        for i, r in results:
+            _add(totals[i], r)
+    return totals
 
 
 @torch.no_grad()
@@ -337,8 +357,6 @@ def scan_targets(
     first counts and clamps, the next find it clamped; so is clamping a strided view
     into a ``sink`` (its pieces' spans interleave).
     """
-    totals: list[list[float]] = [[0, 0, 0, 0.0] for _ in targets]
-    workers = previous = torch.get_num_threads()
     users: dict[int, int] = {}
     for t in targets:
         if t.tensor is not None:
@@ -355,17 +373,10 @@ def scan_targets(
         )
     ]
     alone = sorted(set(range(len(targets))) - set(shared))
-    torch.set_num_threads(1)
-    try:
-        batches = _batches(targets, alone, clamp)
-        run = functools.partial(_batch, clamp=clamp, sink=sink)
-        done = in_pool(workers, batches, run) if workers > 1 else [run(b) for b in batches]
-        done += [_batch(b, clamp, sink) for b in _batches(targets, shared, clamp)]
-    finally:
-        torch.set_num_threads(previous)
-    for results in done:
-        for i, r in results:
-            _add(totals[i], r)
+    run = functools.partial(_batch, clamp=clamp, sink=sink)
+    done = in_threads(_batches(targets, alone, clamp), run)
+    done += in_threads(_batches(targets, shared, clamp), run, workers=1)
+    totals = totals_of(done, len(targets))
     reports = []
     for t, tot in zip(targets, totals):
         if t.derived is not None:  # reparametrized: its value is computed, then checked

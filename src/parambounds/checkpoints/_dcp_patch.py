@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from ..report import ParamReport
-from ._apply import Target, _add, _piece, in_pool, report_of
+from ._apply import Target, _piece, in_threads, report_of, totals_of
 from ._checkpoint import Checkpoint, CheckpointError
 from ._dcp import write_folder
 from ._dcp_layout import Chunk, locate
@@ -88,20 +88,8 @@ class _Scan:
 
     def run(self, layout: dict[str, list[Chunk]]) -> list[ParamReport]:
         """Every target's report, the pieces scanned by ``torch.get_num_threads()`` threads."""
-        workers = previous = torch.get_num_threads()
-        torch.set_num_threads(1)  # the pieces are small: one torch thread per worker
-        try:
-            batches = _batches(self.targets, layout)
-            if workers > 1:
-                done = in_pool(workers, batches, self.batch)
-            else:
-                done = [self.batch(b) for b in batches]
-        finally:
-            torch.set_num_threads(previous)
-        totals: list[list[float]] = [[0, 0, 0, 0.0] for _ in self.targets]
-        for results in done:
-            for i, r in results:
-                _add(totals[i], r)
+        done = in_threads(_batches(self.targets, layout), self.batch)
+        totals = totals_of(done, len(self.targets))
         return [
             report_of(t, tot, sum(ch.numel for ch in layout[t.name]))
             for t, tot in zip(self.targets, totals)

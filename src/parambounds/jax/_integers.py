@@ -35,6 +35,7 @@ import numpy as np
 from ..errors import BoundsError
 from ..penalties import Penalty
 from . import _math
+from ._trees import first_index, show
 
 __all__ = [
     "array_bound",
@@ -64,15 +65,11 @@ def _limits(dtype: Any) -> tuple[int, int]:
     return int(info.min), int(info.max)
 
 
-def _show(name: str) -> str:
-    return name or "<root>"
-
-
 def _beyond(name: str, side: str, shown: Any, dtype: Any, at: str = "") -> BoundsError:
     low, high = _limits(dtype)
     which, limit = ("largest", high) if side == "lower" else ("smallest", low)
     return BoundsError(
-        f"{side} bound for '{_show(name)}' is {shown}{at}, beyond the {which} "
+        f"{side} bound for '{show(name)}' is {shown}{at}, beyond the {which} "
         f"{jnp.dtype(dtype)} value ({limit}): no value can satisfy it"
     )
 
@@ -124,9 +121,8 @@ def check_array_range(b: Any, side: str, dtype: Any, name: str) -> None:
     else:
         f = host.astype(np.float64)
         bad = np.ceil(f) >= float(high + 1) if side == "lower" else np.floor(f) < float(low)
-    found = np.argwhere(bad)
-    if len(found):
-        idx = tuple(int(i) for i in found[0])
+    idx = first_index(bad)
+    if idx is not None:
         at = f" at index {idx}" if host.ndim else ""
         raise _beyond(name, side, host[idx], dtype, at)
 
@@ -249,12 +245,11 @@ def check_host_leaf(x: Any, name: str) -> None:
     narrow = np.dtype(f"{x.dtype.kind}int32".replace("iint", "int"))
     low, high = _limits(narrow)
     host = np.asarray(x)
-    bad = np.argwhere((host < x.dtype.type(low)) | (host > x.dtype.type(high)))
-    if len(bad):
-        idx = tuple(int(i) for i in bad[0])
+    idx = first_index((host < x.dtype.type(low)) | (host > x.dtype.type(high)))
+    if idx is not None:
         at = f" at index {idx}" if host.ndim else ""
         raise BoundsError(
-            f"parameter '{_show(name)}' is a NumPy {x.dtype} array holding {host[idx]}{at}, "
+            f"parameter '{show(name)}' is a NumPy {x.dtype} array holding {host[idx]}{at}, "
             f"which JAX without jax_enable_x64 wraps to {narrow}: enable jax_enable_x64 "
             f"or pass a {narrow} array"
         )

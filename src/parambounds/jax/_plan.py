@@ -33,6 +33,7 @@ import numpy as np
 from ..errors import BoundsError, mismatch, number_bound, order_error, verifying
 from ..penalties import Penalty
 from . import _fused, _integers, _math, _native
+from ._trees import first_index, show
 
 __all__ = [
     "Plan",
@@ -76,10 +77,6 @@ def _host(*values: Any) -> Any:
     return jax.ensure_compile_time_eval()
 
 
-def _show(name: str) -> str:
-    return name or "<root>"
-
-
 def normalise(b: Any, side: str, name: str, x: Any) -> Any:
     """Check one bound against its parameter: ``None``, a finite float, or an array.
 
@@ -87,7 +84,7 @@ def normalise(b: Any, side: str, name: str, x: Any) -> Any:
         BoundsError: naming the parameter, for a bound that is not a number, ``None`` or
             an array, NaN, infinite on the wrong side, or an array that does not broadcast.
     """
-    where = f"{side} bound for '{_show(name)}'"
+    where = f"{side} bound for '{show(name)}'"
     if b is None:
         return None
     if isinstance(b, bool) or not (isinstance(b, numbers.Real) or is_array(b)):
@@ -124,15 +121,14 @@ def _check_order(lo: Any, hi: Any, name: str) -> None:
         return
     if isinstance(lo, float) and isinstance(hi, float):
         if lo > hi:
-            raise order_error(f"'{_show(name)}'", lo, hi)
+            raise order_error(f"'{show(name)}'", lo, hi)
         return
     if not (_concrete(lo) and _concrete(hi)):
         return
     lo_h, hi_h = np.broadcast_arrays(np.asarray(lo, np.float64), np.asarray(hi, np.float64))
-    bad = np.argwhere(lo_h > hi_h)
-    if len(bad):
-        idx = tuple(int(i) for i in bad[0])
-        raise order_error(f"'{_show(name)}'", lo_h[idx], hi_h[idx], idx)
+    idx = first_index(lo_h > hi_h)
+    if idx is not None:
+        raise order_error(f"'{show(name)}'", lo_h[idx], hi_h[idx], idx)
 
 
 def bounded_leaves(
@@ -144,9 +140,9 @@ def bounded_leaves(
         if lo is None and hi is None:
             continue
         if not (is_array(x) or isinstance(x, (int, float))) or isinstance(x, bool):
-            raise BoundsError(f"parameter '{_show(name)}' must be an array, got {type(x).__name__}")
+            raise BoundsError(f"parameter '{show(name)}' must be an array, got {type(x).__name__}")
         if jnp.issubdtype(jnp.result_type(x), jnp.complexfloating):
-            raise BoundsError(f"parameter '{_show(name)}' is complex; bounds need real values")
+            raise BoundsError(f"parameter '{show(name)}' is complex; bounds need real values")
         lo_n = normalise(lo, "lower", name, x)
         hi_n = normalise(hi, "upper", name, x)
         _check_order(lo_n, hi_n, name)
@@ -161,12 +157,7 @@ def bounded_leaves(
 @functools.lru_cache(maxsize=1024)
 def _inward_scalar(v: float, side: str, dtype: Any) -> Any:
     """The value of float ``dtype`` nearest ``v`` on the inside of the bound (exact)."""
-    c = np.asarray(v, dtype=dtype)
-    if side == "lower" and float(c) < v:
-        c = np.nextafter(c, np.asarray(np.inf, dtype=dtype))
-    if side == "upper" and float(c) > v:
-        c = np.nextafter(c, np.asarray(-np.inf, dtype=dtype))
-    return c
+    return _inward_numpy(np.float64(v), side, dtype)
 
 
 def _check_range(b: Any, side: str, dtype: Any, name: str) -> None:
@@ -176,11 +167,10 @@ def _check_range(b: Any, side: str, dtype: Any, name: str) -> None:
     info = jnp.finfo(dtype)
     low, high = float(info.min), float(info.max)
     host = np.asarray(b, dtype=np.float64)
-    bad = np.argwhere(host > high) if side == "lower" else np.argwhere(host < low)
-    if len(bad):
-        idx = tuple(int(i) for i in bad[0])
+    idx = first_index(host > high if side == "lower" else host < low)
+    if idx is not None:
         raise BoundsError(
-            f"{side} bound for '{_show(name)}' is {host[idx]} at index {idx}, beyond the "
+            f"{side} bound for '{show(name)}' is {host[idx]} at index {idx}, beyond the "
             f"range of {jnp.dtype(dtype)}: no value can satisfy it"
         )
 
@@ -208,17 +198,17 @@ def clip_bound(b: Any, side: str, dtype: Any, name: str) -> Any:
         c = _inward_scalar(b, side, dtype)
         if (side == "lower" and c == np.inf) or (side == "upper" and c == -np.inf):
             raise BoundsError(
-                f"{side} bound for '{_show(name)}' is {b}, beyond the range of {dtype}"
+                f"{side} bound for '{show(name)}' is {b}, beyond the range of {dtype}"
             )
         return c
     _check_range(b, side, dtype, name)
     if _concrete(b):
-        return _inward_host(b, side, dtype)
+        return jnp.asarray(_inward_numpy(b, side, dtype))
     return _math.inward(b, side, dtype)
 
 
-def _inward_host(b: Any, side: str, dtype: Any) -> Any:
-    """A concrete array bound rounded inward to the float ``dtype``, on the host, exactly.
+def _inward_numpy(b: Any, side: str, dtype: Any) -> np.ndarray:
+    """A concrete bound rounded inward to the float ``dtype``, in NumPy, exactly.
 
     In NumPy, whatever ``jax_enable_x64`` says: JAX without it makes a float64 bound
     float32 (rounded to nearest: an upper bound of 0.1 became 0.10000000149, above 0.1)
@@ -235,7 +225,7 @@ def _inward_host(b: Any, side: str, dtype: Any) -> Any:
         v = np.where(back < wide, np.nextafter(v, np.asarray(np.inf, dtype)), v)
     else:
         v = np.where(back > wide, np.nextafter(v, np.asarray(-np.inf, dtype)), v)
-    return jnp.asarray(v.astype(dtype))
+    return np.asarray(v, dtype=dtype)
 
 
 def _exact(raw: Any, normalised: Any) -> Any:
@@ -269,12 +259,11 @@ def _inner(x: Any, lo: Any, hi: Any, name: str, raw: tuple[Any, Any]) -> tuple[A
         else:  # compared in the dtype itself: exact past 2**53
             lo_h, hi_h = np.asarray(lo_in), np.asarray(hi_in)
     lo_h, hi_h = np.broadcast_arrays(lo_h, hi_h)
-    bad = np.argwhere(lo_h > hi_h)
-    if len(bad):
-        idx = tuple(int(i) for i in bad[0])
+    idx = first_index(lo_h > hi_h)
+    if idx is not None:
         at = f" at index {idx}" if lo_h.ndim else ""
         raise BoundsError(
-            f"no value of {dtype} lies between the bounds of '{_show(name)}'{at}: "
+            f"no value of {dtype} lies between the bounds of '{show(name)}'{at}: "
             f"rounded inward they are {lo_h[idx]} > {hi_h[idx]}"
         )
     return lo_in, hi_in

@@ -12,10 +12,19 @@ import math
 from typing import Any
 
 import jax
+import numpy as np
 
 from ..errors import BoundsError
 
-__all__ = ["align", "bound_leaves", "key_name", "make_bounds", "named_leaves"]
+__all__ = [
+    "align",
+    "bound_leaves",
+    "first_index",
+    "key_name",
+    "make_bounds",
+    "named_leaves",
+    "show",
+]
 
 
 def key_name(path: tuple[Any, ...]) -> str:
@@ -47,8 +56,15 @@ def bound_leaves(bounds: Any) -> dict[str, Any]:
     return {key_name(p): b for p, b in flat}
 
 
-def _show(name: str) -> str:
+def show(name: str) -> str:
+    """A leaf's name in a message: ``<root>`` for the tree that is one leaf."""
     return name or "<root>"
+
+
+def first_index(mask: Any) -> tuple[int, ...] | None:
+    """The index of the first ``True`` of a NumPy ``mask`` (``()`` when 0-d), else ``None``."""
+    found = np.argwhere(mask)
+    return tuple(int(i) for i in found[0]) if len(found) else None
 
 
 def align(names: list[str], bounds: Any, which: str) -> list[Any]:
@@ -66,16 +82,16 @@ def align(names: list[str], bounds: Any, which: str) -> list[Any]:
             prefix = next((b for b in by_name if name.startswith(b + ".") or not b), None)
             if prefix is not None:
                 raise BoundsError(
-                    f"{which} has a leaf at '{_show(prefix)}' where the parameters have a "
+                    f"{which} has a leaf at '{show(prefix)}' where the parameters have a "
                     f"subtree (with '{name}'): the nesting differs"
                 )
-            raise BoundsError(f"{which} has no entry for '{_show(name)}', a key of the parameters")
+            raise BoundsError(f"{which} has no entry for '{show(name)}', a key of the parameters")
     for b, v in by_name.items():
         if b not in known and v is not None:  # None: open, or jax's empty subtree
             under = next((n for n in names if b.startswith(n + ".")), None)
             if under is not None:
                 raise BoundsError(
-                    f"{which} has a subtree at '{_show(under)}' where the parameters have a "
+                    f"{which} has a subtree at '{show(under)}' where the parameters have a "
                     f"leaf: the nesting differs"
                 )
             raise BoundsError(f"{which} has an entry '{b}' that the parameters do not have")
